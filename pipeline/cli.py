@@ -123,11 +123,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
-    from . import sweep
     from .extract import locate
 
     cfg = _sweep_config(args)
     cache = cache or cfg.cache or locate(_extract_config(args))
+    from . import sweep  # after locate: a missing cache is reported before scikit-learn loads
+
     run_dir = sweep.run_sweep(cfg, cache)
     print(f"run folder: {run_dir}")
     return 0
