@@ -153,7 +153,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def build(cfg: ExtractConfig, weights: Weights) -> Any:
-    """The frozen conv base truncated at ``cfg.layer``: (B,S,S,3) preprocessed -> (B,h,w,C)."""
+    """The frozen conv base truncated at ``cfg.layer``: (B,S,S,3) uint8 RGB -> (B,h,w,C).
+
+    Preprocessing runs inside the model, so a GPU receives uint8 (4x less to copy than
+    float32) and the host does no per-pixel arithmetic.
+    """
     import keras
 
     check_layer(cfg.layer)
@@ -163,7 +167,25 @@ def build(cfg: ExtractConfig, weights: Weights) -> Any:
         keras.utils.set_random_seed(cfg.seed)  # random weights must be the same on resume
     base = keras.applications.VGG16(include_top=False, weights=weights.source, input_shape=(cfg.size, cfg.size, 3))
     base.trainable = False
-    return keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"vgg16_{cfg.layer}")
+    trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"vgg16_{cfg.layer}")
+    pixels = keras.Input((cfg.size, cfg.size, 3), dtype="uint8", name="pixels")
+    features = keras.ops.cast(trunk(_caffe_layer()(pixels)), "float32")
+    return keras.Model(pixels, features, name=trunk.name)
+
+
+def _caffe_layer() -> Any:
+    """``vgg16.preprocess_input`` as a layer, always in float32 (also under mixed precision)."""
+    import keras
+
+    class CaffePreprocess(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            x = keras.ops.cast(x, "float32")[..., ::-1]  # RGB -> BGR
+            return x - keras.ops.convert_to_tensor(np.array(IMAGENET_BGR_MEAN, np.float32))
+
+    return CaffePreprocess(dtype="float32", name="caffe_preprocess")
+
+
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def weights_sha256(model: Any) -> str:
@@ -172,16 +194,6 @@ def weights_sha256(model: Any) -> str:
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())
     return digest.hexdigest()
-
-
-def preprocess(images: np.ndarray) -> np.ndarray:
-    """(B,S,S,3) uint8 RGB -> float32 as VGG16's ImageNet weights expect (caffe mode).
-
-    No 1/255 scaling: seed 001's ``rescale=1/255`` feeds these weights the wrong inputs.
-    """
-    from keras.applications import vgg16
-
-    return np.asarray(vgg16.preprocess_input(images.astype(np.float32)), np.float32)
 
 
 def convert_hed_weights(out: str | Path) -> Path:

@@ -49,7 +49,7 @@ class ExtractConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays
     seed: int = 0  # split shuffling and random weights
     chunk_size: int = 256  # images per resumable chunk
-    decode_threads: int = 2  # threads decoding and resizing images ahead of the model
+    decode_threads: int = max(2, min(16, os.cpu_count() or 2))  # threads decoding images ahead of the model
     cache_dir: Path = CACHE_DIR  # where cache folders go
     quiet: bool = False  # no progress bars
 

@@ -33,6 +33,14 @@ class ExtractResult:
     seconds: float = 0.0
     gflop_per_image: float = 0.0
     resumed_chunks: int = 0
+    warmup_seconds: float = 0.0  # the first forward pass: graph tracing and kernel set-up, paid once
+    warmup_images: int = 0
+
+    @property
+    def steady_rate(self) -> float:
+        """Images/s after the one-time warm-up: what a long run approaches."""
+        seconds = self.seconds - self.warmup_seconds
+        return (self.images - self.warmup_images) / seconds if seconds > 0 else 0.0
 
     def summary(self) -> str:
         size_mb = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
@@ -41,8 +49,9 @@ class ExtractResult:
         rate = self.images / self.seconds if self.seconds else 0.0
         n_skipped = sum(len(v) for v in self.skipped.values())
         lines = [f"wrote {self.path}",
-                 f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s, "
-                 f"{rate * self.gflop_per_image:.0f} GFLOP/s achieved; cache {size_mb:.1f} MB on disk"
+                 f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s overall, "
+                 f"{self.steady_rate:.1f} images/s ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s) after "
+                 f"a {self.warmup_seconds:.1f} s warm-up; cache {size_mb:.1f} MB on disk"
                  + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else "")]
         if n_skipped:
             lines.append(f"  {n_skipped} file(s) skipped (recorded in the cache under <split>/skipped):")
@@ -146,7 +155,7 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
         rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
         with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
                   disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-            result.images += _run_split(cfg, model, source, split, rows, progress, len(items), bar)
+            result.images += _run_split(cfg, model, source, split, rows, progress, len(items), bar, result)
     result.seconds = time.perf_counter() - t0
     attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
              "class_names": source.class_names, "feature_shape": list(feature_shape),
@@ -159,14 +168,17 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
 
 
 def _run_split(cfg: ExtractConfig, model: Any, source: sources.Source, split: str, rows: list[int],
-               progress: store.Progress, n_items: int, bar: Any) -> int:
+               progress: store.Progress, n_items: int, bar: Any, result: ExtractResult) -> int:
     """Forward every row, saving each chunk the moment its last row is done. Returns rows run."""
     chunk = cfg.chunk_size
     open_chunks: dict[int, dict[str, list]] = {}
     sent = 0
     for batch in images.batches(source.reader(split), rows, cfg.size, cfg.batch_size, cfg.decode_threads):
         if len(batch.rows):
-            feats = np.asarray(model.predict_on_batch(backbone.preprocess(batch.images)), np.float32)
+            t0 = time.perf_counter()
+            feats = np.asarray(model.predict_on_batch(batch.images), np.float32)
+            if not result.warmup_images:
+                result.warmup_seconds, result.warmup_images = time.perf_counter() - t0, len(batch.rows)
             sent += len(batch.rows)
         for c in np.unique(np.concatenate([batch.rows // chunk, [i // chunk for i, _ in batch.failed]]).astype(int)):
             acc = open_chunks.setdefault(int(c), {"features": [], "rows": [], "failed": []})
