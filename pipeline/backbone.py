@@ -161,16 +161,35 @@ def build(cfg: ExtractConfig, weights: Weights) -> Any:
     import keras
 
     check_layer(cfg.layer)
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
     if weights.source is None:
         keras.utils.set_random_seed(cfg.seed)  # random weights must be the same on resume
-    base = keras.applications.VGG16(include_top=False, weights=weights.source, input_shape=(cfg.size, cfg.size, 3))
-    base.trainable = False
-    trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"vgg16_{cfg.layer}")
-    pixels = keras.Input((cfg.size, cfg.size, 3), dtype="uint8", name="pixels")
-    features = keras.ops.cast(trunk(_caffe_layer()(pixels)), "float32")
-    return keras.Model(pixels, features, name=trunk.name)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    try:  # layers keep the policy they were built with; the global one is restored after
+        base = keras.applications.VGG16(include_top=False, weights=weights.source,
+                                        input_shape=(cfg.size, cfg.size, 3))
+        base.trainable = False
+        trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"vgg16_{cfg.layer}")
+        pixels = keras.Input((cfg.size, cfg.size, 3), dtype="uint8", name="pixels")
+        features = keras.ops.cast(trunk(_caffe_layer()(pixels)), "float32")
+        return keras.Model(pixels, features, name=trunk.name)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """Features of one batch of uint8 images as float32 numpy.
+
+    Under JAX a new batch shape means a new XLA compilation (seconds), so a short last
+    batch is padded to ``batch_size``; TensorFlow retraces a new shape in a fraction of a
+    second, less than padding would cost on a CPU.
+    """
+    import keras
+
+    n = len(batch)
+    if n < batch_size and keras.backend.backend() == "jax":
+        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+    return np.asarray(model.predict_on_batch(batch), np.float32)[:n]
 
 
 def _caffe_layer() -> Any:

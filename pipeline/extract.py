@@ -176,7 +176,7 @@ def _run_split(cfg: ExtractConfig, model: Any, source: sources.Source, split: st
     for batch in images.batches(source.reader(split), rows, cfg.size, cfg.batch_size, cfg.decode_threads):
         if len(batch.rows):
             t0 = time.perf_counter()
-            feats = np.asarray(model.predict_on_batch(batch.images), np.float32)
+            feats = backbone.forward(model, batch.images, cfg.batch_size)
             if not result.warmup_images:
                 result.warmup_seconds, result.warmup_images = time.perf_counter() - t0, len(batch.rows)
             sent += len(batch.rows)

@@ -95,7 +95,7 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     paths = [str(f) for f in files]
     for batch in images.batches(lambda i: paths[i], range(len(paths)), cfg.size, cfg.batch_size):
         if len(batch.rows):
-            feats = np.asarray(model.predict_on_batch(batch.images), np.float32)
+            feats = backbone.forward(model, batch.images, cfg.batch_size)
             proba = head.predict_proba(feats)
             for i, p in zip(batch.rows, proba):
                 k = int(np.argmax(p))
