@@ -50,10 +50,13 @@ def main() -> None:
             # decoding alone, all splits of the real JPEGs
             src = sources.resolve(ExtractConfig(data=str(data), size=size))
             files = [str(data / q) for s in src.splits.values() for q in s.paths]
-            with Timer() as t:
-                for _ in images.batches(lambda i: files[i], range(len(files)), size, 256, threads):
-                    pass
-            print(f"decode+resize alone ({threads} threads): {len(files) / t.seconds:8.0f} img/s ({len(files)} JPEGs)")
+            for label, kw in ((f"{threads} threads", {"threads": threads}),
+                              (f"{ExtractConfig().decode_processes} processes",
+                               {"processes": ExtractConfig().decode_processes})):
+                with Timer() as t:
+                    for _ in images.batches(files, range(len(files)), size, 128, **kw):
+                        pass
+                print(f"decode+resize alone ({label}): {len(files) / t.seconds:8.0f} img/s ({len(files)} JPEGs)")
             # forward pass alone, in-memory uint8 batches
             for mixed in (False, True):
                 cfg = ExtractConfig(size=size, weights="none", mixed_precision=mixed)

@@ -52,6 +52,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
+    p.add_argument("--decode-processes", type=int, default=d.decode_processes,
+                   help="decode in this many processes instead (default: %(default)s; 0 below 8 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
     fields = {"data": args.data, "size": args.size, "weights": args.weights, "layer": args.layer, "dtype": args.dtype,
               "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
-    for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads", "quiet"):
+    for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads",
+                 "decode_processes", "quiet"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(overrides)

@@ -27,6 +27,12 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 
 
+def _default_decode_processes() -> int:
+    """Processes beat threads only with cores to spare: 0 (threads) below 8 cores."""
+    cores = os.cpu_count() or 1
+    return cores - 2 if cores >= 8 else 0
+
+
 class ConfigError(ValueError):
     """A value the user gave is not usable; the message names it and what to do."""
 
@@ -49,13 +55,16 @@ class ExtractConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays
     seed: int = 0  # split shuffling and random weights
     chunk_size: int = 256  # images per resumable chunk
-    decode_threads: int = max(2, min(16, os.cpu_count() or 2))  # threads decoding images ahead of the model
+    decode_threads: int = 2  # threads decoding images ahead of the model (when decode_processes is 0)
+    decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
     cache_dir: Path = CACHE_DIR  # where cache folders go
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 32:
             raise ConfigError(f"image size must be an integer >= 32 (VGG16's minimum input); received size={self.size!r}")
+        if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
+            raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
         for name in ("batch_size", "chunk_size", "decode_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

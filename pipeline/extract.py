@@ -173,7 +173,8 @@ def _run_split(cfg: ExtractConfig, model: Any, source: sources.Source, split: st
     chunk = cfg.chunk_size
     open_chunks: dict[int, dict[str, list]] = {}
     sent = 0
-    for batch in images.batches(source.reader(split), rows, cfg.size, cfg.batch_size, cfg.decode_threads):
+    for batch in images.batches(source.items(split), rows, cfg.size, cfg.batch_size, cfg.decode_threads,
+                                 cfg.decode_processes):
         if len(batch.rows):
             t0 = time.perf_counter()
             feats = backbone.forward(model, batch.images, cfg.batch_size)

@@ -11,9 +11,11 @@ GIL while it decodes, so threads overlap with the forward pass.
 from __future__ import annotations
 
 import collections
+import math
+import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,39 +92,51 @@ class Batch:
     failed: list[tuple[int, str]]  # (item index, reason)
 
 
-def batches(read: Callable[[int], str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
-            threads: int = 2, prefetch_batches: int = 2) -> Iterator[Batch]:
-    """Decode ``rows`` in a thread pool, ``prefetch_batches`` batches ahead of the consumer.
+def _decode_group(sources: Sequence[str | np.ndarray], size: int) -> list[np.ndarray | str]:
+    """Decode several images in one task: an array each, or the reason it failed."""
+    out: list[np.ndarray | str] = []
+    for src in sources:
+        try:
+            out.append(load(src, size))
+        except ImageLoadError as e:
+            out.append(str(e))
+    return out
 
-    Order is kept; undecodable items are returned in ``failed`` instead of stopping the run.
+
+def batches(items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
+            threads: int = 2, processes: int = 0, prefetch_batches: int = 2) -> Iterator[Batch]:
+    """Decode ``items[rows]`` ahead of the consumer, in order, ``prefetch_batches`` ahead.
+
+    Threads suit a few cores (Pillow releases the GIL while decoding). With many cores
+    the Python around each decode serialises on the GIL (about 2,000 images/s here at
+    any thread count), so ``processes > 0`` decodes file paths in that many spawned
+    processes, 16 images per task. Undecodable items come back in ``failed``.
     """
-    def work(i: int) -> np.ndarray:
-        return load(read(i), size)
-
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
-        pending: collections.deque[tuple[int, Future[np.ndarray]]] = collections.deque()
-        it = iter(rows)
-        ahead = batch_size * (prefetch_batches + 1)
-
-        def fill() -> None:
-            while len(pending) < ahead:
-                try:
-                    i = next(it)
-                except StopIteration:
-                    return
-                pending.append((i, pool.submit(work, i)))
-
-        fill()
-        while pending:
-            images, done, failed = [], [], []
-            while pending and len(done) + len(failed) < batch_size:
-                i, fut = pending.popleft()
-                try:
-                    images.append(fut.result())
-                    done.append(i)
-                except ImageLoadError as e:
-                    failed.append((i, str(e)))
-                fill()
-            stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-            yield Batch(stacked, np.asarray(done, np.int64), failed)
-
+    rows = list(rows)
+    use_processes = processes > 0 and len(rows) > batch_size and all(isinstance(items[i], str) for i in rows[:1])
+    group = 16 if use_processes else 1
+    groups = [rows[k:k + group] for k in range(0, len(rows), group)]
+    pool: ProcessPoolExecutor | ThreadPoolExecutor = (
+        ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if use_processes
+        else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"))
+    with pool:
+        pending: collections.deque[tuple[list[int], Future[list[np.ndarray | str]]]] = collections.deque()
+        ready: collections.deque[tuple[int, np.ndarray | str]] = collections.deque()
+        next_group = 0
+        ahead = max(1, math.ceil(batch_size * (prefetch_batches + 1) / group))
+        while next_group < len(groups) or pending or ready:
+            while next_group < len(groups) and len(pending) < ahead:
+                idx = groups[next_group]
+                pending.append((idx, pool.submit(_decode_group, [items[i] for i in idx], size)))
+                next_group += 1
+            while len(ready) < batch_size and pending:
+                idx, fut = pending.popleft()
+                ready.extend(zip(idx, fut.result()))
+                if next_group < len(groups):
+                    nxt = groups[next_group]
+                    pending.append((nxt, pool.submit(_decode_group, [items[i] for i in nxt], size)))
+                    next_group += 1
+            take = [ready.popleft() for _ in range(min(batch_size, len(ready)))]
+            ok = [(i, r) for i, r in take if not isinstance(r, str)]
+            stacked = np.stack([r for _, r in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
+            yield Batch(stacked, np.array([i for i, _ in ok], np.int64), [(i, r) for i, r in take if isinstance(r, str)])

@@ -93,7 +93,8 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     class_names = meta["class_names"]
     rows: list[dict[str, Any]] = []
     paths = [str(f) for f in files]
-    for batch in images.batches(lambda i: paths[i], range(len(paths)), cfg.size, cfg.batch_size):
+    for batch in images.batches(paths, range(len(paths)), cfg.size, cfg.batch_size, cfg.decode_threads,
+                                 cfg.decode_processes):
         if len(batch.rows):
             feats = backbone.forward(model, batch.images, cfg.batch_size)
             proba = head.predict_proba(feats)

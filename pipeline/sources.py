@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +48,12 @@ class Source:
     kind: str  # "folder", "npz" or "builtin"
     notes: list[str] = field(default_factory=list)
 
-    def reader(self, split: str) -> Callable[[int], str | np.ndarray]:
-        """Function from item index to what ``images.load`` takes (a path or an array)."""
+    def items(self, split: str) -> Sequence[str | np.ndarray]:
+        """What ``images.load`` takes for each item of ``split``: absolute paths or arrays."""
         s = self.splits[split]
         if s.arrays is not None:
-            arrays = s.arrays
-            return lambda i: arrays[i]
-        root = self.root
-        return lambda i: str(root / s.paths[i])  # type: ignore[operator]
+            return s.arrays  # type: ignore[return-value]
+        return [str(self.root / p) for p in s.paths]  # type: ignore[operator]
 
 
 def resolve(cfg: ExtractConfig) -> Source:

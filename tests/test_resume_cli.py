@@ -119,3 +119,17 @@ def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
     img = images._open(str(tmp_path / "big.jpg"), 150)
     assert img.size == (200, 200)
     assert images.load(str(tmp_path / "big.jpg"), 150).shape == (150, 150, 3)
+
+
+def test_process_decoding_matches_threads(tmp_path):
+    root = make_folder(tmp_path / "imgs", {"train": 20}, size=24, ext=".jpg")
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    (root / "train" / "cats" / "bad.jpg").write_bytes(b"nope")
+    files.insert(5, str(root / "train" / "cats" / "bad.jpg"))
+    by_threads = list(images.batches(files, range(len(files)), 32, 8, threads=2))
+    by_processes = list(images.batches(files, range(len(files)), 32, 8, processes=2))
+    assert [b.rows.tolist() for b in by_threads] == [b.rows.tolist() for b in by_processes]
+    assert [len(b.rows) + len(b.failed) for b in by_processes] == [8, 8, 8, 8, 8, 1]
+    assert by_processes[0].failed == [(5, by_threads[0].failed[0][1])]
+    for a, b in zip(by_threads, by_processes):
+        assert np.array_equal(a.images, b.images)
