@@ -53,10 +53,15 @@ def main() -> None:
             for label, kw in ((f"{threads} threads", {"threads": threads}),
                               (f"{ExtractConfig().decode_processes} processes",
                                {"processes": ExtractConfig().decode_processes})):
-                with Timer() as t:
-                    for _ in images.batches(files, range(len(files)), size, 128, **kw):
+                with images.Decoder(**kw) as decoder:
+                    for _ in decoder.batches(files, range(256), size, 128):  # start the pool
                         pass
-                print(f"decode+resize alone ({label}): {len(files) / t.seconds:8.0f} img/s ({len(files)} JPEGs)")
+                    with Timer() as t:
+                        for _ in range(2):
+                            for _ in decoder.batches(files, range(len(files)), size, 128):
+                                pass
+                print(f"decode+resize alone ({label}): {2 * len(files) / t.seconds:8.0f} img/s "
+                      f"(2 passes over {len(files)} JPEGs, pool started)")
             # forward pass alone, in-memory uint8 batches
             for mixed in (False, True):
                 cfg = ExtractConfig(size=size, weights="none", mixed_precision=mixed)
@@ -89,6 +94,8 @@ def main() -> None:
                 print(f"extract end to end, {'mixed_float16' if mixed else 'float32      '} batch {args.extract_batch}: "
                       f"steady {median(steady):7.0f} img/s, wall {median(wall):7.0f} img/s "
                       f"(incl. build, compile, HDF5 assembly); warm-up {result.warmup_seconds:.1f} s")
+                print("    last run's time:", ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
+                      f"of {result.seconds:.2f} s")
             x32, _, _ = __import__("pipeline.store", fromlist=["load_split"]).load_split(result.path, "test")
             cfg32 = ExtractConfig(data=str(data), size=size, weights="none", batch_size=args.extract_batch,
                                   cache_dir=cache_dir, force=True, quiet=True)

@@ -35,6 +35,8 @@ class ExtractResult:
     resumed_chunks: int = 0
     warmup_seconds: float = 0.0  # the first forward pass: graph tracing and kernel set-up, paid once
     warmup_images: int = 0
+    timings: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"waiting for decode": 0.0, "forward pass": 0.0, "saving chunks": 0.0})
 
     @property
     def steady_rate(self) -> float:
@@ -52,7 +54,9 @@ class ExtractResult:
                  f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s overall, "
                  f"{self.steady_rate:.1f} images/s ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s) after "
                  f"a {self.warmup_seconds:.1f} s warm-up; cache {size_mb:.1f} MB on disk"
-                 + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else "")]
+                 + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else ""),
+                 "  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+                 + f", warm-up {self.warmup_seconds:.1f} s"]
         if n_skipped:
             lines.append(f"  {n_skipped} file(s) skipped (recorded in the cache under <split>/skipped):")
             lines += [f"    {split}/{p}: {reason}" for split, items in self.skipped.items() for p, reason in items]
@@ -147,15 +151,17 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     result = ExtractResult(path, hit=False, gflop_per_image=backbone.flops_per_image(cfg.size, cfg.layer) / 1e9)
     layout = {}
     t0 = time.perf_counter()
-    for split, items in source.splits.items():
-        n_chunks = math.ceil(len(items) / cfg.chunk_size)
-        layout[split] = (n_chunks, items.paths, items.labels)
-        todo = [c for c in range(n_chunks) if not progress.done(split, c)]
-        result.resumed_chunks += n_chunks - len(todo)
-        rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
-        with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
-                  disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-            result.images += _run_split(cfg, model, source, split, rows, progress, len(items), bar, result)
+    decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    with decoder:
+        for split, items in source.splits.items():
+            n_chunks = math.ceil(len(items) / cfg.chunk_size)
+            layout[split] = (n_chunks, items.paths, items.labels)
+            todo = [c for c in range(n_chunks) if not progress.done(split, c)]
+            result.resumed_chunks += n_chunks - len(todo)
+            rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
+            with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
+                      disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+                result.images += _run_split(cfg, model, decoder, source, split, rows, progress, len(items), bar, result)
     result.seconds = time.perf_counter() - t0
     attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
              "class_names": source.class_names, "feature_shape": list(feature_shape),
@@ -167,20 +173,28 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     return result
 
 
-def _run_split(cfg: ExtractConfig, model: Any, source: sources.Source, split: str, rows: list[int],
-               progress: store.Progress, n_items: int, bar: Any, result: ExtractResult) -> int:
+def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, source: sources.Source, split: str,
+               rows: list[int], progress: store.Progress, n_items: int, bar: Any, result: ExtractResult) -> int:
     """Forward every row, saving each chunk the moment its last row is done. Returns rows run."""
     chunk = cfg.chunk_size
     open_chunks: dict[int, dict[str, list]] = {}
     sent = 0
-    for batch in images.batches(source.items(split), rows, cfg.size, cfg.batch_size, cfg.decode_threads,
-                                 cfg.decode_processes):
+    stream = decoder.batches(source.items(split), rows, cfg.size, cfg.batch_size)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(stream, None)
+        t1 = time.perf_counter()
+        result.timings["waiting for decode"] += t1 - t0
+        if batch is None:
+            break
         if len(batch.rows):
-            t0 = time.perf_counter()
             feats = backbone.forward(model, batch.images, cfg.batch_size)
             if not result.warmup_images:
-                result.warmup_seconds, result.warmup_images = time.perf_counter() - t0, len(batch.rows)
+                result.warmup_seconds, result.warmup_images = time.perf_counter() - t1, len(batch.rows)
+            else:
+                result.timings["forward pass"] += time.perf_counter() - t1
             sent += len(batch.rows)
+        t2 = time.perf_counter()
         for c in np.unique(np.concatenate([batch.rows // chunk, [i // chunk for i, _ in batch.failed]]).astype(int)):
             acc = open_chunks.setdefault(int(c), {"features": [], "rows": [], "failed": []})
             mine = batch.rows // chunk == c
@@ -196,6 +210,7 @@ def _run_split(cfg: ExtractConfig, model: Any, source: sources.Source, split: st
                               np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
                               np.array([i for i, _ in acc["failed"]], np.int64), [r for _, r in acc["failed"]])
                 del open_chunks[int(c)]
+        result.timings["saving chunks"] += time.perf_counter() - t2
         bar.update(len(batch.rows) + len(batch.failed))
     return sent
 

@@ -103,40 +103,65 @@ def _decode_group(sources: Sequence[str | np.ndarray], size: int) -> list[np.nda
     return out
 
 
-def batches(items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
-            threads: int = 2, processes: int = 0, prefetch_batches: int = 2) -> Iterator[Batch]:
-    """Decode ``items[rows]`` ahead of the consumer, in order, ``prefetch_batches`` ahead.
+class Decoder:
+    """A pool that decodes images ahead of the model; one per run, reused across splits.
 
     Threads suit a few cores (Pillow releases the GIL while decoding). With many cores
-    the Python around each decode serialises on the GIL (about 2,000 images/s here at
-    any thread count), so ``processes > 0`` decodes file paths in that many spawned
-    processes, 16 images per task. Undecodable items come back in ``failed``.
+    the Python around each decode serialises on the GIL (about 2,000 images/s at any
+    thread count on a 16-core host), so ``processes > 0`` decodes file paths in that
+    many spawned processes, 16 images per task.
     """
-    rows = list(rows)
-    use_processes = processes > 0 and len(rows) > batch_size and all(isinstance(items[i], str) for i in rows[:1])
-    group = 16 if use_processes else 1
-    groups = [rows[k:k + group] for k in range(0, len(rows), group)]
-    pool: ProcessPoolExecutor | ThreadPoolExecutor = (
-        ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if use_processes
-        else ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode"))
-    with pool:
+
+    def __init__(self, threads: int = 2, processes: int = 0):
+        self.threads, self.processes = threads, processes
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pool in (self._threads, self._processes):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _pool(self, paths: bool) -> tuple[ThreadPoolExecutor | ProcessPoolExecutor, int]:
+        if paths and self.processes > 0:
+            if self._processes is None:
+                self._processes = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            return self._processes, 16
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
+        return self._threads, 1
+
+    def batches(self, items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
+                prefetch_batches: int = 2) -> Iterator[Batch]:
+        """Decoded ``items[rows]`` in order, ``prefetch_batches`` batches ahead of the consumer.
+
+        Undecodable items come back in ``Batch.failed`` with their reason.
+        """
+        rows = list(rows)
+        pool, group = self._pool(bool(rows) and isinstance(items[rows[0]], str))
+        groups = collections.deque(rows[k:k + group] for k in range(0, len(rows), group))
         pending: collections.deque[tuple[list[int], Future[list[np.ndarray | str]]]] = collections.deque()
         ready: collections.deque[tuple[int, np.ndarray | str]] = collections.deque()
-        next_group = 0
         ahead = max(1, math.ceil(batch_size * (prefetch_batches + 1) / group))
-        while next_group < len(groups) or pending or ready:
-            while next_group < len(groups) and len(pending) < ahead:
-                idx = groups[next_group]
-                pending.append((idx, pool.submit(_decode_group, [items[i] for i in idx], size)))
-                next_group += 1
-            while len(ready) < batch_size and pending:
+        while groups or pending or ready:
+            while len(ready) < batch_size and (groups or pending):
+                while groups and len(pending) < ahead:
+                    idx = groups.popleft()
+                    pending.append((idx, pool.submit(_decode_group, [items[i] for i in idx], size)))
                 idx, fut = pending.popleft()
                 ready.extend(zip(idx, fut.result()))
-                if next_group < len(groups):
-                    nxt = groups[next_group]
-                    pending.append((nxt, pool.submit(_decode_group, [items[i] for i in nxt], size)))
-                    next_group += 1
             take = [ready.popleft() for _ in range(min(batch_size, len(ready)))]
             ok = [(i, r) for i, r in take if not isinstance(r, str)]
             stacked = np.stack([r for _, r in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
-            yield Batch(stacked, np.array([i for i, _ in ok], np.int64), [(i, r) for i, r in take if isinstance(r, str)])
+            yield Batch(stacked, np.array([i for i, _ in ok], np.int64),
+                        [(i, r) for i, r in take if isinstance(r, str)])
+
+
+def batches(items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
+            threads: int = 2, processes: int = 0) -> Iterator[Batch]:
+    """One-off ``Decoder(threads, processes).batches(...)``."""
+    with Decoder(threads, processes) as decoder:
+        yield from decoder.batches(items, rows, size, batch_size)
