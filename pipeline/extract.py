@@ -152,7 +152,8 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     layout = {}
     t0 = time.perf_counter()
     decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
-    with decoder:
+    writer = ChunkWriter(progress)
+    with decoder, writer:
         for split, items in source.splits.items():
             n_chunks = math.ceil(len(items) / cfg.chunk_size)
             layout[split] = (n_chunks, items.paths, items.labels)
@@ -161,7 +162,7 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
             rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
             with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
                       disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-                result.images += _run_split(cfg, model, decoder, source, split, rows, progress, len(items), bar, result)
+                result.images += _run_split(cfg, model, decoder, source, split, rows, writer, len(items), bar, result)
     result.seconds = time.perf_counter() - t0
     attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
              "class_names": source.class_names, "feature_shape": list(feature_shape),
@@ -174,7 +175,7 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
 
 
 def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, source: sources.Source, split: str,
-               rows: list[int], progress: store.Progress, n_items: int, bar: Any, result: ExtractResult) -> int:
+               rows: list[int], writer: "ChunkWriter", n_items: int, bar: Any, result: ExtractResult) -> int:
     """Forward every row, saving each chunk the moment its last row is done. Returns rows run."""
     chunk = cfg.chunk_size
     open_chunks: dict[int, dict[str, list]] = {}
@@ -206,13 +207,43 @@ def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, source: 
             if sum(len(r) for r in acc["rows"]) + len(acc["failed"]) == expected_rows:
                 features = (np.concatenate(acc["features"]) if acc["features"]
                             else np.zeros((0, *backbone.output_shape(cfg.size, cfg.layer)), np.float32))
-                progress.save(split, int(c), features.astype(cfg.dtype),
+                writer.save(split, int(c), features.astype(cfg.dtype),
                               np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
                               np.array([i for i, _ in acc["failed"]], np.int64), [r for _, r in acc["failed"]])
                 del open_chunks[int(c)]
         result.timings["saving chunks"] += time.perf_counter() - t2
         bar.update(len(batch.rows) + len(batch.failed))
     return sent
+
+
+class ChunkWriter:
+    """Saves finished chunks on a background thread so the model never waits for the disk.
+
+    At most ``depth`` saves are queued (memory stays bounded); the first error raised by a
+    save is raised again in the caller, and leaving the context waits for every save.
+    """
+
+    def __init__(self, progress: store.Progress, depth: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.progress, self.depth = progress, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
+        self.pending: list[Any] = []
+
+    def save(self, *args: Any) -> None:
+        self.pending.append(self.pool.submit(self.progress.save, *args))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> "ChunkWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
 
 
 def _versions() -> dict[str, str]:

@@ -145,7 +145,8 @@ class Decoder:
         groups = collections.deque(rows[k:k + group] for k in range(0, len(rows), group))
         pending: collections.deque[tuple[list[int], Future[list[np.ndarray | str]]]] = collections.deque()
         ready: collections.deque[tuple[int, np.ndarray | str]] = collections.deque()
-        ahead = max(1, math.ceil(batch_size * (prefetch_batches + 1) / group))
+        # enough tasks in flight to cover the batches ahead and to keep every process busy twice over
+        ahead = max(math.ceil(batch_size * (prefetch_batches + 1) / group), 2 * self.processes if group > 1 else 1)
         while groups or pending or ready:
             while len(ready) < batch_size and (groups or pending):
                 while groups and len(pending) < ahead:
