@@ -132,8 +132,9 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
     cache = cache or cfg.cache or locate(_extract_config(args))
     from . import sweep  # after locate: a missing cache is reported before scikit-learn loads
 
-    run_dir = sweep.run_sweep(cfg, cache)
-    print(f"run folder: {run_dir}")
+    result = sweep.run_sweep(cfg, cache)
+    print(result.table)
+    print(f"run folder: {result.run_dir}")
     return 0
 
 

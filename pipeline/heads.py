@@ -1,0 +1,258 @@
+"""Heads that train on cached feature maps, all scikit-learn estimators.
+
+``__init__`` stores settings, ``fit`` validates them (one ``_parameter_constraints`` table
+per head, checked by scikit-learn's own machinery) and returns ``self``, learned
+attributes end in ``_``. X is the cached map (N,h,w,C) or already flat (N,D); ``pooling``
+turns the map into a vector first: ``flatten`` (h*w*C, 8192 at 150 px), ``avg`` or ``max``
+(C). The Keras MLP is imported lazily, so a scikit-learn-only sweep never loads TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from .config import ConfigError
+
+POOLINGS = ("flatten", "avg", "max")
+
+
+def pool_features(X: np.ndarray, pooling: str) -> np.ndarray:
+    """(N,h,w,C) -> (N,D) float32; 2-D input passes through (already pooled)."""
+    X = np.asarray(X)
+    if X.ndim == 2:
+        return X.astype(np.float32, copy=False)
+    if X.ndim != 4:
+        raise ValueError(f"features must be (N,h,w,C) or (N,D); received shape {X.shape}")
+    if pooling == "flatten":
+        return X.reshape(len(X), -1).astype(np.float32, copy=False)
+    reduce = np.mean if pooling == "avg" else np.max
+    return reduce(X.astype(np.float32, copy=False), axis=(1, 2))
+
+
+class _PooledHead(ClassifierMixin, BaseEstimator):
+    """Shared fit/predict plumbing: validate, pool, check labels, delegate to ``_fit``."""
+
+    _parameter_constraints: dict = {"pooling": [StrOptions(set(POOLINGS))]}
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "_PooledHead":
+        self._validate_params()
+        Z = pool_features(X, self.pooling)
+        y = np.asarray(y)
+        if len(Z) != len(y):
+            raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"training labels hold a single class ({self.classes_.tolist()}); a classifier needs two or more")
+        self.n_features_in_ = Z.shape[1]
+        self._fit(Z, np.searchsorted(self.classes_, y))
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, n_classes) probabilities, columns in ``classes_`` order."""
+        check_is_fitted(self, "classes_")
+        Z = pool_features(X, self.pooling)
+        if Z.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {Z.shape[1]} features after {self.pooling} pooling; the head was fitted on "
+                             f"{self.n_features_in_} (another layer or input size?)")
+        return self._predict_proba(Z)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(Z)
+
+
+class LogRegHead(_PooledHead):
+    """Standardisation + multinomial logistic regression: the fast, strong baseline."""
+
+    _parameter_constraints = {
+        **_PooledHead._parameter_constraints,
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, pooling: str = "flatten", C: float = 1.0, class_weight: Any = None, max_iter: int = 1000,
+                 random_state: int | None = 0):
+        self.pooling = pooling
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.model_ = make_pipeline(StandardScaler(), LogisticRegression(
+            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state))
+        self.model_.fit(Z, y)
+
+
+class SVMHead(_PooledHead):
+    """Standardisation + linear SVM, probabilities by sigmoid calibration (3-fold)."""
+
+    _parameter_constraints = {
+        **_PooledHead._parameter_constraints,
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "class_weight": [StrOptions({"balanced"}), dict, None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, pooling: str = "avg", C: float = 0.1, class_weight: Any = None, max_iter: int = 5000,
+                 random_state: int | None = 0):
+        self.pooling = pooling
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import LinearSVC
+
+        svm = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state)
+        folds = int(min(3, np.bincount(y).min()))
+        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=folds) if folds >= 2 else svm)
+        self.model_.fit(Z, y)
+
+    def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        if hasattr(self.model_, "predict_proba"):
+            return self.model_.predict_proba(Z)
+        scores = self.model_.decision_function(Z)  # too few samples to calibrate: softmax of margins
+        scores = np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+class MLPHead(_PooledHead):
+    """The seeds' Keras head: Dense(units, relu) -> Dropout -> Dense(1, sigmoid) or
+    Dense(K, softmax), RMSprop. Early stopping on a stratified ``validation_fraction`` of
+    the training data keeps the best weights (the seeds' ModelCheckpoint on val_loss),
+    without ever looking at the validation split that the sweep selects on."""
+
+    _parameter_constraints = {
+        **_PooledHead._parameter_constraints,
+        "units": [Interval(Integral, 1, None, closed="left")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 0, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+        "verbose": [Interval(Integral, 0, 2, closed="both")],
+    }
+
+    def __init__(self, pooling: str = "flatten", units: int = 256, dropout: float = 0.5, learning_rate: float = 2e-5,
+                 epochs: int = 30, batch_size: int = 20, patience: int = 5, validation_fraction: float = 0.1,
+                 random_state: int = 0, verbose: int = 0):
+        self.pooling = pooling
+        self.units = units
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
+        import keras
+
+        keras.utils.set_random_seed(self.random_state)
+        k = len(self.classes_)
+        fit_x, fit_y, val = Z, y, None
+        if self.validation_fraction > 0 and self.patience > 0:
+            from sklearn.model_selection import train_test_split
+
+            try:
+                fit_x, vx, fit_y, vy = train_test_split(Z, y, test_size=self.validation_fraction, stratify=y,
+                                                        random_state=self.random_state)
+                val = (vx, vy)
+            except ValueError:  # too few samples per class to hold some out: train on all, no early stop
+                val = None
+        model = keras.Sequential([
+            keras.Input((Z.shape[1],)),
+            keras.layers.Dense(self.units, activation="relu"),
+            keras.layers.Dropout(self.dropout),
+            keras.layers.Dense(1, activation="sigmoid") if k == 2 else keras.layers.Dense(k, activation="softmax"),
+        ])
+        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
+                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
+                                                   restore_best_weights=True)] if val else []
+        history = model.fit(fit_x, fit_y.astype(np.float32), epochs=self.epochs, batch_size=self.batch_size,
+                            validation_data=val, callbacks=callbacks, verbose=self.verbose, shuffle=True)
+        self.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
+        self.model_ = model
+
+    def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        p = np.asarray(self.model_.predict(Z, batch_size=1024, verbose=0), np.float64)
+        if p.shape[1] == 1:
+            return np.column_stack([1 - p[:, 0], p[:, 0]])
+        return p / p.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only within rounding
+
+    def save_keras(self, path: str | os.PathLike) -> None:
+        """The plain Keras model, for people who want it without this package."""
+        check_is_fitted(self, "model_")
+        self.model_.save(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "model_" in state:  # Keras models pickle as their .keras bytes
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "head.keras")
+                state["model_"].save(path)
+                with open(path, "rb") as f:
+                    state["model_"] = f.read()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("model_"), bytes):
+            import keras
+
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "head.keras")
+                with open(path, "wb") as f:
+                    f.write(state["model_"])
+                state["model_"] = keras.saving.load_model(path)
+        self.__dict__.update(state)
+
+
+HEADS: dict[str, type[_PooledHead]] = {"logreg": LogRegHead, "mlp": MLPHead, "svm": SVMHead}
+
+
+def make_head(name: str, **params: Any) -> _PooledHead:
+    """A head by name; unknown names, parameters and out-of-range values are ConfigErrors."""
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; available: {sorted(HEADS)}")
+    head = HEADS[name]()
+    allowed = sorted(head.get_params())
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"head {name!r} has no parameter(s) {unknown}; allowed: {allowed}")
+    head.set_params(**params)
+    try:
+        head._validate_params()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"head {name!r}: {e}") from e
+    return head

@@ -1,0 +1,88 @@
+"""What a sweep shows people: a results table (terminal and CSV), learning curves and a
+confusion matrix (PNG). matplotlib is imported inside the plotting functions, Agg backend.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ("index", "head", "pooling", "params", "val_accuracy", "val_log_loss", "fit_seconds", "epochs",
+           "test_accuracy", "test_log_loss", "winner")
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table, one line per config, the winner marked with '*'."""
+    cols = [c for c in COLUMNS if c != "winner"]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    for r, row in zip(rows, cells):
+        lines.append(("* " if r.get("winner") else "  ") + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: _fmt(r.get(c)) for c in COLUMNS})
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: str | Path, title: str) -> None:
+    """Accuracy and loss per epoch, training vs held-out, side by side (as the seeds draw them)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        if metric in history:
+            ax.plot(epochs, history[metric], "bo-", ms=3, label=f"training {metric}")
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], "r-", label=f"held-out {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str) -> None:
+    plt = _pyplot()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

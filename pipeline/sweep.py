@@ -1,0 +1,210 @@
+"""Stage two: expand a TOML grid of heads, fit every config on train in parallel, pick
+the winner on validation alone, and only then score it once on test.
+
+The sweep file lists heads, each with a value or a list of values per parameter::
+
+    seed = 0                      # optional; the command line's --seed wins
+    [[head]]
+    name = "logreg"
+    pooling = ["flatten", "avg"]
+    C = [0.01, 0.1]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import report, store
+from .config import ConfigError, SweepConfig, as_dict, load_toml
+from .heads import HEADS, make_head
+
+log = logging.getLogger(__name__)
+
+
+def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[str, dict[str, Any]]]:
+    """[(head name, params)] for every combination, each checked before anything is fitted."""
+    from sklearn.model_selection import ParameterGrid
+
+    unknown = sorted(set(spec) - {"head", "seed"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed: ['head', 'seed']")
+    heads = spec.get("head")
+    if not heads or not isinstance(heads, list):
+        raise ConfigError(f"{source}: no [[head]] tables; add at least one, e.g. [[head]] name = \"logreg\"")
+    configs = []
+    for table in heads:
+        table = dict(table)
+        name = table.pop("name", None)
+        if name not in HEADS:
+            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
+        grid = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
+        for params in ParameterGrid(grid):
+            make_head(name, **params)  # raises ConfigError naming a bad parameter or value
+            configs.append((name, dict(params)))
+    return configs
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    winner: dict[str, Any]
+    table: str
+
+
+def _limit_threads(n: int) -> None:
+    """Give TensorFlow ``n`` threads in this worker: 2 workers x 1 thread on 2 cores."""
+    for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+
+
+def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int, x_train: np.ndarray,
+             y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any]:
+    from sklearn.metrics import accuracy_score, log_loss
+
+    _limit_threads(threads)
+    head = make_head(name, **{"random_state": seed, **params})
+    t0 = time.perf_counter()
+    head.fit(x_train, y_train)
+    seconds = time.perf_counter() - t0
+    proba = head.predict_proba(x_val)
+    row = {"index": index, "head": name, "pooling": head.pooling,
+           "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
+           "val_accuracy": float(accuracy_score(y_val, head.classes_[proba.argmax(1)])),
+           "val_log_loss": float(log_loss(y_val, proba, labels=head.classes_)), "fit_seconds": seconds,
+           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None}
+    return row, head
+
+
+def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    from sklearn.model_selection import train_test_split
+
+    notes = []
+    if "train" not in meta["splits"]:
+        raise store.CacheError(f"{cache} has no train split (it has {meta['splits']}); nothing to train on")
+    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta["splits"]}
+    if "validation" not in data:
+        x, y = data["train"]
+        try:
+            xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.validation_fraction, stratify=y, random_state=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"{cache}: no validation split, and train is too small to carve a stratified "
+                              f"{cfg.validation_fraction:.0%} from it ({e})") from e
+        data["train"], data["validation"] = (xt, yt), (xv, yv)
+        notes.append(f"no validation split in the cache: carved a stratified {cfg.validation_fraction:.0%} of train "
+                     f"({len(yv)} rows, seed {cfg.seed}) for selection")
+    if "test" not in data:
+        notes.append("no test split in the cache: the winner is not tested")
+    for split, (_, y) in data.items():
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta['class_names'][int(y[0])]!r}); "
+                              "a classifier needs two or more")
+    return data, notes
+
+
+def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
+    """Fit every config of ``cfg.sweep_file`` on ``cache_path``; write and return the run."""
+    import joblib
+    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
+
+    cache = Path(cache_path)
+    meta = store.read_meta(cache)
+    spec = load_toml(cfg.sweep_file)
+    configs = expand_grid(spec, str(cfg.sweep_file))
+    data, notes = _splits(cfg, cache, meta)
+    for note in notes:
+        log.info(note)
+    (x_train, y_train), (x_val, y_val) = data["train"], data["validation"]
+    n_jobs = min(cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1), len(configs))
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    log.info("sweeping %d configs on %s (train %d, validation %d) with %d worker(s)", len(configs), cache.name,
+             len(y_train), len(y_val), n_jobs)
+    t0 = time.perf_counter()
+    results = joblib.Parallel(n_jobs=n_jobs)(
+        joblib.delayed(_fit_one)(i, name, params, cfg.seed, threads, x_train, y_train, x_val, y_val)
+        for i, (name, params) in enumerate(configs))
+    rows = [r for r, _ in results]
+    fitted = [h for _, h in results]
+    _show_varying_params(rows)
+    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"], i))
+    rows[best]["winner"] = True
+    winner = fitted[best]
+    eval_split = "test" if "test" in data else "validation"
+    x_eval, y_eval = data[eval_split]
+    proba = winner.predict_proba(x_eval)
+    if eval_split == "test":
+        rows[best]["test_accuracy"] = float(accuracy_score(y_eval, winner.classes_[proba.argmax(1)]))
+        rows[best]["test_log_loss"] = float(log_loss(y_eval, proba, labels=winner.classes_))
+    sweep_seconds = time.perf_counter() - t0
+
+    run_dir = _new_run_dir(cfg)
+    report.write_csv(rows, run_dir / "results.csv")
+    joblib.dump(winner, run_dir / "winner.joblib")
+    if hasattr(winner, "save_keras"):
+        winner.save_keras(run_dir / "winner.keras")
+    class_names = meta["class_names"]
+    for row, head in zip(rows, fitted):
+        if getattr(head, "history_", None):
+            (run_dir / "curves").mkdir(exist_ok=True)
+            report.plot_learning_curves(head.history_, run_dir / "curves" / f"{row['index']:02d}-{row['head']}.png",
+                                        f"#{row['index']} {row['head']} {row['pooling']} {row['params']}")
+    cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(class_names)))
+    report.plot_confusion_matrix(cm, class_names, run_dir / "confusion.png",
+                                 f"winner #{best} ({rows[best]['head']}) on {eval_split}")
+    cache_meta = {k: v for k, v in meta.items() if k != "paths"}
+    run_info = {"config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()), "cache_meta": cache_meta,
+                "argv": sys.argv, "seed": cfg.seed, "notes": notes, "sweep_seconds": sweep_seconds,
+                "winner": rows[best], "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
+    table = report.results_table(rows)
+    summary = (f"{len(rows)} configs in {sweep_seconds:.1f} s; winner #{best} {rows[best]['head']} "
+               f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
+               + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split"))
+    return SweepResult(run_dir, rows, rows[best], "\n".join([table, *notes, summary]))
+
+
+def _show_varying_params(rows: list[dict[str, Any]]) -> None:
+    """Keep in each row's ``params`` only what varies between configs of the same head
+    (run.json has the full sweep), so the table stays readable."""
+    for head in {r["head"] for r in rows}:
+        mine = [r for r in rows if r["head"] == head]
+        parsed = [json.loads(r["params"]) for r in mine]
+        keys = {k for p in parsed for k in p}
+        varying = sorted(k for k in keys if len({json.dumps(p.get(k)) for p in parsed}) > 1)
+        for r, p in zip(mine, parsed):
+            r["params"] = json.dumps({k: p[k] for k in varying if k in p})
+
+
+def _new_run_dir(cfg: SweepConfig) -> Path:
+    """runs/<time>-<name>, never an existing folder."""
+    base = Path(cfg.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+    path, k = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            k += 1
+            path = base.with_name(f"{base.name}-{k}")
+
+
+def _versions() -> dict[str, str]:
+    import joblib
+    import sklearn
+
+    from . import __version__
+
+    out = {"featcache": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+           "joblib": joblib.__version__, "python": sys.version.split()[0]}
+    if "keras" in sys.modules:
+        out["keras"] = sys.modules["keras"].__version__
+    return out
