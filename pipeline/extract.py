@@ -52,7 +52,9 @@ class ExtractResult:
         n_skipped = sum(len(v) for v in self.skipped.values())
         lines = [f"wrote {self.path}",
                  f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s overall, "
-                 f"{self.steady_rate:.1f} images/s ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s) after "
+                 f"{self.steady_rate:.1f} images/s"
+                 + (f" ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s)" if self.gflop_per_image else "")
+                 + " after "
                  f"a {self.warmup_seconds:.1f} s warm-up; cache {size_mb:.1f} MB on disk"
                  + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else ""),
                  "  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
@@ -72,7 +74,8 @@ def cache_path(cfg: ExtractConfig, source: sources.Source, weights: backbone.Wei
 def identity(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights) -> dict[str, Any]:
     """The attributes that must match for a cache to answer this request."""
     out = {"format_version": store.FORMAT_VERSION, "backbone": cfg.backbone, "weights": weights.id,
-           "layer": cfg.layer, "image_size": cfg.size, "preprocessing": backbone.PREPROCESSING,
+           "layer": cfg.layer, "image_size": cfg.size,
+           "preprocessing": backbone.spec(cfg.backbone).describe_preprocessing(),
            "dtype": cfg.dtype, "fingerprint": source.fingerprint}
     if weights.sha256:  # random weights are pinned by id (seed) until the model exists
         out["weights_sha256"] = weights.sha256
@@ -81,7 +84,7 @@ def identity(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weigh
 
 def plan(cfg: ExtractConfig) -> tuple[sources.Source, backbone.Weights, Path]:
     """Check every option and input before any work; no model is built."""
-    backbone.check_layer(cfg.layer)
+    backbone.check_layer(cfg.layer, cfg.backbone)
     source = sources.resolve(cfg)
     weights = backbone.resolve_weights(cfg)
     return source, weights, cache_path(cfg, source, weights)
@@ -93,8 +96,8 @@ def locate(cfg: ExtractConfig) -> Path:
     source = sources.resolve(cfg)
     weights = backbone.Weights(backbone.weights_id(cfg), None, "")
     path = cache_path(cfg, source, weights)
-    command = f"make extract DATA={cfg.data} SIZE={cfg.size} WEIGHTS={cfg.weights} LAYER={cfg.layer}" + (
-        f" DTYPE={cfg.dtype}" if cfg.dtype != "float32" else "")
+    command = (f"make extract DATA={cfg.data} BACKBONE={cfg.backbone} SIZE={cfg.size} WEIGHTS={cfg.weights} "
+               f"LAYER={cfg.layer}" + (f" DTYPE={cfg.dtype}" if cfg.dtype != "float32" else ""))
     if not path.exists():
         raise store.CacheError(f"no cache at {path}; make it with `{command}`")
     meta = store.read_meta(path)
@@ -146,9 +149,10 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
         weights = dataclasses.replace(weights, sha256=backbone.weights_sha256(model))
     log.info("built %s (%s weights, Keras backend %s) in %.1f s", model.name, weights.id, keras.backend.backend(),
              time.perf_counter() - t_build)
-    feature_shape = backbone.output_shape(cfg.size, cfg.layer)
+    feature_shape = tuple(int(d) for d in model.output_shape[1:])
     progress = store.Progress(path, {**expected, "weights_sha256": weights.sha256, "chunk_size": cfg.chunk_size})
-    result = ExtractResult(path, hit=False, gflop_per_image=backbone.flops_per_image(cfg.size, cfg.layer) / 1e9)
+    flops = backbone.flops_per_image(cfg.size, cfg.layer, cfg.backbone)
+    result = ExtractResult(path, hit=False, gflop_per_image=flops / 1e9 if flops else 0.0)
     layout = {}
     t0 = time.perf_counter()
     decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
@@ -166,7 +170,8 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     result.seconds = time.perf_counter() - t0
     attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
              "class_names": source.class_names, "feature_shape": list(feature_shape),
-             "flops_per_image": backbone.flops_per_image(cfg.size, cfg.layer), "data": str(source.root or cfg.data),
+             "flops_per_image": flops or 0.0, "extract_images_per_second": result.steady_rate,
+             "data": str(source.root or cfg.data),
              "source": {"name": source.name, "kind": source.kind, "notes": source.notes},
              "versions": _versions(), "config": as_dict(cfg), "compression": cfg.compression,
              "mixed_precision": cfg.mixed_precision}
@@ -206,7 +211,7 @@ def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, source: 
             expected_rows = min((c + 1) * chunk, n_items) - c * chunk
             if sum(len(r) for r in acc["rows"]) + len(acc["failed"]) == expected_rows:
                 features = (np.concatenate(acc["features"]) if acc["features"]
-                            else np.zeros((0, *backbone.output_shape(cfg.size, cfg.layer)), np.float32))
+                            else np.zeros((0, *model.output_shape[1:]), np.float32))
                 writer.save(split, int(c), features.astype(cfg.dtype),
                               np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
                               np.array([i for i, _ in acc["failed"]], np.int64), [r for _, r in acc["failed"]])

@@ -48,13 +48,14 @@ def check_request(meta: dict[str, Any], expected: dict[str, Any]) -> None:
         diffs.append(f"size: head was trained on {meta['image_size']}px features, asked for {expected['size']}")
     if "layer" in expected and expected["layer"] != meta["layer"]:
         diffs.append(f"layer: head was trained on {meta['layer']}, asked for {expected['layer']}")
+    if "backbone" in expected and expected["backbone"] != meta.get("backbone", "vgg16"):
+        diffs.append(f"backbone: head was trained on {meta.get('backbone')} features, asked for {expected['backbone']}")
     if "weights" in expected:
         seed = meta.get("config", {}).get("seed", 0)
-        wanted = backbone.weights_id(ExtractConfig(weights=str(expected["weights"]), seed=seed))
+        wanted = backbone.weights_id(ExtractConfig(weights=str(expected["weights"]), seed=seed,
+                                                   backbone=meta.get("backbone", "vgg16")))
         if wanted != meta["weights"]:
             diffs.append(f"weights: head was trained on {meta['weights']} features, asked for {wanted}")
-    if meta.get("backbone", "vgg16") != "vgg16":
-        diffs.append(f"backbone: head was trained on {meta['backbone']}, this tool runs vgg16")
     if diffs:
         raise ConfigError("the head does not match the requested backbone options: " + "; ".join(diffs))
 
@@ -79,13 +80,14 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
 
     source = meta.get("weights_source", "random")
     seed = meta.get("config", {}).get("seed", 0)
-    cfg = ExtractConfig(size=meta["image_size"], layer=meta["layer"], weights="none" if source == "random" else source,
-                        seed=seed, batch_size=batch_size)
+    cfg = ExtractConfig(backbone=meta.get("backbone", "vgg16"), size=meta["image_size"], layer=meta["layer"],
+                        weights="none" if source == "random" else source, seed=seed, batch_size=batch_size)
     weights = backbone.Weights(meta["weights"], None if source == "random" else source, "")
-    if weights.source and not Path(weights.source).is_file():
+    if weights.source and weights.source != "imagenet" and not Path(weights.source).is_file():
         raise ConfigError(f"the head's weights file {weights.source} is gone; put it back to predict with this head")
     model = backbone.build(cfg, weights)
-    sha = backbone.file_sha256(weights.source) if weights.source else backbone.weights_sha256(model)
+    from_file = weights.source not in (None, "imagenet")
+    sha = backbone.file_sha256(weights.source) if from_file else backbone.weights_sha256(model)
     if sha != meta["weights_sha256"]:
         raise ConfigError(f"weights_sha256: the head's cache was made with weights {meta['weights_sha256'][:12]}..., "
                           f"these are {sha[:12]}...; the weights changed since the cache was made")

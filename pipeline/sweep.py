@@ -146,7 +146,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         rows[best]["test_log_loss"] = float(log_loss(y_eval, proba, labels=winner.classes_))
     sweep_seconds = time.perf_counter() - t0
 
-    run_dir = _new_run_dir(cfg)
+    run_dir = new_run_dir(cfg)
     report.write_csv(rows, run_dir / "results.csv")
     joblib.dump(winner, run_dir / "winner.joblib")
     if hasattr(winner, "save_keras"):
@@ -184,7 +184,7 @@ def _show_varying_params(rows: list[dict[str, Any]]) -> None:
             r["params"] = json.dumps({k: p[k] for k in varying if k in p})
 
 
-def _new_run_dir(cfg: SweepConfig) -> Path:
+def new_run_dir(cfg: SweepConfig) -> Path:
     """runs/<time>-<name>, never an existing folder."""
     base = Path(cfg.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
     path, k = base, 1
