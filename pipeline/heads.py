@@ -73,16 +73,19 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         return self.model_.predict_proba(Z)
 
 
+_LINEAR_CONSTRAINTS = {
+    **_PooledHead._parameter_constraints,
+    "C": [Interval(Real, 0, None, closed="neither")],
+    "class_weight": [StrOptions({"balanced"}), dict, None],
+    "max_iter": [Interval(Integral, 1, None, closed="left")],
+    "random_state": ["random_state"],
+}
+
+
 class LogRegHead(_PooledHead):
     """Standardisation + multinomial logistic regression: the fast, strong baseline."""
 
-    _parameter_constraints = {
-        **_PooledHead._parameter_constraints,
-        "C": [Interval(Real, 0, None, closed="neither")],
-        "class_weight": [StrOptions({"balanced"}), dict, None],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "random_state": ["random_state"],
-    }
+    _parameter_constraints = _LINEAR_CONSTRAINTS
 
     def __init__(self, pooling: str = "flatten", C: float = 1.0, class_weight: Any = None, max_iter: int = 1000,
                  random_state: int | None = 0):
@@ -105,13 +108,7 @@ class LogRegHead(_PooledHead):
 class SVMHead(_PooledHead):
     """Standardisation + linear SVM, probabilities by sigmoid calibration (3-fold)."""
 
-    _parameter_constraints = {
-        **_PooledHead._parameter_constraints,
-        "C": [Interval(Real, 0, None, closed="neither")],
-        "class_weight": [StrOptions({"balanced"}), dict, None],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "random_state": ["random_state"],
-    }
+    _parameter_constraints = _LINEAR_CONSTRAINTS
 
     def __init__(self, pooling: str = "avg", C: float = 0.1, class_weight: Any = None, max_iter: int = 5000,
                  random_state: int | None = 0):
