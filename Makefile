@@ -23,12 +23,14 @@ RUN     ?=
 IMAGES  ?=
 FORCE   ?=
 STRICT  ?=
+AUGMENT ?=
+TRAIN_ON ?= clean
 PYTEST_ARGS ?=
 
 CACHE_OPTS := --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --dtype $(DTYPE) --seed $(SEED) \
               $(if $(SIZE),--size $(SIZE)) $(if $(LAYER),--layer $(LAYER))
-EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--strict)
-SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) $(if $(CACHE),--cache $(CACHE))
+EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment $(AUGMENT))
+SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo extract classify compare predict hed-weights test bench clean
@@ -41,6 +43,7 @@ help: ## list the targets and their options
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) DTYPE=$(DTYPE)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
+	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both)"
 
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

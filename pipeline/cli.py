@@ -53,6 +53,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="unreadable images are an error before any work")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
+    p.add_argument("--augment", type=int, default=d.augment,
+                   help="also cache K augmented views of every train image (default: %(default)s)")
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
     p.add_argument("--decode-processes", type=int, default=d.decode_processes,
                    help="decode in this many processes instead (default: %(default)s; 0 below 8 cores)")
@@ -66,6 +68,9 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=d.name, help="run folder suffix")
     p.add_argument("--jobs", type=int, default=d.n_jobs, help="configs fitted in parallel (default: %(default)s)")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run folders go (default: %(default)s)")
+    p.add_argument("--train-on", default=d.train_on, choices=["clean", "views", "both"],
+                   help="train heads on clean features, cached augmented views, or both (default: %(default)s)")
+    p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +122,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
               "layer": args.layer, "dtype": args.dtype,
               "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
     for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads",
-                 "decode_processes", "quiet"):
+                 "decode_processes", "quiet", "augment"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(overrides)
@@ -126,7 +131,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
-                       runs_dir=args.runs_dir, cache_dir=args.cache_dir)
+                       runs_dir=args.runs_dir, cache_dir=args.cache_dir, train_on=args.train_on, views=args.views)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

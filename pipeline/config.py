@@ -25,6 +25,7 @@ DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep.toml"
 SPLITS = ("train", "validation", "test")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
+TRAIN_ON = ("clean", "views", "both")
 
 
 def _default_decode_processes() -> int:
@@ -55,6 +56,7 @@ class ExtractConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays
     seed: int = 0  # split shuffling and random weights
     chunk_size: int = 256  # images per resumable chunk
+    augment: int = 0  # K augmented views of every train image (seed 003's flip/rotation/zoom), cached once
     decode_threads: int = 2  # threads decoding images ahead of the model (when decode_processes is 0)
     decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
     cache_dir: Path = CACHE_DIR  # where cache folders go
@@ -73,6 +75,8 @@ class ExtractConfig:
                               f"received size={self.size!r}")
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
+        if not isinstance(self.augment, int) or self.augment < 0:
+            raise ConfigError(f"augment must be an integer >= 0 (views per train image); received augment={self.augment!r}")
         for name in ("batch_size", "chunk_size", "decode_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -101,12 +105,18 @@ class SweepConfig:
     seed: int = 0  # every random number generator
     n_jobs: int = 2  # configs fitted in parallel (joblib processes)
     validation_fraction: float = 0.2  # carved from train when the cache has no validation split
+    train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
+    views: int | None = None  # use the first N cached views (None: all)
     runs_dir: Path = RUNS_DIR  # where run folders go
     cache_dir: Path = CACHE_DIR  # where to look for the newest cache
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be in (0, 1); received {self.validation_fraction!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on must be one of {TRAIN_ON}; received {self.train_on!r}")
+        if self.views is not None and (not isinstance(self.views, int) or self.views < 1):
+            raise ConfigError(f"views must be a positive integer; received views={self.views!r}")
         if not isinstance(self.n_jobs, int) or self.n_jobs == 0:
             raise ConfigError(f"n_jobs must be a non-zero integer; received n_jobs={self.n_jobs!r}")
 

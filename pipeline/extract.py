@@ -114,17 +114,26 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     for note in source.notes:
         log.info(note)
     expected = identity(cfg, source, weights)
+    reuse = None
     if path.exists() and not cfg.force:
-        diffs = store.mismatches(store.read_meta(path), expected)
-        if not diffs:
+        meta = store.read_meta(path)
+        diffs = store.mismatches(meta, expected)
+        if diffs:
+            raise store.CacheError(f"{path} exists but was made differently ({'; '.join(diffs)}). "
+                                   "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
+                                   "only once the new one is complete")
+        have = meta.get("augment", {}).get("views", 0)
+        if have >= cfg.augment:
             return ExtractResult(path, hit=True)
-        raise store.CacheError(f"{path} exists but was made differently ({'; '.join(diffs)}). "
-                               "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
-                               "only once the new one is complete")
+        if have and meta["augment"].get("seed") != cfg.seed:
+            raise store.CacheError(f"{path} holds {have} views made with seed {meta['augment']['seed']}; more views "
+                                   f"with seed {cfg.seed} would mix two policies. Use SEED={meta['augment']['seed']}, "
+                                   "or rebuild with --force")
+        reuse = meta  # keep what the file has; compute only the missing views
     with store.writer_lock(path):
         if cfg.strict:
             _check_all_readable(source)
-        return _run(cfg, source, weights, path, expected)
+        return _run(cfg, source, weights, path, expected, reuse)
 
 
 def _check_all_readable(source: sources.Source) -> None:
@@ -138,8 +147,28 @@ def _check_all_readable(source: sources.Source) -> None:
                           f"Fix or remove them, or run without --strict to skip them:\n{listing}")
 
 
+def view_split(k: int) -> str:
+    """Name of the split holding the k-th augmented view (1-based) of every train image."""
+    return f"train@aug{k}"
+
+
+def _jobs(cfg: ExtractConfig, source: sources.Source, reuse: dict[str, Any] | None) -> dict[str, tuple[Any, sources.Split]]:
+    """What to compute: split name -> (decoder items, the split's paths and labels)."""
+    jobs: dict[str, tuple[Any, sources.Split]] = {}
+    if reuse is None:
+        jobs = {s: (source.items(s), items) for s, items in source.splits.items()}
+    if cfg.augment:
+        if "train" not in source.splits:
+            raise ConfigError(f"AUGMENT={cfg.augment} makes views of the train split, and {cfg.data} has none")
+        train = source.items("train")
+        first = 1 + (reuse.get("augment", {}).get("views", 0) if reuse else 0)
+        for k in range(first, cfg.augment + 1):
+            jobs[view_split(k)] = ([(item, (cfg.seed, k, i)) for i, item in enumerate(train)], source.splits["train"])
+    return jobs
+
+
 def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, path: Path,
-         expected: dict[str, Any]) -> ExtractResult:
+         expected: dict[str, Any], reuse: dict[str, Any] | None = None) -> ExtractResult:
     import keras
     from tqdm.auto import tqdm
 
@@ -150,7 +179,8 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     log.info("built %s (%s weights, Keras backend %s) in %.1f s", model.name, weights.id, keras.backend.backend(),
              time.perf_counter() - t_build)
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
-    progress = store.Progress(path, {**expected, "weights_sha256": weights.sha256, "chunk_size": cfg.chunk_size})
+    progress = store.Progress(path, {**expected, "weights_sha256": weights.sha256, "chunk_size": cfg.chunk_size,
+                                     "augment": {"seed": cfg.seed, "policy": images.AUGMENT_POLICY}})
     flops = backbone.flops_per_image(cfg.size, cfg.layer, cfg.backbone)
     result = ExtractResult(path, hit=False, gflop_per_image=flops / 1e9 if flops else 0.0)
     layout = {}
@@ -158,7 +188,7 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
     writer = ChunkWriter(progress)
     with decoder, writer:
-        for split, items in source.splits.items():
+        for split, (decoder_items, items) in _jobs(cfg, source, reuse).items():
             n_chunks = math.ceil(len(items) / cfg.chunk_size)
             layout[split] = (n_chunks, items.paths, items.labels)
             todo = [c for c in range(n_chunks) if not progress.done(split, c)]
@@ -166,7 +196,8 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
             rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
             with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
                       disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-                result.images += _run_split(cfg, model, decoder, source, split, rows, writer, len(items), bar, result)
+                result.images += _run_split(cfg, model, decoder, decoder_items, split, rows, writer, len(items), bar,
+                                            result)
     result.seconds = time.perf_counter() - t0
     attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
              "class_names": source.class_names, "feature_shape": list(feature_shape),
@@ -175,17 +206,22 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
              "source": {"name": source.name, "kind": source.kind, "notes": source.notes},
              "versions": _versions(), "config": as_dict(cfg), "compression": cfg.compression,
              "mixed_precision": cfg.mixed_precision}
-    result.skipped = progress.assemble(layout, feature_shape, cfg.dtype, attrs, cfg.compression)
+    views = max(cfg.augment, reuse.get("augment", {}).get("views", 0) if reuse else 0)
+    if views:
+        attrs["augment"] = {"views": views, "seed": cfg.seed, "policy": images.AUGMENT_POLICY,
+                            "splits": [view_split(k) for k in range(1, views + 1)]}
+    result.skipped = progress.assemble(layout, feature_shape, cfg.dtype, attrs, cfg.compression,
+                                       reuse_from=path if reuse else None)
     return result
 
 
-def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, source: sources.Source, split: str,
+def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, items: Any, split: str,
                rows: list[int], writer: "ChunkWriter", n_items: int, bar: Any, result: ExtractResult) -> int:
     """Forward every row, saving each chunk the moment its last row is done. Returns rows run."""
     chunk = cfg.chunk_size
     open_chunks: dict[int, dict[str, list]] = {}
     sent = 0
-    stream = decoder.batches(source.items(split), rows, cfg.size, cfg.batch_size)
+    stream = decoder.batches(items, rows, cfg.size, cfg.batch_size)
     while True:
         t0 = time.perf_counter()
         batch = next(stream, None)

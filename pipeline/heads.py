@@ -138,7 +138,65 @@ class SVMHead(_PooledHead):
         return e / e.sum(axis=1, keepdims=True)
 
 
-class MLPHead(_PooledHead):
+class _KerasHead:
+    """Keras-backed heads: probabilities from ``model_``, pickled as ``.keras`` bytes so
+    joblib save/load round-trips (and a head can cross process boundaries)."""
+
+    def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        p = np.asarray(self.model_.predict(Z, batch_size=256, verbose=0), np.float64)
+        if p.shape[1] == 1:
+            return np.column_stack([1 - p[:, 0], p[:, 0]])
+        return p / p.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only within rounding
+
+    def save_keras(self, path: str | os.PathLike) -> None:
+        """The plain Keras model, for people who want it without this package."""
+        check_is_fitted(self, "model_")
+        self.model_.save(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "model_" in state:
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "head.keras")
+                state["model_"].save(path)
+                with open(path, "rb") as f:
+                    state["model_"] = f.read()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("model_"), bytes):
+            import keras
+
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "head.keras")
+                with open(path, "wb") as f:
+                    f.write(state["model_"])
+                state["model_"] = keras.saving.load_model(path)
+        self.__dict__.update(state)
+
+
+def seeds_head(x: Any, n_classes: int, units: int = 256, dropout: float = 0.5) -> Any:
+    """The seeds' classifier on a Keras tensor: Dense(units, relu), Dropout, then
+    Dense(1, sigmoid) for two classes or Dense(K, softmax)."""
+    import keras
+
+    x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    if n_classes == 2:
+        return keras.layers.Dense(1, activation="sigmoid", name="head_out")(x)
+    return keras.layers.Dense(n_classes, activation="softmax", name="head_out")(x)
+
+
+def compile_for(model: Any, n_classes: int, learning_rate: float) -> None:
+    """RMSprop and the seeds' loss for two or more classes."""
+    import keras
+
+    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
+                  loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+
+
+class MLPHead(_KerasHead, _PooledHead):
     """The seeds' Keras head: Dense(units, relu) -> Dropout -> Dense(1, sigmoid) or
     Dense(K, softmax), RMSprop. Early stopping on a stratified ``validation_fraction`` of
     the training data keeps the best weights (the seeds' ModelCheckpoint on val_loss),
@@ -186,15 +244,9 @@ class MLPHead(_PooledHead):
                 val = (vx, vy)
             except ValueError:  # too few samples per class to hold some out: train on all, no early stop
                 val = None
-        model = keras.Sequential([
-            keras.Input((Z.shape[1],)),
-            keras.layers.Dense(self.units, activation="relu"),
-            keras.layers.Dropout(self.dropout),
-            keras.layers.Dense(1, activation="sigmoid") if k == 2 else keras.layers.Dense(k, activation="softmax"),
-        ])
-        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=self.learning_rate),
-                      loss="binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy",
-                      metrics=["accuracy"])
+        inputs = keras.Input((Z.shape[1],))
+        model = keras.Model(inputs, seeds_head(inputs, k, self.units, self.dropout))
+        compile_for(model, k, self.learning_rate)
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
                                                    restore_best_weights=True)] if val else []
         history = model.fit(fit_x, fit_y.astype(np.float32), epochs=self.epochs, batch_size=self.batch_size,
@@ -202,37 +254,30 @@ class MLPHead(_PooledHead):
         self.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
         self.model_ = model
 
-    def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
-        p = np.asarray(self.model_.predict(Z, batch_size=1024, verbose=0), np.float64)
-        if p.shape[1] == 1:
-            return np.column_stack([1 - p[:, 0], p[:, 0]])
-        return p / p.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only within rounding
+class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
+    """A trained Keras model (a fine-tuned block5 + head) behind the same predict_proba as
+    every head, so ``predict`` and the reports treat it like any winner. X goes to the
+    model as it is: cached block4 maps, or uint8 images for an end-to-end model."""
 
-    def save_keras(self, path: str | os.PathLike) -> None:
-        """The plain Keras model, for people who want it without this package."""
+    def __init__(self, model: Any = None, classes: Any = None):
+        self.model = model
+        self.classes = classes
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "KerasModelHead":
+        raise NotImplementedError("KerasModelHead wraps a model trained by `featcache finetune`")
+
+    @classmethod
+    def wrap(cls, model: Any, classes: np.ndarray) -> "KerasModelHead":
+        head = cls()
+        head.model_, head.classes_, head.pooling = model, np.asarray(classes), "none"
+        return head
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "model_")
-        self.model_.save(path)
+        return self._predict_proba(np.asarray(X))
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if "model_" in state:  # Keras models pickle as their .keras bytes
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "head.keras")
-                state["model_"].save(path)
-                with open(path, "rb") as f:
-                    state["model_"] = f.read()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state.get("model_"), bytes):
-            import keras
-
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "head.keras")
-                with open(path, "wb") as f:
-                    f.write(state["model_"])
-                state["model_"] = keras.saving.load_model(path)
-        self.__dict__.update(state)
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 HEADS: dict[str, type[_PooledHead]] = {"logreg": LogRegHead, "mlp": MLPHead, "svm": SVMHead}

@@ -92,12 +92,49 @@ class Batch:
     failed: list[tuple[int, str]]  # (item index, reason)
 
 
-def _decode_group(sources: Sequence[str | np.ndarray], size: int) -> list[np.ndarray | str]:
-    """Decode several images in one task: an array each, or the reason it failed."""
+AUGMENT_POLICY = ("seed 003's layers, per image and view: horizontal flip (p=0.5), rotation uniform in "
+                  "+-0.1 turn (+-36 degrees), zoom uniform in +-20% (same factor both axes), bilinear, "
+                  "reflect fill; view k of row i uses numpy.random.default_rng([seed, k, i])")
+
+
+def augment(image: np.ndarray, seed: Sequence[int]) -> np.ndarray:
+    """One augmented view of an (S,S,3) uint8 image, the same for the same ``seed``.
+
+    Mirrors ``RandomFlip("horizontal")``, ``RandomRotation(0.1)`` and ``RandomZoom(0.2)``
+    (fill_mode "reflect"), but seeded per image and view so a resumed or repeated run
+    gives identical views whatever the batch order.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(list(seed))
+    flip = rng.random() < 0.5
+    angle = rng.uniform(-0.1, 0.1) * 2 * np.pi
+    zoom = 1.0 + rng.uniform(-0.2, 0.2)  # >1 samples a larger area: zooms out, as Keras's positive factor
+    cos, sin = np.cos(angle), np.sin(angle)
+    # output (row, col) -> input: rotate and scale about the centre, then mirror columns
+    matrix = zoom * np.array([[cos, -sin], [sin, cos]])
+    if flip:
+        matrix = matrix @ np.diag([1.0, -1.0])
+    centre = (np.array(image.shape[:2]) - 1) / 2.0
+    offset = centre - matrix @ centre
+    full = np.eye(3)
+    full[:2, :2] = matrix
+    out = ndimage.affine_transform(image.astype(np.float32), full, offset=(*offset, 0.0), order=1, mode="reflect")
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _decode_group(sources: Sequence[str | np.ndarray | tuple], size: int) -> list[np.ndarray | str]:
+    """Decode several images in one task: an array each, or the reason it failed.
+
+    A ``(source, seed)`` tuple asks for an augmented view of that source.
+    """
     out: list[np.ndarray | str] = []
     for src in sources:
         try:
-            out.append(load(src, size))
+            if isinstance(src, tuple):
+                out.append(augment(load(src[0], size), src[1]))
+            else:
+                out.append(load(src, size))
         except ImageLoadError as e:
             out.append(str(e))
     return out
@@ -141,7 +178,8 @@ class Decoder:
         Undecodable items come back in ``Batch.failed`` with their reason.
         """
         rows = list(rows)
-        pool, group = self._pool(bool(rows) and isinstance(items[rows[0]], str))
+        first = items[rows[0]] if rows else None
+        pool, group = self._pool(isinstance(first, str) or (isinstance(first, tuple) and isinstance(first[0], str)))
         groups = collections.deque(rows[k:k + group] for k in range(0, len(rows), group))
         pending: collections.deque[tuple[list[int], Future[list[np.ndarray | str]]]] = collections.deque()
         ready: collections.deque[tuple[int, np.ndarray | str]] = collections.deque()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-COLUMNS = ("index", "head", "pooling", "params", "val_accuracy", "val_log_loss", "fit_seconds", "epochs",
+COLUMNS = ("index", "head", "pooling", "params", "train_on", "train_rows", "val_accuracy", "val_log_loss", "fit_seconds", "epochs",
            "test_accuracy", "test_log_loss", "winner")
 
 

@@ -59,7 +59,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             json_keys = set(json.loads(f.attrs.get("json_attrs", "[]")))
             meta = {k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k != "json_attrs"}
             meta["splits"] = [s for s in ("train", "validation", "test") if s in f] + sorted(
-                s for s in f if s not in ("train", "validation", "test"))
+                (s for s in f if s not in ("train", "validation", "test")), key=_natural)
             meta["split_sizes"] = {s: int(f[s]["labels"].shape[0]) for s in meta["splits"]}
     except OSError as e:
         raise CacheError(f"{path} is not a readable HDF5 cache ({e}); delete it and run `make extract` again") from e
@@ -70,6 +70,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                          "rebuild it with `make extract FORCE=1`")
     meta["path"] = str(path)
     return meta
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """train@aug2 before train@aug10."""
+    head, _, tail = name.rpartition("aug")
+    return (head, int(tail)) if tail.isdigit() else (name, 0)
 
 
 def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -231,11 +237,13 @@ class Progress:
         os.replace(tmp, target)
 
     def assemble(self, layout: Mapping[str, tuple[int, Sequence[str], np.ndarray]], feature_shape: Sequence[int],
-                 dtype: str, attrs: Mapping[str, Any], compression: str = "none") -> dict[str, list[tuple[str, str]]]:
+                 dtype: str, attrs: Mapping[str, Any], compression: str = "none",
+                 reuse_from: Path | None = None) -> dict[str, list[tuple[str, str]]]:
         """Build the final HDF5 from the chunks and rename it into place.
 
-        ``layout[split] = (number of chunks, item paths, item labels)``. Returns the skipped
-        files per split.
+        ``layout[split] = (number of chunks, item paths, item labels)``; splits of
+        ``reuse_from`` (a complete cache) not in ``layout`` are copied over unchanged.
+        Returns the skipped files per split.
         """
         tmp = self.final_path.with_name(self.final_path.name + ".tmp")
         all_skipped: dict[str, list[tuple[str, str]]] = {}
@@ -254,6 +262,11 @@ class Progress:
                     skipped.extend((paths[r], str(reason)) for r, reason in zip(c["skipped_rows"].tolist(), c["skipped_reasons"]))
                 _write_rows_meta(f[split], np.asarray(labels)[rows], [paths[r] for r in rows], skipped)
                 all_skipped[split] = skipped
+            if reuse_from is not None:
+                with h5py.File(reuse_from, "r") as old:
+                    for split in old:
+                        if split not in layout:
+                            old.copy(old[split], f, name=split)
             f.attrs["complete"] = True
             f.flush()
         os.replace(tmp, self.final_path)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import report, store
-from .config import ConfigError, SweepConfig, as_dict, load_toml
+from .config import TRAIN_ON, ConfigError, SweepConfig, as_dict, load_toml
 from .heads import HEADS, make_head
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,12 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
             raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
         grid = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
         for params in ParameterGrid(grid):
-            make_head(name, **params)  # raises ConfigError naming a bad parameter or value
-            configs.append((name, dict(params)))
+            params = dict(params)
+            head_params = {k: v for k, v in params.items() if k != "train_on"}
+            if params.get("train_on", "clean") not in TRAIN_ON:
+                raise ConfigError(f"{source}: train_on must be one of {TRAIN_ON}; received {params['train_on']!r}")
+            make_head(name, **head_params)  # raises ConfigError naming a bad parameter or value
+            configs.append((name, params))
     return configs
 
 
@@ -67,22 +71,46 @@ def _limit_threads(n: int) -> None:
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
 
 
-def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int, x_train: np.ndarray,
-             y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any]:
+def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int, train: dict[str, Any],
+             x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any]:
     from sklearn.metrics import accuracy_score, log_loss
 
     _limit_threads(threads)
+    params = dict(params)
+    train_on = params.pop("train_on", train["default"])
     head = make_head(name, **{"random_state": seed, **params})
+    x_fit, y_fit = _training_rows(train, train_on)
     t0 = time.perf_counter()
-    head.fit(x_train, y_train)
+    head.fit(x_fit, y_fit)
     seconds = time.perf_counter() - t0
     proba = head.predict_proba(x_val)
-    row = {"index": index, "head": name, "pooling": head.pooling,
+    row = {"index": index, "head": name, "pooling": head.pooling, "train_on": train_on, "train_rows": len(y_fit),
            "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
            "val_accuracy": float(accuracy_score(y_val, head.classes_[proba.argmax(1)])),
            "val_log_loss": float(log_loss(y_val, proba, labels=head.classes_)), "fit_seconds": seconds,
            "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None}
     return row, head
+
+
+def _training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np.ndarray]:
+    """Clean train rows, the cached augmented views, or both stacked."""
+    if train_on == "clean":
+        return train["x"], train["y"]
+    if train["views_x"] is None:
+        raise ConfigError(f"train_on={train_on!r} needs augmented views in the cache; make them with "
+                          "`make extract AUGMENT=K` (same options)")
+    if train_on == "views":
+        return train["views_x"], train["views_y"]
+    return np.concatenate([train["x"], train["views_x"]]), np.concatenate([train["y"], train["views_y"]])
+
+
+def _load_views(cache: Path, meta: dict[str, Any], limit: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The cached augmented views of train, stacked (validation and test never have any)."""
+    names = meta.get("augment", {}).get("splits", [])[:limit]
+    if not names:
+        return None, None
+    parts = [store.load_split(cache, name)[:2] for name in names]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
@@ -124,13 +152,19 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     for note in notes:
         log.info(note)
     (x_train, y_train), (x_val, y_val) = data["train"], data["validation"]
+    wants_views = any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs)
+    views_x, views_y = _load_views(cache, meta, cfg.views) if wants_views else (None, None)
+    if "validation" not in meta["splits"] and views_x is not None:
+        raise ConfigError(f"{cache}: training on views needs a validation split in the cache (a validation set "
+                          "carved from train would hold images whose views are trained on)")
+    train = {"x": x_train, "y": y_train, "views_x": views_x, "views_y": views_y, "default": cfg.train_on}
     n_jobs = min(cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1), len(configs))
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    log.info("sweeping %d configs on %s (train %d, validation %d) with %d worker(s)", len(configs), cache.name,
-             len(y_train), len(y_val), n_jobs)
+    log.info("sweeping %d configs on %s (train %d%s, validation %d) with %d worker(s)", len(configs), cache.name,
+             len(y_train), f" + {len(views_y)} view rows" if views_y is not None else "", len(y_val), n_jobs)
     t0 = time.perf_counter()
     results = joblib.Parallel(n_jobs=n_jobs)(
-        joblib.delayed(_fit_one)(i, name, params, cfg.seed, threads, x_train, y_train, x_val, y_val)
+        joblib.delayed(_fit_one)(i, name, params, cfg.seed, threads, train, x_val, y_val)
         for i, (name, params) in enumerate(configs))
     rows = [r for r, _ in results]
     fitted = [h for _, h in results]
@@ -177,7 +211,7 @@ def _show_varying_params(rows: list[dict[str, Any]]) -> None:
     (run.json has the full sweep), so the table stays readable."""
     for head in {r["head"] for r in rows}:
         mine = [r for r in rows if r["head"] == head]
-        parsed = [json.loads(r["params"]) for r in mine]
+        parsed = [{k: v for k, v in json.loads(r["params"]).items() if k != "train_on"} for r in mine]
         keys = {k for p in parsed for k in p}
         varying = sorted(k for k in keys if len({json.dumps(p.get(k)) for p in parsed}) > 1)
         for r, p in zip(mine, parsed):
