@@ -8,6 +8,7 @@ turns the map into a vector first: ``flatten`` (h*w*C, 8192 at 150 px), ``avg`` 
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from numbers import Integral, Real
@@ -19,6 +20,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("flatten", "avg", "max")
 
@@ -36,6 +39,12 @@ def pool_features(X: np.ndarray, pooling: str) -> np.ndarray:
     return reduce(X.astype(np.float32, copy=False), axis=(1, 2))
 
 
+def _check_finite(Z: np.ndarray) -> None:
+    if not np.isfinite(Z).all():
+        raise ValueError(f"features hold {int((~np.isfinite(Z)).sum())} NaN or infinite value(s); "
+                         "the cache may be corrupt: rebuild it (make extract FORCE=1)")
+
+
 class _PooledHead(ClassifierMixin, BaseEstimator):
     """Shared fit/predict plumbing: validate, pool, check labels, delegate to ``_fit``."""
 
@@ -47,6 +56,7 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         if len(Z) != len(y):
             raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
+        _check_finite(Z)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ValueError(f"training labels hold a single class ({self.classes_.tolist()}); a classifier needs two or more")
@@ -61,9 +71,11 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         if Z.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {Z.shape[1]} features after {self.pooling} pooling; the head was fitted on "
                              f"{self.n_features_in_} (another layer or input size?)")
+        _check_finite(Z)
         return self._predict_proba(Z)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "classes_")  # before self.classes_ is read: NotFittedError, not AttributeError
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:  # pragma: no cover - abstract
@@ -242,7 +254,10 @@ class MLPHead(_KerasHead, _PooledHead):
                 fit_x, vx, fit_y, vy = train_test_split(Z, y, test_size=self.validation_fraction, stratify=y,
                                                         random_state=self.random_state)
                 val = (vx, vy)
-            except ValueError:  # too few samples per class to hold some out: train on all, no early stop
+            except ValueError as e:  # too few samples per class to hold some out: train on all, no early stop
+                log.warning("MLPHead: cannot hold out a stratified validation_fraction=%s of %d rows (%s); "
+                            "training all %d epochs without early stopping", self.validation_fraction, len(y), e,
+                            self.epochs)
                 val = None
         inputs = keras.Input((Z.shape[1],))
         model = keras.Model(inputs, seeds_head(inputs, k, self.units, self.dropout))

@@ -3,7 +3,6 @@ the winner on validation alone, and only then score it once on test.
 
 The sweep file lists heads, each with a value or a list of values per parameter::
 
-    seed = 0                      # optional; the command line's --seed wins
     [[head]]
     name = "logreg"
     pooling = ["flatten", "avg"]
@@ -33,19 +32,25 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
     """[(head name, params)] for every combination, each checked before anything is fitted."""
     from sklearn.model_selection import ParameterGrid
 
-    unknown = sorted(set(spec) - {"head", "seed"})
+    unknown = sorted(set(spec) - {"head"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed: ['head', 'seed']")
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed: ['head'] "
+                          "(the seed comes from --seed / SEED=)")
     heads = spec.get("head")
     if not heads or not isinstance(heads, list):
         raise ConfigError(f"{source}: no [[head]] tables; add at least one, e.g. [[head]] name = \"logreg\"")
     configs = []
-    for table in heads:
+    for number, table in enumerate(heads, 1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
         table = dict(table)
         name = table.pop("name", None)
         if name not in HEADS:
             raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
         grid = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
+        empty = sorted(k for k, v in grid.items() if not v)
+        if empty:
+            raise ConfigError(f"{source}: head #{number} ({name}) has an empty list for {empty}; give at least one value")
         for params in ParameterGrid(grid):
             params = dict(params)
             head_params = {k: v for k, v in params.items() if k != "train_on"}
@@ -64,15 +69,22 @@ class SweepResult:
     table: str
 
 
-def _limit_threads(n: int) -> None:
-    """Give TensorFlow ``n`` threads in this worker: 2 workers x 1 thread on 2 cores."""
+def _limit_threads(n: int | None) -> None:
+    """Give TensorFlow ``n`` threads in this worker: 2 workers x 1 thread on 2 cores (None: leave as is)."""
+    if n is None:
+        return
     for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
         os.environ[var] = str(n)
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
 
 
-def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int, train: dict[str, Any],
-             x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any]:
+def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int | None, train: dict[str, Any],
+             x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any, bytes]:
+    """Fit and score one config; the head comes back pickled, so the parent pays for
+    unpickling (a Keras load for an MLP) only for the winner."""
+    import io
+
+    import joblib
     from sklearn.metrics import accuracy_score, log_loss
 
     _limit_threads(threads)
@@ -88,8 +100,11 @@ def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: 
            "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
            "val_accuracy": float(accuracy_score(y_val, head.classes_[proba.argmax(1)])),
            "val_log_loss": float(log_loss(y_val, proba, labels=head.classes_)), "fit_seconds": seconds,
-           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None}
-    return row, head
+           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
+           "full_params": head.get_params()}
+    buffer = io.BytesIO()
+    joblib.dump(head, buffer)
+    return row, getattr(head, "history_", None), buffer.getvalue()
 
 
 def _training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +147,13 @@ def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[s
                      f"({len(yv)} rows, seed {cfg.seed}) for selection")
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
+    known = set(np.unique(data["train"][1]).tolist())
     for split, (_, y) in data.items():
+        unseen = sorted(set(np.unique(y).tolist()) - known)
+        if unseen:
+            names = [meta.get("class_names", [])[c] if c < len(meta.get("class_names", [])) else c for c in unseen]
+            raise ConfigError(f"{cache}: split {split!r} holds class(es) {names} that train lacks; "
+                              "no head can predict them (re-split the data so train has every class)")
         if len(np.unique(y)) < 2:
             raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta['class_names'][int(y[0])]!r}); "
                               "a classifier needs two or more")
@@ -141,6 +162,8 @@ def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[s
 
 def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     """Fit every config of ``cfg.sweep_file`` on ``cache_path``; write and return the run."""
+    import io
+
     import joblib
     from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
 
@@ -159,19 +182,22 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
                           "carved from train would hold images whose views are trained on)")
     train = {"x": x_train, "y": y_train, "views_x": views_x, "views_y": views_y, "default": cfg.train_on}
     n_jobs = min(cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1), len(configs))
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
     log.info("sweeping %d configs on %s (train %d%s, validation %d) with %d worker(s)", len(configs), cache.name,
              len(y_train), f" + {len(views_y)} view rows" if views_y is not None else "", len(y_val), n_jobs)
     t0 = time.perf_counter()
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_fit_one)(i, name, params, cfg.seed, threads, train, x_val, y_val)
         for i, (name, params) in enumerate(configs))
-    rows = [r for r, _ in results]
-    fitted = [h for _, h in results]
+    rows = [r for r, _, _ in results]
+    histories = [h for _, h, _ in results]
+    full_params = [r.pop("full_params") for r in rows]
     _show_varying_params(rows)
     best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"], i))
     rows[best]["winner"] = True
-    winner = fitted[best]
+    winner_bytes = results[best][2]
+    winner = joblib.load(io.BytesIO(winner_bytes))
+    del results
     eval_split = "test" if "test" in data else "validation"
     x_eval, y_eval = data[eval_split]
     proba = winner.predict_proba(x_eval)
@@ -182,14 +208,14 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
 
     run_dir = new_run_dir(cfg)
     report.write_csv(rows, run_dir / "results.csv")
-    joblib.dump(winner, run_dir / "winner.joblib")
+    (run_dir / "winner.joblib").write_bytes(winner_bytes)
     if hasattr(winner, "save_keras"):
         winner.save_keras(run_dir / "winner.keras")
     class_names = meta["class_names"]
-    for row, head in zip(rows, fitted):
-        if getattr(head, "history_", None):
+    for row, history in zip(rows, histories):
+        if history:
             (run_dir / "curves").mkdir(exist_ok=True)
-            report.plot_learning_curves(head.history_, run_dir / "curves" / f"{row['index']:02d}-{row['head']}.png",
+            report.plot_learning_curves(history, run_dir / "curves" / f"{row['index']:02d}-{row['head']}.png",
                                         f"#{row['index']} {row['head']} {row['pooling']} {row['params']}")
     cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(class_names)))
     report.plot_confusion_matrix(cm, class_names, run_dir / "confusion.png",
@@ -197,7 +223,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     cache_meta = {k: v for k, v in meta.items() if k != "paths"}
     run_info = {"config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()), "cache_meta": cache_meta,
                 "argv": sys.argv, "seed": cfg.seed, "notes": notes, "sweep_seconds": sweep_seconds,
-                "winner": rows[best], "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "winner": {**rows[best], "params": full_params[best]}, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
     table = report.results_table(rows)
     summary = (f"{len(rows)} configs in {sweep_seconds:.1f} s; winner #{best} {rows[best]['head']} "

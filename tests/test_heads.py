@@ -1,0 +1,48 @@
+"""Heads: regression tests from the stage-two review (each fails on 2bfb1ea)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from pipeline.heads import HEADS, MLPHead, make_head
+
+
+def separable(n_per_class: int, k: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), n_per_class)
+    x = rng.normal(0, 1, (len(y), 2, 2, 8)).astype(np.float32)
+    for c in range(k):
+        x[y == c, :, :, c] += 3.0
+    return x, y
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_predict_before_fit_is_not_fitted_error(name):
+    x, _ = separable(3)
+    with pytest.raises(NotFittedError):
+        make_head(name).predict(x)
+
+
+@pytest.mark.parametrize("where", ["fit", "predict"])
+def test_non_finite_features_are_named(where):
+    x, y = separable(10)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    if where == "fit":
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            make_head("logreg").fit(bad, y)
+    else:
+        head = make_head("logreg").fit(x, y)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            head.predict_proba(bad)
+
+
+def test_mlp_says_when_it_cannot_hold_out_a_validation_set(caplog):
+    x, y = separable(3)  # 6 rows: 10% is less than one row per class
+    with caplog.at_level(logging.WARNING, logger="pipeline.heads"):
+        head = MLPHead(epochs=2, units=4, validation_fraction=0.1).fit(x, y)
+    assert "val_loss" not in head.history_
+    assert "without early stopping" in caplog.text
