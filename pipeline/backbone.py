@@ -236,29 +236,50 @@ def build(cfg: ExtractConfig, weights: Weights) -> Any:
                 f"Keras downloads them once into {keras_models_dir()}; on an offline machine put the file there, "
                 "or pass WEIGHTS=<weights file> or WEIGHTS=none") from e
         base.trainable = False
+        full_sha = weights_sha256(base)  # of every layer, whatever the cut: pins random initialisations
         names = [layer.name for layer in base.layers]
         if cfg.layer not in names:
             raise _unknown_layer(cfg.backbone, cfg.layer, names)
         trunk = keras.Model(base.inputs, base.get_layer(cfg.layer).output, name=f"{cfg.backbone}_{cfg.layer}")
         pixels = keras.Input((cfg.size, cfg.size, 3), dtype="uint8", name="pixels")
         features = keras.ops.cast(trunk(_preprocess_layer(family.module)(pixels)), "float32")
-        return keras.Model(pixels, features, name=trunk.name)
+        model = keras.Model(pixels, features, name=trunk.name)
+        model.base_weights_sha256 = full_sha
+        return model
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
+_PREPROCESS_CLASS: Any = None
+
+
+def preprocess_layer_class() -> Any:
+    """The layer that runs ``keras.applications.<module>.preprocess_input`` in float32
+    (also under mixed precision): each family's own preprocessing, never VGG16's.
+    Registered with Keras so a saved end-to-end model loads again; created on first use
+    because this module does not import Keras at import time."""
+    global _PREPROCESS_CLASS
+    if _PREPROCESS_CLASS is None:
+        import keras
+
+        @keras.saving.register_keras_serializable(package="featcache")
+        class Preprocess(keras.layers.Layer):
+            def __init__(self, module: str = "vgg16", **kwargs: Any):
+                super().__init__(**kwargs)
+                self.module = module
+
+            def call(self, x: Any) -> Any:
+                return getattr(keras.applications, self.module).preprocess_input(keras.ops.cast(x, "float32"))
+
+            def get_config(self) -> dict[str, Any]:
+                return {**super().get_config(), "module": self.module}
+
+        _PREPROCESS_CLASS = Preprocess
+    return _PREPROCESS_CLASS
+
+
 def _preprocess_layer(module: str) -> Any:
-    """``keras.applications.<module>.preprocess_input`` as a float32 layer (also under
-    mixed precision), so the preprocessing is each family's own, never VGG16's."""
-    import keras
-
-    preprocess = getattr(keras.applications, module).preprocess_input
-
-    class Preprocess(keras.layers.Layer):
-        def call(self, x: Any) -> Any:
-            return preprocess(keras.ops.cast(x, "float32"))
-
-    return Preprocess(dtype="float32", name=f"{module}_preprocess")
+    return preprocess_layer_class()(module, dtype="float32", name=f"{module}_preprocess")
 
 
 def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
@@ -277,7 +298,7 @@ def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def weights_sha256(model: Any) -> str:
-    """Hash of the model's weight values (pins random initialisations)."""
+    """Hash of a model's weight values, in layer order."""
     digest = hashlib.sha256()
     for w in model.get_weights():
         digest.update(np.ascontiguousarray(w).tobytes())

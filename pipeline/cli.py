@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .backbone import BACKBONES
-from .config import CACHE_DIR, DEFAULT_SWEEP, RUNS_DIR, ConfigError, ExtractConfig, SweepConfig
+from .config import CACHE_DIR, DEFAULT_SWEEP, RUNS_DIR, ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
 
 log = logging.getLogger("featcache")
 
@@ -100,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated backbone names (default: %(default)s)")
     p.set_defaults(name="compare")
 
+    p = sub.add_parser("finetune", help="train VGG block5 + head on cached block4_pool features")
+    _add_cache_options(p)
+    f = FinetuneConfig()
+    p.add_argument("--epochs", type=int, default=f.epochs, help="block5 + head epochs (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=f.learning_rate, help="RMSprop rate (default: %(default)s)")
+    p.add_argument("--head-epochs", type=int, default=f.head_epochs, help="frozen-base head epochs")
+    p.add_argument("--head-learning-rate", type=float, default=f.head_learning_rate)
+    p.add_argument("--batch-size", type=int, default=f.batch_size)
+    p.add_argument("--patience", type=int, default=f.patience)
+    p.add_argument("--train-on", default=f.train_on, choices=["clean", "views", "both"])
+    p.add_argument("--views", type=int, default=None)
+    p.add_argument("--head-run", type=Path, default=None, help="stage-two run on block5_pool to warm-start the head")
+    p.add_argument("--end-to-end", action="store_true", help="the seeds' recipe on images with augmentation (GPU)")
+    p.add_argument("--name", default=f.name)
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+
     p = sub.add_parser("predict", help="classify new images with a run's winning head")
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
@@ -181,6 +197,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.learning_rate, head_epochs=args.head_epochs,
+                        head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, patience=args.patience,
+                        train_on=args.train_on, views=args.views, head_run=args.head_run, end_to_end=args.end_to_end,
+                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose)
+    result = finetune(ft, _extract_config(args))
+    print(result.table)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
@@ -209,7 +238,7 @@ def cmd_hed_weights(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "compare": cmd_compare,
-            "predict": cmd_predict,
+            "finetune": cmd_finetune, "predict": cmd_predict,
             "info": cmd_info, "hed-weights": cmd_hed_weights}
 
 

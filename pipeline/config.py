@@ -121,6 +121,37 @@ class SweepConfig:
             raise ConfigError(f"n_jobs must be a non-zero integer; received n_jobs={self.n_jobs!r}")
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning: block5 + head on cached block4_pool features (or end to end on images)."""
+
+    epochs: int = 10  # block5 + head at the low learning rate
+    learning_rate: float = 1e-5  # seeds 001 and 003: RMSprop 1e-5 once block5 is unfrozen
+    head_epochs: int = 30  # the frozen-base head, when no run is given to warm-start from
+    head_learning_rate: float = 1e-4  # for that head
+    batch_size: int = 32
+    patience: int = 3  # early stopping on validation loss, best weights kept
+    train_on: str = "clean"  # clean block4 rows, their cached augmented views, or both
+    views: int | None = None  # the first N cached views (None: all)
+    head_run: Path | None = None  # a stage-two run on block5_pool whose MLP winner starts the head
+    end_to_end: bool = False  # the seeds' recipe on images instead (GPU-sized work)
+    seed: int = 0
+    name: str = "finetune"
+    runs_dir: Path = RUNS_DIR
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on must be one of {TRAIN_ON}; received {self.train_on!r}")
+        for name in ("epochs", "head_epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer; received {name}={value!r}")
+        for name in ("learning_rate", "head_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0; received {name}={getattr(self, name)!r}")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, naming the file in any error."""
     path = Path(path)
@@ -153,5 +184,5 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "ConfigError",
-    "ExtractConfig", "SweepConfig", "load_toml", "replace", "as_dict",
+    "ExtractConfig", "SweepConfig", "FinetuneConfig", "load_toml", "replace", "as_dict",
 ]

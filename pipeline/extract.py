@@ -175,7 +175,7 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
     t_build = time.perf_counter()
     model = backbone.build(cfg, weights)
     if not weights.sha256:
-        weights = dataclasses.replace(weights, sha256=backbone.weights_sha256(model))
+        weights = dataclasses.replace(weights, sha256=model.base_weights_sha256)
     log.info("built %s (%s weights, Keras backend %s) in %.1f s", model.name, weights.id, keras.backend.backend(),
              time.perf_counter() - t_build)
     feature_shape = tuple(int(d) for d in model.output_shape[1:])

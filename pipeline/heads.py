@@ -179,6 +179,9 @@ class _KerasHead:
         if isinstance(state.get("model_"), bytes):
             import keras
 
+            from .backbone import preprocess_layer_class
+
+            preprocess_layer_class()  # end-to-end models hold it; register before loading
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "head.keras")
                 with open(path, "wb") as f:

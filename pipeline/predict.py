@@ -73,10 +73,14 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     run_file = run_dir / "run.json"
     if not run_file.is_file():
         raise CacheError(f"{run_dir} has no run.json; give a run folder made by `make classify`")
-    meta = json.loads(run_file.read_text())["cache_meta"]
+    run_info = json.loads(run_file.read_text())
+    meta = run_info["cache_meta"]
     check_request(meta, expected or {})
     head = joblib.load(run_dir / "winner.joblib")
     root, files = _image_files(Path(target))
+    if run_info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
+        return _write(_classify(files, lambda batch: head.predict_proba(batch), head, meta, batch_size), root,
+                      meta["class_names"], out or run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv")
 
     source = meta.get("weights_source", "random")
     seed = meta.get("config", {}).get("seed", 0)
@@ -87,27 +91,36 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
         raise ConfigError(f"the head's weights file {weights.source} is gone; put it back to predict with this head")
     model = backbone.build(cfg, weights)
     from_file = weights.source not in (None, "imagenet")
-    sha = backbone.file_sha256(weights.source) if from_file else backbone.weights_sha256(model)
+    sha = backbone.file_sha256(weights.source) if from_file else model.base_weights_sha256
     if sha != meta["weights_sha256"]:
         raise ConfigError(f"weights_sha256: the head's cache was made with weights {meta['weights_sha256'][:12]}..., "
                           f"these are {sha[:12]}...; the weights changed since the cache was made")
 
+    rows = _classify(files, lambda batch: head.predict_proba(backbone.forward(model, batch, cfg.batch_size)), head,
+                     meta, cfg.batch_size, cfg.decode_threads, cfg.decode_processes)
+    return _write(rows, root, meta["class_names"], out or run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+
+
+def _classify(files: list[Path], proba_fn: Any, head: Any, meta: dict[str, Any], batch_size: int, threads: int = 2,
+              processes: int = 0) -> list[dict[str, Any]]:
+    """Rows of path, class, probability (+ one per class) or the decoding error."""
     class_names = meta["class_names"]
     rows: list[dict[str, Any]] = []
     paths = [str(f) for f in files]
-    for batch in images.batches(paths, range(len(paths)), cfg.size, cfg.batch_size, cfg.decode_threads,
-                                 cfg.decode_processes):
+    for batch in images.batches(paths, range(len(paths)), meta["image_size"], batch_size, threads, processes):
         if len(batch.rows):
-            feats = backbone.forward(model, batch.images, cfg.batch_size)
-            proba = head.predict_proba(feats)
-            for i, p in zip(batch.rows, proba):
+            for i, p in zip(batch.rows, proba_fn(batch.images)):
                 k = int(np.argmax(p))
-                rows.append({"path": os.path.relpath(paths[i], root), "class": class_names[head.classes_[k]],
-                             "probability": f"{p[k]:.6f}", "error": "",
-                             **{f"p_{class_names[c]}": f"{v:.6f}" for c, v in zip(head.classes_, p)}})
-        rows += [{"path": os.path.relpath(paths[i], root), "class": "", "probability": "", "error": reason}
-                 for i, reason in batch.failed]
-    out = Path(out) if out else run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+                rows.append({"path": paths[i], "class": class_names[head.classes_[k]], "probability": f"{p[k]:.6f}",
+                             "error": "", **{f"p_{class_names[c]}": f"{v:.6f}" for c, v in zip(head.classes_, p)}})
+        rows += [{"path": paths[i], "class": "", "probability": "", "error": reason} for i, reason in batch.failed]
+    return rows
+
+
+def _write(rows: list[dict[str, Any]], root: Path, class_names: list[str], out: str | Path) -> Path:
+    for r in rows:
+        r["path"] = os.path.relpath(r["path"], root)
+    out = Path(out)
     fields = ["path", "class", "probability"] + [f"p_{c}" for c in class_names] + ["error"]
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")

@@ -1,0 +1,253 @@
+"""Fine-tuning without rerunning the base: VGG's block5 + the seeds' head, trained on
+cached block4_pool features.
+
+The seeds' order is kept: first a head on the frozen base (warm-started from a stage-two
+run, or trained here on frozen block5 features), then block5 is unfrozen and trained with
+the head at RMSprop 1e-5. Block5 is about 9% of the conv base's FLOPs at 150 px, so an
+epoch on cached block4 maps costs a small fraction of an end-to-end one. The classic
+end-to-end fine-tune on images with augmentation (``end_to_end=True``) shares the head,
+the compile step and the reporting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backbone, images, report, sources, store
+from .config import ConfigError, ExtractConfig, FinetuneConfig, as_dict
+from .extract import locate
+from .heads import KerasModelHead, MLPHead, compile_for, seeds_head
+from .sweep import new_run_dir
+
+log = logging.getLogger(__name__)
+
+POOLING_LAYERS = {"flatten": "Flatten", "avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D"}
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    table: str
+
+
+def build_block5(meta: dict[str, Any]) -> Any:
+    """VGG's layers after block4_pool, with the cache's own weights: (N,h,w,512) block4
+    maps -> block5_pool maps. Refuses weights whose bytes differ from the cache's."""
+    import keras
+
+    name = meta.get("backbone", "vgg16")
+    family = backbone.spec(name)
+    source = meta.get("weights_source", "random")
+    if source == "random":
+        keras.utils.set_random_seed(meta.get("config", {}).get("seed", 0))
+    base = getattr(keras.applications, family.constructor)(
+        include_top=False, weights=None if source == "random" else source,
+        input_shape=(meta["image_size"], meta["image_size"], 3))
+    from_file = source not in ("random", "imagenet")
+    sha = backbone.file_sha256(source) if from_file else backbone.weights_sha256(base)
+    if sha != meta["weights_sha256"]:
+        raise ConfigError(f"weights_sha256: the cache was made with weights {meta['weights_sha256'][:12]}..., "
+                          f"{source} gives {sha[:12]}...; rebuild the cache or restore the weights")
+    names = [layer.name for layer in base.layers]
+    inputs = keras.Input(tuple(meta["feature_shape"]), name="block4_pool_features")
+    x = inputs
+    for layer in base.layers[names.index("block4_pool") + 1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="block5")
+
+
+def finetune(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
+    """Train block5 + head (cached block4 features, or images end to end) and write a run."""
+    if ecfg.backbone not in ("vgg16", "vgg19"):
+        raise ConfigError(f"finetune trains VGG's block5 from cached block4_pool maps; backbone={ecfg.backbone!r} "
+                          "has no such blocks (use vgg16 or vgg19)")
+    import keras
+
+    keras.utils.set_random_seed(ft.seed)
+    return _end_to_end(ft, ecfg) if ft.end_to_end else _from_cache(ft, ecfg)
+
+
+def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
+    import keras
+
+    cache = locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
+    meta = store.read_meta(cache)
+    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta["splits"]}
+    if "validation" not in data:
+        raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
+    x_train, y_train = _training_rows(cache, meta, data["train"], ft)
+    block5 = build_block5(meta)
+    t0 = time.perf_counter()
+    frozen5 = {s: block5.predict(x, batch_size=64, verbose=0) for s, (x, _) in data.items()}
+    head, head_note = _warm_head(ft, meta, block5, x_train, y_train, frozen5)
+    frozen_seconds = time.perf_counter() - t0
+    rows = [_scores("frozen block5 + head", head.predict_proba, frozen5, data, head.classes_, frozen_seconds,
+                    "block5 forward once per row")]
+    inputs = keras.Input(tuple(meta["feature_shape"]))
+    model = _with_head(inputs, block5(inputs), head)
+    block5.trainable = True
+    history, seconds = _train(model, head.classes_, ft, ft.learning_rate, x_train, y_train, data["validation"])
+    tuned = KerasModelHead.wrap(model, head.classes_)
+    rows.append(_scores("fine-tuned block5 + head", tuned.predict_proba, {s: x for s, (x, _) in data.items()}, data,
+                        head.classes_, seconds, f"{seconds / max(1, len(history['loss'])):.1f} s/epoch, "
+                        f"{len(history['loss'])} epochs on {len(y_train)} cached rows"))
+    return _save(ft, ecfg, meta, cache, tuned, rows, history, [head_note], model_input="block4_pool")
+
+
+def _training_rows(cache: Path, meta: dict[str, Any], train: tuple[np.ndarray, np.ndarray],
+                   ft: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
+    if ft.train_on == "clean":
+        return train
+    names = meta.get("augment", {}).get("splits", [])[:ft.views]
+    if not names:
+        raise ConfigError(f"train_on={ft.train_on!r} needs augmented views in {cache}; make them with "
+                          "`make extract LAYER=block4_pool AUGMENT=K`")
+    parts = [store.load_split(cache, n)[:2] for n in names] + ([train] if ft.train_on == "both" else [])
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _warm_head(ft: FinetuneConfig, meta4: dict[str, Any], block5: Any, x_train: np.ndarray, y_train: np.ndarray,
+               frozen5: dict[str, np.ndarray]) -> tuple[MLPHead, str]:
+    """The seeds' first step: a head on the frozen base. From ``ft.head_run`` when given
+    (its cache must be block5_pool of the same images, weights and size), else trained
+    here on frozen block5 features of the training rows."""
+    import joblib
+
+    if ft.head_run is not None:
+        run = json.loads((Path(ft.head_run) / "run.json").read_text())
+        m5 = run["cache_meta"]
+        diffs = [f"{k}: head has {m5.get(k)!r}, block4 cache has {meta4.get(k)!r}"
+                 for k in ("fingerprint", "weights", "weights_sha256", "image_size", "backbone") if m5.get(k) != meta4.get(k)]
+        if m5.get("layer") != "block5_pool":
+            diffs.append(f"layer: head was trained on {m5.get('layer')!r}, warm start needs block5_pool")
+        head = joblib.load(Path(ft.head_run) / "winner.joblib")
+        if not isinstance(head, MLPHead):
+            diffs.append(f"head: the run's winner is {type(head).__name__}; warm start needs the Keras MLP head")
+        if diffs:
+            raise ConfigError(f"cannot warm-start from {ft.head_run}: " + "; ".join(diffs))
+        return head, f"head warm-started from {ft.head_run}"
+    x5 = block5.predict(x_train, batch_size=64, verbose=0) if len(x_train) != len(frozen5["train"]) else frozen5["train"]
+    head = MLPHead(pooling="flatten", learning_rate=ft.head_learning_rate, epochs=ft.head_epochs,
+                   batch_size=ft.batch_size, random_state=ft.seed).fit(x5, y_train)
+    return head, f"head trained here on frozen block5 features ({len(head.history_['loss'])} epochs)"
+
+
+def _with_head(inputs: Any, x: Any, head: MLPHead) -> Any:
+    """``inputs -> x -> pooling -> the head's Dense layers``, weights copied from ``head``."""
+    import keras
+
+    x = getattr(keras.layers, POOLING_LAYERS[head.pooling])()(x)
+    model = keras.Model(inputs, seeds_head(x, len(head.classes_), head.units, head.dropout))
+    trained = [layer for layer in head.model_.layers if isinstance(layer, keras.layers.Dense)]
+    fresh = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    for src, dst in zip(trained, fresh):
+        dst.set_weights(src.get_weights())
+    return model
+
+
+def _train(model: Any, classes: np.ndarray, ft: FinetuneConfig, learning_rate: float, x: np.ndarray, y: np.ndarray,
+           validation: tuple[np.ndarray, np.ndarray], epochs: int | None = None) -> tuple[dict[str, list[float]], float]:
+    """Compile (recompiling after a trainable change is required) and fit, keeping the
+    weights of the best validation loss (the seeds' ModelCheckpoint)."""
+    import keras
+
+    compile_for(model, len(classes), learning_rate)
+    y_idx = np.searchsorted(classes, y).astype(np.float32)
+    val = (validation[0], np.searchsorted(classes, validation[1]).astype(np.float32))
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=ft.patience, restore_best_weights=True)
+    t0 = time.perf_counter()
+    history = model.fit(x, y_idx, validation_data=val, epochs=epochs or ft.epochs, batch_size=ft.batch_size,
+                        callbacks=[stop], verbose=2 if ft.verbose else 0, shuffle=True)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}, time.perf_counter() - t0
+
+
+def _scores(stage: str, proba_fn: Any, xs: dict[str, np.ndarray], data: dict[str, tuple[np.ndarray, np.ndarray]],
+            classes: np.ndarray, seconds: float, cost: str) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, log_loss
+
+    row: dict[str, Any] = {"stage": stage, "seconds": seconds, "cost": cost}
+    for split in ("validation", "test"):
+        if split in data:
+            p = proba_fn(xs[split])
+            y = data[split][1]
+            row[f"{split}_accuracy"] = float(accuracy_score(y, classes[p.argmax(1)]))
+            row[f"{split}_log_loss"] = float(log_loss(y, p, labels=classes))
+    return row
+
+
+def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: dict[str, Any], cache: Path | None, tuned: KerasModelHead,
+          rows: list[dict[str, Any]], history: dict[str, list[float]], notes: list[str], model_input: str) -> FinetuneResult:
+    import joblib
+
+    run_dir = new_run_dir(ft)
+    joblib.dump(tuned, run_dir / "winner.joblib")
+    tuned.save_keras(run_dir / "finetuned.keras")
+    report.plot_learning_curves(history, run_dir / "curves.png", "block5 + head, fine-tuned")
+    columns = ["stage", "validation_accuracy", "validation_log_loss", "test_accuracy", "test_log_loss", "seconds", "cost"]
+    table = "\n".join(["  ".join(columns)] + ["  ".join(report._fmt(r.get(c)) for c in columns) for r in rows])
+    with open(run_dir / "results.csv", "w") as f:
+        f.write(",".join(columns) + "\n")
+        for r in rows:
+            f.write(",".join(json.dumps(report._fmt(r.get(c))) for c in columns) + "\n")
+    info = {"finetune": as_dict(ft), "extract": as_dict(ecfg), "cache": str(cache) if cache else None,
+            "cache_meta": {k: v for k, v in meta.items() if k != "paths"}, "model_input": model_input,
+            "rows": rows, "notes": notes, "history": history, "argv": sys.argv,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    return FinetuneResult(run_dir, rows, "\n".join([table, *notes]))
+
+
+def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
+    """The seeds' recipe on images: augmentation -> frozen base -> head, then block5
+    unfrozen at a low learning rate. Meant for a GPU; on 2 CPU cores it takes hours."""
+    import keras
+
+    source = sources.resolve(ecfg)
+    weights = backbone.resolve_weights(ecfg)
+    data = {}
+    with images.Decoder(ecfg.decode_threads, ecfg.decode_processes) as decoder:
+        for split in ("train", "validation", "test"):
+            if split in source.splits:
+                got = list(decoder.batches(source.items(split), range(len(source.splits[split])), ecfg.size, 256))
+                rows = np.concatenate([b.rows for b in got])
+                data[split] = (np.concatenate([b.images for b in got]), source.splits[split].labels[rows])
+    if "validation" not in data:
+        raise ConfigError(f"{ecfg.data} has no validation split; fine-tuning stops early on it")
+    classes = np.unique(data["train"][1])
+    extractor = backbone.build(dataclasses.replace(ecfg, layer="block5_pool"), weights)
+    inputs = keras.Input((ecfg.size, ecfg.size, 3), dtype="uint8")
+    x = keras.ops.cast(inputs, "float32")
+    for layer in (keras.layers.RandomFlip("horizontal", seed=ft.seed), keras.layers.RandomRotation(0.1, seed=ft.seed),
+                  keras.layers.RandomZoom(0.2, seed=ft.seed)):
+        x = layer(x)
+    base = extractor.get_layer(f"{ecfg.backbone}_block5_pool")  # the truncated conv base inside the extractor
+    features = base(backbone._preprocess_layer(backbone.spec(ecfg.backbone).module)(x))
+    pooled = keras.layers.Flatten()(features)
+    model = keras.Model(inputs, seeds_head(pooled, len(classes)))
+    base.trainable = False
+    t0 = time.perf_counter()
+    h1, _ = _train(model, classes, ft, ft.head_learning_rate, *data["train"], data["validation"], ft.head_epochs)
+    tuned = KerasModelHead.wrap(model, classes)
+    xs = {s: x for s, (x, _) in data.items()}
+    rows = [_scores("frozen base + head (end to end, augmented)", tuned.predict_proba, xs, data, classes,
+                    time.perf_counter() - t0, f"{len(h1['loss'])} epochs, full forward pass per image per epoch")]
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name.startswith("block5")
+    h2, seconds = _train(model, classes, ft, ft.learning_rate, *data["train"], data["validation"])
+    rows.append(_scores("fine-tuned block5 + head (end to end, augmented)", tuned.predict_proba, xs, data, classes,
+                        seconds, f"{len(h2['loss'])} epochs, full forward pass per image per epoch"))
+    meta = {"backbone": ecfg.backbone, "weights": weights.id, "weights_source": weights.source or "random",
+            "weights_sha256": weights.sha256 or extractor.base_weights_sha256, "layer": "input",
+            "image_size": ecfg.size, "class_names": source.class_names, "config": as_dict(ecfg)}
+    return _save(ft, ecfg, meta, None, tuned, rows, {k: h1.get(k, []) + h2.get(k, []) for k in h2}, [],
+                 model_input="images")
