@@ -33,7 +33,7 @@ EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--st
 SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare predict hed-weights test bench clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights test bench clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -43,7 +43,7 @@ help: ## list the targets and their options
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) DTYPE=$(DTYPE)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
-	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both)"
+	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
 
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ classify: $(BIN)/featcache ## stage two: sweep the heads in SWEEP on the cache t
 compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one table, CSV and bar chart
 	$(FC) compare --backbones $(BACKBONES) $(filter-out --backbone $(BACKBONE),$(CACHE_OPTS)) $(SWEEP_OPTS)
 
+finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
+	$(FC) finetune $(CACHE_OPTS) --train-on $(TRAIN_ON) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(HEAD_RUN),--head-run $(HEAD_RUN)) $(if $(END_TO_END),--end-to-end)
+
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...)
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
 	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN))
@@ -82,7 +85,7 @@ bench: $(BIN)/featcache ## run the CPU benchmarks in bench/ on BENCH_DATA (skips
 	@if [ ! -d "$(BENCH_DATA)/train" ]; then echo "SKIP: $(BENCH_DATA) not found"; exit 0; fi; \
 	set -e; $(MAKE) --no-print-directory hed-weights; \
 	$(FC) extract --data $(BENCH_DATA) --weights $(HED) --quiet; \
-	for f in bench_extract bench_cache_io bench_heads bench_recipe; do \
+	for f in bench_extract bench_cache_io bench_heads bench_recipe bench_finetune; do \
 	  echo "== bench/$$f.py"; FEATCACHE_BENCH_DATA=$(BENCH_DATA) $(BIN)/python bench/$$f.py; done
 
 clean: ## remove build leftovers (never caches or runs: delete those by name)

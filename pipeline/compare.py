@@ -16,7 +16,7 @@ from . import store
 from .backbone import spec
 from .config import ConfigError, ExtractConfig, SweepConfig
 from .extract import extract
-from .report import _fmt, _pyplot
+from .report import fmt, pyplot
 from .sweep import new_run_dir, run_sweep
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig, s
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
-        writer.writerows([{k: _fmt(r[k]) for k in COLUMNS} for r in rows])
+        writer.writerows([{k: fmt(r[k]) for k in COLUMNS} for r in rows])
     _bar_chart(rows, chart)
     (out / "compare.json").write_text(json.dumps({"backbones": backbones, "rows": rows}, indent=2, default=str))
     return CompareResult(rows, _table(rows), csv_path, chart)
@@ -70,14 +70,14 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig, s
 
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [c for c in COLUMNS if c != "run_dir"]
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     return "\n".join(["  ".join(c.ljust(w) for c, w in zip(cols, widths))] +
                      ["  ".join(v.ljust(w) for v, w in zip(x, widths)) for x in cells])
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["backbone"] for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))

@@ -193,11 +193,11 @@ def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: dict[str, Any], cache: 
     tuned.save_keras(run_dir / "finetuned.keras")
     report.plot_learning_curves(history, run_dir / "curves.png", "block5 + head, fine-tuned")
     columns = ["stage", "validation_accuracy", "validation_log_loss", "test_accuracy", "test_log_loss", "seconds", "cost"]
-    table = "\n".join(["  ".join(columns)] + ["  ".join(report._fmt(r.get(c)) for c in columns) for r in rows])
+    table = "\n".join(["  ".join(columns)] + ["  ".join(report.fmt(r.get(c)) for c in columns) for r in rows])
     with open(run_dir / "results.csv", "w") as f:
         f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(",".join(json.dumps(report._fmt(r.get(c))) for c in columns) + "\n")
+            f.write(",".join(json.dumps(report.fmt(r.get(c))) for c in columns) + "\n")
     info = {"finetune": as_dict(ft), "extract": as_dict(ecfg), "cache": str(cache) if cache else None,
             "cache_meta": {k: v for k, v in meta.items() if k != "paths"}, "model_input": model_input,
             "rows": rows, "notes": notes, "history": history, "argv": sys.argv,

@@ -14,7 +14,7 @@ COLUMNS = ("index", "head", "pooling", "params", "train_on", "train_rows", "val_
            "test_accuracy", "test_log_loss", "winner")
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
     if isinstance(value, float):
@@ -25,7 +25,7 @@ def _fmt(value: Any) -> str:
 def results_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text table, one line per config, the winner marked with '*'."""
     cols = [c for c in COLUMNS if c != "winner"]
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     for r, row in zip(rows, cells):
@@ -38,10 +38,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: _fmt(r.get(c)) for c in COLUMNS})
+            writer.writerow({c: fmt(r.get(c)) for c in COLUMNS})
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +52,7 @@ def _pyplot() -> Any:
 
 def plot_learning_curves(history: dict[str, list[float]], path: str | Path, title: str) -> None:
     """Accuracy and loss per epoch, training vs held-out, side by side (as the seeds draw them)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, metric in zip(axes, ("accuracy", "loss")):
@@ -70,7 +70,7 @@ def plot_learning_curves(history: dict[str, list[float]], path: str | Path, titl
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n))
     ax.imshow(cm, cmap="Blues")
