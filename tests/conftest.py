@@ -33,6 +33,25 @@ def make_folder(root: Path, per_class: dict[str, int], size: int = 40, ext: str 
     return root
 
 
+def separable(n_per_class: int, k: int = 2, seed: int = 0, shape=(2, 2, 8), spread: float = 1.0):
+    """(N,h,w,C) features whose class shifts the mean of one channel: any sound head separates them."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), n_per_class)
+    x = rng.normal(0, spread, (len(y), *shape)).astype(np.float32)
+    for c in range(k):
+        x[y == c, :, :, c] += 3.0
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
+    """A complete cache file from in-memory (features, labels) per split."""
+    from pipeline import store
+
+    return store.write_cache(path, {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]}
+                                    for s, (x, y) in splits.items()}, {"class_names": list(class_names)})
+
+
 @pytest.fixture
 def image_root(tmp_path: Path) -> Path:
     """Seeds' layout, 40x40 PNGs: train 6 per class, validation 3, test 3."""

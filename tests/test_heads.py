@@ -5,18 +5,13 @@ import logging
 
 import numpy as np
 import pytest
+
+from conftest import separable
 from sklearn.exceptions import NotFittedError
 
 from pipeline.heads import HEADS, MLPHead, make_head
 
 
-def separable(n_per_class: int, k: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(k), n_per_class)
-    x = rng.normal(0, 1, (len(y), 2, 2, 8)).astype(np.float32)
-    for c in range(k):
-        x[y == c, :, :, c] += 3.0
-    return x, y
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

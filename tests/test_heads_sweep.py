@@ -10,7 +10,7 @@ import joblib
 import numpy as np
 import pytest
 
-from conftest import make_folder
+from conftest import cache_from, make_folder, separable
 from pipeline import store
 from pipeline.config import ConfigError, ExtractConfig, SweepConfig
 from pipeline.extract import extract
@@ -20,15 +20,6 @@ from pipeline.sweep import expand_grid, run_sweep
 FAST = {"logreg": {}, "svm": {}, "mlp": {"epochs": 40, "learning_rate": 1e-2, "batch_size": 16, "patience": 40}}
 
 
-def separable(n_per_class: int, k: int, seed: int = 0, shape=(2, 2, 8), spread: float = 1.0):
-    """(N,h,w,C) features whose class shifts the mean of a few channels."""
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(k), n_per_class)
-    x = rng.normal(0, spread, (len(y), *shape)).astype(np.float32)
-    for c in range(k):
-        x[y == c, :, :, c] += 3.0
-    order = rng.permutation(len(y))
-    return x[order], y[order]
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -97,9 +88,6 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
-def cache_from(path: Path, splits: dict, class_names=("a", "b")) -> Path:
-    return store.write_cache(path, {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]}
-                                    for s, (x, y) in splits.items()}, {"class_names": list(class_names)})
 
 
 def test_sweep_selects_on_validation_only(tmp_path):
@@ -131,7 +119,8 @@ def test_sweep_selects_on_validation_only(tmp_path):
 def test_sweep_writes_run_folder(tmp_path):
     x, y = separable(30, 2)
     xv, yv = separable(15, 2, seed=1)
-    cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": (xv, yv), "test": separable(15, 2, seed=2)})
+    cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": (xv, yv), "test": separable(15, 2, seed=2)},
+                       class_names=("a", "b"))
     sweep = write_toml(tmp_path / "s.toml", '[[head]]\nname = "logreg"\npooling = ["avg", "flatten"]\n'
                        '[[head]]\nname = "mlp"\nepochs = 3\nunits = [8, 16]\n')
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=2, seed=3), cache)

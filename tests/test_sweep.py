@@ -10,23 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cache_from, separable
+
 from pipeline import store
 from pipeline.config import ConfigError, SweepConfig
 from pipeline.sweep import expand_grid, run_sweep
 
 
-def separable(n_per_class: int, k: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(k), n_per_class)
-    x = rng.normal(0, 1, (len(y), 2, 2, 8)).astype(np.float32)
-    for c in range(k):
-        x[y == c, :, :, c] += 3.0
-    return x, y
 
 
-def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
-    return store.write_cache(path, {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]}
-                                    for s, (x, y) in splits.items()}, {"class_names": list(class_names)})
 
 
 @pytest.mark.parametrize("spec, message", [
