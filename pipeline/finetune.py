@@ -25,7 +25,7 @@ from . import backbone, images, report, sources, store
 from .config import ConfigError, ExtractConfig, FinetuneConfig, as_dict
 from .extract import locate
 from .heads import KerasModelHead, MLPHead, compile_for, seeds_head
-from .sweep import new_run_dir
+from .sweep import load_views, new_run_dir, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta["splits"]}
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
-    x_train, y_train = _training_rows(cache, meta, data["train"], ft)
+    views_x, views_y = load_views(cache, meta, ft.views) if ft.train_on != "clean" else (None, None)
+    x_train, y_train = training_rows({"x": data["train"][0], "y": data["train"][1], "views_x": views_x,
+                                      "views_y": views_y}, ft.train_on)
     block5 = build_block5(meta)
     t0 = time.perf_counter()
     frozen5 = {s: block5.predict(x, batch_size=64, verbose=0) for s, (x, _) in data.items()}
@@ -101,18 +103,6 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
                         head.classes_, seconds, f"{seconds / max(1, len(history['loss'])):.1f} s/epoch, "
                         f"{len(history['loss'])} epochs on {len(y_train)} cached rows"))
     return _save(ft, ecfg, meta, cache, tuned, rows, history, [head_note], model_input="block4_pool")
-
-
-def _training_rows(cache: Path, meta: dict[str, Any], train: tuple[np.ndarray, np.ndarray],
-                   ft: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
-    if ft.train_on == "clean":
-        return train
-    names = meta.get("augment", {}).get("splits", [])[:ft.views]
-    if not names:
-        raise ConfigError(f"train_on={ft.train_on!r} needs augmented views in {cache}; make them with "
-                          "`make extract LAYER=block4_pool AUGMENT=K`")
-    parts = [store.load_split(cache, n)[:2] for n in names] + ([train] if ft.train_on == "both" else [])
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def _warm_head(ft: FinetuneConfig, meta4: dict[str, Any], block5: Any, x_train: np.ndarray, y_train: np.ndarray,
@@ -135,7 +125,7 @@ def _warm_head(ft: FinetuneConfig, meta4: dict[str, Any], block5: Any, x_train: 
         if diffs:
             raise ConfigError(f"cannot warm-start from {ft.head_run}: " + "; ".join(diffs))
         return head, f"head warm-started from {ft.head_run}"
-    x5 = block5.predict(x_train, batch_size=64, verbose=0) if len(x_train) != len(frozen5["train"]) else frozen5["train"]
+    x5 = frozen5["train"] if ft.train_on == "clean" else block5.predict(x_train, batch_size=64, verbose=0)
     head = MLPHead(pooling="flatten", learning_rate=ft.head_learning_rate, epochs=ft.head_epochs,
                    batch_size=ft.batch_size, random_state=ft.seed).fit(x5, y_train)
     return head, f"head trained here on frozen block5 features ({len(head.history_['loss'])} epochs)"

@@ -91,7 +91,7 @@ def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: 
     params = dict(params)
     train_on = params.pop("train_on", train["default"])
     head = make_head(name, **{"random_state": seed, **params})
-    x_fit, y_fit = _training_rows(train, train_on)
+    x_fit, y_fit = training_rows(train, train_on)
     t0 = time.perf_counter()
     head.fit(x_fit, y_fit)
     seconds = time.perf_counter() - t0
@@ -107,7 +107,7 @@ def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: 
     return row, getattr(head, "history_", None), buffer.getvalue()
 
 
-def _training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np.ndarray]:
+def training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np.ndarray]:
     """Clean train rows, the cached augmented views, or both stacked."""
     if train_on == "clean":
         return train["x"], train["y"]
@@ -119,7 +119,7 @@ def _training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np
     return np.concatenate([train["x"], train["views_x"]]), np.concatenate([train["y"], train["views_y"]])
 
 
-def _load_views(cache: Path, meta: dict[str, Any], limit: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+def load_views(cache: Path, meta: dict[str, Any], limit: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The cached augmented views of train, stacked (validation and test never have any)."""
     names = meta.get("augment", {}).get("splits", [])[:limit]
     if not names:
@@ -176,7 +176,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         log.info(note)
     (x_train, y_train), (x_val, y_val) = data["train"], data["validation"]
     wants_views = any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs)
-    views_x, views_y = _load_views(cache, meta, cfg.views) if wants_views else (None, None)
+    views_x, views_y = load_views(cache, meta, cfg.views) if wants_views else (None, None)
     if "validation" not in meta["splits"] and views_x is not None:
         raise ConfigError(f"{cache}: training on views needs a validation split in the cache (a validation set "
                           "carved from train would hold images whose views are trained on)")
