@@ -117,3 +117,29 @@ def test_finetune_end_to_end_shares_the_code(tmp_path):
     assert len(result.rows) == 2 and json.loads((result.run_dir / "run.json").read_text())["model_input"] == "images"
     rows = list(csv.DictReader(open(predict(root / "test", run_dir=result.run_dir, out=tmp_path / "p.csv"))))
     assert len(rows) == 4
+
+
+def test_finetune_warm_starts_from_a_stage_two_mlp(tmp_path):
+    from pipeline.finetune import finetune
+    from pipeline.sweep import run_sweep
+
+    root = make_folder(tmp_path / "imgs", {"train": 8, "validation": 4, "test": 4}, size=32)
+    ecfg = cfg_for(root, tmp_path / "c")
+    c5 = extract(ecfg).path
+    extract(cfg_for(root, tmp_path / "c", layer="block4_pool"))
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('[[head]]\nname = "mlp"\nepochs = 3\nunits = 16\n')
+    run = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1), c5).run_dir
+    ft = FinetuneConfig(epochs=2, patience=5, batch_size=8, head_run=run, runs_dir=tmp_path / "runs")
+    result = finetune(ft, ecfg)
+    assert f"warm-started from {run}" in result.table
+    import keras
+
+    dense = [l for l in keras.saving.load_model(result.run_dir / "finetuned.keras").layers
+             if isinstance(l, keras.layers.Dense)]
+    assert dense[0].units == 16  # the stage-two head's shape, carried over
+    logreg = tmp_path / "l.toml"
+    logreg.write_text('[[head]]\nname = "logreg"\n')
+    lrun = run_sweep(SweepConfig(sweep_file=logreg, runs_dir=tmp_path / "runs", n_jobs=1), c5).run_dir
+    with pytest.raises(ConfigError, match="Keras MLP"):
+        finetune(FinetuneConfig(head_run=lrun, runs_dir=tmp_path / "runs"), ecfg)
