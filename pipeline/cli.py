@@ -147,7 +147,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
-                       runs_dir=args.runs_dir, cache_dir=args.cache_dir, train_on=args.train_on, views=args.views)
+                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ class ExtractConfig:
 class SweepConfig:
     """Stage two: which cache, which grid of heads, where the run folder goes."""
 
-    cache: Path | None = None  # cache file; None -> the newest one in cache_dir
+    cache: Path | None = None  # cache file; None -> the one the extract options name (CLI)
     sweep_file: Path = DEFAULT_SWEEP  # TOML grid of heads
     name: str = "sweep"  # run folder suffix
     seed: int = 0  # every random number generator
@@ -108,7 +108,6 @@ class SweepConfig:
     train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
     views: int | None = None  # use the first N cached views (None: all)
     runs_dir: Path = RUNS_DIR  # where run folders go
-    cache_dir: Path = CACHE_DIR  # where to look for the newest cache
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:

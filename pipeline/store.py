@@ -9,6 +9,7 @@ Layout of a finished cache (one file per dataset x backbone x weights x layer x 
     /<split>/labels    (N,)          int64 index into class_names
     /<split>/paths     (N,)          UTF-8, relative to the data root (or "name[i]" for arrays)
     /<split>/skipped/paths, /<split>/skipped/reasons   files that could not be decoded
+    /train@aug<k>/...  the k-th augmented view of every train image (AUGMENT=K), same layout
 
 While stage one runs, every finished chunk of rows is its own small ``.npz`` file in a
 hidden ``.<name>.partial/`` folder (written to a temporary name, then renamed), because
@@ -108,18 +109,6 @@ def mismatches(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str
         if have != want:
             out.append(f"{key}: cache has {have!r}, asked for {want!r}")
     return out
-
-
-def find_latest(cache_dir: str | Path) -> Path:
-    """The most recently written complete cache under ``cache_dir``."""
-    candidates = sorted(Path(cache_dir).glob("*/*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for candidate in candidates:
-        try:
-            read_meta(candidate)
-            return candidate
-        except CacheError:
-            continue
-    raise CacheError(f"no complete cache under {cache_dir}; run `make extract` first")
 
 
 # --------------------------------------------------------------------------- writing

@@ -227,3 +227,12 @@ def test_lock_refuses_a_second_writer(image_root, cache_dir):
         holder.kill()
         holder.wait()
     assert not extract(cfg_for(image_root, cache_dir, force=True)).hit  # the lock died with its holder
+
+
+def test_iter_split_streams_the_same_rows(image_root, cache_dir):
+    path = extract(cfg_for(image_root, cache_dir)).path
+    x, y, _ = store.load_split(path, "train")
+    blocks = list(store.iter_split(path, "train", rows=5))
+    assert [len(b[1]) for b in blocks] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), x)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), y)
