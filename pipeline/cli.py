@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("extract", help="stage one: cache frozen-VGG16 features of every image")
+    p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
     _add_cache_options(p)
     _add_extract_options(p)
 
