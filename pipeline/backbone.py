@@ -64,7 +64,6 @@ def vgg_layers(name: str = "vgg16") -> tuple[str, ...]:
                  for layer in [f"block{b}_conv{i + 1}" for i in range(n)] + [f"block{b}_pool"])
 
 
-VGG16_LAYERS = vgg_layers("vgg16")
 IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + IMAGENET_FILE
 

@@ -38,9 +38,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Attributes a reader compares before trusting a cache for a given request.
-IDENTITY_FIELDS = ("format_version", "backbone", "weights", "weights_sha256", "layer", "image_size",
-                   "preprocessing", "dtype", "fingerprint")
 FEATURE_CHUNK_ROWS = 64  # HDF5 chunk length along N: small enough to stream, large enough to read fast
 
 
