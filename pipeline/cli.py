@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from .backbone import BACKBONES
-from .config import CACHE_DIR, DEFAULT_SWEEP, RUNS_DIR, ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
+from .config import CACHE_DIR, DEFAULT_SWEEP, PRECISIONS, RUNS_DIR, ExtractConfig, FinetuneConfig, SweepConfig
+from .errors import CacheError, ConfigError
+from .registry import BACKBONES
 
 log = logging.getLogger("featcache")
 
@@ -37,9 +38,11 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=d.data, help="image folder, .npz file, or built-in: digits, cifar10 (default: %(default)s)")
     p.add_argument("--backbone", default=d.backbone, help=f"one of {sorted(BACKBONES)} (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="input size in pixels (default: the backbone's; VGG16: 150)")
-    p.add_argument("--weights", default=d.weights, help="imagenet, none (random, seeded) or a weights file (default: %(default)s)")
+    p.add_argument("--weights", default=d.weights, help="imagenet, random (seeded by --seed) or a weights file (default: %(default)s)")
     p.add_argument("--layer", default=None, help="layer to cache (default: the backbone's; VGG16: block5_pool)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16"], help="stored feature dtype")
+    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS),
+                   help="compute precision of the forward pass (default: %(default)s); part of the cache's identity")
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
     p.add_argument("--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where caches live (default: %(default)s)")
@@ -49,7 +52,6 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     d = ExtractConfig()
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
     p.add_argument("--compression", default=d.compression, choices=["none", "lzf", "gzip"], help="HDF5 filter for features")
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPUs)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error before any work")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on", default=f.train_on, choices=["clean", "views", "both"])
     p.add_argument("--views", type=int, default=None)
     p.add_argument("--head-run", type=Path, default=None, help="stage-two run on block5_pool to warm-start the head")
+    p.add_argument("--trust-pickle", action="store_true", help="allow an old pickle-format --head-run (yours only)")
     p.add_argument("--end-to-end", action="store_true", help="the seeds' recipe on images with augmentation (GPU)")
     p.add_argument("--name", default=f.name)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
@@ -120,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
-    for name in ("backbone", "size", "weights", "layer"):
-        p.add_argument(f"--{name}", default=None, help=f"must match the head's cache if given ({name})")
+    for name in ("backbone", "size", "weights", "layer", "precision"):
+        p.add_argument(f"--{name}", default=None, type=int if name == "size" else str,
+                       help=f"must match the head's cache if given ({name})")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load an old run folder whose head is a pickle (it can run code: only folders you made)")
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
 
@@ -135,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
     fields = {"data": args.data, "backbone": args.backbone, "size": args.size, "weights": args.weights,
-              "layer": args.layer, "dtype": args.dtype,
+              "layer": args.layer, "dtype": args.dtype, "precision": args.precision,
               "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
-    for name in ("batch_size", "compression", "mixed_precision", "strict", "force", "chunk_size", "decode_threads",
+    for name in ("batch_size", "compression", "strict", "force", "chunk_size", "decode_threads",
                  "decode_processes", "quiet", "augment"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
@@ -158,7 +164,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
-    from .extract import locate
+    from .layout import locate
 
     cfg = _sweep_config(args)
     cache = cache or cfg.cache or locate(_extract_config(args))
@@ -171,15 +177,15 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .backbone import imagenet_available
     from .extract import extract
+    from .weights import imagenet_available
 
     weights = args.weights
     if weights == "auto":
-        weights = "imagenet" if imagenet_available() else "none"
-        if weights == "none":
+        weights = "imagenet" if imagenet_available() else "random"
+        if weights == "random":
             print("NOTICE: the ImageNet weights are not on this machine and cannot be downloaded, so this demo runs "
-                  "with RANDOM weights (WEIGHTS=none). Its accuracy shows the pipeline works; it says nothing about "
+                  "with RANDOM weights (WEIGHTS=random). Its accuracy shows the pipeline works; it says nothing about "
                   "transfer learning. Give WEIGHTS=<file> for real pretrained weights (see README).", flush=True)
     args.weights = weights
     result = extract(_extract_config(args))
@@ -191,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    result = compare(names, _extract_config(args), _sweep_config(args), size=args.size)
+    result = compare(names, _extract_config(args), _sweep_config(args))
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
     return 0
@@ -203,6 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.learning_rate, head_epochs=args.head_epochs,
                         head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, patience=args.patience,
                         train_on=args.train_on, views=args.views, head_run=args.head_run, end_to_end=args.end_to_end,
+                        trust_pickle=args.trust_pickle,
                         seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose)
     result = finetune(ft, _extract_config(args))
     print(result.table)
@@ -213,9 +220,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
-    expected = {k: getattr(args, k) for k in ("backbone", "size", "weights", "layer") if getattr(args, k) is not None}
-    out = predict(args.images, run_dir=args.run, runs_dir=args.runs_dir, out=args.out, expected=expected,
-                  batch_size=args.batch_size)
+    request = {k: getattr(args, k) for k in ("backbone", "size", "weights", "layer", "precision")}
+    out = predict(args.images, run_dir=args.run, runs_dir=args.runs_dir, out=args.out, request=request,
+                  batch_size=args.batch_size, trust_pickle=args.trust_pickle)
     print(f"wrote {out}")
     return 0
 
@@ -223,12 +230,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import read_meta
 
-    print(json.dumps(read_meta(args.cache), indent=2, default=str))
+    print(json.dumps(read_meta(args.cache).to_dict(), indent=2, default=str))
     return 0
 
 
 def cmd_hed_weights(args: argparse.Namespace) -> int:
-    from .backbone import convert_hed_weights
+    from .convert import convert_hed_weights
 
     if args.out.exists():
         print(f"{args.out} already exists; nothing to do")
@@ -242,21 +249,34 @@ COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, 
             "info": cmd_info, "hed-weights": cmd_hed_weights}
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .store import CacheError
+def quiet_frameworks(verbose: bool) -> None:
+    """TensorFlow's start-up lines (oneDNN, CUDA stubs, absl) off unless -v: set in the
+    environment before any import, so joblib's worker processes inherit it too."""
+    level = "0" if verbose else "3"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("FEATCACHE_TF_LOG_LEVEL", level)
+    if not verbose:
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+
+def main(argv: list[str] | None = None) -> int:
+    command = "featcache"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"featcache {args.command}"
+        quiet_frameworks(args.verbose)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
+                logging.getLogger(noisy).setLevel(logging.ERROR)
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"featcache {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except CacheError as e:
-        print(f"featcache {args.command}: cache error: {e}", file=sys.stderr)
+        print(f"{command}: cache error: {e}", file=sys.stderr)
         return EXIT_CACHE
     except KeyboardInterrupt:
-        print(f"featcache {args.command}: interrupted; finished chunks are kept and the next run resumes from them",
-              file=sys.stderr)
+        print(f"{command}: interrupted; finished chunks are kept and the next run resumes from them", file=sys.stderr)
         return EXIT_INTERRUPTED

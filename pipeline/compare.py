@@ -2,9 +2,7 @@
 sweep on each, and put the winners side by side in one table, CSV and bar chart."""
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +11,14 @@ from typing import Any
 import numpy as np
 
 from . import store
-from .backbone import spec
-from .config import ConfigError, ExtractConfig, SweepConfig
+from .config import ExtractConfig, SweepConfig, as_dict
+from .errors import ConfigError
 from .extract import extract
-from .report import fmt, pyplot
-from .sweep import new_run_dir, run_sweep
+from .layout import resolve_options
+from .report import pyplot
+from .runs import RunFolder, text_table
+from .sweep import run_sweep
+from .weights import IMAGENET, RANDOM
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +34,35 @@ class CompareResult:
     chart: Path
 
 
-def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig, size: int | None = None) -> CompareResult:
-    """One row per backbone; ``size`` None gives each backbone its own default input size."""
+def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -> CompareResult:
+    """One row per backbone. ``base.size`` and ``base.layer`` apply to every backbone when
+    given; None gives each backbone its own default."""
     if not backbones:
         raise ConfigError("compare needs at least one backbone")
-    for name in backbones:
-        spec(name)  # unknown names fail before any work
-    if base.weights not in ("imagenet", "none") and len(backbones) > 1:
+    cfgs = [resolve_options(dataclasses.replace(base, backbone=name)) for name in backbones]  # all checked first
+    if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
         raise ConfigError(f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
-                          "WEIGHTS=imagenet or WEIGHTS=none")
+                          "WEIGHTS=imagenet or WEIGHTS=random")
+    run = RunFolder(sweep_cfg.runs_dir, "compare")
     rows = []
-    for name in backbones:
-        cfg = dataclasses.replace(base, backbone=name, size=size, layer=None)
+    for cfg in cfgs:
         result = extract(cfg)
         log.info(result.summary())
         meta = store.read_meta(result.path)
-        sweep = run_sweep(dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{name}"), result.path)
+        sweep = run_sweep(dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}"), result.path)
         w = sweep.winner
-        shape = meta["feature_shape"]
-        rows.append({"backbone": name, "size": cfg.size, "layer": cfg.layer, "feature_shape": "x".join(map(str, shape)),
-                     "features_per_image": int(np.prod(shape)),
+        rows.append({"backbone": cfg.backbone, "size": cfg.size, "layer": cfg.layer,
+                     "feature_shape": "x".join(map(str, meta.feature_shape)),
+                     "features_per_image": int(np.prod(meta.feature_shape)),
                      "best_head": f"{w['head']} {w['pooling']} {w['params']}", "val_accuracy": w["val_accuracy"],
                      "test_accuracy": w.get("test_accuracy"),
-                     "extract_images_per_second": meta.get("extract_images_per_second"),
+                     "extract_images_per_second": meta.info.get("extract_images_per_second"),
                      "cache_mb": result.path.stat().st_size / 1e6, "run_dir": str(sweep.run_dir)})
-    out = new_run_dir(dataclasses.replace(sweep_cfg, name="compare"))
-    csv_path, chart = out / "compare.csv", out / "compare.png"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows([{k: fmt(r[k]) for k in COLUMNS} for r in rows])
+    csv_path, chart = run.write_results(rows, COLUMNS, "compare.csv"), run.path / "compare.png"
     _bar_chart(rows, chart)
-    (out / "compare.json").write_text(json.dumps({"backbones": backbones, "rows": rows}, indent=2, default=str))
-    return CompareResult(rows, _table(rows), csv_path, chart)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if c != "run_dir"]
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    return "\n".join(["  ".join(c.ljust(w) for c, w in zip(cols, widths))] +
-                     ["  ".join(v.ljust(w) for v, w in zip(x, widths)) for x in cells])
+    run.write_json({"kind": "compare", "backbones": backbones, "rows": rows, "extract": as_dict(base),
+                    "sweep": as_dict(sweep_cfg)})
+    return CompareResult(rows, text_table(rows, [c for c in COLUMNS if c != "run_dir"]), csv_path, chart)
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:

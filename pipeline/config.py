@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -24,6 +26,7 @@ DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep.toml"
 
 SPLITS = ("train", "validation", "test")
 DTYPES = ("float32", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
 TRAIN_ON = ("clean", "views", "both")
 
@@ -34,23 +37,19 @@ def _default_decode_processes() -> int:
     return cores - 2 if cores >= 8 else 0
 
 
-class ConfigError(ValueError):
-    """A value the user gave is not usable; the message names it and what to do."""
-
-
 @dataclass(frozen=True)
 class ExtractConfig:
     """Stage one: which images go through which frozen backbone, and how the cache is kept."""
 
     data: str = "digits"  # folder, .npz file, or built-in name ("digits", "cifar10")
-    size: int | None = None  # square input size; None -> the backbone's (VGG16: 150 -> (4,4,512))
-    weights: str = "imagenet"  # "imagenet", "none" (seeded random init) or a weights file
+    size: int | None = None  # square input size; None -> the backbone's (VGG16: 150 -> (4,4,512)), set by the plan
+    weights: str = "imagenet"  # "imagenet", "random" (seeded initialisation) or a weights file
     layer: str | None = None  # layer whose output is cached; None -> the backbone's (VGG16: block5_pool)
     backbone: str = "vgg16"  # a name in pipeline.backbone.BACKBONES
     batch_size: int = 32  # images per forward pass
     dtype: str = "float32"  # stored feature dtype: float32 or float16
     compression: str = "none"  # HDF5 filter for features: none, lzf, gzip (level 1)
-    mixed_precision: bool = False  # float16 compute (worth it on GPUs only)
+    precision: str = "float32"  # compute precision: float32, bfloat16 (CPUs with AVX512-BF16/AMX), float16 (GPUs)
     strict: bool = False  # unreadable images are an error before any work, not a skip
     force: bool = False  # rebuild even when a matching cache exists
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays
@@ -63,16 +62,11 @@ class ExtractConfig:
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
-        from .backbone import spec  # backbone imports this module; the registry lives there
-
-        family = spec(self.backbone)
-        if self.size is None:
-            object.__setattr__(self, "size", family.size)
-        if self.layer is None:
-            object.__setattr__(self, "layer", family.layer)
-        if not isinstance(self.size, int) or self.size < family.min_size:
-            raise ConfigError(f"image size must be an integer >= {family.min_size} ({self.backbone}'s minimum input); "
-                              f"received size={self.size!r}")
+        """Checks what needs no registry; size and layer are resolved by ``layout.plan``."""
+        if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1):
+            raise ConfigError(f"size must be a positive integer (pixels); received size={self.size!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}; received precision={self.precision!r}")
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
         if not isinstance(self.augment, int) or self.augment < 0:
@@ -104,14 +98,14 @@ class SweepConfig:
     name: str = "sweep"  # run folder suffix
     seed: int = 0  # every random number generator
     n_jobs: int = 2  # configs fitted in parallel (joblib processes)
-    validation_fraction: float = 0.2  # carved from train when the cache has no validation split
+    carve_fraction: float = 0.2  # of train, held out for selection when the cache has no validation split
     train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
     views: int | None = None  # use the first N cached views (None: all)
     runs_dir: Path = RUNS_DIR  # where run folders go
 
     def __post_init__(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise ConfigError(f"validation_fraction must be in (0, 1); received {self.validation_fraction!r}")
+        if not 0 < self.carve_fraction < 1:
+            raise ConfigError(f"carve_fraction must be in (0, 1); received {self.carve_fraction!r}")
         if self.train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {TRAIN_ON}; received {self.train_on!r}")
         if self.views is not None and (not isinstance(self.views, int) or self.views < 1):
@@ -133,6 +127,7 @@ class FinetuneConfig:
     train_on: str = "clean"  # clean block4 rows, their cached augmented views, or both
     views: int | None = None  # the first N cached views (None: all)
     head_run: Path | None = None  # a stage-two run on block5_pool whose MLP winner starts the head
+    trust_pickle: bool = False  # load an old pickle-format head_run (only runs you made yourself)
     end_to_end: bool = False  # the seeds' recipe on images instead (GPU-sized work)
     seed: int = 0
     name: str = "finetune"
@@ -182,6 +177,6 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "ConfigError",
+    "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "PRECISIONS", "ConfigError",
     "ExtractConfig", "SweepConfig", "FinetuneConfig", "load_toml", "replace", "as_dict",
 ]

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, backbone, images, sources, store
-from .config import ConfigError, ExtractConfig, as_dict
+from . import backbone, images, layout, registry, sources, store
+from .config import ExtractConfig, as_dict
+from .errors import CacheError, ConfigError
+from .provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -65,75 +67,32 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def cache_path(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights) -> Path:
-    """One file per (data source, backbone, weights, layer, size, dtype)."""
-    name = f"{cfg.backbone}-{weights.id}-{cfg.layer}-{cfg.size}" + ("-float16" if cfg.dtype == "float16" else "")
-    return cfg.cache_dir / source.key / f"{name}.h5"
-
-
-def identity(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights) -> dict[str, Any]:
-    """The attributes that must match for a cache to answer this request."""
-    out = {"format_version": store.FORMAT_VERSION, "backbone": cfg.backbone, "weights": weights.id,
-           "layer": cfg.layer, "image_size": cfg.size,
-           "preprocessing": backbone.spec(cfg.backbone).describe_preprocessing(),
-           "dtype": cfg.dtype, "fingerprint": source.fingerprint}
-    if weights.sha256:  # random weights are pinned by id (seed) until the model exists
-        out["weights_sha256"] = weights.sha256
-    return out
-
-
-def plan(cfg: ExtractConfig) -> tuple[sources.Source, backbone.Weights, Path]:
-    """Check every option and input before any work; no model is built."""
-    backbone.check_layer(cfg.layer, cfg.backbone)
-    source = sources.resolve(cfg)
-    weights = backbone.resolve_weights(cfg)
-    return source, weights, cache_path(cfg, source, weights)
-
-
-def locate(cfg: ExtractConfig) -> Path:
-    """The complete cache that ``cfg`` names, checked against the current inputs; no model,
-    no download. Stage two uses it to find what stage one made."""
-    source = sources.resolve(cfg)
-    weights = backbone.Weights(backbone.weights_id(cfg), None, "")
-    path = cache_path(cfg, source, weights)
-    command = (f"make extract DATA={cfg.data} BACKBONE={cfg.backbone} SIZE={cfg.size} WEIGHTS={cfg.weights} "
-               f"LAYER={cfg.layer}" + (f" DTYPE={cfg.dtype}" if cfg.dtype != "float32" else ""))
-    if not path.exists():
-        raise store.CacheError(f"no cache at {path}; make it with `{command}`")
-    meta = store.read_meta(path)
-    diffs = store.mismatches(meta, identity(cfg, source, weights))
-    if diffs:
-        raise store.CacheError(f"{path} no longer matches its inputs ({'; '.join(diffs)}); "
-                               f"rebuild it with `{command} FORCE=1`")
-    return path
-
-
 def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Make (or find) the cache for ``cfg``; see ``cache_path`` for where it lands."""
-    source, weights, path = plan(cfg)
-    for note in source.notes:
+    """Make (or find) the cache for ``cfg``; ``layout.cache_path`` says where it lands."""
+    p = layout.plan(cfg)
+    for note in p.source.notes:
         log.info(note)
-    expected = identity(cfg, source, weights)
+    layout.check_writable(p.path.parent, "cache folder")
     reuse = None
-    if path.exists() and not cfg.force:
-        meta = store.read_meta(path)
-        diffs = store.mismatches(meta, expected)
+    if p.path.exists() and not p.cfg.force:
+        meta = store.read_meta(p.path)
+        diffs = meta.key().diff(p.key)
         if diffs:
-            raise store.CacheError(f"{path} exists but was made differently ({'; '.join(diffs)}). "
-                                   "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
-                                   "only once the new one is complete")
-        have = meta.get("augment", {}).get("views", 0)
-        if have >= cfg.augment:
-            return ExtractResult(path, hit=True)
-        if have and meta["augment"].get("seed") != cfg.seed:
-            raise store.CacheError(f"{path} holds {have} views made with seed {meta['augment']['seed']}; more views "
-                                   f"with seed {cfg.seed} would mix two policies. Use SEED={meta['augment']['seed']}, "
-                                   "or rebuild with --force")
+            raise CacheError(f"{p.path} exists but was made differently ({'; '.join(diffs)}). "
+                             "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
+                             "only once the new one is complete")
+        have = (meta.augment or {}).get("views", 0)
+        if have >= p.cfg.augment:
+            return ExtractResult(p.path, hit=True)
+        if have and meta.augment and meta.augment.get("seed") != p.cfg.seed:
+            raise CacheError(f"{p.path} holds {have} views made with seed {meta.augment['seed']}; more views "
+                             f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
+                             "or rebuild with --force")
         reuse = meta  # keep what the file has; compute only the missing views
-    with store.writer_lock(path):
-        if cfg.strict:
-            _check_all_readable(source)
-        return _run(cfg, source, weights, path, expected, reuse)
+    with store.writer_lock(p.path):
+        if p.cfg.strict:
+            _check_all_readable(p.source)
+        return _run(p, reuse)
 
 
 def _check_all_readable(source: sources.Source) -> None:
@@ -152,7 +111,7 @@ def view_split(k: int) -> str:
     return f"train@aug{k}"
 
 
-def _jobs(cfg: ExtractConfig, source: sources.Source, reuse: dict[str, Any] | None) -> dict[str, tuple[Any, sources.Split]]:
+def _jobs(cfg: ExtractConfig, source: sources.Source, reuse: store.CacheMeta | None) -> dict[str, tuple[Any, sources.Split]]:
     """What to compute: split name -> (decoder items, the split's paths and labels)."""
     jobs: dict[str, tuple[Any, sources.Split]] = {}
     if reuse is None:
@@ -161,37 +120,41 @@ def _jobs(cfg: ExtractConfig, source: sources.Source, reuse: dict[str, Any] | No
         if "train" not in source.splits:
             raise ConfigError(f"AUGMENT={cfg.augment} makes views of the train split, and {cfg.data} has none")
         train = source.items("train")
-        first = 1 + (reuse.get("augment", {}).get("views", 0) if reuse else 0)
+        first = 1 + ((reuse.augment or {}).get("views", 0) if reuse else 0)
         for k in range(first, cfg.augment + 1):
             jobs[view_split(k)] = ([(item, (cfg.seed, k, i)) for i, item in enumerate(train)], source.splits["train"])
     return jobs
 
 
-def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, path: Path,
-         expected: dict[str, Any], reuse: dict[str, Any] | None = None) -> ExtractResult:
+def _run(p: layout.Plan, reuse: store.CacheMeta | None = None) -> ExtractResult:
     import keras
     from tqdm.auto import tqdm
 
+    cfg, source = p.cfg, p.source
+    assert cfg.size is not None and cfg.layer is not None
     t_build = time.perf_counter()
-    model = backbone.build(cfg, weights)
-    if not weights.sha256:
-        weights = dataclasses.replace(weights, sha256=model.base_weights_sha256)
-    log.info("built %s (%s weights, Keras backend %s) in %.1f s", model.name, weights.id, keras.backend.backend(),
-             time.perf_counter() - t_build)
+    model = backbone.build(cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision=cfg.precision)
+    log.info("built %s (%s weights, %s, Keras backend %s) in %.1f s", model.name, p.weights.id, cfg.precision,
+             keras.backend.backend(), time.perf_counter() - t_build)
+    if reuse is not None:  # the views we add must come from the same weights as the rows we keep
+        from .weights import verify_weights
+
+        verify_weights(model.base_weights_sha256, reuse.weights_sha256, str(p.path))
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
-    progress = store.Progress(path, {**expected, "weights_sha256": weights.sha256, "chunk_size": cfg.chunk_size,
-                                     "augment": {"seed": cfg.seed, "policy": images.AUGMENT_POLICY}})
-    flops = backbone.flops_per_image(cfg.size, cfg.layer, cfg.backbone)
-    result = ExtractResult(path, hit=False, gflop_per_image=flops / 1e9 if flops else 0.0)
-    layout = {}
+    chunks = store.ChunkStore(p.path, {**dataclasses.asdict(p.key), "weights_sha256": model.base_weights_sha256,
+                                       "chunk_size": cfg.chunk_size, "seed": cfg.seed,
+                                       "augment_policy": images.AUGMENT_POLICY})
+    flops = registry.flops_per_image(cfg.size, cfg.layer, cfg.backbone)
+    result = ExtractResult(p.path, hit=False, gflop_per_image=flops / 1e9 if flops else 0.0)
+    layout_: dict[str, tuple[int, list[str], np.ndarray]] = {}
     t0 = time.perf_counter()
     decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
-    writer = ChunkWriter(progress)
+    writer = ChunkWriter(chunks)
     with decoder, writer:
         for split, (decoder_items, items) in _jobs(cfg, source, reuse).items():
             n_chunks = math.ceil(len(items) / cfg.chunk_size)
-            layout[split] = (n_chunks, items.paths, items.labels)
-            todo = [c for c in range(n_chunks) if not progress.done(split, c)]
+            layout_[split] = (n_chunks, items.paths, items.labels)
+            todo = [c for c in range(n_chunks) if not chunks.done(split, c)]
             result.resumed_chunks += n_chunks - len(todo)
             rows = [r for c in todo for r in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(items)))]
             with tqdm(total=len(items), initial=len(items) - len(rows), desc=f"{source.name}/{split}", unit="img",
@@ -199,19 +162,19 @@ def _run(cfg: ExtractConfig, source: sources.Source, weights: backbone.Weights, 
                 result.images += _run_split(cfg, model, decoder, decoder_items, split, rows, writer, len(items), bar,
                                             result)
     result.seconds = time.perf_counter() - t0
-    attrs = {**expected, "weights_sha256": weights.sha256, "weights_source": weights.source or "random",
-             "class_names": source.class_names, "feature_shape": list(feature_shape),
-             "flops_per_image": flops or 0.0, "extract_images_per_second": result.steady_rate,
-             "data": str(source.root or cfg.data),
-             "source": {"name": source.name, "kind": source.kind, "notes": source.notes},
-             "versions": _versions(), "config": as_dict(cfg), "compression": cfg.compression,
-             "mixed_precision": cfg.mixed_precision}
-    views = max(cfg.augment, reuse.get("augment", {}).get("views", 0) if reuse else 0)
-    if views:
-        attrs["augment"] = {"views": views, "seed": cfg.seed, "policy": images.AUGMENT_POLICY,
-                            "splits": [view_split(k) for k in range(1, views + 1)]}
-    result.skipped = progress.assemble(layout, feature_shape, cfg.dtype, attrs, cfg.compression,
-                                       reuse_from=path if reuse else None)
+    views = max(cfg.augment, (reuse.augment or {}).get("views", 0) if reuse else 0)
+    augment = ({"views": views, "seed": cfg.seed, "policy": images.AUGMENT_POLICY,
+                "splits": [view_split(k) for k in range(1, views + 1)]} if views else None)
+    meta = store.CacheMeta(
+        **dataclasses.asdict(p.key), class_names=tuple(source.class_names), feature_shape=feature_shape,
+        weights_sha256=model.base_weights_sha256, weights_file_sha256=p.weights.file_sha256,
+        weights_source=p.weights.source or "random", seed=cfg.seed, augment=augment,
+        info={"flops_per_image": flops or 0.0, "extract_images_per_second": result.steady_rate,
+              "data": str(source.root or cfg.data), "source": {"name": source.name, "kind": source.kind,
+                                                              "notes": source.notes},
+              "versions": versions(), "config": as_dict(cfg), "compression": cfg.compression})
+    result.skipped = chunks.assemble(layout_, feature_shape, cfg.dtype, meta, cfg.compression,
+                                     reuse_from=p.path if reuse else None)
     return result
 
 
@@ -264,15 +227,15 @@ class ChunkWriter:
     save is raised again in the caller, and leaving the context waits for every save.
     """
 
-    def __init__(self, progress: store.Progress, depth: int = 4):
+    def __init__(self, chunks: store.ChunkStore, depth: int = 4):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.progress, self.depth = progress, depth
+        self.chunks, self.depth = chunks, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
         self.pending: list[Any] = []
 
     def save(self, *args: Any) -> None:
-        self.pending.append(self.pool.submit(self.progress.save, *args))
+        self.pending.append(self.pool.submit(self.chunks.save, *args))
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.pop(0).result()
 
@@ -285,18 +248,3 @@ class ChunkWriter:
                 future.result()
         finally:
             self.pool.shutdown()
-
-
-def _versions() -> dict[str, str]:
-    import h5py
-    import keras
-    import PIL
-
-    out = {"featcache": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend(),
-           "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-           "python": sys.version.split()[0]}
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        out["tensorflow"] = tf.__version__
-    return out

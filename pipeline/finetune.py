@@ -21,11 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, report, sources, store
-from .config import ConfigError, ExtractConfig, FinetuneConfig, as_dict
-from .extract import locate
+from . import backbone, images, layout, registry, report, runs, store
+from .config import ExtractConfig, FinetuneConfig, as_dict
+from .errors import ConfigError
 from .heads import KerasModelHead, MLPHead, compile_for, seeds_head
-from .sweep import load_views, new_run_dir, training_rows
+from .persist import load_head, save_head
+from .store import CacheMeta
+from .sweep import load_views, training_rows
+from .weights import check_file_unchanged, values_sha256, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +42,21 @@ class FinetuneResult:
     table: str
 
 
-def build_block5(meta: dict[str, Any]) -> Any:
+def build_block5(meta: CacheMeta) -> Any:
     """VGG's layers after block4_pool, with the cache's own weights: (N,h,w,512) block4
-    maps -> block5_pool maps. Refuses weights whose bytes differ from the cache's."""
+    maps -> block5_pool maps. Refuses weights that differ from the cache's."""
     import keras
 
-    name = meta.get("backbone", "vgg16")
-    family = backbone.spec(name)
-    source = meta.get("weights_source", "random")
+    family = registry.spec(meta.backbone)
+    source = meta.weights_source
+    check_file_unchanged(source, meta.weights_file_sha256, f"the cache {meta.path}")
     if source == "random":
-        keras.utils.set_random_seed(meta.get("config", {}).get("seed", 0))
+        keras.utils.set_random_seed(meta.seed)
     base = getattr(keras.applications, family.constructor)(
-        include_top=False, weights=None if source == "random" else source,
-        input_shape=(meta["image_size"], meta["image_size"], 3))
-    from_file = source not in ("random", "imagenet")
-    sha = backbone.file_sha256(source) if from_file else backbone.weights_sha256(base)
-    if sha != meta["weights_sha256"]:
-        raise ConfigError(f"weights_sha256: the cache was made with weights {meta['weights_sha256'][:12]}..., "
-                          f"{source} gives {sha[:12]}...; rebuild the cache or restore the weights")
+        include_top=False, weights=None if source == "random" else source, input_shape=(meta.size, meta.size, 3))
+    verify_weights(values_sha256(base), meta.weights_sha256, f"the cache {meta.path}")
     names = [layer.name for layer in base.layers]
-    inputs = keras.Input(tuple(meta["feature_shape"]), name="block4_pool_features")
+    inputs = keras.Input(tuple(meta.feature_shape), name="block4_pool_features")
     x = inputs
     for layer in base.layers[names.index("block4_pool") + 1:]:
         x = layer(x)
@@ -79,14 +77,13 @@ def finetune(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
 def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     import keras
 
-    cache = locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
+    cache = layout.locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
     meta = store.read_meta(cache)
-    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta["splits"]}
+    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
-    views_x, views_y = load_views(cache, meta, ft.views) if ft.train_on != "clean" else (None, None)
-    x_train, y_train = training_rows({"x": data["train"][0], "y": data["train"][1], "views_x": views_x,
-                                      "views_y": views_y}, ft.train_on)
+    views = load_views(cache, meta, ft.views) if ft.train_on != "clean" else None
+    x_train, y_train = training_rows(data["train"], views, ft.train_on)
     block5 = build_block5(meta)
     t0 = time.perf_counter()
     frozen5 = {s: block5.predict(x, batch_size=64, verbose=0) for s, (x, _) in data.items()}
@@ -94,7 +91,7 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     frozen_seconds = time.perf_counter() - t0
     rows = [_scores("frozen block5 + head", head.predict_proba, frozen5, data, head.classes_, frozen_seconds,
                     "block5 forward once per row")]
-    inputs = keras.Input(tuple(meta["feature_shape"]))
+    inputs = keras.Input(tuple(meta.feature_shape))
     model = _with_head(inputs, block5(inputs), head)
     block5.trainable = True
     history, seconds = _train(model, head.classes_, ft, ft.learning_rate, x_train, y_train, data["validation"])
@@ -105,21 +102,19 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     return _save(ft, ecfg, meta, cache, tuned, rows, history, [head_note], model_input="block4_pool")
 
 
-def _warm_head(ft: FinetuneConfig, meta4: dict[str, Any], block5: Any, x_train: np.ndarray, y_train: np.ndarray,
+def _warm_head(ft: FinetuneConfig, meta4: CacheMeta, block5: Any, x_train: np.ndarray, y_train: np.ndarray,
                frozen5: dict[str, np.ndarray]) -> tuple[MLPHead, str]:
     """The seeds' first step: a head on the frozen base. From ``ft.head_run`` when given
     (its cache must be block5_pool of the same images, weights and size), else trained
     here on frozen block5 features of the training rows."""
-    import joblib
-
     if ft.head_run is not None:
-        run = json.loads((Path(ft.head_run) / "run.json").read_text())
-        m5 = run["cache_meta"]
-        diffs = [f"{k}: head has {m5.get(k)!r}, block4 cache has {meta4.get(k)!r}"
-                 for k in ("fingerprint", "weights", "weights_sha256", "image_size", "backbone") if m5.get(k) != meta4.get(k)]
-        if m5.get("layer") != "block5_pool":
-            diffs.append(f"layer: head was trained on {m5.get('layer')!r}, warm start needs block5_pool")
-        head = joblib.load(Path(ft.head_run) / "winner.joblib")
+        run = runs.read_run(ft.head_run)
+        m5 = CacheMeta.from_dict(run["cache_meta"])
+        wanted = dataclasses.replace(meta4.key(), layer="block5_pool")
+        diffs = m5.key().diff(wanted, fields=("fingerprint", "weights", "size", "backbone", "precision", "layer"))
+        if m5.weights_sha256 != meta4.weights_sha256:
+            diffs.append("weights_sha256: the head's cache and the block4 cache were made with other weight values")
+        head = load_head(Path(ft.head_run), trust_pickle=ft.trust_pickle, versions=run.get("versions"))
         if not isinstance(head, MLPHead):
             diffs.append(f"head: the run's winner is {type(head).__name__}; warm start needs the Keras MLP head")
         if diffs:
@@ -162,38 +157,27 @@ def _train(model: Any, classes: np.ndarray, ft: FinetuneConfig, learning_rate: f
 
 def _scores(stage: str, proba_fn: Any, xs: dict[str, np.ndarray], data: dict[str, tuple[np.ndarray, np.ndarray]],
             classes: np.ndarray, seconds: float, cost: str) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, log_loss
-
     row: dict[str, Any] = {"stage": stage, "seconds": seconds, "cost": cost}
     for split in ("validation", "test"):
         if split in data:
-            p = proba_fn(xs[split])
-            y = data[split][1]
-            row[f"{split}_accuracy"] = float(accuracy_score(y, classes[p.argmax(1)]))
-            row[f"{split}_log_loss"] = float(log_loss(y, p, labels=classes))
+            row[f"{split}_accuracy"], row[f"{split}_log_loss"] = runs.score(proba_fn(xs[split]), data[split][1], classes)
     return row
 
 
-def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: dict[str, Any], cache: Path | None, tuned: KerasModelHead,
-          rows: list[dict[str, Any]], history: dict[str, list[float]], notes: list[str], model_input: str) -> FinetuneResult:
-    import joblib
+COLUMNS = ("stage", "validation_accuracy", "validation_log_loss", "test_accuracy", "test_log_loss", "seconds", "cost")
 
-    run_dir = new_run_dir(ft)
-    joblib.dump(tuned, run_dir / "winner.joblib")
-    tuned.save_keras(run_dir / "finetuned.keras")
-    report.plot_learning_curves(history, run_dir / "curves.png", "block5 + head, fine-tuned")
-    columns = ["stage", "validation_accuracy", "validation_log_loss", "test_accuracy", "test_log_loss", "seconds", "cost"]
-    table = "\n".join(["  ".join(columns)] + ["  ".join(report.fmt(r.get(c)) for c in columns) for r in rows])
-    with open(run_dir / "results.csv", "w") as f:
-        f.write(",".join(columns) + "\n")
-        for r in rows:
-            f.write(",".join(json.dumps(report.fmt(r.get(c))) for c in columns) + "\n")
-    info = {"finetune": as_dict(ft), "extract": as_dict(ecfg), "cache": str(cache) if cache else None,
-            "cache_meta": {k: v for k, v in meta.items() if k != "paths"}, "model_input": model_input,
-            "rows": rows, "notes": notes, "history": history, "argv": sys.argv,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    return FinetuneResult(run_dir, rows, "\n".join([table, *notes]))
+
+def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: CacheMeta, cache: Path | None, tuned: KerasModelHead,
+          rows: list[dict[str, Any]], history: dict[str, list[float]], notes: list[str], model_input: str) -> FinetuneResult:
+    run = runs.RunFolder(ft.runs_dir, ft.name)
+    save_head(tuned, run.path)
+    tuned.save_keras(run.path / "finetuned.keras")
+    report.plot_learning_curves(history, run.path / "curves.png", "block5 + head, fine-tuned")
+    run.write_results(rows, COLUMNS)
+    run.write_json({"kind": "finetune", "finetune": as_dict(ft), "extract": as_dict(ecfg),
+                    "cache": str(cache) if cache else None, "cache_meta": meta.to_dict(), "model_input": model_input,
+                    "rows": rows, "notes": notes, "history": history})
+    return FinetuneResult(run.path, rows, "\n".join([runs.text_table(rows, COLUMNS), *notes]))
 
 
 def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
@@ -201,8 +185,9 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     unfrozen at a low learning rate. Meant for a GPU; on 2 CPU cores it takes hours."""
     import keras
 
-    source = sources.resolve(ecfg)
-    weights = backbone.resolve_weights(ecfg)
+    plan = layout.plan(dataclasses.replace(ecfg, layer="block5_pool"))
+    ecfg, source, weights = plan.cfg, plan.source, plan.weights
+    assert ecfg.size is not None
     data = {}
     with images.Decoder(ecfg.decode_threads, ecfg.decode_processes) as decoder:
         for split in ("train", "validation", "test"):
@@ -213,14 +198,15 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     if "validation" not in data:
         raise ConfigError(f"{ecfg.data} has no validation split; fine-tuning stops early on it")
     classes = np.unique(data["train"][1])
-    extractor = backbone.build(dataclasses.replace(ecfg, layer="block5_pool"), weights)
+    extractor = backbone.build(ecfg.backbone, size=ecfg.size, layer="block5_pool", weights=weights,
+                               precision=ecfg.precision)
     inputs = keras.Input((ecfg.size, ecfg.size, 3), dtype="uint8")
     x = keras.ops.cast(inputs, "float32")
     for layer in (keras.layers.RandomFlip("horizontal", seed=ft.seed), keras.layers.RandomRotation(0.1, seed=ft.seed),
                   keras.layers.RandomZoom(0.2, seed=ft.seed)):
         x = layer(x)
     base = extractor.get_layer(f"{ecfg.backbone}_block5_pool")  # the truncated conv base inside the extractor
-    features = base(backbone._preprocess_layer(backbone.spec(ecfg.backbone).module)(x))
+    features = base(backbone.preprocess_layer(registry.spec(ecfg.backbone).module)(x))
     pooled = keras.layers.Flatten()(features)
     model = keras.Model(inputs, seeds_head(pooled, len(classes)))
     base.trainable = False
@@ -236,8 +222,8 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     h2, seconds = _train(model, classes, ft, ft.learning_rate, *data["train"], data["validation"])
     rows.append(_scores("fine-tuned block5 + head (end to end, augmented)", tuned.predict_proba, xs, data, classes,
                         seconds, f"{len(h2['loss'])} epochs, full forward pass per image per epoch"))
-    meta = {"backbone": ecfg.backbone, "weights": weights.id, "weights_source": weights.source or "random",
-            "weights_sha256": weights.sha256 or extractor.base_weights_sha256, "layer": "input",
-            "image_size": ecfg.size, "class_names": source.class_names, "config": as_dict(ecfg)}
+    meta = CacheMeta(**{**dataclasses.asdict(plan.key), "layer": "input"}, class_names=tuple(source.class_names),
+                     weights_sha256=extractor.base_weights_sha256, weights_file_sha256=weights.file_sha256,
+                     weights_source=weights.source or "random", seed=ecfg.seed, info={"config": as_dict(ecfg)})
     return _save(ft, ecfg, meta, None, tuned, rows, {k: h1.get(k, []) + h2.get(k, []) for k in h2}, [],
                  model_input="images")

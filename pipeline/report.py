@@ -1,45 +1,13 @@
-"""What a sweep shows people: a results table (terminal and CSV), learning curves and a
-confusion matrix (PNG). matplotlib is imported inside the plotting functions, Agg backend.
+"""The pictures a run shows people: learning curves and a confusion matrix (PNG).
+matplotlib is imported inside the functions, Agg backend. Tables and files: ``runs``.
 """
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-COLUMNS = ("index", "head", "pooling", "params", "train_on", "train_rows", "val_accuracy", "val_log_loss", "fit_seconds", "epochs",
-           "test_accuracy", "test_log_loss", "winner")
-
-
-def fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def results_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain-text table, one line per config, the winner marked with '*'."""
-    cols = [c for c in COLUMNS if c != "winner"]
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    for r, row in zip(rows, cells):
-        lines.append(("* " if r.get("winner") else "  ") + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: fmt(r.get(c)) for c in COLUMNS})
-
 
 def pyplot() -> Any:
     import matplotlib
@@ -55,7 +23,7 @@ def plot_learning_curves(history: dict[str, list[float]], path: str | Path, titl
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
-    for ax, metric in zip(axes, ("accuracy", "loss")):
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
         if metric in history:
             ax.plot(epochs, history[metric], "bo-", ms=3, label=f"training {metric}")
         if f"val_{metric}" in history:

@@ -3,11 +3,13 @@ that looks complete.
 
 Layout of a finished cache (one file per dataset x backbone x weights x layer x size x dtype)::
 
-    attrs: format_version, complete, class_names (JSON), backbone, weights, weights_sha256,
-           layer, image_size, preprocessing, dtype, fingerprint, versions (JSON), created, ...
-    /<split>/features  (N, h, w, C)  chunked along N
-    /<split>/labels    (N,)          int64 index into class_names
-    /<split>/paths     (N,)          UTF-8, relative to the data root (or "name[i]" for arrays)
+    attrs: format_version, complete, and every field of CacheMeta: the key (backbone, weights,
+           layer, size, dtype, precision, preprocessing, fingerprint), class_names,
+           feature_shape, weights_sha256, weights_file_sha256, weights_source, seed,
+           augment, info (structures as JSON, listed in json_attrs)
+    /<split>/features  (N, h, w, C)  chunked along N, Fletcher-32 checksum per chunk
+    /<split>/labels    (N,)          int64 index into class_names, checksummed
+    /<split>/paths     (N,)          bytes (UTF-8, surrogate escapes), relative to the data root
     /<split>/skipped/paths, /<split>/skipped/reasons   files that could not be decoded
     /train@aug<k>/...  the k-th augmented view of every train image (AUGMENT=K), same layout
 
@@ -22,6 +24,7 @@ for TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,44 +32,134 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from .errors import CacheError
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed identity (size, precision), weights_sha256 = hash of weight values, checksums
 FEATURE_CHUNK_ROWS = 64  # HDF5 chunk length along N: small enough to stream, large enough to read fast
+SPLIT_ORDER = ("train", "validation", "test")
 
 
-class CacheError(RuntimeError):
-    """A cache file is missing, incomplete, locked, or does not match what was asked for."""
+# --------------------------------------------------------------------------- the cache description
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What the features depend on: a cache answers a request only when every field is equal."""
+
+    backbone: str
+    weights: str  # weights id: "imagenet", "random-seed<N>", "<file stem>-<sha8>"
+    layer: str
+    size: int  # square input size in pixels
+    dtype: str  # stored feature dtype
+    precision: str  # compute precision of the forward pass
+    preprocessing: str
+    fingerprint: str  # of the inputs: every file's relative path, size and mtime (or the arrays)
+
+    def diff(self, other: CacheKey, fields: Sequence[str] | None = None) -> list[str]:
+        """One line per field (of ``fields``, default all) where ``other`` differs from this cache."""
+        names = fields or [f.name for f in dataclasses.fields(CacheKey)]
+        return [f"{n}: cache has {getattr(self, n)!r}, asked for {getattr(other, n)!r}"
+                for n in names if getattr(self, n) != getattr(other, n)]
+
+
+@dataclass(frozen=True)
+class CacheMeta(CacheKey):
+    """Everything a cache file says about itself: its key, the classes, the weights' hashes,
+    and provenance. ``to_attrs``/``from_attrs`` map it to HDF5 attributes (structures as JSON)."""
+
+    class_names: tuple[str, ...] = ()
+    feature_shape: tuple[int, ...] = ()
+    weights_sha256: str = ""  # of the whole base's weight values (see pipeline.weights)
+    weights_file_sha256: str = ""  # of the weights file's bytes ("" without a file)
+    weights_source: str = "random"  # a file path, "imagenet" or "random"
+    seed: int = 0
+    augment: dict[str, Any] | None = None  # {"views", "seed", "policy", "splits"} when views are cached
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance: data, versions, config, timings
+    format_version: int = FORMAT_VERSION
+    splits: tuple[str, ...] = ()  # filled when read
+    split_sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # filled when read
+    path: str = ""  # filled when read
+
+    def key(self) -> CacheKey:
+        return CacheKey(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CacheKey)})
+
+    @property
+    def view_splits(self) -> list[str]:
+        return list((self.augment or {}).get("splits", []))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (run.json keeps a copy, so a run folder describes its cache)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CacheMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f.name for f in dataclasses.fields(CacheKey) if f.name not in data)
+        if missing:
+            raise CacheError(f"cache metadata lacks {missing}; it was not written by this version of featcache")
+        kw = {k: v for k, v in data.items() if k in known}
+        for name in ("class_names", "feature_shape", "splits"):
+            if name in kw:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def to_attrs(self) -> dict[str, Any]:
+        out = self.to_dict()
+        for name in ("splits", "split_sizes", "path"):
+            out.pop(name)
+        return out
+
+
+def _check_rows(path: Path, meta: CacheMeta, split: str, group: h5py.Group) -> None:
+    """Shapes that must agree before anything is trusted."""
+    n = group["labels"].shape[0]
+    feats = group["features"]
+    if feats.shape[0] != n or group["paths"].shape[0] != n:
+        raise CacheError(f"{path} is corrupt: split {split!r} has {feats.shape[0]} feature rows, {n} labels and "
+                         f"{group['paths'].shape[0]} paths; rebuild it with `make extract FORCE=1`")
+    if meta.feature_shape and tuple(feats.shape[1:]) != tuple(meta.feature_shape):
+        raise CacheError(f"{path} is corrupt: split {split!r} holds features of shape {feats.shape[1:]}, its metadata "
+                         f"says {tuple(meta.feature_shape)}; rebuild it with `make extract FORCE=1`")
 
 
 # --------------------------------------------------------------------------- reading
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """Attributes of a complete cache, JSON fields decoded, plus ``splits`` and ``split_sizes``."""
+def read_meta(path: str | Path) -> CacheMeta:
+    """The description of a complete cache, checked: its format version, completeness and
+    the shapes of every split. Anything else is a CacheError that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"no cache file at {path}; run `make extract` (or `featcache extract`) with the same options to make it")
+        raise CacheError(f"no cache file at {path}; run `make extract` (or `featcache extract`) with the same options "
+                         "to make it")
+    rebuild = "rebuild it with `make extract FORCE=1` (same options)"
     try:
         with h5py.File(path, "r") as f:
-            json_keys = set(json.loads(f.attrs.get("json_attrs", "[]")))
-            meta = {k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k != "json_attrs"}
-            meta["splits"] = [s for s in ("train", "validation", "test") if s in f] + sorted(
-                (s for s in f if s not in ("train", "validation", "test")), key=_natural)
-            meta["split_sizes"] = {s: int(f[s]["labels"].shape[0]) for s in meta["splits"]}
-    except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 cache ({e}); delete it and run `make extract` again") from e
-    if not meta.get("complete"):
-        raise CacheError(f"{path} is incomplete (no complete=True marker); run `make extract` again to rebuild it")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path} has format_version={meta.get('format_version')!r}, this tool reads {FORMAT_VERSION}; "
-                         "rebuild it with `make extract FORCE=1`")
-    meta["path"] = str(path)
+            if "format_version" not in f.attrs:
+                raise CacheError(f"{path} is an HDF5 file but not a featcache cache (no format_version attribute)")
+            version = _decode_attr(f.attrs["format_version"], False)
+            if version != FORMAT_VERSION:
+                raise CacheError(f"{path} has format_version={version!r}; this featcache reads {FORMAT_VERSION}. "
+                                 f"It was made by another version: {rebuild}")
+            if not bool(f.attrs.get("complete", False)):
+                raise CacheError(f"{path} is incomplete (no complete=True marker): the run that wrote it did not "
+                                 f"finish; {rebuild}")
+            json_keys = set(json.loads(_decode_attr(f.attrs.get("json_attrs", "[]"), False)))
+            attrs = {k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k not in ("json_attrs", "complete")}
+            splits = [s for s in SPLIT_ORDER if s in f] + sorted((s for s in f if s not in SPLIT_ORDER), key=_natural)
+            meta = CacheMeta.from_dict({**attrs, "splits": splits, "path": str(path),
+                                        "split_sizes": {s: int(f[s]["labels"].shape[0]) for s in splits}})
+            for s in splits:
+                _check_rows(path, meta, s, f[s])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CacheError(f"{path} is not a readable featcache cache ({type(e).__name__}: {e}); {rebuild}") from e
     return meta
 
 
@@ -76,48 +169,60 @@ def _natural(name: str) -> tuple[str, int]:
     return (head, int(tail)) if tail.isdigit() else (name, 0)
 
 
-def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(features (N,h,w,C), labels (N,) int64, metadata) of one split, read in one pass."""
+def _checked_labels(path: Path, meta: CacheMeta, split: str, labels: np.ndarray) -> np.ndarray:
+    labels = labels.astype(np.int64)
+    bad = (labels < 0) | (labels >= len(meta.class_names))
+    if bad.any():
+        raise CacheError(f"{path} is corrupt: split {split!r} has {int(bad.sum())} label(s) outside the "
+                         f"{len(meta.class_names)} classes (e.g. {int(labels[bad][0])}); rebuild it with "
+                         "`make extract FORCE=1`")
+    return labels
+
+
+def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features (N,h,w,C), labels (N,) int64, paths) of one split, read in one pass and
+    checked: labels within the classes, HDF5 checksums verified."""
+    path = Path(path)
     meta = read_meta(path)
-    if split not in meta["splits"]:
-        raise CacheError(f"{path} has no split {split!r}; it has {meta['splits']}")
-    with h5py.File(path, "r") as f:
-        group = f[split]
-        features = group["features"][()]
-        labels = group["labels"][()].astype(np.int64)
-        meta["paths"] = [p.decode() if isinstance(p, bytes) else p for p in group["paths"][()]]
-    return features, labels, meta
+    if split not in meta.splits:
+        raise CacheError(f"{path} has no split {split!r}; it has {list(meta.splits)}")
+    try:
+        with h5py.File(path, "r") as f:
+            group = f[split]
+            features = group["features"][()]
+            labels = _checked_labels(path, meta, split, group["labels"][()])
+            paths = [decode_path(p) for p in group["paths"][()]]
+    except OSError as e:  # a fletcher32 mismatch surfaces here: the bytes on disk changed
+        raise CacheError(f"{path}: split {split!r} failed its checksum or could not be read ({e}); the file is "
+                         "corrupt: rebuild it with `make extract FORCE=1`") from e
+    return features, labels, paths
+
+
+def decode_path(p: bytes | str) -> str:
+    """Stored paths are UTF-8 with surrogate escapes, so any Linux file name round-trips."""
+    return p.decode("utf-8", "surrogateescape") if isinstance(p, bytes) else p
 
 
 def iter_split(path: str | Path, split: str, rows: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (features, labels) blocks of a split that may not fit in memory."""
-    read_meta(path)
+    path = Path(path)
+    meta = read_meta(path)
     with h5py.File(path, "r") as f:
         features, labels = f[split]["features"], f[split]["labels"]
         for start in range(0, labels.shape[0], rows):
-            yield features[start:start + rows], labels[start:start + rows].astype(np.int64)
-
-
-def mismatches(meta: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of identity fields whose stored value differs from ``expected``."""
-    out = []
-    for key, want in expected.items():
-        have = meta.get(key)
-        if have != want:
-            out.append(f"{key}: cache has {have!r}, asked for {want!r}")
-    return out
+            yield features[start:start + rows], _checked_labels(path, meta, split, labels[start:start + rows])
 
 
 # --------------------------------------------------------------------------- writing
 
-def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], attrs: Mapping[str, Any],
+def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta: CacheMeta,
                 compression: str = "none") -> Path:
     """Write a complete cache from in-memory arrays, atomically (tests, small datasets)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
-        _write_attrs(f, attrs)
+        _write_attrs(f, meta)
         for split, data in splits.items():
             features = np.asarray(data["features"])
             dataset = _create_features(f, split, features.shape[0], features.shape[1:], features.dtype, compression)
@@ -129,14 +234,13 @@ def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], attrs
     return path
 
 
-def _write_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
-    base = {"format_version": FORMAT_VERSION, "complete": False,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backbone": "vgg16",
-            "preprocessing": "unknown", "fingerprint": "", "weights": "unknown", "weights_sha256": ""}
-    base.update(attrs)
+def _write_attrs(f: h5py.File, meta: CacheMeta) -> None:
+    """Scalars as HDF5 attributes, structures as JSON (listed in ``json_attrs``); ``complete``
+    stays False until every row is written."""
+    attrs = {**meta.to_attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     json_keys = []
-    for key, value in base.items():
-        if isinstance(value, (list, tuple, dict)):  # HDF5 attributes hold scalars; structures go as JSON
+    for key, value in attrs.items():
+        if value is None or isinstance(value, (list, tuple, dict)):  # HDF5 attributes hold scalars
             json_keys.append(key)
             value = json.dumps(value)
         f.attrs[key] = value
@@ -156,10 +260,11 @@ def _decode_attr(value: Any, is_json: bool) -> Any:
 
 def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dtype: Any,
                      compression: str) -> h5py.Dataset:
+    """Chunked along N with a Fletcher-32 checksum per chunk: flipped bytes fail the read."""
     group = f.require_group(split)
     kwargs: dict[str, Any] = {}
     if n > 0:
-        kwargs["chunks"] = (min(FEATURE_CHUNK_ROWS, n), *shape)
+        kwargs.update(chunks=(min(FEATURE_CHUNK_ROWS, n), *shape), fletcher32=True)
     if compression == "lzf":
         kwargs["compression"] = "lzf"
     elif compression == "gzip":
@@ -167,19 +272,27 @@ def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dty
     return group.create_dataset("features", shape=(n, *shape), dtype=dtype, **kwargs)
 
 
+def _encode_paths(paths: Sequence[str]) -> np.ndarray:
+    """Paths as bytes, surrogate escapes kept: a file name that is not UTF-8 round-trips."""
+    return np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=object)
+
+
 def _write_rows_meta(group: h5py.Group, labels: np.ndarray, paths: list[str],
                      skipped: Sequence[tuple[str, str]]) -> None:
     text = h5py.string_dtype("utf-8")
-    group.create_dataset("labels", data=labels.astype(np.int64))
-    group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=text)
+    raw = h5py.string_dtype("ascii")  # variable-length bytes, any byte value
+    labels = labels.astype(np.int64)
+    group.create_dataset("labels", data=labels, chunks=(max(1, len(labels)),) if len(labels) else None,
+                         fletcher32=bool(len(labels)))
+    group.create_dataset("paths", data=_encode_paths(paths), dtype=raw)
     sk = group.create_group("skipped")
-    sk.create_dataset("paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=text)
+    sk.create_dataset("paths", data=_encode_paths([p for p, _ in skipped]), dtype=raw)
     sk.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=text)
 
 
 # --------------------------------------------------------------------------- resumable progress
 
-class Progress:
+class ChunkStore:
     """Finished chunks of a running extraction, one ``.npz`` per chunk, safe against kill -9.
 
     ``identity`` (what is being computed) is stored in ``meta.json``; a folder left by a
@@ -223,7 +336,7 @@ class Progress:
         os.replace(tmp, target)
 
     def assemble(self, layout: Mapping[str, tuple[int, Sequence[str], np.ndarray]], feature_shape: Sequence[int],
-                 dtype: str, attrs: Mapping[str, Any], compression: str = "none",
+                 dtype: str, meta: CacheMeta, compression: str = "none",
                  reuse_from: Path | None = None) -> dict[str, list[tuple[str, str]]]:
         """Build the final HDF5 from the chunks and rename it into place.
 
@@ -234,7 +347,7 @@ class Progress:
         tmp = self.final_path.with_name(self.final_path.name + ".tmp")
         all_skipped: dict[str, list[tuple[str, str]]] = {}
         with h5py.File(tmp, "w") as f:
-            _write_attrs(f, attrs)
+            _write_attrs(f, meta)
             for split, (n_chunks, paths, labels) in layout.items():
                 chunks = [np.load(self.chunk_file(split, i)) for i in range(n_chunks)]
                 n_ok = sum(c["rows"].shape[0] for c in chunks)
@@ -245,7 +358,7 @@ class Progress:
                     dataset[start:start + block.shape[0]] = block.astype(dtype, copy=False)
                     start += block.shape[0]
                     rows.extend(c["rows"].tolist())
-                    skipped.extend((paths[r], str(reason)) for r, reason in zip(c["skipped_rows"].tolist(), c["skipped_reasons"]))
+                    skipped.extend((paths[r], str(reason)) for r, reason in zip(c["skipped_rows"].tolist(), c["skipped_reasons"], strict=True))
                 _write_rows_meta(f[split], np.asarray(labels)[rows], [paths[r] for r in rows], skipped)
                 all_skipped[split] = skipped
             if reuse_from is not None:

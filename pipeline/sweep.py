@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import report, store
-from .config import TRAIN_ON, ConfigError, SweepConfig, as_dict, load_toml
+from .config import TRAIN_ON, SweepConfig, as_dict, load_toml
+from .errors import ConfigError
 from .heads import HEADS, make_head
 
 log = logging.getLogger(__name__)
@@ -69,81 +70,64 @@ class SweepResult:
     table: str
 
 
-def _limit_threads(n: int | None) -> None:
-    """Give TensorFlow ``n`` threads in this worker: 2 workers x 1 thread on 2 cores (None: leave as is)."""
-    if n is None:
-        return
-    for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
-        os.environ[var] = str(n)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+@dataclass
+class SweepData:
+    """What the heads see: train (clean and views), validation for selection, test once."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None
+    views: tuple[np.ndarray, np.ndarray] | None
+    default_train_on: str
+    notes: list[str]
+
+    def training_rows(self, train_on: str) -> tuple[np.ndarray, np.ndarray]:
+        return training_rows(self.train, self.views, train_on)
 
 
-def _fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int | None, train: dict[str, Any],
-             x_val: np.ndarray, y_val: np.ndarray) -> tuple[dict[str, Any], Any, bytes]:
-    """Fit and score one config; the head comes back pickled, so the parent pays for
-    unpickling (a Keras load for an MLP) only for the winner."""
-    import io
-
-    import joblib
-    from sklearn.metrics import accuracy_score, log_loss
-
-    _limit_threads(threads)
-    params = dict(params)
-    train_on = params.pop("train_on", train["default"])
-    head = make_head(name, **{"random_state": seed, **params})
-    x_fit, y_fit = training_rows(train, train_on)
-    t0 = time.perf_counter()
-    head.fit(x_fit, y_fit)
-    seconds = time.perf_counter() - t0
-    proba = head.predict_proba(x_val)
-    row = {"index": index, "head": name, "pooling": head.pooling, "train_on": train_on, "train_rows": len(y_fit),
-           "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
-           "val_accuracy": float(accuracy_score(y_val, head.classes_[proba.argmax(1)])),
-           "val_log_loss": float(log_loss(y_val, proba, labels=head.classes_)), "fit_seconds": seconds,
-           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
-           "full_params": head.get_params()}
-    buffer = io.BytesIO()
-    joblib.dump(head, buffer)
-    return row, getattr(head, "history_", None), buffer.getvalue()
+COLUMNS = ("index", "head", "pooling", "params", "train_on", "train_rows", "val_accuracy", "val_log_loss",
+           "fit_seconds", "epochs", "test_accuracy", "test_log_loss", "winner")
 
 
-def training_rows(train: dict[str, Any], train_on: str) -> tuple[np.ndarray, np.ndarray]:
+def training_rows(train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None,
+                  train_on: str) -> tuple[np.ndarray, np.ndarray]:
     """Clean train rows, the cached augmented views, or both stacked."""
     if train_on == "clean":
-        return train["x"], train["y"]
-    if train["views_x"] is None:
+        return train
+    if views is None:
         raise ConfigError(f"train_on={train_on!r} needs augmented views in the cache; make them with "
                           "`make extract AUGMENT=K` (same options)")
     if train_on == "views":
-        return train["views_x"], train["views_y"]
-    return np.concatenate([train["x"], train["views_x"]]), np.concatenate([train["y"], train["views_y"]])
+        return views
+    return np.concatenate([train[0], views[0]]), np.concatenate([train[1], views[1]])
 
 
-def load_views(cache: Path, meta: dict[str, Any], limit: int | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The cached augmented views of train, stacked (validation and test never have any)."""
-    names = meta.get("augment", {}).get("splits", [])[:limit]
+def load_views(cache: Path, meta: store.CacheMeta, limit: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first ``limit`` (all when None) cached augmented views of train, stacked."""
+    names = meta.view_splits[:limit]
     if not names:
-        return None, None
+        return None
     parts = [store.load_split(cache, name)[:2] for name in names]
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool) -> SweepData:
+    """Read the splits; carve validation from train when the cache has none; check classes."""
     from sklearn.model_selection import train_test_split
 
     notes = []
-    if "train" not in meta["splits"]:
-        raise store.CacheError(f"{cache} has no train split (it has {meta['splits']}); nothing to train on")
-    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta["splits"]}
+    if "train" not in meta.splits:
+        raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
+    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
     if "validation" not in data:
         x, y = data["train"]
         try:
-            xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.validation_fraction, stratify=y, random_state=cfg.seed)
+            xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.carve_fraction, stratify=y, random_state=cfg.seed)
         except ValueError as e:
             raise ConfigError(f"{cache}: no validation split, and train is too small to carve a stratified "
-                              f"{cfg.validation_fraction:.0%} from it ({e})") from e
+                              f"{cfg.carve_fraction:.0%} from it ({e})") from e
         data["train"], data["validation"] = (xt, yt), (xv, yv)
-        notes.append(f"no validation split in the cache: carved a stratified {cfg.validation_fraction:.0%} of train "
+        notes.append(f"no validation split in the cache: carved a stratified {cfg.carve_fraction:.0%} of train "
                      f"({len(yv)} rows, seed {cfg.seed}) for selection")
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
@@ -151,13 +135,73 @@ def _splits(cfg: SweepConfig, cache: Path, meta: dict[str, Any]) -> tuple[dict[s
     for split, (_, y) in data.items():
         unseen = sorted(set(np.unique(y).tolist()) - known)
         if unseen:
-            names = [meta.get("class_names", [])[c] if c < len(meta.get("class_names", [])) else c for c in unseen]
-            raise ConfigError(f"{cache}: split {split!r} holds class(es) {names} that train lacks; "
-                              "no head can predict them (re-split the data so train has every class)")
+            raise ConfigError(f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
+                              "train lacks; no head can predict them (re-split the data so train has every class)")
         if len(np.unique(y)) < 2:
-            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta['class_names'][int(y[0])]!r}); "
+            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
                               "a classifier needs two or more")
-    return data, notes
+    views = load_views(cache, meta, cfg.views) if wants_views else None
+    if views is not None and "validation" not in meta.splits:
+        raise ConfigError(f"{cache}: training on views needs a validation split in the cache (a validation set "
+                          "carved from train would hold images whose views are trained on)")
+    return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes)
+
+
+def _tf_threads(n: int | None) -> None:
+    """TensorFlow reads its thread counts when it starts: set them in a worker before it
+    does (BLAS pools are limited by joblib's ``inner_max_num_threads``)."""
+    if n is None or "tensorflow" in sys.modules:
+        return
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+
+
+def fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int | None,
+            data: SweepData) -> tuple[dict[str, Any], Any, bytes]:
+    """Fit and score one config on validation. The head comes back as bytes, so the parent
+    pays for loading (a Keras load for an MLP) only for the winner; these bytes never leave
+    the process tree (the run folder holds a safe format)."""
+    import io
+
+    import joblib
+
+    from .runs import score
+
+    _tf_threads(threads)
+    params = dict(params)
+    train_on = params.pop("train_on", data.default_train_on)
+    head = make_head(name, **{"random_state": seed, **params})
+    x_fit, y_fit = data.training_rows(train_on)
+    t0 = time.perf_counter()
+    head.fit(x_fit, y_fit)
+    seconds = time.perf_counter() - t0
+    val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
+    row = {"index": index, "head": name, "pooling": head.pooling, "train_on": train_on, "train_rows": len(y_fit),
+           "n_features": int(head.n_features_in_),
+           "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
+           "val_accuracy": val_accuracy, "val_log_loss": val_log_loss, "fit_seconds": seconds,
+           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
+           "full_params": head.get_params()}
+    buffer = io.BytesIO()
+    joblib.dump(head, buffer)
+    return row, getattr(head, "history_", None), buffer.getvalue()
+
+
+def fit_all(configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: int,
+            n_jobs: int) -> list[tuple[dict[str, Any], Any, bytes]]:
+    """Every config in parallel, each worker with its share of the cores."""
+    import joblib
+
+    n_jobs = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), len(configs))
+    threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
+    with joblib.parallel_config(backend="loky", inner_max_num_threads=threads):
+        return joblib.Parallel(n_jobs=n_jobs)(
+            joblib.delayed(fit_one)(i, name, params, seed, threads, data) for i, (name, params) in enumerate(configs))
+
+
+def select(rows: list[dict[str, Any]]) -> int:
+    """The winner: best validation accuracy; ties go to the lower log-loss, then the earlier config."""
+    return min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"], i))
 
 
 def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
@@ -165,71 +209,65 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     import io
 
     import joblib
-    from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
+
+    from .runs import RunFolder, score, text_table
 
     cache = Path(cache_path)
     meta = store.read_meta(cache)
     spec = load_toml(cfg.sweep_file)
     configs = expand_grid(spec, str(cfg.sweep_file))
-    data, notes = _splits(cfg, cache, meta)
-    for note in notes:
+    run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
+    data = load_data(cfg, cache, meta, any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs))
+    for note in data.notes:
         log.info(note)
-    (x_train, y_train), (x_val, y_val) = data["train"], data["validation"]
-    wants_views = any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs)
-    views_x, views_y = load_views(cache, meta, cfg.views) if wants_views else (None, None)
-    if "validation" not in meta["splits"] and views_x is not None:
-        raise ConfigError(f"{cache}: training on views needs a validation split in the cache (a validation set "
-                          "carved from train would hold images whose views are trained on)")
-    train = {"x": x_train, "y": y_train, "views_x": views_x, "views_y": views_y, "default": cfg.train_on}
-    n_jobs = min(cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1), len(configs))
-    threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
-    log.info("sweeping %d configs on %s (train %d%s, validation %d) with %d worker(s)", len(configs), cache.name,
-             len(y_train), f" + {len(views_y)} view rows" if views_y is not None else "", len(y_val), n_jobs)
+    log.info("sweeping %d configs on %s (train %d%s, validation %d) with %s worker(s)", len(configs), cache.name,
+             len(data.train[1]), f" + {len(data.views[1])} view rows" if data.views else "", len(data.validation[1]),
+             cfg.n_jobs)
     t0 = time.perf_counter()
-    results = joblib.Parallel(n_jobs=n_jobs)(
-        joblib.delayed(_fit_one)(i, name, params, cfg.seed, threads, train, x_val, y_val)
-        for i, (name, params) in enumerate(configs))
+    results = fit_all(configs, data, cfg.seed, cfg.n_jobs)
     rows = [r for r, _, _ in results]
-    histories = [h for _, h, _ in results]
     full_params = [r.pop("full_params") for r in rows]
     _show_varying_params(rows)
-    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], rows[i]["val_log_loss"], i))
+    best = select(rows)
     rows[best]["winner"] = True
-    winner_bytes = results[best][2]
-    winner = joblib.load(io.BytesIO(winner_bytes))
-    del results
-    eval_split = "test" if "test" in data else "validation"
-    x_eval, y_eval = data[eval_split]
+    winner = joblib.load(io.BytesIO(results[best][2]))
+    eval_split, (x_eval, y_eval) = ("test", data.test) if data.test is not None else ("validation", data.validation)
     proba = winner.predict_proba(x_eval)
     if eval_split == "test":
-        rows[best]["test_accuracy"] = float(accuracy_score(y_eval, winner.classes_[proba.argmax(1)]))
-        rows[best]["test_log_loss"] = float(log_loss(y_eval, proba, labels=winner.classes_))
-    sweep_seconds = time.perf_counter() - t0
-
-    run_dir = new_run_dir(cfg)
-    report.write_csv(rows, run_dir / "results.csv")
-    (run_dir / "winner.joblib").write_bytes(winner_bytes)
-    if hasattr(winner, "save_keras"):
-        winner.save_keras(run_dir / "winner.keras")
-    class_names = meta["class_names"]
-    for row, history in zip(rows, histories):
-        if history:
-            (run_dir / "curves").mkdir(exist_ok=True)
-            report.plot_learning_curves(history, run_dir / "curves" / f"{row['index']:02d}-{row['head']}.png",
-                                        f"#{row['index']} {row['head']} {row['pooling']} {row['params']}")
-    cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(class_names)))
-    report.plot_confusion_matrix(cm, class_names, run_dir / "confusion.png",
-                                 f"winner #{best} ({rows[best]['head']}) on {eval_split}")
-    cache_meta = {k: v for k, v in meta.items() if k != "paths"}
-    run_info = {"config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()), "cache_meta": cache_meta,
-                "argv": sys.argv, "seed": cfg.seed, "notes": notes, "sweep_seconds": sweep_seconds,
-                "winner": {**rows[best], "params": full_params[best]}, "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str))
-    table = report.results_table(rows)
-    summary = (f"{len(rows)} configs in {sweep_seconds:.1f} s; winner #{best} {rows[best]['head']} "
+        rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
+    seconds = time.perf_counter() - t0
+    _write_run(run, cfg, spec, cache, meta, rows, [h for _, h, _ in results], winner, full_params[best],
+               (eval_split, y_eval, proba), data.notes, seconds)
+    summary = (f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
                f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
                + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split"))
-    return SweepResult(run_dir, rows, rows[best], "\n".join([table, *notes, summary]))
+    table = text_table(rows, [c for c in COLUMNS if c != "winner"], mark="winner")
+    return SweepResult(run.path, rows, rows[best], "\n".join([table, *data.notes, summary]))
+
+
+def _write_run(run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, meta: store.CacheMeta,
+               rows: list[dict[str, Any]], histories: list[Any], winner: Any, winner_params: dict[str, Any],
+               evaluation: tuple[str, np.ndarray, np.ndarray], notes: list[str], seconds: float) -> None:
+    """results.csv, run.json, the winner, its confusion matrix, and every MLP's curves."""
+    from sklearn.metrics import confusion_matrix
+
+    from .persist import save_head
+
+    best = next(i for i, r in enumerate(rows) if r.get("winner"))
+    run.write_results(rows, COLUMNS)
+    save_head(winner, run.path)
+    for row, history in zip(rows, histories, strict=True):
+        if history:
+            (run.path / "curves").mkdir(exist_ok=True)
+            report.plot_learning_curves(history, run.path / "curves" / f"{row['index']:02d}-{row['head']}.png",
+                                        f"#{row['index']} {row['head']} {row['pooling']} {row['params']}")
+    split, y_eval, proba = evaluation
+    cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
+    report.plot_confusion_matrix(cm, list(meta.class_names), run.path / "confusion.png",
+                                 f"winner #{best} ({rows[best]['head']}) on {split}")
+    run.write_json({"kind": "classify", "config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()),
+                    "cache_meta": meta.to_dict(), "seed": cfg.seed, "notes": notes, "sweep_seconds": seconds,
+                    "winner": {**rows[best], "params": winner_params}})
 
 
 def _show_varying_params(rows: list[dict[str, Any]]) -> None:
@@ -240,31 +278,5 @@ def _show_varying_params(rows: list[dict[str, Any]]) -> None:
         parsed = [{k: v for k, v in json.loads(r["params"]).items() if k != "train_on"} for r in mine]
         keys = {k for p in parsed for k in p}
         varying = sorted(k for k in keys if len({json.dumps(p.get(k)) for p in parsed}) > 1)
-        for r, p in zip(mine, parsed):
+        for r, p in zip(mine, parsed, strict=True):
             r["params"] = json.dumps({k: p[k] for k in varying if k in p})
-
-
-def new_run_dir(cfg: SweepConfig) -> Path:
-    """runs/<time>-<name>, never an existing folder."""
-    base = Path(cfg.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
-    path, k = base, 1
-    while True:
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            k += 1
-            path = base.with_name(f"{base.name}-{k}")
-
-
-def _versions() -> dict[str, str]:
-    import joblib
-    import sklearn
-
-    from . import __version__
-
-    out = {"featcache": __version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
-           "joblib": joblib.__version__, "python": sys.version.split()[0]}
-    if "keras" in sys.modules:
-        out["keras"] = sys.modules["keras"].__version__
-    return out

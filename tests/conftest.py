@@ -44,12 +44,23 @@ def separable(n_per_class: int, k: int = 2, seed: int = 0, shape=(2, 2, 8), spre
     return x[order], y[order]
 
 
+def synthetic_meta(features: np.ndarray, class_names=("a", "b", "c"), **fields):
+    """The description of a cache of synthetic features (no backbone behind them)."""
+    from pipeline import store
+
+    return store.CacheMeta(**{"backbone": "vgg16", "weights": "random-seed0", "layer": "block5_pool", "size": 32,
+                              "dtype": str(features.dtype), "precision": "float32", "preprocessing": "synthetic",
+                              "fingerprint": "synthetic", "class_names": tuple(class_names),
+                              "feature_shape": tuple(features.shape[1:]), **fields})
+
+
 def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
     """A complete cache file from in-memory (features, labels) per split."""
     from pipeline import store
 
+    first = next(iter(splits.values()))[0]
     return store.write_cache(path, {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]}
-                                    for s, (x, y) in splits.items()}, {"class_names": list(class_names)})
+                                    for s, (x, y) in splits.items()}, synthetic_meta(first, class_names))
 
 
 @pytest.fixture

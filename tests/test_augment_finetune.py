@@ -16,7 +16,7 @@ from pipeline.extract import extract, view_split
 
 
 def cfg_for(root, cache_dir, **kw):
-    return ExtractConfig(data=str(root), size=kw.pop("size", 32), weights=kw.pop("weights", "none"),
+    return ExtractConfig(data=str(root), size=kw.pop("size", 32), weights=kw.pop("weights", "random"),
                          cache_dir=cache_dir, quiet=True, chunk_size=4, **kw)
 
 
@@ -32,11 +32,11 @@ def test_views_are_cached_deterministic_resumable_and_train_only(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 4, "validation": 2, "test": 2}, size=32)
     first = extract(cfg_for(root, tmp_path / "a", augment=2))
     meta = store.read_meta(first.path)
-    assert meta["splits"] == ["train", "validation", "test", "train@aug1", "train@aug2"]
-    assert meta["augment"]["views"] == 2 and "flip" in meta["augment"]["policy"]
+    assert meta.splits == ("train", "validation", "test", "train@aug1", "train@aug2")
+    assert meta.augment["views"] == 2 and "flip" in meta.augment["policy"]
     clean, y, m = store.load_split(first.path, "train")
     v1, y1, m1 = store.load_split(first.path, view_split(1))
-    assert v1.shape == clean.shape and np.array_equal(y1, y) and m1["paths"] == m["paths"]
+    assert v1.shape == clean.shape and np.array_equal(y1, y) and m1 == m
     assert not np.allclose(v1, clean) and not np.allclose(v1, store.load_split(first.path, view_split(2))[0])
     # same views from a fresh run, and adding views later computes only the new ones
     other = extract(cfg_for(root, tmp_path / "b", augment=1))
@@ -75,8 +75,9 @@ def test_block5_from_cached_block4_equals_the_full_network(tmp_path):
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(64, 64, 3)).save_weights(weights)
     c4 = extract(cfg_for(root, tmp_path / "c", size=64, weights=str(weights), layer="block4_pool")).path
     c5 = extract(cfg_for(root, tmp_path / "c", size=64, weights=str(weights))).path
-    x4, _, meta4 = store.load_split(c4, "train")
+    x4, _, _ = store.load_split(c4, "train")
     x5, _, _ = store.load_split(c5, "train")
+    meta4 = store.read_meta(c4)
     assert x4.shape == (6, 4, 4, 512) and x5.shape == (6, 2, 2, 512)
     out = build_block5(meta4).predict(x4, verbose=0)
     np.testing.assert_allclose(out, x5, rtol=1e-4, atol=1e-4 * np.abs(x5).max())

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_folder
-from pipeline import backbone, store
+import dataclasses
+
+from pipeline import registry, store
 from pipeline.config import ConfigError, ExtractConfig, SweepConfig
 from pipeline.extract import extract
 
@@ -28,7 +30,7 @@ def test_family_shapes_and_own_preprocessing(tmp_path, name, size, shape):
     import keras
 
     root = make_folder(tmp_path / "imgs", {"train": 2}, size=size)
-    family = backbone.BACKBONES[name]
+    family = registry.BACKBONES[name]
     keras.utils.set_random_seed(7)
     model = getattr(keras.applications, family.constructor)(include_top=False, weights=None,
                                                             input_shape=(size, size, 3))
@@ -36,12 +38,13 @@ def test_family_shapes_and_own_preprocessing(tmp_path, name, size, shape):
     model.save_weights(weights)
     result = extract(ExtractConfig(data=str(root), backbone=name, size=size, weights=str(weights),
                                    cache_dir=tmp_path / "cache", quiet=True))
-    x, _, meta = store.load_split(result.path, "train")
+    x, _, paths = store.load_split(result.path, "train")
+    meta = store.read_meta(result.path)
     assert x.shape == (4, *shape)
-    assert meta["backbone"] == name and meta["layer"] == family.layer and result.path.name.startswith(name)
-    assert f"keras.applications.{family.module}" in meta["preprocessing"] or name == "efficientnetb0"
-    assert meta["preprocessing"] != backbone.PREPROCESSING or name in ("vgg19",)
-    pixels = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in meta["paths"]])
+    assert meta.backbone == name and meta.layer == family.layer and result.path.name.startswith(name)
+    assert f"keras.applications.{family.module}" in meta.preprocessing or name == "efficientnetb0"
+    assert meta.preprocessing != registry.BACKBONES["vgg16"].preprocessing or name in ("vgg19",)
+    pixels = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in paths])
     module = getattr(keras.applications, family.module)
     direct = model.predict(module.preprocess_input(pixels.copy()), verbose=0)
     scale = np.abs(direct).max()
@@ -53,20 +56,28 @@ def test_family_shapes_and_own_preprocessing(tmp_path, name, size, shape):
 
 
 def test_default_size_and_layer_come_from_the_backbone():
-    assert (ExtractConfig().size, ExtractConfig().layer) == (150, "block5_pool")
-    cfg = ExtractConfig(backbone="inceptionv3")
+    from pipeline.layout import resolve_options
+
+    cfg = resolve_options(ExtractConfig())
+    assert (cfg.size, cfg.layer) == (150, "block5_pool")
+    cfg = resolve_options(ExtractConfig(backbone="inceptionv3"))
     assert (cfg.size, cfg.layer) == (299, "mixed10")
+    # replacing the backbone of an unresolved config takes the new backbone's defaults
+    other = resolve_options(dataclasses.replace(ExtractConfig(), backbone="resnet50"))
+    assert (other.size, other.layer) == (224, "conv5_block3_out")
     with pytest.raises(ConfigError, match="inceptionv3's minimum"):
-        ExtractConfig(backbone="inceptionv3", size=64)
+        resolve_options(ExtractConfig(backbone="inceptionv3", size=64))
 
 
 def test_unknown_backbone_and_layer_name_the_alternatives(tmp_path):
+    from pipeline.layout import resolve_options
+
     with pytest.raises(ConfigError, match="available.*resnet50"):
-        ExtractConfig(backbone="resnet18")
+        resolve_options(ExtractConfig(backbone="resnet18"))
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
     with pytest.raises(ConfigError, match="conv5_block3_out"):
         extract(ExtractConfig(data=str(root), backbone="resnet50", size=32, layer="conv5_block3_outt",
-                              weights="none", cache_dir=tmp_path / "cache", quiet=True))
+                              weights="random", cache_dir=tmp_path / "cache", quiet=True))
     assert not list((tmp_path / "cache").rglob("*.h5"))
 
 
@@ -76,14 +87,17 @@ def test_compare_two_backbones(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
-    base = ExtractConfig(data=str(root), weights="none", cache_dir=tmp_path / "cache", quiet=True)
+    base = ExtractConfig(data=str(root), weights="random", size=32, cache_dir=tmp_path / "cache", quiet=True)
     result = compare(["vgg16", "mobilenetv2"], base, SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs",
-                                                                 n_jobs=1), size=32)
+                                                                 n_jobs=1))
     rows = list(csv.DictReader(open(result.csv)))
     assert [r["backbone"] for r in rows] == ["vgg16", "mobilenetv2"]
     assert [r["feature_shape"] for r in rows] == ["1x1x512", "1x1x1280"]
-    assert all(float(r["test_accuracy"]) >= 0 and float(r["extract_images_per_second"]) > 0 for r in rows)
+    for r in rows:  # each row is its own sweep's winner, tested once
+        winner = [w for w in csv.DictReader(open(f"{r['run_dir']}/results.csv")) if w["winner"] == "True"]
+        assert len(winner) == 1 and r["test_accuracy"] == winner[0]["test_accuracy"] != ""
+        assert float(r["extract_images_per_second"]) > 0
     assert result.chart.is_file() and "mobilenetv2" in result.table
     with pytest.raises(ConfigError, match="fits one backbone"):
-        compare(["vgg16", "vgg19"], ExtractConfig(data=str(root), weights=str(tmp_path / "s.toml")),
+        compare(["vgg16", "vgg19"], ExtractConfig(data=str(root), weights=str(tmp_path / "w.h5")),
                 SweepConfig(sweep_file=sweep))

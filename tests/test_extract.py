@@ -11,14 +11,15 @@ import pytest
 from PIL import Image
 
 from conftest import make_folder, make_image
-from pipeline import backbone, store
+from pipeline import backbone, registry, store, weights
 from pipeline.config import ConfigError, ExtractConfig
-from pipeline.extract import extract, locate
+from pipeline.extract import extract
+from pipeline.layout import locate
 
 
 def cfg_for(data: Path | str, cache_dir: Path, **kw) -> ExtractConfig:
     kw.setdefault("size", 32)
-    kw.setdefault("weights", "none")
+    kw.setdefault("weights", "random")
     return ExtractConfig(data=str(data), cache_dir=cache_dir, quiet=True, **kw)
 
 
@@ -26,18 +27,19 @@ def cfg_for(data: Path | str, cache_dir: Path, **kw) -> ExtractConfig:
 def test_feature_shapes(tmp_path, cache_dir, size, side):
     root = make_folder(tmp_path / "imgs", {"train": 2, "test": 1})
     result = extract(cfg_for(root, cache_dir, size=size))
-    x, y, meta = store.load_split(result.path, "train")
+    x, y, _ = store.load_split(result.path, "train")
+    meta = store.read_meta(result.path)
     assert x.shape == (4, side, side, 512) and x.dtype == np.float32
     assert y.shape == (4,)
-    assert meta["splits"] == ["train", "test"]
-    assert meta["image_size"] == size and meta["feature_shape"] == [side, side, 512]
+    assert meta.splits == ("train", "test")
+    assert meta.size == size and meta.feature_shape == (side, side, 512)
 
 
 def test_block4_pool_layer_shape(image_root, cache_dir):
     result = extract(cfg_for(image_root, cache_dir, size=48, layer="block4_pool"))
-    x, _, meta = store.load_split(result.path, "validation")
-    assert x.shape == (6, 3, 3, 512) and meta["layer"] == "block4_pool"
-    assert backbone.output_shape(150, "block4_pool") == (9, 9, 512)
+    x, _, _ = store.load_split(result.path, "validation")
+    assert x.shape == (6, 3, 3, 512) and store.read_meta(result.path).layer == "block4_pool"
+    assert registry.output_shape(150, "block4_pool") == (9, 9, 512)
 
 
 def test_features_equal_direct_keras_forward_pass(tmp_path, cache_dir):
@@ -53,34 +55,40 @@ def test_features_equal_direct_keras_forward_pass(tmp_path, cache_dir):
     model.save_weights(weights_file)
     result = extract(cfg_for(root, cache_dir, size=size, weights=str(weights_file), batch_size=4))
     for split in ("train", "test"):
-        x, y, meta = store.load_split(result.path, split)
-        pixels = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in meta["paths"]])
+        x, y, paths = store.load_split(result.path, split)
+        pixels = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in paths])
         direct = model.predict(keras.applications.vgg16.preprocess_input(pixels), verbose=0)
         np.testing.assert_allclose(x, direct, rtol=1e-4, atol=1e-4)
-    assert meta["weights_sha256"] == backbone.file_sha256(weights_file)
+    meta = store.read_meta(result.path)
+    assert meta.weights_file_sha256 == weights.file_sha256(weights_file)
+    assert meta.weights_sha256 == weights.values_sha256(model)
 
 
 def test_labels_and_paths_aligned_with_files(image_root, cache_dir):
     result = extract(cfg_for(image_root, cache_dir))
     meta = store.read_meta(result.path)
-    assert meta["class_names"] == ["cats", "dogs"]
+    assert meta.class_names == ("cats", "dogs")
     for split, n in (("train", 12), ("validation", 6), ("test", 6)):
-        _, y, m = store.load_split(result.path, split)
-        assert len(m["paths"]) == len(y) == n
-        for path, label in zip(m["paths"], y):
+        _, y, paths = store.load_split(result.path, split)
+        assert len(paths) == len(y) == n
+        for path, label in zip(paths, y, strict=True):
             assert path.startswith(f"{split}/")
             assert (image_root / path).is_file()
-            assert path.split("/")[1] == meta["class_names"][label]
+            assert path.split("/")[1] == meta.class_names[label]
 
 
 def test_provenance_attributes(image_root, cache_dir):
-    meta = store.read_meta(extract(cfg_for(image_root, cache_dir)).path)
-    for key in ("class_names", "backbone", "weights", "weights_sha256", "layer", "image_size", "preprocessing",
-                "dtype", "versions", "created", "fingerprint", "complete", "config"):
-        assert key in meta, key
-    assert "caffe" in meta["preprocessing"] and "no scaling" in meta["preprocessing"]
-    assert meta["complete"] is True and len(meta["weights_sha256"]) == 64
-    assert {"keras", "h5py", "featcache"} <= set(meta["versions"])
+    path = extract(cfg_for(image_root, cache_dir)).path
+    meta = store.read_meta(path)
+    assert (meta.backbone, meta.weights, meta.layer, meta.size, meta.dtype, meta.precision) == (
+        "vgg16", "random-seed0", "block5_pool", 32, "float32", "float32")
+    assert meta.class_names == ("cats", "dogs") and len(meta.fingerprint) == 64
+    assert "caffe" in meta.preprocessing and "no scaling" in meta.preprocessing
+    assert len(meta.weights_sha256) == 64 and meta.weights_source == "random"
+    assert {"keras", "h5py", "featcache"} <= set(meta.info["versions"])
+    assert meta.info["config"]["weights"] == "random"
+    with h5py.File(path) as f:  # self-describing: readable without this package
+        assert f.attrs["complete"] and f.attrs["backbone"] == "vgg16" and "created" in f.attrs
 
 
 def test_cache_hit_builds_no_model(image_root, cache_dir, monkeypatch):
@@ -101,7 +109,7 @@ def test_changed_inputs_never_reuse_and_force_rebuilds(image_root, cache_dir):
         locate(cfg_for(image_root, cache_dir))
     rebuilt = extract(cfg_for(image_root, cache_dir, force=True))
     assert rebuilt.path == first.path and not rebuilt.hit
-    assert store.read_meta(rebuilt.path)["split_sizes"]["train"] == 13
+    assert store.read_meta(rebuilt.path).split_sizes["train"] == 13
 
 
 def test_options_and_folders_get_their_own_cache_files(tmp_path, cache_dir):
@@ -117,8 +125,8 @@ def test_float16_and_compression(image_root, cache_dir):
     f32 = extract(cfg_for(image_root, cache_dir)).path
     f16 = extract(cfg_for(image_root, cache_dir, dtype="float16", compression="lzf")).path
     x32, _, _ = store.load_split(f32, "train")
-    x16, _, meta = store.load_split(f16, "train")
-    assert x16.dtype == np.float16 and meta["dtype"] == "float16"
+    x16, _, _ = store.load_split(f16, "train")
+    assert x16.dtype == np.float16 and store.read_meta(f16).dtype == "float16"
     np.testing.assert_allclose(x16.astype(np.float32), x32, rtol=2e-3, atol=2e-3 * np.abs(x32).max())
     with h5py.File(f16) as f:
         assert f["train/features"].compression == "lzf"
@@ -132,24 +140,26 @@ def test_unsplit_folder_gets_stratified_split(tmp_path, cache_dir):
             make_image(root / name / f"{i}.png", colour, 32, i)
     result = extract(cfg_for(root, cache_dir, split=(0.6, 0.2, 0.2)))
     meta = store.read_meta(result.path)
-    assert meta["split_sizes"] == {"train": 12, "validation": 4, "test": 4}
+    assert meta.split_sizes == {"train": 12, "validation": 4, "test": 4}
+    assert meta.class_names == ("a", "b")
     for split in ("train", "validation", "test"):
-        _, y, m = store.load_split(result.path, split)
+        _, y, paths = store.load_split(result.path, split)
         assert np.bincount(y).tolist() == [len(y) // 2] * 2  # stratified
-    seen = [p for s in ("train", "validation", "test") for p in store.load_split(result.path, s)[2]["paths"]]
+        assert [p.split("/")[0] for p in paths] == [meta.class_names[c] for c in y]  # label = its folder
+    seen = [p for s in ("train", "validation", "test") for p in store.load_split(result.path, s)[2]]
     assert len(seen) == len(set(seen)) == 20  # no image in two splits
 
 
 def test_digits_builtin_and_npz(tmp_path, cache_dir):
     result = extract(cfg_for("digits", cache_dir))
     meta = store.read_meta(result.path)
-    assert meta["class_names"] == [str(i) for i in range(10)] and sum(meta["split_sizes"].values()) == 1797
+    assert meta.class_names == tuple(str(i) for i in range(10)) and sum(meta.split_sizes.values()) == 1797
     rng = np.random.default_rng(0)
     npz = tmp_path / "arr.npz"
     np.savez(npz, x=rng.integers(0, 255, (20, 16, 16), dtype=np.uint8), y=np.array(["b", "a"] * 10),
              class_names=np.array(["a", "b"]))
     meta = store.read_meta(extract(cfg_for(npz, cache_dir)).path)
-    assert meta["class_names"] == ["a", "b"] and sum(meta["split_sizes"].values()) == 20
+    assert meta.class_names == ("a", "b") and sum(meta.split_sizes.values()) == 20
 
 
 def test_bad_files_are_skipped_and_recorded(image_root, cache_dir):
@@ -162,10 +172,11 @@ def test_bad_files_are_skipped_and_recorded(image_root, cache_dir):
     result = extract(cfg_for(image_root, cache_dir))
     assert {Path(p).name for p, _ in result.skipped["train"]} == {"empty.jpg", "notes.txt", "truncated.jpg"}
     assert "skipped" in result.summary() and "empty file" in result.summary()
-    _, y, meta = store.load_split(result.path, "train")
-    assert len(y) == 12 and not any("empty" in p for p in meta["paths"])
+    _, y, paths = store.load_split(result.path, "train")
+    assert len(y) == 12 and not any("empty" in p for p in paths)
     with h5py.File(result.path) as f:
-        reasons = dict(zip(f["train/skipped/paths"].asstr()[()], f["train/skipped/reasons"].asstr()[()]))
+        reasons = dict(zip([store.decode_path(p) for p in f["train/skipped/paths"][()]],
+                           f["train/skipped/reasons"].asstr()[()], strict=True))
     assert reasons["train/cats/empty.jpg"] == "empty file (0 bytes)"
     assert "truncated" in reasons["train/cats/truncated.jpg"] or "cannot decode" in reasons["train/cats/truncated.jpg"]
 
@@ -196,7 +207,7 @@ def test_class_folder_errors_name_the_class(image_root, cache_dir, mutate, messa
     ({"dtype": "int8"}, "int8"),
 ])
 def test_bad_options_fail_before_work_naming_the_value(image_root, cache_dir, overrides, message):
-    kw = {"data": str(image_root), "size": 32, "weights": "none", "cache_dir": cache_dir, **overrides}
+    kw = {"data": str(image_root), "size": 32, "weights": "random", "cache_dir": cache_dir, **overrides}
     with pytest.raises(ConfigError, match=message):
         extract(ExtractConfig(**kw))
     assert not cache_dir.exists() or not list(cache_dir.rglob("*.h5"))
@@ -204,9 +215,9 @@ def test_bad_options_fail_before_work_naming_the_value(image_root, cache_dir, ov
 
 def test_imagenet_unavailable_names_the_file(image_root, cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
-    monkeypatch.setattr(backbone, "_download_imagenet",
-                        lambda path: (_ for _ in ()).throw(ConfigError(backbone._imagenet_missing(path, "offline"))))
-    with pytest.raises(ConfigError, match=backbone.IMAGENET_FILE):
+    monkeypatch.setattr(weights, "_download_imagenet",
+                        lambda path: (_ for _ in ()).throw(ConfigError(weights.imagenet_missing(path, "offline"))))
+    with pytest.raises(ConfigError, match=weights.IMAGENET_FILE):
         extract(cfg_for(image_root, cache_dir, weights="imagenet"))
 
 

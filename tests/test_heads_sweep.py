@@ -151,7 +151,7 @@ def test_classify_then_predict_end_to_end(tmp_path):
     from pipeline.predict import predict
 
     root = make_folder(tmp_path / "imgs", {"train": 8, "validation": 4, "test": 4}, size=32)
-    cfg = ExtractConfig(data=str(root), size=32, weights="none", cache_dir=tmp_path / "cache", quiet=True)
+    cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "cache", quiet=True)
     cache = extract(cfg).path
     sweep = write_toml(tmp_path / "s.toml", '[[head]]\nname = "logreg"\npooling = "avg"\n')
     run = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1), cache).run_dir
@@ -161,6 +161,6 @@ def test_classify_then_predict_end_to_end(tmp_path):
     correct = sum(r["path"].split("/")[0] == r["class"] for r in rows)
     assert correct >= 6  # colour-separable classes, even through random weights
     with pytest.raises(ConfigError, match="size"):
-        predict(root / "test", run_dir=run, expected={"size": 64})
+        predict(root / "test", run_dir=run, request={"size": 64})
     with pytest.raises(ConfigError, match="layer"):
-        predict(root / "test", run_dir=run, expected={"layer": "block4_pool"})
+        predict(root / "test", run_dir=run, request={"layer": "block4_pool"})

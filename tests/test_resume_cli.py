@@ -35,7 +35,7 @@ def run(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_features(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 20, "test": 4}, size=64)
-    opts = ("--data", str(root), "--size", "64", "--weights", "none", "--chunk-size", "4", "--batch-size", "2",
+    opts = ("--data", str(root), "--size", "64", "--weights", "random", "--chunk-size", "4", "--batch-size", "2",
             "--quiet")
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
 
@@ -63,17 +63,17 @@ def test_killed_run_resumes_to_identical_features(tmp_path):
     for split in ("train", "test"):
         xa, ya, ma = store.load_split(a, split)
         xb, yb, mb = store.load_split(b, split)
-        assert ma["paths"] == mb["paths"] and np.array_equal(ya, yb)
+        assert ma == mb and np.array_equal(ya, yb)
         np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_exit_codes_and_messages(tmp_path):
     cache_dir = tmp_path / "cache"
-    bad_layer = run("extract", "--data", "digits", "--weights", "none", "--layer", "block6_pool", cache_dir=cache_dir)
+    bad_layer = run("extract", "--data", "digits", "--weights", "random", "--layer", "block6_pool", cache_dir=cache_dir)
     assert bad_layer.returncode == 2 and "block6_pool" in bad_layer.stderr and "block5_pool" in bad_layer.stderr
-    missing = run("extract", "--data", str(tmp_path / "nothing"), "--weights", "none", cache_dir=cache_dir)
+    missing = run("extract", "--data", str(tmp_path / "nothing"), "--weights", "random", cache_dir=cache_dir)
     assert missing.returncode == 2 and str(tmp_path / "nothing") in missing.stderr
-    no_cache = run("classify", "--data", "digits", "--weights", "none", "--size", "32", cache_dir=cache_dir)
+    no_cache = run("classify", "--data", "digits", "--weights", "random", "--size", "32", cache_dir=cache_dir)
     assert no_cache.returncode == 3 and "make extract" in no_cache.stderr
     usage = run("extract", "--size", "big", cache_dir=cache_dir)
     assert usage.returncode == 2 and "big" in usage.stderr
@@ -81,7 +81,7 @@ def test_cli_exit_codes_and_messages(tmp_path):
 
 def test_cli_extract_then_hit(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 2})
-    opts = ("--data", str(root), "--size", "32", "--weights", "none", "--quiet")
+    opts = ("--data", str(root), "--size", "32", "--weights", "random", "--quiet")
     first = run("extract", *opts, cache_dir=tmp_path / "c")
     assert first.returncode == 0 and "images/s" in first.stdout and "GFLOP/s" in first.stdout
     again = run("extract", *opts, cache_dir=tmp_path / "c")

@@ -1,0 +1,97 @@
+"""Where caches live and what they are called: the one module that turns extract options
+into a cache file, and finds that file again for stage two, predict, finetune and compare.
+
+``plan`` resolves the backbone's default size and layer once, checks every option and
+input, and pins the weights, all before any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import registry, sources, store, weights
+from .config import ExtractConfig
+from .errors import CacheError, ConfigError
+from .store import CacheKey
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before any work: options resolved, inputs listed, weights pinned."""
+
+    cfg: ExtractConfig  # size and layer filled in
+    source: sources.Source
+    weights: weights.Weights
+    key: CacheKey
+    path: Path
+
+
+def resolve_options(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with the backbone's default size and layer filled in, both checked."""
+    family = registry.spec(cfg.backbone)
+    size = registry.check_size(family.size if cfg.size is None else cfg.size, cfg.backbone)
+    layer = family.layer if cfg.layer is None else cfg.layer
+    registry.check_layer(layer, cfg.backbone)
+    return dataclasses.replace(cfg, size=size, layer=layer)
+
+
+def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> CacheKey:
+    assert cfg.size is not None and cfg.layer is not None, "resolve_options first"
+    return CacheKey(backbone=cfg.backbone, weights=weights_id, layer=cfg.layer, size=cfg.size, dtype=cfg.dtype,
+                    precision=cfg.precision, preprocessing=registry.spec(cfg.backbone).preprocessing,
+                    fingerprint=source.fingerprint)
+
+
+def cache_path(cache_dir: Path, source: sources.Source, key: CacheKey) -> Path:
+    """One file per (data source, backbone, weights, layer, size, dtype, precision)."""
+    name = f"{key.backbone}-{key.weights}-{key.layer}-{key.size}"
+    name += "".join(f"-{v}" for v in (key.dtype, key.precision) if v != "float32")
+    return Path(cache_dir) / source.key / f"{name}.h5"
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuse, before any compute, a folder that cannot be created or written."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: {existing} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {folder}: {existing} is not writable; choose another {what} or fix its permissions")
+
+
+def plan(cfg: ExtractConfig) -> Plan:
+    """Check every option and input before any work; no model is built."""
+    cfg = resolve_options(cfg)
+    source = sources.resolve(cfg)
+    pinned = weights.resolve(cfg.weights, cfg.backbone, cfg.seed)
+    key = cache_key(cfg, source, pinned.id)
+    return Plan(cfg, source, pinned, key, cache_path(cfg.cache_dir, source, key))
+
+
+def extract_command(cfg: ExtractConfig) -> str:
+    """The make command that builds the cache ``cfg`` names (for messages)."""
+    parts = [f"DATA={shlex.quote(str(cfg.data))}", f"BACKBONE={cfg.backbone}", f"SIZE={cfg.size}",
+             f"WEIGHTS={shlex.quote(str(cfg.weights))}", f"LAYER={cfg.layer}"]
+    parts += [f"{name.upper()}={getattr(cfg, name)}" for name in ("dtype", "precision") if getattr(cfg, name) != "float32"]
+    return "make extract " + " ".join(parts)
+
+
+def locate(cfg: ExtractConfig) -> Path:
+    """The complete cache that ``cfg`` names, checked against the current inputs; no model,
+    no download. Stage two uses it to find what stage one made."""
+    cfg = resolve_options(cfg)
+    source = sources.resolve(cfg)
+    key = cache_key(cfg, source, weights.weights_id(cfg.weights, cfg.seed))
+    path = cache_path(cfg.cache_dir, source, key)
+    if not path.exists():
+        raise CacheError(f"no cache at {path}; make it with `{extract_command(cfg)}`")
+    diffs = store.read_meta(path).key().diff(key)
+    if diffs:
+        raise CacheError(f"{path} no longer matches its inputs ({'; '.join(diffs)}); "
+                         f"rebuild it with `{extract_command(cfg)} FORCE=1`")
+    return path
