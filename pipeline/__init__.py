@@ -3,17 +3,24 @@ light heads on the cache in seconds.
 
     from pipeline import ExtractConfig, extract, load_split
     result = extract(ExtractConfig(data="path/to/images", size=150))
-    x_train, y_train, meta = load_split(result.path, "train")
+    x_train, y_train, paths = load_split(result.path, "train")
+    read_meta(result.path).class_names
 
 Importing the package is cheap: TensorFlow loads only when a model is built.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ExtractConfig", "SweepConfig", "extract", "load_split", "read_meta", "__version__"]
+if os.environ.get("FEATCACHE_QUIET_TF") == "1":  # set by the CLI: its worker processes stay quiet too
+    from . import quiet
+
+    quiet.install()
+
+__all__ = ["ExtractConfig", "SweepConfig", "CacheMeta", "extract", "load_split", "read_meta", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # lazy, so `import pipeline` imports neither keras nor h5py
@@ -25,7 +32,7 @@ def __getattr__(name: str) -> Any:  # lazy, so `import pipeline` imports neither
         from .extract import extract
 
         return extract
-    if name in ("load_split", "read_meta"):
+    if name in ("load_split", "read_meta", "CacheMeta"):
         from . import store
 
         return getattr(store, name)

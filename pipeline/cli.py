@@ -250,13 +250,13 @@ COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, 
 
 
 def quiet_frameworks(verbose: bool) -> None:
-    """TensorFlow's start-up lines (oneDNN, CUDA stubs, absl) off unless -v: set in the
-    environment before any import, so joblib's worker processes inherit it too."""
-    level = "0" if verbose else "3"
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("FEATCACHE_TF_LOG_LEVEL", level)
-    if not verbose:
-        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    """TensorFlow's start-up lines off unless -v, in this process and its workers."""
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        return
+    from .quiet import install
+
+    install()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,6 +295,7 @@ class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
         return self._predict_proba(np.asarray(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "model_")  # before self.classes_ is read: NotFittedError, not AttributeError
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
