@@ -8,6 +8,7 @@ on Linux), cold. Usage: python bench/bench_cache_io.py [--cache FILE] [--repeats
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -33,20 +34,21 @@ def main() -> None:
     args = p.parse_args()
     from pipeline import store
     from pipeline.config import ExtractConfig
-    from pipeline.extract import locate
+    from pipeline.layout import locate
 
     if args.cache is None:
         require_data()
-        weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "none"
+        weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
         try:
             args.cache = locate(ExtractConfig(data=str(DATA), weights=weights))
         except Exception as e:  # no cache yet: say how to make it
             print(f"SKIP: {e}")
             return
-    x, y, meta = store.load_split(args.cache, args.split)
-    print(f"{args.cache}: split {args.split}, features {x.shape} {x.dtype}, weights {meta['weights']}; "
+    x, y, paths = store.load_split(args.cache, args.split)
+    meta = store.read_meta(args.cache)
+    print(f"{args.cache}: split {args.split}, features {x.shape} {x.dtype}, weights {meta.weights}; "
           f"{100 * (x == 0).mean():.0f}% zeros; medians of {args.repeats}")
-    splits = {args.split: {"features": x, "labels": y, "paths": meta["paths"]}}
+    splits = {args.split: {"features": x, "labels": y, "paths": paths}}
     tmp = Path(tempfile.mkdtemp(prefix="featcache-io-"))
     cold_ok = drop_page_cache()
     print(f"{'dtype':8} {'filter':6} {'MB':>7} {'write s':>8} {'read warm s':>12} {'read cold s':>12} {'GB/s warm':>10}")
@@ -59,7 +61,7 @@ def main() -> None:
                 writes, warm, cold = [], [], []
                 for _ in range(args.repeats):
                     with Timer() as t:
-                        store.write_cache(path, splits, {"class_names": meta["class_names"], "dtype": dtype},
+                        store.write_cache(path, splits, dataclasses.replace(meta, dtype=dtype),
                                           compression=compression)
                         fd = os.open(path, os.O_RDONLY)
                         os.fsync(fd)

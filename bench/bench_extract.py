@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--decode-threads", type=int, default=2)
-    p.add_argument("--weights", default=str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "none")
+    p.add_argument("--weights", default=str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
     args = p.parse_args()
     require_data()
 
@@ -33,7 +33,7 @@ def main() -> None:
     import numpy as np
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-    from pipeline import backbone
+    from pipeline import backbone, registry, weights
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract
 
@@ -45,10 +45,10 @@ def main() -> None:
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-bench-cache-"))
     try:
         for size in args.sizes:
-            gflop = backbone.flops_per_image(size, "block5_pool") / 1e9
+            gflop = registry.flops_per_image(size, "block5_pool") / 1e9
             cfg = ExtractConfig(data=str(folder), size=size, weights=args.weights, batch_size=args.batch,
                                 decode_threads=args.decode_threads, cache_dir=cache_dir, force=True, quiet=True)
-            model = backbone.build(cfg, backbone.resolve_weights(cfg))
+            model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve(args.weights))
             x = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
             model.predict_on_batch(x)  # trace once, outside the timings
             rates: dict[str, list[float]] = {"a": [], "a_wall": [], "b": [], "c": []}

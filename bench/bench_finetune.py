@@ -30,19 +30,19 @@ def main() -> None:
     args = p.parse_args()
     require_data()
     from bench_recipe import seeds_recipe
-    from pipeline import backbone, store
+    from pipeline import registry, store
     from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
     from pipeline.extract import extract
     from pipeline.finetune import finetune
     from pipeline.sweep import run_sweep
 
-    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "none"
+    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
     print(machine())
     print(f"weights {weights}; size {args.size}; data {DATA}")
     work = Path(tempfile.mkdtemp(prefix="featcache-ft-"))
     sweep = work / "sweep.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = ["flatten", "avg"]\nC = [0.001, 0.01]\n')
-    full = backbone.flops_per_image(args.size, "block5_pool")
+    full = registry.flops_per_image(args.size, "block5_pool")
     rows = []
 
     def report(name: str, passes: float, seconds: float, accuracy: float, note: str = "") -> None:
@@ -55,9 +55,8 @@ def main() -> None:
         with Timer() as t:
             r = extract(dataclasses.replace(base, augment=k_max))
         meta = store.read_meta(r.path)
-        rate = meta["extract_images_per_second"] or 1.0
+        rate = meta.info.get("extract_images_per_second") or 1.0
         clean_seconds = 4000 / rate
-        view_seconds = 2000 * k_max / rate
         print(f"cache with {k_max} views: {r.path} ({'hit' if r.hit else f'{t.seconds:.0f} s'}); "
               f"{rate:.1f} img/s when made", flush=True)
         res = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=work / "runs", train_on="clean"), r.path)
@@ -69,7 +68,7 @@ def main() -> None:
                    res.winner["test_accuracy"], f"{res.winner['head']} {res.winner['pooling']} {res.winner['params']}")
         with Timer() as t4:
             r4 = extract(dataclasses.replace(base, layer="block4_pool"))
-        block4 = backbone.flops_per_image(args.size, "block4_pool")
+        block4 = registry.flops_per_image(args.size, "block4_pool")
         with Timer() as tf:
             ft = finetune(FinetuneConfig(epochs=args.epochs, runs_dir=work / "runs"), base)
         epochs_run = len(__import__("json").loads((ft.run_dir / "run.json").read_text())["history"]["loss"])

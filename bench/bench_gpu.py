@@ -30,7 +30,7 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from pipeline import backbone, images, sources
+    from pipeline import backbone, images, registry, sources, weights
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract
 
@@ -45,7 +45,7 @@ def main() -> None:
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-gpu-"))
     try:
         for size in args.sizes:
-            gflop = backbone.flops_per_image(size, "block5_pool") / 1e9
+            gflop = registry.flops_per_image(size, "block5_pool") / 1e9
             print(f"\n== {size}x{size}: {gflop:.1f} GFLOP/image")
             # decoding alone, all splits of the real JPEGs
             src = sources.resolve(ExtractConfig(data=str(data), size=size))
@@ -64,8 +64,8 @@ def main() -> None:
                       f"(2 passes over {len(files)} JPEGs, pool started)")
             # forward pass alone, in-memory uint8 batches
             for mixed in (False, True):
-                cfg = ExtractConfig(size=size, weights="none", mixed_precision=mixed)
-                model = backbone.build(cfg, backbone.resolve_weights(cfg))
+                model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve("random"),
+                                       precision="float16" if mixed else "float32")
                 for bs in args.batches:
                     x = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
                     backbone.forward(model, x, bs)  # compile
@@ -83,7 +83,7 @@ def main() -> None:
                 keras.backend.clear_session()
             # extract end to end, all 4000 images
             for mixed in (False, True):
-                cfg = ExtractConfig(data=str(data), size=size, weights="none", mixed_precision=mixed,
+                cfg = ExtractConfig(data=str(data), size=size, weights="random", precision="float16" if mixed else "float32",
                                     batch_size=args.extract_batch, cache_dir=cache_dir, force=True, quiet=True)
                 steady, wall = [], []
                 for _ in range(args.repeats):
@@ -97,7 +97,7 @@ def main() -> None:
                 print("    last run's time:", ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
                       f"of {result.seconds:.2f} s")
             x32, _, _ = __import__("pipeline.store", fromlist=["load_split"]).load_split(result.path, "test")
-            cfg32 = ExtractConfig(data=str(data), size=size, weights="none", batch_size=args.extract_batch,
+            cfg32 = ExtractConfig(data=str(data), size=size, weights="random", batch_size=args.extract_batch,
                                   cache_dir=cache_dir, force=True, quiet=True)
             x_ref, _, _ = __import__("pipeline.store", fromlist=["load_split"]).load_split(extract(cfg32).path, "test")
             rel = np.abs(x32 - x_ref).max() / np.abs(x_ref).max()

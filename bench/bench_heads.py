@@ -23,11 +23,11 @@ def main() -> None:
     require_data()
     from pipeline import store
     from pipeline.config import ExtractConfig, SweepConfig
-    from pipeline.extract import locate
+    from pipeline.layout import locate
     from pipeline.heads import make_head
     from pipeline.sweep import run_sweep
 
-    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "none"
+    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
     try:
         cache = locate(ExtractConfig(data=str(DATA), weights=weights, size=args.size))
     except Exception as e:

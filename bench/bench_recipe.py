@@ -57,7 +57,7 @@ def main() -> None:
     from pipeline.extract import extract
     from pipeline.sweep import run_sweep
 
-    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "none"
+    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
     print(machine())
     print(f"weights {weights}; size {args.size}; data {DATA}")
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-recipe-"))

@@ -11,9 +11,7 @@ the compile step and the reporting.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,7 +2,6 @@
 mismatches, bad files and strict mode."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py

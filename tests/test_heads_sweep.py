@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from conftest import cache_from, make_folder, separable
-from pipeline import store
 from pipeline.config import ConfigError, ExtractConfig, SweepConfig
 from pipeline.extract import extract
 from pipeline.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features

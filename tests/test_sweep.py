@@ -5,14 +5,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import cache_from, separable
 
-from pipeline import store
 from pipeline.config import ConfigError, SweepConfig
 from pipeline.sweep import expand_grid, run_sweep
 
