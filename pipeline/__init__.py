@@ -20,7 +20,7 @@ if os.environ.get("FEATCACHE_QUIET_TF") == "1":  # set by the CLI: its worker pr
 
     quiet.install()
 
-__all__ = ["ExtractConfig", "SweepConfig", "CacheMeta", "extract", "load_split", "read_meta", "__version__"]
+__all__ = ["CacheMeta", "ExtractConfig", "SweepConfig", "__version__", "extract", "load_split", "read_meta"]
 
 
 def __getattr__(name: str) -> Any:  # lazy, so `import pipeline` imports neither keras nor h5py
