@@ -34,7 +34,7 @@ EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--st
 SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights test bench clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights test lint format bench clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -82,6 +82,15 @@ hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, of
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/, mypy on pipeline/ (settings in pyproject.toml)
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/mypy
+
+format: $(BIN)/featcache ## apply ruff's fixes and formatter
+	$(BIN)/ruff check --fix pipeline tests bench
+	$(BIN)/ruff format pipeline tests bench
 
 BENCH_DATA ?= ../shared/data/cats_and_dogs_small
 HED := cache/weights/vgg16-hed-bsds500.weights.h5
