@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 HEAD_TYPES: tuple[type, ...] = (LogRegHead, SVMHead, MLPHead, KerasModelHead)
 
-# The types our heads need beyond skops' defaults; nothing here runs code when rebuilt
-# (skops makes them with __new__ and sets their attributes, no __reduce__ calls).
+# The types our heads need beyond skops' defaults. skops rebuilds them with __new__ and
+# __setstate__/__dict__, never __reduce__; the only __setstate__ with side effects is
+# _KerasHead's (a model given as bytes), which loads in Keras safe mode.
 TRUSTED_TYPES: list[str] = sorted([
     *(f"{t.__module__}.{t.__qualname__}" for t in HEAD_TYPES),
     "sklearn.calibration._CalibratedClassifier",  # SVMHead's CalibratedClassifierCV internals
