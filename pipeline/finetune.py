@@ -168,8 +168,7 @@ COLUMNS = ("stage", "validation_accuracy", "validation_log_loss", "test_accuracy
 def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: CacheMeta, cache: Path | None, tuned: KerasModelHead,
           rows: list[dict[str, Any]], history: dict[str, list[float]], notes: list[str], model_input: str) -> FinetuneResult:
     run = runs.RunFolder(ft.runs_dir, ft.name)
-    save_head(tuned, run.path)
-    tuned.save_keras(run.path / "finetuned.keras")
+    save_head(tuned, run.path)  # winner.skops + winner.keras (the whole fine-tuned model, plain Keras)
     report.plot_learning_curves(history, run.path / "curves.png", "block5 + head, fine-tuned")
     run.write_results(rows, COLUMNS)
     run.write_json({"kind": "finetune", "finetune": as_dict(ft), "extract": as_dict(ecfg),

@@ -186,7 +186,7 @@ class _KerasHead:
                 path = os.path.join(d, "head.keras")
                 with open(path, "wb") as f:
                     f.write(state["model_"])
-                state["model_"] = keras.saving.load_model(path)
+                state["model_"] = keras.saving.load_model(path, safe_mode=True)  # never Lambda bytecode
         self.__dict__.update(state)
 
 

@@ -1,39 +1,23 @@
-"""Library versions for run.json and cache metadata, and the check that warns when a saved
-artifact is loaded under another major version."""
+"""Library versions for run.json and cache metadata: read from package metadata, so asking
+never imports TensorFlow; the Keras backend is added when Keras is already loaded."""
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Mapping
+from importlib import metadata
 
-log = logging.getLogger(__name__)
+LIBRARIES = ("numpy", "h5py", "scikit-learn", "joblib", "skops", "keras", "tensorflow", "jax", "torch", "pillow")
 
 
 def versions() -> dict[str, str]:
-    """Versions of what is loaded (never imports a framework just to ask)."""
-    import h5py
-    import numpy as np
-
+    """featcache, Python and every installed library of ``LIBRARIES``."""
     from . import __version__
 
-    out = {"featcache": __version__, "python": sys.version.split()[0], "numpy": np.__version__, "h5py": h5py.__version__}
-    for name, module in (("scikit-learn", "sklearn"), ("joblib", "joblib"), ("keras", "keras"),
-                         ("tensorflow", "tensorflow"), ("jax", "jax"), ("torch", "torch"), ("pillow", "PIL")):
-        if module in sys.modules:
-            out[name] = getattr(sys.modules[module], "__version__", "?")
+    out = {"featcache": __version__, "python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     if "keras" in sys.modules:
         out["keras_backend"] = sys.modules["keras"].backend.backend()
     return out
-
-
-def warn_on_major_change(saved: Mapping[str, str], what: str) -> list[str]:
-    """Warn (never fail) for each library whose major version differs from ``saved``."""
-    now = versions()
-    notes = []
-    for name, old in saved.items():
-        new = now.get(name)
-        if new and old and name != "python" and str(new).split(".")[0] != str(old).split(".")[0]:
-            notes.append(f"{what} was saved with {name} {old}, this is {name} {new}")
-    for note in notes:
-        log.warning("%s; results may differ", note)
-    return notes

@@ -99,7 +99,7 @@ def test_finetune_from_cache_lowers_training_loss_and_predicts(tmp_path):
     losses = info["history"]["loss"]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert [r["stage"] for r in result.rows] == ["frozen block5 + head", "fine-tuned block5 + head"]
-    assert (result.run_dir / "finetuned.keras").is_file() and (result.run_dir / "curves.png").is_file()
+    assert (result.run_dir / "winner.keras").is_file() and (result.run_dir / "curves.png").is_file()
     out = predict(root / "test", run_dir=result.run_dir, out=tmp_path / "p.csv")
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 8 and {r["class"] for r in rows} <= {"cats", "dogs"}
@@ -138,7 +138,7 @@ def test_finetune_warm_starts_from_a_stage_two_mlp(tmp_path):
     assert f"warm-started from {run}" in result.table
     import keras
 
-    dense = [l for l in keras.saving.load_model(result.run_dir / "finetuned.keras").layers
+    dense = [l for l in keras.saving.load_model(result.run_dir / "winner.keras").layers
              if isinstance(l, keras.layers.Dense)]
     assert dense[0].units == 16  # the stage-two head's shape, carried over
     logreg = tmp_path / "l.toml"
