@@ -124,7 +124,8 @@ def test_sweep_writes_run_folder(tmp_path):
                        '[[head]]\nname = "mlp"\nepochs = 3\nunits = [8, 16]\n')
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=2, seed=3), cache)
     files = {p.relative_to(result.run_dir).as_posix() for p in result.run_dir.rglob("*")}
-    assert {"results.csv", "run.json", "winner.joblib", "confusion.png", "curves/02-mlp.png", "curves/03-mlp.png"} <= files
+    assert "winner.joblib" not in files
+    assert {"results.csv", "run.json", "winner.skops", "confusion.png", "curves/02-mlp.png", "curves/03-mlp.png"} <= files
     assert len(list(csv.DictReader(open(result.run_dir / "results.csv")))) == 4
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["seed"] == 3 and info["cache_meta"]["class_names"] == ["a", "b"] and info["winner"]["winner"]
