@@ -169,12 +169,25 @@ def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dty
 
 def _write_rows_meta(group: h5py.Group, labels: np.ndarray, paths: list[str],
                      skipped: Sequence[tuple[str, str]]) -> None:
-    text = h5py.string_dtype("utf-8")
+    """Labels, paths and skipped files of a split. A file name that is not UTF-8 comes in as a
+    str with lone surrogates (surrogateescape) and is stored as its exact bytes, in a dataset
+    typed as bytes (h5py's ASCII convention) rather than one claiming UTF-8; read the names back
+    with ``.decode("utf-8", "surrogateescape")``. All-UTF-8 datasets are written as before."""
+    def text(where: h5py.Group, name: str, values: Sequence[str]) -> None:
+        raw = [str(v).encode("utf-8", "surrogateescape") for v in values]
+        try:
+            for r in raw:
+                r.decode("utf-8")
+            dtype = h5py.string_dtype("utf-8")
+        except UnicodeDecodeError:
+            dtype = h5py.string_dtype("ascii")
+        where.create_dataset(name, data=np.array(raw, dtype=object), dtype=dtype)
+
     group.create_dataset("labels", data=labels.astype(np.int64))
-    group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=text)
+    text(group, "paths", paths)
     sk = group.create_group("skipped")
-    sk.create_dataset("paths", data=np.array([p for p, _ in skipped], dtype=object), dtype=text)
-    sk.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=text)
+    text(sk, "paths", [p for p, _ in skipped])
+    text(sk, "reasons", [r for _, r in skipped])
 
 
 # --------------------------------------------------------------------------- resumable progress
