@@ -130,9 +130,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                    f"with seed {cfg.seed} would mix two policies. Use SEED={meta['augment']['seed']}, "
                                    "or rebuild with --force")
         reuse = meta  # keep what the file has; compute only the missing views
+    if cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
+        _check_all_readable(source)
     with store.writer_lock(path):
-        if cfg.strict:
-            _check_all_readable(source)
         return _run(cfg, source, weights, path, expected, reuse)
 
 

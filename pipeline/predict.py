@@ -122,7 +122,7 @@ def _write(rows: list[dict[str, Any]], root: Path, class_names: list[str], out: 
         r["path"] = os.path.relpath(r["path"], root)
     out = Path(out)
     fields = ["path", "class", "probability"] + [f"p_{c}" for c in class_names] + ["error"]
-    with open(out, "w", newline="") as f:
+    with open(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # file names as on disk
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["path"]))
