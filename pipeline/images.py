@@ -14,18 +14,40 @@ import collections
 import math
 import multiprocessing
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# What a folder scan treats as an image (case-insensitive): the formats Pillow decodes here.
+# Any other file (notes.txt, Thumbs.db) is ignored and counted, never reported as a bad image.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageLoadError(ValueError):
     """An image that cannot be decoded; the message is the reason recorded in the cache."""
+
+
+def is_image_name(name: str) -> bool:
+    """True when ``name`` has an image extension: which files a scan reads (content is checked later)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def printable(text: str) -> str:
+    """``text`` with any byte of a file name that is not UTF-8 shown as a ``\\xNN`` escape.
+
+    File names are bytes on Linux; Python hands undecodable bytes over as lone surrogates
+    (surrogateescape), which cannot be printed or written as UTF-8. Use this for messages
+    only: the path itself (with its surrogates) is what opens the file and what the cache stores.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name produced: escape it as a code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def load(source: str | np.ndarray, size: int) -> np.ndarray:
@@ -46,18 +68,30 @@ def load(source: str | np.ndarray, size: int) -> np.ndarray:
 
 def _open(path: str, size: int) -> Image.Image:
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageLoadError("empty file (0 bytes)")
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageLoadError(f"broken symbolic link to {printable(os.readlink(path))}") from None
+        raise ImageLoadError("file not found (removed after the folder was scanned?)") from None
+    except OSError as e:  # a symlink loop, a permission problem on the way
+        raise ImageLoadError(f"cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError("not a regular file")  # a FIFO or device would block or never end
+    if st.st_size == 0:
+        raise ImageLoadError("empty file (0 bytes)")
+    try:
         img = Image.open(path)
         img.draft("RGB", (size, size))  # JPEG only: DCT-domain downscale, never below size
         img.load()  # decode now, so a truncated file fails here with its reason
         return img
-    except ImageLoadError:
-        raise
-    except FileNotFoundError as e:
-        raise ImageLoadError(f"file not found: {e.filename}") from e
+    except PermissionError:
+        raise ImageLoadError("cannot read: permission denied") from None
+    except FileNotFoundError:
+        raise ImageLoadError("file not found (removed after the folder was scanned?)") from None
+    except UnidentifiedImageError:  # its message repeats the path (escaped by repr): the row already names it
+        raise ImageLoadError("cannot decode: not an image in any format Pillow reads") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"cannot decode: {e}") from e
+        raise ImageLoadError(f"cannot decode: {printable(str(e))}") from e
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

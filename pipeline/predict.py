@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     out = Path(out) if out else run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     if info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
         head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
-        return _write(_classify(files, head.predict_proba, head, meta, batch_size), root, meta, out)
+        return _write(_classify(files, head.predict_proba, head, meta, batch_size), root, meta.class_names, out)
 
     source = meta.weights_source
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
@@ -92,7 +93,7 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     decode = ExtractConfig()
     rows = _classify(files, lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size)), head,
                      meta, batch_size, decode.decode_threads, decode.decode_processes)
-    return _write(rows, root, meta, out)
+    return _write(rows, root, meta.class_names, out)
 
 
 def _classify(files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batch_size: int, threads: int = 2,
@@ -111,8 +112,7 @@ def _classify(files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batc
     return rows
 
 
-def _write(rows: list[dict[str, Any]], root: Path, meta: CacheMeta, out: Path) -> Path:
-    class_names = meta.class_names
+def _write(rows: list[dict[str, Any]], root: Path, class_names: Sequence[str], out: Path) -> Path:
     for r in rows:
         r["path"] = os.path.relpath(r["path"], root)
     fields = ["path", "class", "probability"] + [f"p_{c}" for c in class_names] + ["error"]

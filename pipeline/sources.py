@@ -5,17 +5,21 @@ cache-hit path runs it to compute the input fingerprint without building any mod
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import images
 from .config import SPLITS, ConfigError, ExtractConfig
+from .images import printable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Source:
     fingerprint: str
     kind: str  # "folder", "npz" or "builtin"
     notes: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # files under root that are not images (relative paths)
 
     def items(self, split: str) -> Sequence[str | np.ndarray]:
         """What ``images.load`` takes for each item of ``split``: absolute paths or arrays."""
@@ -72,43 +77,121 @@ def resolve(cfg: ExtractConfig) -> Source:
 
 
 # --------------------------------------------------------------------------- folders
+#
+# Which files are images is decided by extension (images.IMAGE_EXTENSIONS); an image file
+# whose content cannot be decoded is skipped and reported later, like before. Every other
+# file (notes.txt, Thumbs.db) is ignored: counted in a note, listed with -v, and left out of
+# the fingerprint, so adding a README.txt does not invalidate a cache.
+#
+# File names are bytes on Linux. A name that is not UTF-8 arrives from os.walk as a str
+# with lone surrogates (surrogateescape); it is kept as is (it opens the file and the cache
+# stores its exact bytes) and shown through images.printable (backslash escapes).
 
-def _list_files(folder: Path) -> list[Path]:
-    """Every visible regular file below ``folder`` (non-images too: they are reported, not hidden)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+def _fs_bytes(text: str) -> bytes:
+    """The bytes of a file name, as on disk (the same bytes as ``.encode()`` for UTF-8 names)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _walk_error(e: OSError) -> None:
+    raise ConfigError(f"cannot read folder {printable(str(e.filename))}: {e.strerror}; fix its permissions")
+
+
+def _list_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) below ``folder``, sorted; hidden files and folders are left out."""
+    found: list[Path] = []
+    other: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_walk_error):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / n for n in sorted(filenames) if not n.startswith("."))
-    return out
+        for n in sorted(filenames):
+            if not n.startswith("."):
+                (found if images.is_image_name(n) else other).append(Path(dirpath) / n)
+    return found, other
 
 
-def _class_dirs(folder: Path) -> dict[str, list[Path]]:
-    classes = {d.name: _list_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+def _class_dirs(folder: Path, split: str | None, ignored: list[Path]) -> dict[str, list[Path]]:
+    """Image files per class folder of ``folder``; non-images go to ``ignored``.
+
+    A class folder without a single image file is an error naming it (an empty folder, or one
+    holding only other files), and so is a split in which no class folder has any image.
+    """
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read folder {printable(str(folder))}: {e.strerror}") from None
+    classes: dict[str, list[Path]] = {}
+    dirs: dict[str, Path] = {}
+    others: dict[str, list[Path]] = {}
+    for d in entries:
+        if d.name.startswith("."):
+            continue
+        if not d.is_dir():
+            ignored.append(d)  # a loose file next to the class folders
+            continue
+        label = printable(d.name)  # class names are labels: a name that is not UTF-8 shows its escapes
+        if label in classes:
+            raise ConfigError(f"class folders {printable(str(dirs[label]))!r} and {printable(str(d))!r} have the same "
+                              "printable name; rename one")
+        dirs[label] = d
+        classes[label], others[label] = _list_files(d)
+        ignored.extend(others[label])
+    shown = printable(str(folder))
     if not classes:
-        raise ConfigError(f"{folder} has no class folders; expected {folder}/<class>/<image files>")
-    empty = [name for name, files in classes.items() if not files]
+        raise ConfigError(f"{shown} has no class folders; expected {shown}/<class>/<image files>")
+    empty = [label for label, files in classes.items() if not files]
     if empty:
-        raise ConfigError(f"class folder(s) {[str(folder / e) for e in empty]} are empty; add images or remove them")
+        def why(label: str) -> str:
+            rest = others[label]
+            if not rest:
+                return f"{printable(str(dirs[label]))} is empty"
+            sample = ", ".join(printable(f.name) for f in rest[:3]) + (", ..." if len(rest) > 3 else "")
+            return f"{printable(str(dirs[label]))} holds no image files, only {len(rest)} other file(s) ({sample})"
+        what = f"split {split!r} ({shown}) has no images" if len(empty) == len(classes) and split else (
+            f"{shown} has no images" if len(empty) == len(classes) else "class folder(s) without images")
+        raise ConfigError(f"{what}: " + "; ".join(why(label) for label in empty)
+                          + f". Images are files ending in {', '.join(images.IMAGE_EXTENSIONS)}; "
+                          "add some or remove the folder")
     return classes
+
+
+def _stat_key(f: Path) -> str:
+    """Size and mtime for the fingerprint; a broken symlink counts by the link itself (it is
+    kept as an item, and reported as a bad file when decoded)."""
+    try:
+        st = f.stat()
+    except OSError:
+        try:
+            st = f.lstat()
+        except OSError:
+            return "missing"
+        return f"link|{st.st_size}|{st.st_mtime_ns}"
+    return f"{st.st_size}|{st.st_mtime_ns}"
 
 
 def _folder(root: Path, cfg: ExtractConfig) -> Source:
     present = [s for s in SPLITS if (root / s).is_dir()]
     per_split: dict[str, dict[str, list[Path]]] = {}
     notes: list[str] = []
+    ignored: list[Path] = []
+    shown = printable(str(root))
     if present:
         for s in present:
-            per_split[s] = _class_dirs(root / s)
+            per_split[s] = _class_dirs(root / s, s, ignored)
         names = sorted(set().union(*[set(c) for c in per_split.values()]))
         for s, classes in per_split.items():
             missing = [n for n in names if n not in classes]
             if missing:
-                raise ConfigError(f"class(es) {missing} exist in other splits but not in {root / s}; "
+                raise ConfigError(f"class(es) {missing} exist in other splits but not in {printable(str(root / s))}; "
                                   "every split needs the same class folders")
         split_how = "folders"
     else:
-        classes = _class_dirs(root)
+        classes = _class_dirs(root, None, ignored)
         names = sorted(classes)
+    if len(names) < 2:
+        raise ConfigError(f"{shown} has a single class, {names[0]!r}: a classifier needs at least two class folders "
+                          f"(expected {shown}/" + ("<split>/" if present else "") + "<class>/<image files>). "
+                          "Add another class folder, or point DATA at the folder that holds the class folders")
+    if not present:
         files = [f for n in names for f in classes[n]]
         labels = np.array([i for i, n in enumerate(names) for _ in classes[n]], np.int64)
         assignment = stratified_assignment(labels, cfg.split, cfg.seed)
@@ -117,9 +200,13 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
             if chosen.size:
                 per_split[s] = {n: [files[i] for i in chosen if labels[i] == ci] for ci, n in enumerate(names)}
         split_how = f"stratified split {list(cfg.split)} seed {cfg.seed}"
-        notes.append(f"no train/validation/test folders in {root}: {split_how}")
-    if not names:
-        raise ConfigError(f"{root} has no images")
+        notes.append(f"no train/validation/test folders in {shown}: {split_how}")
+    if ignored:
+        kinds = collections.Counter(f.suffix.lower() or "no extension" for f in ignored)
+        notes.append(f"ignored {len(ignored)} file(s) under {shown} that are not images by extension ("
+                     + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) + "); -v lists them")
+        for f in ignored:
+            log.debug("not an image, ignored: %s", printable(f.relative_to(root).as_posix()))
     splits: dict[str, Split] = {}
     digest = hashlib.sha256(f"folder|{split_how}\n".encode())
     for s, classes in per_split.items():
@@ -127,13 +214,13 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
         for ci, n in enumerate(names):
             for f in classes.get(n, []):
                 rel = f.relative_to(root).as_posix()
-                st = f.stat()
-                digest.update(f"{s}|{rel}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                digest.update(f"{s}|".encode() + _fs_bytes(rel) + f"|{_stat_key(f)}\n".encode())
                 paths.append(rel)
                 labels_.append(ci)
         splits[s] = Split(paths, np.array(labels_, np.int64))
-    key = f"{_slug(root.name)}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
-    return Source(root.name, key, root, names, splits, digest.hexdigest(), "folder", notes)
+    key = f"{_slug(printable(root.name))}-{hashlib.sha256(_fs_bytes(str(root))).hexdigest()[:8]}"
+    return Source(printable(root.name), key, root, names, splits, digest.hexdigest(), "folder", notes,
+                  [f.relative_to(root).as_posix() for f in ignored])
 
 
 # --------------------------------------------------------------------------- arrays
@@ -181,33 +268,58 @@ def _cifar10(cfg: ExtractConfig) -> Source:
                         {"train": np.arange(n), "test": np.arange(n, len(x))})
 
 
+NPZ_HOW = "DATA=*.npz must be written by numpy.savez(path, x=images, y=labels)"
+
+
 def _npz(path: Path, cfg: ExtractConfig) -> Source:
+    shown = printable(str(path))
     if not path.is_file():
-        raise ConfigError(f"data file {path} does not exist")
+        raise ConfigError(f"data file {shown} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise ConfigError(f"cannot read {shown}: {e.strerror}") from None
+    if not magic.startswith(b"PK"):  # numpy would try it as a pickle and suggest allow_pickle: never that
+        what = ("it is empty" if not magic else "it holds a single array written by numpy.save"
+                if magic.startswith(b"\x93NUM") else "it is not a zip archive")
+        raise ConfigError(f"{shown} is not a valid .npz file ({what}); {NPZ_HOW}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f]
             if missing:
-                raise ConfigError(f"{path} lacks array(s) {missing}; a .npz needs x (N,H,W,3 or N,H,W uint8) and y (N,)")
+                raise ConfigError(f"{shown} lacks array(s) {missing}; a .npz needs x (N,H,W,3 or N,H,W uint8) and y (N,)")
             x, y = f["x"], f["y"]
             names = [str(n) for n in f["class_names"]] if "class_names" in f else None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable .npz file: {e}") from e
+    except ConfigError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):  # an object array: featcache never unpickles data (it can run code)
+            raise ConfigError(f"{shown} holds an array of Python objects (dtype=object); save plain arrays "
+                              "instead: x as uint8, y as integers or strings, class_names as strings") from None
+        raise ConfigError(f"{shown} is not a valid .npz file ({e}); {NPZ_HOW}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ConfigError(f"{shown} is not a valid .npz file ({type(e).__name__}: {e}); {NPZ_HOW}") from None
     if x.dtype != np.uint8:
-        raise ConfigError(f"{path}: x must be uint8 (0..255); received dtype {x.dtype}")
+        raise ConfigError(f"{shown}: x must be uint8 (0..255); received dtype {x.dtype}")
     if x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ConfigError(f"{path}: x must have shape (N,H,W,3) or (N,H,W); received {x.shape}")
+        raise ConfigError(f"{shown}: x must have shape (N,H,W,3) or (N,H,W); received {x.shape}")
     if y.ndim != 1 or len(y) != len(x):
-        raise ConfigError(f"{path}: y must have shape ({len(x)},); received {y.shape}")
+        raise ConfigError(f"{shown}: y must have shape ({len(x)},); received {y.shape}")
+    if len(x) == 0:
+        raise ConfigError(f"{shown} holds no images (x has 0 rows)")
     values, y_idx = np.unique(y, return_inverse=True)
     if names is None:
         names = [str(v) for v in values]
     elif len(names) != len(values):
-        raise ConfigError(f"{path}: class_names has {len(names)} entries but y has {len(values)} distinct values")
-    key = f"{_slug(path.stem)}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
-    return _from_arrays(path.stem, key, x, y_idx.astype(np.int64), names, cfg)
+        raise ConfigError(f"{shown}: class_names has {len(names)} entries but y has {len(values)} distinct values")
+    if len(values) < 2:
+        raise ConfigError(f"{shown} has a single class, {names[0]!r} (every y is {values[0].item()!r}): a classifier needs "
+                          "at least two classes")
+    key = f"{_slug(printable(path.stem))}-{hashlib.sha256(_fs_bytes(str(path.resolve()))).hexdigest()[:8]}"
+    return _from_arrays(printable(path.stem), key, x, y_idx.astype(np.int64), names, cfg)
 
 
 # --------------------------------------------------------------------------- helpers

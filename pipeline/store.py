@@ -272,22 +272,29 @@ def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dty
     return group.create_dataset("features", shape=(n, *shape), dtype=dtype, **kwargs)
 
 
-def _encode_paths(paths: Sequence[str]) -> np.ndarray:
-    """Paths as bytes, surrogate escapes kept: a file name that is not UTF-8 round-trips."""
-    return np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=object)
+def _write_text(where: h5py.Group, name: str, values: Sequence[str]) -> None:
+    """Strings as their exact bytes: a file name that is not UTF-8 arrives as a str with
+    lone surrogates (surrogateescape) and is stored in a dataset typed as bytes rather than
+    one claiming UTF-8 (``decode_path`` reads both). All-UTF-8 datasets are plain UTF-8."""
+    raw = [str(v).encode("utf-8", "surrogateescape") for v in values]
+    try:
+        for r in raw:
+            r.decode("utf-8")
+        dtype = h5py.string_dtype("utf-8")
+    except UnicodeDecodeError:
+        dtype = h5py.string_dtype("ascii")
+    where.create_dataset(name, data=np.array(raw, dtype=object), dtype=dtype)
 
 
 def _write_rows_meta(group: h5py.Group, labels: np.ndarray, paths: list[str],
                      skipped: Sequence[tuple[str, str]]) -> None:
-    text = h5py.string_dtype("utf-8")
-    raw = h5py.string_dtype("ascii")  # variable-length bytes, any byte value
     labels = labels.astype(np.int64)
     group.create_dataset("labels", data=labels, chunks=(max(1, len(labels)),) if len(labels) else None,
                          fletcher32=bool(len(labels)))
-    group.create_dataset("paths", data=_encode_paths(paths), dtype=raw)
+    _write_text(group, "paths", paths)
     sk = group.create_group("skipped")
-    sk.create_dataset("paths", data=_encode_paths([p for p, _ in skipped]), dtype=raw)
-    sk.create_dataset("reasons", data=np.array([r for _, r in skipped], dtype=object), dtype=text)
+    _write_text(sk, "paths", [p for p, _ in skipped])
+    _write_text(sk, "reasons", [r for _, r in skipped])
 
 
 # --------------------------------------------------------------------------- resumable progress

@@ -169,7 +169,7 @@ def test_bad_files_are_skipped_and_recorded(image_root, cache_dir):
     make_image(good, (1, 2, 3), 64, 5, fmt="JPEG")
     (cats / "truncated.jpg").write_bytes(good.read_bytes()[:300])
     result = extract(cfg_for(image_root, cache_dir))
-    assert {Path(p).name for p, _ in result.skipped["train"]} == {"empty.jpg", "notes.txt", "truncated.jpg"}
+    assert {Path(p).name for p, _ in result.skipped["train"]} == {"empty.jpg", "truncated.jpg"}  # notes.txt: ignored
     assert "skipped" in result.summary() and "empty file" in result.summary()
     _, y, paths = store.load_split(result.path, "train")
     assert len(y) == 12 and not any("empty" in p for p in paths)
