@@ -57,7 +57,10 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
             head_params = {k: v for k, v in params.items() if k != "train_on"}
             if params.get("train_on", "clean") not in TRAIN_ON:
                 raise ConfigError(f"{source}: train_on must be one of {TRAIN_ON}; received {params['train_on']!r}")
-            make_head(name, **head_params)  # raises ConfigError naming a bad parameter or value
+            try:
+                make_head(name, **head_params)  # raises ConfigError naming a bad parameter or value
+            except ConfigError as e:
+                raise ConfigError(f"{source}: head #{number}: {e}") from e
             configs.append((name, params))
     return configs
 
