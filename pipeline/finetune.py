@@ -199,8 +199,7 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
                                precision=ecfg.precision)
     inputs = keras.Input((ecfg.size, ecfg.size, 3), dtype="uint8")
     x = keras.ops.cast(inputs, "float32")
-    for layer in (keras.layers.RandomFlip("horizontal", seed=ft.seed), keras.layers.RandomRotation(0.1, seed=ft.seed),
-                  keras.layers.RandomZoom(0.2, seed=ft.seed)):
+    for layer in images.AUGMENT.keras_layers(ft.seed):  # the policy of the cached views
         x = layer(x)
     base = extractor.get_layer(f"{ecfg.backbone}_block5_pool")  # the truncated conv base inside the extractor
     features = base(backbone.preprocess_layer(registry.spec(ecfg.backbone).module)(x))

@@ -18,6 +18,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -126,24 +127,48 @@ class Batch:
     failed: list[tuple[int, str]]  # (item index, reason)
 
 
-AUGMENT_POLICY = ("seed 003's layers, per image and view: horizontal flip (p=0.5), rotation uniform in "
-                  "+-0.1 turn (+-36 degrees), zoom uniform in +-20% (same factor both axes), bilinear, "
-                  "reflect fill; view k of row i uses numpy.random.default_rng([seed, k, i])")
+@dataclass(frozen=True)
+class AugmentPolicy:
+    """Seed 003's augmentation, stated once: the cached views (``augment``) and the Keras
+    layers of the end-to-end recipe (``keras_layers``) are both built from these values."""
+
+    flip: str = "horizontal"  # RandomFlip mode, p=0.5
+    rotation: float = 0.1  # RandomRotation factor: uniform in +-0.1 turn (+-36 degrees)
+    zoom: float = 0.2  # RandomZoom factor: uniform in +-20%, same factor both axes
+    fill: str = "reflect"
+
+    def describe(self) -> str:
+        return (f"seed 003's layers, per image and view: {self.flip} flip (p=0.5), rotation uniform in "
+                f"+-{self.rotation} turn (+-{self.rotation * 360:g} degrees), zoom uniform in +-{self.zoom:.0%} "
+                f"(same factor both axes), bilinear, {self.fill} fill; view k of row i uses "
+                "numpy.random.default_rng([seed, k, i])")
+
+    def keras_layers(self, seed: int) -> list[Any]:
+        """The same policy as Keras preprocessing layers (random per batch, not per view)."""
+        import keras
+
+        return [keras.layers.RandomFlip(self.flip, seed=seed),
+                keras.layers.RandomRotation(self.rotation, fill_mode=self.fill, seed=seed),
+                keras.layers.RandomZoom(self.zoom, fill_mode=self.fill, seed=seed)]
 
 
-def augment(image: np.ndarray, seed: Sequence[int]) -> np.ndarray:
+AUGMENT = AugmentPolicy()
+AUGMENT_POLICY = AUGMENT.describe()
+
+
+def augment(image: np.ndarray, seed: Sequence[int], policy: AugmentPolicy = AUGMENT) -> np.ndarray:
     """One augmented view of an (S,S,3) uint8 image, the same for the same ``seed``.
 
-    Mirrors ``RandomFlip("horizontal")``, ``RandomRotation(0.1)`` and ``RandomZoom(0.2)``
-    (fill_mode "reflect"), but seeded per image and view so a resumed or repeated run
-    gives identical views whatever the batch order.
+    Mirrors ``policy.keras_layers()`` (RandomFlip, RandomRotation, RandomZoom with reflect
+    fill), but seeded per image and view so a resumed or repeated run gives identical views
+    whatever the batch order.
     """
     from scipy import ndimage
 
     rng = np.random.default_rng(list(seed))
     flip = rng.random() < 0.5
-    angle = rng.uniform(-0.1, 0.1) * 2 * np.pi
-    zoom = 1.0 + rng.uniform(-0.2, 0.2)  # >1 samples a larger area: zooms out, as Keras's positive factor
+    angle = rng.uniform(-policy.rotation, policy.rotation) * 2 * np.pi
+    zoom = 1.0 + rng.uniform(-policy.zoom, policy.zoom)  # >1 samples a larger area: zooms out, as Keras's positive factor
     cos, sin = np.cos(angle), np.sin(angle)
     # output (row, col) -> input: rotate and scale about the centre, then mirror columns
     matrix = zoom * np.array([[cos, -sin], [sin, cos]])
@@ -153,7 +178,7 @@ def augment(image: np.ndarray, seed: Sequence[int]) -> np.ndarray:
     offset = centre - matrix @ centre
     full = np.eye(3)
     full[:2, :2] = matrix
-    out = ndimage.affine_transform(image.astype(np.float32), full, offset=(*offset, 0.0), order=1, mode="reflect")
+    out = ndimage.affine_transform(image.astype(np.float32), full, offset=(*offset, 0.0), order=1, mode=policy.fill)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

@@ -146,3 +146,21 @@ def test_finetune_warm_starts_from_a_stage_two_mlp(tmp_path):
     lrun = run_sweep(SweepConfig(sweep_file=logreg, runs_dir=tmp_path / "runs", n_jobs=1), c5).run_dir
     with pytest.raises(ConfigError, match="Keras MLP"):
         finetune(FinetuneConfig(head_run=lrun, runs_dir=tmp_path / "runs"), ecfg)
+
+
+def test_cached_views_and_the_end_to_end_recipe_share_one_policy():
+    """Both paths are built from images.AUGMENT: the Keras layers carry its values, and the
+    cached views stay within its bounds (a 90-degree rotation or a flip-only policy differs)."""
+    import keras
+
+    flip, rot, zoom = images.AUGMENT.keras_layers(seed=0)
+    assert isinstance(flip, keras.layers.RandomFlip) and flip.mode == images.AUGMENT.flip
+    assert rot.factor == (-images.AUGMENT.rotation, images.AUGMENT.rotation) and rot.fill_mode == images.AUGMENT.fill
+    assert zoom.height_factor == images.AUGMENT.zoom and zoom.fill_mode == images.AUGMENT.fill
+    assert "0.1 turn" in images.AUGMENT_POLICY and "20%" in images.AUGMENT_POLICY
+    img = np.zeros((33, 33, 3), np.uint8)
+    img[:, :16] = 255  # left half white
+    still = images.AugmentPolicy(rotation=0.0, zoom=0.0)
+    views = [images.augment(img, (0, 1, i), still) for i in range(8)]
+    assert all(np.array_equal(v, img) or np.array_equal(v, img[:, ::-1]) for v in views)
+    assert any(np.array_equal(v, img[:, ::-1]) for v in views) and any(np.array_equal(v, img) for v in views)
