@@ -29,7 +29,7 @@ def _split(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three comma-separated fractions like 0.7,0.15,0.15; received {text!r}")
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three fractions (train,validation,test); received {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts[0], parts[1], parts[2]
 
 
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -148,7 +148,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(overrides)
-    return ExtractConfig(**fields)  # type: ignore[arg-type]
+    return ExtractConfig(**fields)
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:

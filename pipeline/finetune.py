@@ -77,7 +77,8 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
 
     cache = layout.locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
     meta = store.read_meta(cache)
-    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
     views = load_views(cache, meta, ft.views) if ft.train_on != "clean" else None
@@ -185,13 +186,13 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     plan = layout.plan(dataclasses.replace(ecfg, layer="block5_pool"))
     ecfg, source, weights = plan.cfg, plan.source, plan.weights
     assert ecfg.size is not None
-    data = {}
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with images.Decoder(ecfg.decode_threads, ecfg.decode_processes) as decoder:
         for split in ("train", "validation", "test"):
             if split in source.splits:
                 got = list(decoder.batches(source.items(split), range(len(source.splits[split])), ecfg.size, 256))
-                rows = np.concatenate([b.rows for b in got])
-                data[split] = (np.concatenate([b.images for b in got]), source.splits[split].labels[rows])
+                decoded = np.concatenate([b.rows for b in got])
+                data[split] = (np.concatenate([b.images for b in got]), source.splits[split].labels[decoded])
     if "validation" not in data:
         raise ConfigError(f"{ecfg.data} has no validation split; fine-tuning stops early on it")
     classes = np.unique(data["train"][1])
@@ -209,7 +210,7 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     t0 = time.perf_counter()
     h1, _ = _train(model, classes, ft, ft.head_learning_rate, *data["train"], data["validation"], ft.head_epochs)
     tuned = KerasModelHead.wrap(model, classes)
-    xs = {s: x for s, (x, _) in data.items()}
+    xs: dict[str, np.ndarray] = {s: x for s, (x, _) in data.items()}
     rows = [_scores("frozen base + head (end to end, augmented)", tuned.predict_proba, xs, data, classes,
                     time.perf_counter() - t0, f"{len(h1['loss'])} epochs, full forward pass per image per epoch")]
     base.trainable = True

@@ -154,6 +154,8 @@ class _KerasHead:
     """Keras-backed heads: probabilities from ``model_``, pickled as ``.keras`` bytes so
     joblib save/load round-trips (and a head can cross process boundaries)."""
 
+    model_: Any  # set by fit (or KerasModelHead.wrap)
+
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         p = np.asarray(self.model_.predict(Z, batch_size=256, verbose=0), np.float64)
         if p.shape[1] == 1:

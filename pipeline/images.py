@@ -63,7 +63,7 @@ def load(source: str | np.ndarray, size: int) -> np.ndarray:
         img = _open(source, size)
     img = _to_rgb(img)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
