@@ -275,7 +275,11 @@ def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = No
     probed = False
     if not _valid_entry(entry):
         t0 = time.perf_counter()
-        fp32, bf16 = (probe or timed_probe)()
+        try:
+            fp32, bf16 = (probe or timed_probe)()
+        except Exception as e:  # bfloat16 kernels missing or broken here: float32 is always safe
+            return Choice("float32", f"auto: the bfloat16 probe failed ({type(e).__name__}: {str(e)[:160]}); "
+                                     "using float32", True, "auto")
         entry = {"float32_img_s": round(float(fp32), 2), "bfloat16_img_s": round(float(bf16), 2),
                  "probe_seconds": round(time.perf_counter() - t0, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         _write_memo(memo, key, entry)

@@ -69,6 +69,15 @@ def test_damaged_memo_is_probed_again_and_rewritten(tmp_path):
     assert auto(tmp_path, probe).probed is False
 
 
+def test_a_failing_probe_falls_back_to_float32_and_is_not_remembered(tmp_path):
+    def broken() -> tuple[float, float]:
+        raise RuntimeError("no bf16 kernel")
+
+    choice = auto(tmp_path, broken)
+    assert choice.precision == "float32" and "probe failed (RuntimeError: no bf16 kernel)" in choice.reason
+    assert not (tmp_path / "precision.json").exists()
+
+
 def test_auto_without_bf16_flags_is_float32_without_probing(tmp_path):
     probe = CountingProbe(30.0, 55.0)
     choice = auto(tmp_path, probe, flags=PLAIN_CPU)
