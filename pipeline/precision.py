@@ -29,18 +29,16 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-_SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
+# int8 runs the float32 Keras model converted by OpenVINO and quantised by NNCF (optional extra)
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
+_SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16", "int8": "-int8"}
+ENGINES = {"float32": "keras", "bfloat16": "keras", "float16": "keras", "int8": "openvino"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot products
 MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
 MEMO_VERSION = 1
-# Measured, and left out (BENCHMARKS.md, "Precision"): on the AMD EPYC with avx512_bf16
-# OpenVINO int8 ran slower than Keras mixed_bfloat16, and it needs a model conversion and
-# calibration data; the message says so rather than offering a slower engine.
-_INT8_REFUSED = ("precision 'int8' is not offered: on this project's CPU (AMD EPYC, avx512_bf16/avx512_vnni, "
-                 "no AMX) OpenVINO int8 measured slower than Keras bfloat16 (BENCHMARKS.md, section "
-                 "'Precision'); use --precision bfloat16 or auto")
+OPENVINO_MISSING = ("precision 'int8' runs on OpenVINO, which is not installed: "
+                    "`pip install 'featcache[openvino]'` (openvino + nncf), or use --precision bfloat16 / auto")
 
 Probe = Callable[[], "tuple[float, float]"]  # () -> (float32 img/s, bfloat16 img/s)
 
@@ -66,8 +64,6 @@ class Choice:
 
 def check(precision: str) -> str:
     """``precision`` if it is one of PRECISIONS, else a ConfigError naming it and the choices."""
-    if precision == "int8":
-        raise ConfigError(_INT8_REFUSED)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return precision
@@ -83,7 +79,7 @@ def keras_policy(precision: str) -> str:
 
 def cache_suffix(precision: str) -> str:
     """Appended to the cache file name: "" for float32 (existing caches keep their names),
-    "-bf16" or "-fp16" for the mixed policies."""
+    "-bf16", "-fp16" for the mixed policies, "-int8" for OpenVINO int8."""
     keras_policy(precision)
     return _SUFFIXES[precision]
 
@@ -302,8 +298,11 @@ def _valid_entry(entry: Any) -> bool:
 def _explicit_reason(precision: str, gpu: bool | None, bf16_cpu: list[str]) -> str:
     if precision == "float32":
         return "requested float32"
-    if gpu:
+    if gpu and precision != "int8":
         return f"requested {precision} (GPU present)"
+    if precision == "int8":
+        return ("requested int8 (OpenVINO + NNCF post-training quantisation, calibrated on train images; "
+                "features differ from float32 by a few percent)")
     if precision == "float16":
         return ("requested float16; note: CPUs have no fast float16 convolutions, so on this CPU it is "
                 "usually slower than float32 (worth it on GPUs)")
@@ -321,3 +320,44 @@ def relative_error(a: Any, b: Any) -> float:
     ref = float(np.linalg.norm(b))
     diff = float(np.linalg.norm(a - b))
     return diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+# --------------------------------------------------------------------------- int8 (OpenVINO)
+
+def require_openvino() -> tuple[Any, Any]:
+    """(openvino, nncf), or a ConfigError saying how to install them."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as e:
+        raise ConfigError(f"{OPENVINO_MISSING} ({e})") from e
+    return openvino, nncf
+
+
+class OpenVINOEngine:
+    """A Keras model run by OpenVINO: ``predict_on_batch`` like a Keras model, so
+    ``backbone.forward`` needs no change. int8 is NNCF post-training quantisation."""
+
+    def __init__(self, compiled: Any, name: str, calibration_images: int):
+        self.compiled, self.name, self.calibration_images = compiled, name, calibration_images
+        self._request = compiled.create_infer_request()
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._request.infer({0: x})[0], np.float32).copy()
+
+
+def openvino_engine(model: Any, calibration: np.ndarray, batch_size: int = 32) -> OpenVINOEngine:
+    """int8 engine of a float32 Keras model (input as the model takes it, e.g. uint8 pixels).
+
+    ``calibration``: a few hundred train images at most (NNCF's statistics; 64 took ~15 s on
+    2 cores at 150 px). Any batch size runs (dynamic batch dimension).
+    """
+    ov, nncf = require_openvino()
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("precision 'int8' needs calibration images (a few train images); none were given")
+    shape = [-1, *model.inputs[0].shape[1:]]
+    converted = ov.convert_model(model, input=[shape])
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(calibration))
+    compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return OpenVINOEngine(compiled, f"openvino-int8 ({ov.__version__}, nncf {nncf.__version__})", len(calibration))
