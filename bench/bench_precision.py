@@ -176,13 +176,18 @@ def main() -> None:
         x_te = keras.applications.vgg16.preprocess_input(x_te.astype("float32"))
         models = keras_models(size, weights)
         print(f"\nheads ({size} px; logistic regression, C=0.1, on {len(x_tr)} train / {len(x_te)} test images):")
-        for p in ("float32", "bfloat16"):
-            run = runner(models[p])
+        heads = {p: runner(models[p]) for p in ("float32", "bfloat16")}
+        if not args.no_openvino:
+            try:
+                heads["openvino int8"] = runner(P.openvino_engine(models["float32"], x_tr[:64], args.batch))
+            except P.ConfigError as e:
+                print(f"  openvino int8 skipped: {e}")
+        for p, run in heads.items():
             t0 = time.perf_counter()
             f_tr = np.concatenate([run(x_tr[i:i + args.batch]) for i in range(0, len(x_tr), args.batch)])
             f_te = np.concatenate([run(x_te[i:i + args.batch]) for i in range(0, len(x_te), args.batch)])
             took = time.perf_counter() - t0
-            print(f"  {p:10s} test accuracy {head_accuracy(f_tr, y_tr, f_te, y_te):.4f}  "
+            print(f"  {p:14s} test accuracy {head_accuracy(f_tr, y_tr, f_te, y_te):.4f}  "
                   f"(features in {took:.1f} s)", flush=True)
     print("\nload:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
