@@ -1,0 +1,363 @@
+"""Compute precision of stage one: which one this machine runs fastest without losing accuracy.
+
+float32 is not a modern CPU's limit: CPUs with AVX512-BF16 or AMX run Keras's
+``mixed_bfloat16`` policy much faster (BENCHMARKS.md, "Precision"), GPUs run
+``mixed_float16`` faster, and a CPU without those instructions may run either one no
+faster, or slower, than float32. ``resolve("auto")`` decides from the CPU's flags and, the
+first time on a machine, a short timed probe whose result is remembered in a small JSON
+memo (keyed by CPU, flags and library versions) so later runs don't repeat it.
+
+The precision changes the features (bfloat16 keeps 8 bits of mantissa), so it belongs to
+the cache's identity: ``cache_suffix`` and the ``precision`` identity field. Nothing here
+imports Keras at import time; options are checked before any model is built.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
+# int8 runs the float32 Keras model converted by OpenVINO and quantised by NNCF (optional extra)
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
+_SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16", "int8": "-int8"}
+ENGINES = {"float32": "keras", "bfloat16": "keras", "float16": "keras", "int8": "openvino"}
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot products
+MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
+MEMO_VERSION = 1
+OPENVINO_MISSING = ("precision 'int8' runs on OpenVINO, which is not installed: "
+                    "`pip install 'featcache[openvino]'` (openvino + nncf), or use --precision bfloat16 / auto")
+
+Probe = Callable[[], "tuple[float, float]"]  # () -> (float32 img/s, bfloat16 img/s)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision a run uses, and why (printed, and stored in the cache's metadata)."""
+
+    precision: str  # "float32" | "bfloat16" | "float16"
+    reason: str
+    probed: bool = False  # True when a timing probe ran in this call (not read from the memo)
+    requested: str = "auto"
+
+    @property
+    def policy(self) -> str:
+        return keras_policy(self.precision)
+
+    def as_meta(self) -> dict[str, Any]:
+        """What to store in the cache's metadata (not its identity: only ``precision`` is)."""
+        return {"precision": self.precision, "requested": self.requested, "reason": self.reason,
+                "keras_policy": self.policy, "cpu": cpu_name()}
+
+
+def check(precision: str) -> str:
+    """``precision`` if it is one of PRECISIONS, else a ConfigError naming it and the choices."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def keras_policy(precision: str) -> str:
+    """The Keras dtype policy of a resolved precision ("auto" must be resolved first)."""
+    check(precision)
+    if precision == "auto":
+        raise ValueError("resolve('auto') before asking for its Keras policy")
+    return _POLICIES[precision]
+
+
+def cache_suffix(precision: str) -> str:
+    """Appended to the cache file name: "" for float32 (existing caches keep their names),
+    "-bf16", "-fp16" for the mixed policies, "-int8" for OpenVINO int8."""
+    keras_policy(precision)
+    return _SUFFIXES[precision]
+
+
+@contextlib.contextmanager
+def policy_scope(precision: str) -> Iterator[str]:
+    """Build layers under ``precision``'s Keras policy; the global policy is restored after
+    (layers keep the policy they were built with)."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(keras_policy(precision))
+    try:
+        yield keras_policy(precision)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# --------------------------------------------------------------------------- the machine
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:  # not Linux, or no /proc: nothing known
+        return ""
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (first processor); empty when unreadable."""
+    for line in _cpuinfo(path).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_name(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or platform's guess."""
+    for line in _cpuinfo(path).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return " ".join(value.split())
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def has_gpu() -> bool:
+    """True when the Keras backend sees a GPU (TensorFlow, JAX or torch)."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "jax":
+            import jax
+
+            return any(d.platform == "gpu" for d in jax.devices())
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver is "no GPU" for this decision
+        return False
+    return False
+
+
+def _versions() -> str:
+    """Library versions a probe depends on, read without importing them (fast)."""
+    from importlib import metadata
+
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    out = []
+    for package in ("keras", {"tensorflow": "tensorflow", "jax": "jaxlib", "torch": "torch"}.get(backend, backend)):
+        try:
+            out.append(f"{package}{metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{package}?")
+    return "-".join(out)
+
+
+def memo_key(name: str, flags: set[str], versions: str) -> str:
+    """What a probe result depends on: the CPU, its bfloat16/AVX-512 flags, the libraries, the cores."""
+    relevant = sorted(f for f in flags if f.startswith(("amx", "avx512")) or f in ("avx2", "fma"))
+    return f"{name}|{','.join(relevant)}|{versions}|{os.cpu_count()}cores"
+
+
+def default_memo() -> Path:
+    """Per machine, not per cache: ``$XDG_CACHE_HOME/featcache/precision.json``."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "featcache" / "precision.json"
+
+
+def _read_memo(memo: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(memo.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # a damaged memo only costs a new probe
+        log.warning("ignoring unreadable precision memo %s (%s); probing again", memo, e)
+        return {}
+    if not isinstance(data, dict) or data.get("version") != MEMO_VERSION or not isinstance(data.get("machines"), dict):
+        return {}
+    return data
+
+
+def _write_memo(memo: Path, key: str, entry: dict[str, Any]) -> None:
+    data = _read_memo(memo) or {"version": MEMO_VERSION, "machines": {}}
+    data["machines"][key] = entry
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, memo)
+    except OSError as e:  # a read-only home: the choice still holds for this run
+        log.warning("could not remember the precision probe in %s (%s)", memo, e)
+
+
+# --------------------------------------------------------------------------- the probe
+
+def _probe_model(size: int) -> Any:
+    """VGG16's first three blocks: the conv shapes that dominate the real forward pass."""
+    import keras
+
+    x = inp = keras.Input((size, size, 3))
+    for block, (convs, channels) in enumerate(zip((2, 2, 3), (64, 128, 256)), 1):
+        for _ in range(convs):
+            x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    return keras.Model(inp, keras.ops.cast(x, "float32"))
+
+
+def timed_probe(size: int = 64, batch: int = 16, seconds: float = 0.6, rounds: int = 2) -> tuple[float, float]:
+    """(float32 img/s, bfloat16 img/s) of a small VGG-like stack, interleaved, best of ``rounds``.
+
+    About 3-5 s on 2 cores, most of it the two warm-ups; run once per machine (memo).
+    """
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-100, 100, (batch, size, size, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
+    models = {}
+    for p in ("float32", "bfloat16"):
+        with policy_scope(p):
+            models[p] = _probe_model(size)
+        models[p].predict_on_batch(x)  # trace and set up kernels outside the timing
+    best = {"float32": 0.0, "bfloat16": 0.0}
+    for _ in range(rounds):
+        for p, model in models.items():
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < seconds or n < 2:
+                model.predict_on_batch(x)
+                n += 1
+            best[p] = max(best[p], n * batch / elapsed)
+    return best["float32"], best["bfloat16"]
+
+
+# --------------------------------------------------------------------------- the decision
+
+def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = None, memo: Path | None = None,
+            flags: set[str] | None = None, name: str | None = None, versions: str | None = None) -> Choice:
+    """The precision to run, and why.
+
+    Explicit values pass through (with a warning in ``reason`` where they are slow here).
+    ``auto``: GPU -> float16 (mixed); CPU with amx_bf16 or avx512_bf16 -> bfloat16 if a short
+    timed probe (remembered in ``memo``) finds it at least MARGIN faster than float32;
+    otherwise float32. ``flags``, ``name``, ``versions`` and ``probe`` are injectable for tests.
+    """
+    check(requested)
+    flags = cpu_flags() if flags is None else flags
+    bf16_cpu = [f for f in BF16_FLAGS if f in flags]
+    if requested != "auto":
+        if gpu is None and requested != "float32":
+            gpu = has_gpu()
+        return Choice(requested, _explicit_reason(requested, gpu, bf16_cpu), False, requested)
+    if gpu is None:
+        gpu = has_gpu()
+    if gpu:
+        return Choice("float16", "auto: a GPU is present; mixed float16 runs on its tensor cores", False, "auto")
+    if not bf16_cpu:
+        return Choice("float32", "auto: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 would be "
+                                 "emulated (no faster than float32)", False, "auto")
+    name = cpu_name() if name is None else name
+    key = memo_key(name, flags, _versions() if versions is None else versions)
+    memo = default_memo() if memo is None else memo
+    entry = _read_memo(memo).get("machines", {}).get(key)
+    probed = False
+    if not _valid_entry(entry):
+        t0 = time.perf_counter()
+        try:
+            fp32, bf16 = (probe or timed_probe)()
+        except Exception as e:  # bfloat16 kernels missing or broken here: float32 is always safe
+            return Choice("float32", f"auto: the bfloat16 probe failed ({type(e).__name__}: {str(e)[:160]}); "
+                                     "using float32", True, "auto")
+        entry = {"float32_img_s": round(float(fp32), 2), "bfloat16_img_s": round(float(bf16), 2),
+                 "probe_seconds": round(time.perf_counter() - t0, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _write_memo(memo, key, entry)
+        probed = True
+    fp32, bf16 = entry["float32_img_s"], entry["bfloat16_img_s"]
+    speedup = bf16 / fp32 if fp32 > 0 else 0.0
+    how = "probed now" if probed else f"probe remembered in {memo}"
+    measured = (f"{', '.join(bf16_cpu)} present; bfloat16 {speedup:.2f}x float32 "
+                f"({bf16:.1f} vs {fp32:.1f} img/s, small VGG-like stack, {how})")
+    if speedup >= MARGIN:
+        return Choice("bfloat16", f"auto: {measured}", probed, "auto")
+    return Choice("float32", f"auto: {measured}, below the {MARGIN:.2f}x needed to switch", probed, "auto")
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict)
+            and all(isinstance(entry.get(k), (int, float)) for k in ("float32_img_s", "bfloat16_img_s")))
+
+
+def _explicit_reason(precision: str, gpu: bool | None, bf16_cpu: list[str]) -> str:
+    if precision == "float32":
+        return "requested float32"
+    if gpu and precision != "int8":
+        return f"requested {precision} (GPU present)"
+    if precision == "int8":
+        return ("requested int8 (OpenVINO + NNCF post-training quantisation, calibrated on train images; "
+                "features differ from float32 by a few percent)")
+    if precision == "float16":
+        return ("requested float16; note: CPUs have no fast float16 convolutions, so on this CPU it is "
+                "usually slower than float32 (worth it on GPUs)")
+    if bf16_cpu:
+        return f"requested bfloat16 ({', '.join(bf16_cpu)} present)"
+    return ("requested bfloat16; note: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 may run "
+            "no faster, or slower, than float32")
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """||a - b|| / ||b||, in float64: how far features ``a`` are from reference ``b``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    ref = float(np.linalg.norm(b))
+    diff = float(np.linalg.norm(a - b))
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+# --------------------------------------------------------------------------- int8 (OpenVINO)
+
+def require_openvino() -> tuple[Any, Any]:
+    """(openvino, nncf), or a ConfigError saying how to install them."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as e:
+        raise ConfigError(f"{OPENVINO_MISSING} ({e})") from e
+    return openvino, nncf
+
+
+class OpenVINOEngine:
+    """A Keras model run by OpenVINO: ``predict_on_batch`` like a Keras model, so
+    ``backbone.forward`` needs no change. int8 is NNCF post-training quantisation."""
+
+    def __init__(self, compiled: Any, name: str, calibration_images: int):
+        self.compiled, self.name, self.calibration_images = compiled, name, calibration_images
+        self._request = compiled.create_infer_request()
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._request.infer({0: x})[0], np.float32).copy()
+
+
+def openvino_engine(model: Any, calibration: np.ndarray, batch_size: int = 32) -> OpenVINOEngine:
+    """int8 engine of a float32 Keras model (input as the model takes it, e.g. uint8 pixels).
+
+    ``calibration``: a few hundred train images at most (NNCF's statistics; 64 took ~15 s on
+    2 cores at 150 px). Any batch size runs (dynamic batch dimension).
+    """
+    ov, nncf = require_openvino()
+    if calibration is None or len(calibration) == 0:
+        raise ConfigError("precision 'int8' needs calibration images (a few train images); none were given")
+    shape = [-1, *model.inputs[0].shape[1:]]
+    converted = ov.convert_model(model, input=[shape])
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(calibration))
+    compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return OpenVINOEngine(compiled, f"openvino-int8 ({ov.__version__}, nncf {nncf.__version__})", len(calibration))
