@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .precision import keras_policy
 from .registry import spec, unknown_layer
 from .weights import IMAGENET, Weights, keras_models_dir, values_sha256
 
-PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, precision: str = "float32") -> Any:
@@ -28,12 +28,12 @@ def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, preci
     import keras
 
     family = spec(name)
-    if precision not in PRECISION_POLICIES:
-        raise ConfigError(f"precision must be one of {sorted(PRECISION_POLICIES)}; received precision={precision!r}")
+    if precision not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"build runs float32, bfloat16 or float16 (resolve 'auto' first); received precision={precision!r}")
     if weights.source is None:
         keras.utils.set_random_seed(weights.seed)  # random weights must be the same on resume
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
+    keras.mixed_precision.set_global_policy(keras_policy(precision))
     try:  # layers keep the policy they were built with; the global one is restored after
         base = _construct(family.constructor, size, weights)
         base.trainable = False

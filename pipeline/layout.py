@@ -7,15 +7,18 @@ input, and pins the weights, all before any model is built.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import registry, sources, store, weights
+from . import precision, registry, sources, store, weights
 from .config import ExtractConfig
 from .errors import CacheError, ConfigError
 from .store import CacheKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,18 @@ class Plan:
 
 
 def resolve_options(cfg: ExtractConfig) -> ExtractConfig:
-    """``cfg`` with the backbone's default size and layer filled in, both checked."""
+    """``cfg`` with the backbone's default size and layer filled in, both checked, and
+    ``precision="auto"`` resolved to what this machine runs (remembered per machine)."""
     family = registry.spec(cfg.backbone)
     size = registry.check_size(family.size if cfg.size is None else cfg.size, cfg.backbone)
     layer = family.layer if cfg.layer is None else cfg.layer
     registry.check_layer(layer, cfg.backbone)
-    return dataclasses.replace(cfg, size=size, layer=layer)
+    chosen = cfg.precision
+    if chosen == "auto":
+        choice = precision.resolve("auto")
+        log.info("precision %s (%s)", choice.precision, choice.reason)
+        chosen = choice.precision
+    return dataclasses.replace(cfg, size=size, layer=layer, precision=chosen)
 
 
 def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> CacheKey:
@@ -47,8 +56,8 @@ def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> Ca
 
 def cache_path(cache_dir: Path, source: sources.Source, key: CacheKey) -> Path:
     """One file per (data source, backbone, weights, layer, size, dtype, precision)."""
-    name = f"{key.backbone}-{key.weights}-{key.layer}-{key.size}"
-    name += "".join(f"-{v}" for v in (key.dtype, key.precision) if v != "float32")
+    name = f"{key.backbone}-{key.weights}-{key.layer}-{key.size}{precision.cache_suffix(key.precision)}"
+    name += "-float16" if key.dtype == "float16" else ""
     return Path(cache_dir) / source.key / f"{name}.h5"
 
 

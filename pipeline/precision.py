@@ -35,6 +35,7 @@ _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mix
 _SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16", "int8": "-int8"}
 ENGINES = {"float32": "keras", "bfloat16": "keras", "float16": "keras", "int8": "openvino"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot products
+ENV = "FEATCACHE_PRECISION"  # pins what ``auto`` resolves to on a machine (CI, reproducible benchmarks)
 MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
 MEMO_VERSION = 1
 OPENVINO_MISSING = ("precision 'int8' runs on OpenVINO, which is not installed: "
@@ -125,8 +126,19 @@ def cpu_name(path: str = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA, AMD ROCm
+
+
+def gpu_possible() -> bool:
+    """Cheap and import-free: False when no GPU device file exists, so ``auto`` on a CPU
+    machine (and every cache hit) never imports TensorFlow just to ask."""
+    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
+
+
 def has_gpu() -> bool:
     """True when the Keras backend sees a GPU (TensorFlow, JAX or torch)."""
+    if not gpu_possible():
+        return False
     import keras
 
     backend = keras.backend.backend()
@@ -251,6 +263,10 @@ def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = No
     otherwise float32. ``flags``, ``name``, ``versions`` and ``probe`` are injectable for tests.
     """
     check(requested)
+    pinned = os.environ.get(ENV, "")
+    if requested == "auto" and pinned and pinned != "auto":
+        check(pinned)
+        return Choice(pinned, f"auto pinned by {ENV}={pinned}", False, "auto")
     flags = cpu_flags() if flags is None else flags
     bf16_cpu = [f for f in BF16_FLAGS if f in flags]
     if requested != "auto":

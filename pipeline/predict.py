@@ -57,6 +57,10 @@ def check_request(meta: CacheMeta, request: dict[str, Any]) -> None:
     asked = {k: v for k, v in request.items() if v is not None}
     if "size" in asked:
         asked["size"] = int(asked["size"])
+    if asked.get("precision") == "auto":
+        from .precision import resolve
+
+        asked["precision"] = resolve("auto").precision
     if "weights" in asked:
         asked["weights"] = weights_id(str(asked["weights"]), meta.seed)
     wanted = CacheKey(**{**dataclasses.asdict(meta.key()), **asked})

@@ -5,6 +5,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# precision=auto would probe this machine and may pick bfloat16; tests compare features with a
+# float32 Keras forward pass, so the suite pins auto to float32 (tests/test_precision.py unpins it).
+os.environ["FEATCACHE_PRECISION"] = "float32"
 
 import numpy as np
 import pytest

@@ -24,6 +24,13 @@ class CountingProbe:
         return self.rates
 
 
+
+@pytest.fixture(autouse=True)
+def unpinned(monkeypatch):
+    """conftest pins auto to float32 for the rest of the suite; here auto is what is tested."""
+    monkeypatch.delenv(P.ENV, raising=False)
+
+
 def auto(tmp_path, probe, flags=BF16_CPU, **kw):
     return P.resolve("auto", gpu=False, probe=probe, memo=tmp_path / "precision.json", flags=flags,
                      name="Test CPU", versions="keras3-tf2", **kw)
@@ -206,3 +213,40 @@ def test_openvino_int8_engine_runs_uint8_pixels_close_to_float32():
     ref = np.asarray(model.predict_on_batch(images[16:21]))
     assert out.dtype == np.float32 and out.shape == ref.shape == (5, 8, 8, 32)
     assert 1e-4 < P.relative_error(out, ref) < 0.1
+
+
+def test_auto_is_resolved_in_the_plan_recorded_and_named(tmp_path, monkeypatch):
+    """auto becomes a concrete precision before any work; it names the cache file and is
+    stored in its key, so bfloat16 and float32 features never answer each other."""
+    from conftest import make_folder
+
+    from pipeline import store
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract
+    from pipeline.layout import locate, plan
+
+    root = make_folder(tmp_path / "imgs", {"train": 2}, size=32)
+    cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True)
+    monkeypatch.setenv(P.ENV, "bfloat16")
+    p = plan(cfg)
+    assert p.cfg.precision == p.key.precision == "bfloat16" and p.path.name.endswith("-bf16.h5")
+    bf16 = extract(cfg).path
+    assert store.read_meta(bf16).precision == "bfloat16" and locate(cfg) == bf16
+    monkeypatch.setenv(P.ENV, "float32")
+    assert plan(cfg).path != bf16
+    with pytest.raises(store.CacheError, match="no cache"):
+        locate(cfg)  # the bfloat16 cache never answers a float32 request
+    f32 = extract(cfg).path
+    a, b = store.load_split(bf16, "train")[0], store.load_split(f32, "train")[0]
+    assert P.relative_error(a, b) < 0.05 and not np.array_equal(a, b)
+
+
+def test_auto_on_a_cpu_without_gpu_device_files_never_imports_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
+            "c = P.resolve('auto', flags=set()); print(c.precision, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in __import__("os").environ.items() if k != P.ENV})
+    assert out.stdout.split() == ["float32", "False"], out.stderr
