@@ -51,18 +51,21 @@ def main() -> None:
     splits = {args.split: {"features": x, "labels": y, "paths": paths}}
     tmp = Path(tempfile.mkdtemp(prefix="featcache-io-"))
     cold_ok = drop_page_cache()
-    print(f"{'dtype':8} {'filter':6} {'MB':>7} {'write s':>8} {'read warm s':>12} {'read cold s':>12} {'GB/s warm':>10}")
+    print(f"{'dtype':8} {'filter':6} {'sum':4} {'MB':>7} {'write s':>8} {'read warm s':>12} {'read cold s':>12} "
+          f"{'GB/s warm':>10}")
+    variants = [(d, c, True) for d in ("float32", "float16") for c in ("none", "lzf", "gzip")]
+    variants.insert(1, ("float32", "none", False))  # the Fletcher-32 checksum's cost, side by side
     try:
-        for dtype in ("float32", "float16"):
+        for dtype, compression, checksum in variants:
             xs = x.astype(dtype)
             splits[args.split]["features"] = xs
-            for compression in ("none", "lzf", "gzip"):
-                path = tmp / f"{dtype}-{compression}.h5"
+            if True:
+                path = tmp / f"{dtype}-{compression}-{checksum}.h5"
                 writes, warm, cold = [], [], []
                 for _ in range(args.repeats):
                     with Timer() as t:
                         store.write_cache(path, splits, dataclasses.replace(meta, dtype=dtype),
-                                          compression=compression)
+                                          compression=compression, checksum=checksum)
                         fd = os.open(path, os.O_RDONLY)
                         os.fsync(fd)
                         os.close(fd)
@@ -77,7 +80,7 @@ def main() -> None:
                     warm.append(t.seconds)
                 mb = path.stat().st_size / 1e6
                 cold_s = f"{median(cold):12.3f}" if cold else f"{'n/a':>12}"
-                print(f"{dtype:8} {compression:6} {mb:7.1f} {median(writes):8.3f} {median(warm):12.3f} {cold_s} "
+                print(f"{dtype:8} {compression:6} {'yes' if checksum else 'no':4} {mb:7.1f} {median(writes):8.3f} {median(warm):12.3f} {cold_s} "
                       f"{xs.nbytes / median(warm) / 1e9:10.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -216,7 +216,7 @@ def iter_split(path: str | Path, split: str, rows: int = 1024) -> Iterator[tuple
 # --------------------------------------------------------------------------- writing
 
 def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta: CacheMeta,
-                compression: str = "none") -> Path:
+                compression: str = "none", checksum: bool = True) -> Path:
     """Write a complete cache from in-memory arrays, atomically (tests, small datasets)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,8 @@ def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta:
         _write_attrs(f, meta)
         for split, data in splits.items():
             features = np.asarray(data["features"])
-            dataset = _create_features(f, split, features.shape[0], features.shape[1:], features.dtype, compression)
+            dataset = _create_features(f, split, features.shape[0], features.shape[1:], features.dtype, compression,
+                                       checksum)
             dataset[...] = features
             _write_rows_meta(f[split], np.asarray(data["labels"]), list(data["paths"]),
                              data.get("skipped", []))
@@ -259,12 +260,12 @@ def _decode_attr(value: Any, is_json: bool) -> Any:
 
 
 def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dtype: Any,
-                     compression: str) -> h5py.Dataset:
+                     compression: str, checksum: bool = True) -> h5py.Dataset:
     """Chunked along N with a Fletcher-32 checksum per chunk: flipped bytes fail the read."""
     group = f.require_group(split)
     kwargs: dict[str, Any] = {}
     if n > 0:
-        kwargs.update(chunks=(min(FEATURE_CHUNK_ROWS, n), *shape), fletcher32=True)
+        kwargs.update(chunks=(min(FEATURE_CHUNK_ROWS, n), *shape), fletcher32=checksum)
     if compression == "lzf":
         kwargs["compression"] = "lzf"
     elif compression == "gzip":
