@@ -172,11 +172,14 @@ def _streaming_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_
     views = (np.empty((0, *meta.feature_shape), np.float32), sources["views"].labels) if views_used else None
     data = {s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits}
     known = set(np.unique(train[1]).tolist())
-    for split, (_, y) in data.items():
+    for split, (_, y) in {"train": train, **data}.items():
         unseen = sorted(set(np.unique(y).tolist()) - known)
         if unseen:
             raise ConfigError(f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
                               "train lacks; no head can predict them (re-split the data so train has every class)")
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
+                              "a classifier needs two or more")
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     return SweepData(train, data["validation"], data.get("test"), views, cfg.train_on, notes, streams=sources)
