@@ -184,17 +184,6 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "CACHE_DIR",
-    "DEFAULT_SWEEP",
-    "PRECISIONS",
-    "REPO_ROOT",
-    "RUNS_DIR",
-    "SPLITS",
-    "ConfigError",
-    "ExtractConfig",
-    "FinetuneConfig",
-    "SweepConfig",
-    "as_dict",
-    "load_toml",
-    "replace",
+    "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "PRECISIONS", "ConfigError",
+    "ExtractConfig", "SweepConfig", "FinetuneConfig", "load_toml", "replace", "as_dict",
 ]
