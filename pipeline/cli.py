@@ -73,6 +73,11 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-on", default=d.train_on, choices=["clean", "views", "both"],
                    help="train heads on clean features, cached augmented views, or both (default: %(default)s)")
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
+    p.add_argument("--stream", default=d.stream, choices=["auto", "on", "off"],
+                   help="train heads from the cache file in chunks: auto when train exceeds --memory-budget "
+                        "(default: %(default)s)")
+    p.add_argument("--memory-budget", default=d.memory_budget,
+                   help="memory for in-memory training, e.g. 4GB; auto: half of RAM (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +158,8 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
-                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views)
+                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views,
+                       stream=args.stream, memory_budget=args.memory_budget)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -102,8 +102,15 @@ class SweepConfig:
     train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
     views: int | None = None  # use the first N cached views (None: all)
     runs_dir: Path = RUNS_DIR  # where run folders go
+    stream: str = "auto"  # train from the HDF5 file in chunks: auto (over memory_budget), on, off
+    memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
 
     def __post_init__(self) -> None:
+        from .stream import STREAM_MODES, parse_budget
+
+        if self.stream not in STREAM_MODES:
+            raise ConfigError(f"stream must be one of {STREAM_MODES}; received stream={self.stream!r}")
+        parse_budget(self.memory_budget)  # ConfigError naming the value when it is not a size
         if not 0 < self.carve_fraction < 1:
             raise ConfigError(f"carve_fraction must be in (0, 1); received {self.carve_fraction!r}")
         if self.train_on not in TRAIN_ON:

@@ -83,6 +83,7 @@ class SweepData:
     views: tuple[np.ndarray, np.ndarray] | None
     default_train_on: str
     notes: list[str]
+    streams: dict[str, Any] | None = None  # train_on -> stream.StreamSource when train is read in chunks
 
     def training_rows(self, train_on: str) -> tuple[np.ndarray, np.ndarray]:
         return training_rows(self.train, self.views, train_on)
@@ -118,9 +119,17 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     """Read the splits; carve validation from train when the cache has none; check classes."""
     from sklearn.model_selection import train_test_split
 
+    from . import stream
+
     notes = []
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
+    views_used = meta.view_splits[:cfg.views] if wants_views else []
+    streaming, why = stream.plan_training(cache, ["train", *views_used], meta.split_sizes, meta.feature_shape,
+                                          cfg.stream, stream.parse_budget(cfg.memory_budget))
+    notes.append(why)
+    if streaming:
+        return _streaming_data(cfg, cache, meta, views_used, notes)
     data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
     if "validation" not in data:
         x, y = data["train"]
@@ -150,6 +159,35 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes)
 
 
+def _streaming_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str],
+                    notes: list[str]) -> SweepData:
+    """Train stays in the file (labels only in memory); validation and test are loaded."""
+    from . import stream
+
+    if "validation" not in meta.splits:
+        raise ConfigError(f"{cache}: streaming needs a validation split in the cache (a carved one would need train "
+                          "in memory); re-extract with a validation fraction, or pass --stream off")
+    sources = {"clean": stream.source_for(cache, ["train"], meta.feature_shape)}
+    if views_used:
+        sources["views"] = stream.source_for(cache, views_used, meta.feature_shape)
+        sources["both"] = stream.source_for(cache, ["train", *views_used], meta.feature_shape)
+    train = (np.empty((0, *meta.feature_shape), np.float32), sources["clean"].labels)
+    views = (np.empty((0, *meta.feature_shape), np.float32), sources["views"].labels) if views_used else None
+    data = {s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits}
+    known = set(np.unique(train[1]).tolist())
+    for split, (_, y) in {"train": train, **data}.items():
+        unseen = sorted(set(np.unique(y).tolist()) - known)
+        if unseen:
+            raise ConfigError(f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
+                              "train lacks; no head can predict them (re-split the data so train has every class)")
+        if len(np.unique(y)) < 2:
+            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
+                              "a classifier needs two or more")
+    if "test" not in data:
+        notes.append("no test split in the cache: the winner is not tested")
+    return SweepData(train, data["validation"], data.get("test"), views, cfg.train_on, notes, streams=sources)
+
+
 def _tf_threads(n: int | None) -> None:
     """TensorFlow reads its thread counts when it starts: set them in a worker before it
     does (BLAS pools are limited by joblib's ``inner_max_num_threads``)."""
@@ -164,20 +202,34 @@ def fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: i
     """Fit and score one config on validation. The head comes back as bytes, so the parent
     pays for loading (a Keras load for an MLP) only for the winner; these bytes never leave
     the process tree (the run folder holds a safe format)."""
+    _tf_threads(threads)
+    params = dict(params)
+    train_on = params.pop("train_on", data.default_train_on)
+    head = make_head(name, **{"random_state": seed, **params})
+    t0 = time.perf_counter()
+    if data.streams is not None:
+        from .stream import fit_streaming
+
+        if train_on not in data.streams:
+            training_rows(data.train, None, train_on)  # the ConfigError that says how to make views
+        y_fit = data.streams[train_on].labels
+        fit_streaming(head, data.streams[train_on])
+    else:
+        x_fit, y_fit = data.training_rows(train_on)
+        head.fit(x_fit, y_fit)
+    seconds = time.perf_counter() - t0
+    return _scored(index, name, params, train_on, head, y_fit, seconds, data)
+
+
+def _scored(index: int, name: str, params: dict[str, Any], train_on: str, head: Any, y_fit: np.ndarray,
+            seconds: float, data: SweepData) -> tuple[dict[str, Any], Any, bytes]:
+    """The row, the curves and the head as bytes for one fitted config."""
     import io
 
     import joblib
 
     from .runs import score
 
-    _tf_threads(threads)
-    params = dict(params)
-    train_on = params.pop("train_on", data.default_train_on)
-    head = make_head(name, **{"random_state": seed, **params})
-    x_fit, y_fit = data.training_rows(train_on)
-    t0 = time.perf_counter()
-    head.fit(x_fit, y_fit)
-    seconds = time.perf_counter() - t0
     val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
     row = {"index": index, "head": name, "pooling": head.pooling, "train_on": train_on, "train_rows": len(y_fit),
            "n_features": int(head.n_features_in_),
@@ -190,16 +242,69 @@ def fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: i
     return row, getattr(head, "history_", None), buffer.getvalue()
 
 
+def fit_path(indices: list[int], configs: list[tuple[str, dict[str, Any]]], seed: int, threads: int | None,
+             data: SweepData) -> list[tuple[dict[str, Any], Any, bytes]]:
+    """Logistic regressions that differ only in C, fitted as one warm-started path on data
+    pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
+    and its ``fit_seconds`` is its own warm-started fit (the shared standardisation is
+    counted in the first one)."""
+    from .stream import fit_logreg_path
+
+    _tf_threads(threads)
+    if len(indices) == 1 or data.streams is not None:
+        return [fit_one(i, *configs[i], seed, threads, data) for i in indices]
+    entries = []
+    for i in indices:
+        params = dict(configs[i][1])
+        train_on = params.pop("train_on", data.default_train_on)
+        entries.append((i, params, train_on, make_head(configs[i][0], **{"random_state": seed, **params})))
+    x_fit, y_fit = data.training_rows(entries[0][2])
+    times: dict[int, float] = {}
+    fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
+    return [_scored(i, configs[i][0], params, train_on, head, y_fit, times[id(head)], data)
+            for i, params, train_on, head in entries]
+
+
+def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path: bool) -> list[list[int]]:
+    """Configs grouped into warm-startable C paths (one task each), longest tasks first so
+    the last worker to finish is not the one that started a flatten fit late."""
+    from .stream import path_key
+
+    groups: dict[str, list[int]] = {}
+    tasks: list[list[int]] = []
+    for i, (name, params) in enumerate(configs):
+        key = path_key(name, {"train_on": data.default_train_on, **params}) if warm_path else None
+        if key is None:
+            tasks.append([i])
+        else:
+            groups.setdefault(key, []).append(i)
+    tasks += list(groups.values())
+
+    def cost(task: list[int]) -> float:
+        name, params = configs[task[0]]
+        width = 16.0 if params.get("pooling", make_head(name).pooling) == "flatten" else 1.0
+        return width * len(task) * (2.0 if name == "mlp" else 1.0)
+
+    return sorted(tasks, key=lambda t: (-cost(t), t[0]))
+
+
 def fit_all(configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: int,
-            n_jobs: int) -> list[tuple[dict[str, Any], Any, bytes]]:
-    """Every config in parallel, each worker with its share of the cores."""
+            n_jobs: int, warm_path: bool | None = None) -> list[tuple[dict[str, Any], Any, bytes]]:
+    """Every config in parallel, each worker with its share of the cores; logistic
+    regressions differing only in C go as one warm-started path (``warm_path``; default on,
+    FEATCACHE_WARM_PATH=0 turns it off for comparisons). Results come back in config order."""
     import joblib
 
-    n_jobs = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), len(configs))
+    if warm_path is None:
+        warm_path = os.environ.get("FEATCACHE_WARM_PATH", "1") != "0"
+    tasks = _tasks(configs, data, warm_path)
+    n_jobs = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), len(tasks))
     threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
     with joblib.parallel_config(backend="loky", inner_max_num_threads=threads):
-        return joblib.Parallel(n_jobs=n_jobs)(
-            joblib.delayed(fit_one)(i, name, params, seed, threads, data) for i, (name, params) in enumerate(configs))
+        done = joblib.Parallel(n_jobs=n_jobs)(
+            joblib.delayed(fit_path)(task, configs, seed, threads, data) for task in tasks)
+    by_index = {r[0]["index"]: r for results in done for r in results}
+    return [by_index[i] for i in range(len(configs))]
 
 
 def select(rows: list[dict[str, Any]]) -> int:

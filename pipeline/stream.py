@@ -1,0 +1,297 @@
+"""Stage two at scale: a warm-started C path for logistic regression, and heads that train
+from the HDF5 file in chunks when the training features do not fit a memory budget.
+
+Both keep the heads' estimator contract: what comes out is an ordinary fitted ``LogRegHead``
+/ ``SVMHead`` / ``MLPHead`` (``model_`` a scikit-learn pipeline or a Keras model), so the
+sweep scores, persists and predicts with it as with any other head.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STREAM_MODES = ("auto", "on", "off")
+# in-memory training holds the features about three times: the loaded split, the standardised
+# copy, and joblib's memory-mapped copy for the worker processes
+IN_MEMORY_FACTOR = 3
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40,
+          "TB": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_budget(text: str | int | None) -> int | None:
+    """Bytes from "4GB", "512MB", "1.5G" or a plain number; None for "auto"/None (see ``auto_budget``)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(f"memory budget {text!r} is not a size; give e.g. 4GB, 512MB or auto")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"memory budget must be positive; received {text!r}")
+    return size
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 when the OS will not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 0
+
+
+def auto_budget() -> int:
+    """Half the machine's RAM: stable between runs (unlike free memory), and room for the rest."""
+    return physical_memory() // 2 or 4 * 2**30
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Where the training rows live when they are streamed: one cache file, one or more splits."""
+
+    cache: Path
+    splits: tuple[str, ...]
+    rows: int
+    feature_shape: tuple[int, ...]
+    chunk_rows: int = 4096
+    labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+
+    def blocks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(features, labels, row numbers) blocks of ``chunk_rows`` rows; a generator shuffles
+        the block order and the rows within each block (an epoch sees every row once)."""
+        import h5py
+
+        from .store import CacheError
+
+        plan, offset = [], 0
+        with h5py.File(self.cache, "r") as f:
+            for split in self.splits:
+                n = f[split]["labels"].shape[0]
+                plan += [(split, start, min(n, start + self.chunk_rows), offset + start)
+                         for start in range(0, n, self.chunk_rows)]
+                offset += n
+        if rng is not None:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        try:
+            with h5py.File(self.cache, "r") as f:
+                for split, start, stop, first in plan:
+                    x = f[split]["features"][start:stop]
+                    y = f[split]["labels"][start:stop].astype(np.int64)
+                    rows = np.arange(first, first + len(y))
+                    if rng is not None:
+                        order = rng.permutation(len(y))
+                        x, y, rows = x[order], y[order], rows[order]
+                    yield x, y, rows
+        except OSError as e:  # a fletcher32 mismatch surfaces here
+            raise CacheError(f"{self.cache}: streaming {self.splits} failed a checksum or could not be read ({e}); "
+                             "rebuild it with `make extract FORCE=1`") from e
+
+
+def plan_training(cache: Path, splits: Sequence[str], sizes: dict[str, int], feature_shape: Sequence[int],
+                  mode: str, budget: int | None) -> tuple[bool, str]:
+    """Whether to stream, and a sentence for the run saying which and why."""
+    if mode not in STREAM_MODES:
+        raise ConfigError(f"stream must be one of {STREAM_MODES}; received {mode!r}")
+    rows = sum(sizes[s] for s in splits)
+    need = rows * int(np.prod(feature_shape)) * 4 * IN_MEMORY_FACTOR
+    limit = budget if budget is not None else auto_budget()
+    origin = "memory budget" if budget is not None else "memory budget (auto: half of RAM)"
+    if mode == "on":
+        return True, f"streaming train from {cache.name} in chunks (--stream on); {rows} rows"
+    if mode == "off":
+        return False, f"train held in memory (--stream off): about {gb(need)} for {rows} rows"
+    if need > limit:
+        return True, (f"streaming train from {cache.name} in chunks: {rows} rows need about {gb(need)} in memory, "
+                      f"over the {origin} of {gb(limit)}")
+    return False, f"train held in memory: about {gb(need)} for {rows} rows, within the {origin} of {gb(limit)}"
+
+
+def source_for(cache: Path, splits: Sequence[str], feature_shape: Sequence[int]) -> StreamSource:
+    """A StreamSource with the labels read (8 bytes a row: they always fit)."""
+    import h5py
+
+    with h5py.File(cache, "r") as f:
+        labels = np.concatenate([f[s]["labels"][()].astype(np.int64) for s in splits])
+    return StreamSource(cache, tuple(splits), len(labels), tuple(feature_shape), labels=labels)
+
+
+# --------------------------------------------------------------------------- warm-started C path
+
+def path_key(name: str, params: dict[str, Any]) -> str | None:
+    """Configs with the same key differ only in C and can share one warm-started path."""
+    import json
+
+    if name != "logreg" or "C" not in params:
+        return None
+    return json.dumps({"name": name, **{k: v for k, v in params.items() if k != "C"}}, sort_keys=True, default=str)
+
+
+def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: dict[int, float] | None = None) -> None:
+    """Fit LogRegHeads that differ only in C as one regularisation path: pool and
+    standardise once (float32), then fit in order of increasing C, each fit starting from
+    the previous solution (lbfgs with ``warm_start``). Each head gets its own fitted model,
+    the same optimum an independent fit reaches (within the solver's tolerance). ``times``
+    receives each head's seconds by ``id(head)`` (pooling and scaling counted in the first)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .heads import _check_finite, pool_features
+
+    if not heads:
+        return
+    t0 = time.perf_counter()
+    first = heads[0]
+    for h in heads:
+        h._validate_params()
+        other = {k: v for k, v in h.get_params().items() if k != "C"}
+        if other != {k: v for k, v in first.get_params().items() if k != "C"}:
+            raise ValueError("a C path needs heads that differ only in C")
+    Z = pool_features(X, first.pooling)
+    y = np.asarray(y)
+    if len(Z) != len(y):
+        raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
+    _check_finite(Z)
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
+    yi = np.searchsorted(classes, y)
+    scaler = StandardScaler()
+    Zs = scaler.fit_transform(Z)  # float32 in, float32 out: one copy for the whole path
+    lr = LogisticRegression(C=first.C, class_weight=first.class_weight, max_iter=first.max_iter,
+                            random_state=first.random_state, warm_start=True)
+    for h in sorted(heads, key=lambda h: h.C):
+        lr.set_params(C=h.C)
+        lr.fit(Zs, yi)
+        model = copy.deepcopy(lr)
+        model.set_params(warm_start=False)  # the saved head is what an independent fit would describe
+        h.model_ = Pipeline([("standardscaler", scaler), ("logisticregression", model)])
+        h.classes_, h.n_features_in_ = classes, Z.shape[1]
+        now = time.perf_counter()
+        if times is not None:
+            times[id(h)] = now - t0
+        t0 = now
+
+
+# --------------------------------------------------------------------------- streaming heads
+
+def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
+    """Fit ``head`` from the file in chunks: standardisation by ``partial_fit`` in one pass,
+    then a linear head by SGD ``partial_fit`` (log loss for logreg; hinge for svm, its
+    probabilities a softmax of margins) for ``epochs`` passes, or the MLP through Keras."""
+    from .heads import LogRegHead, MLPHead, SVMHead
+
+    head._validate_params()
+    classes = np.unique(source.labels)
+    if len(classes) < 2:
+        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
+    if isinstance(head, MLPHead):
+        return _fit_mlp_streaming(head, source, classes)
+    if not isinstance(head, LogRegHead | SVMHead):
+        raise ConfigError(f"head {type(head).__name__} cannot be trained by streaming")
+    return _fit_linear_streaming(head, source, classes, epochs)
+
+
+def _pooled_blocks(head: Any, source: StreamSource, rng: np.random.Generator | None) -> Iterator[
+        tuple[np.ndarray, np.ndarray]]:
+    from .heads import _check_finite, pool_features
+
+    for x, y, _ in source.blocks(rng):
+        z = pool_features(x, head.pooling)
+        _check_finite(z)
+        yield z, y
+
+
+def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, epochs: int) -> Any:
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .heads import LogRegHead
+
+    scaler = StandardScaler()
+    for z, _ in _pooled_blocks(head, source, None):
+        scaler.partial_fit(z)
+    n = source.rows
+    # LogisticRegression minimises C * sum(loss) + |w|^2 / 2; SGD minimises mean(loss) + alpha |w|^2 / 2
+    alpha = 1.0 / (head.C * n)
+    class_weight = head.class_weight
+    if class_weight == "balanced":
+        counts = np.bincount(np.searchsorted(classes, source.labels), minlength=len(classes))
+        class_weight = {i: n / (len(classes) * c) for i, c in enumerate(counts)}
+    sgd = SGDClassifier(loss="log_loss" if isinstance(head, LogRegHead) else "hinge", alpha=alpha,
+                        class_weight=class_weight, random_state=head.random_state, learning_rate="optimal",
+                        average=True)
+    rng = np.random.default_rng(head.random_state)
+    labels = np.arange(len(classes))
+    for _ in range(epochs):
+        for z, y in _pooled_blocks(head, source, rng):
+            sgd.partial_fit(scaler.transform(z), np.searchsorted(classes, y), classes=labels)
+    head.model_ = Pipeline([("standardscaler", scaler), ("sgd", sgd)])
+    head.classes_, head.n_features_in_ = classes, int(scaler.n_features_in_)
+    head.streamed_ = True
+    return head
+
+
+def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> Any:
+    """Keras reads batches from the file through a generator (chunks in shuffled order,
+    rows shuffled within a chunk); early stopping holds out a random ``validation_fraction``
+    of the rows (at most 5,000, kept in memory) that are never trained on."""
+    import keras
+
+    from .heads import compile_for, pool_features, seeds_head
+
+    keras.utils.set_random_seed(head.random_state)
+    rng = np.random.default_rng(head.random_state)
+    k = len(classes)
+    held = np.zeros(source.rows, bool)
+    if head.validation_fraction > 0 and head.patience > 0:
+        n_val = min(5000, round(head.validation_fraction * source.rows))
+        held[rng.choice(source.rows, size=n_val, replace=False)] = True
+    val = None
+    if held.any():
+        parts = [(pool_features(x[held[r]], head.pooling), np.searchsorted(classes, y[held[r]]))
+                 for x, y, r in source.blocks(None) if held[r].any()]
+        val = (np.concatenate([z for z, _ in parts]), np.concatenate([t for _, t in parts]).astype(np.float32))
+    n_train = int(source.rows - held.sum())
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while True:  # Keras counts steps_per_epoch; every pass is a fresh shuffle of the file
+            for x, y, r in source.blocks(rng):
+                keep = ~held[r]
+                z, t = pool_features(x[keep], head.pooling), np.searchsorted(classes, y[keep]).astype(np.float32)
+                for s in range(0, len(t), head.batch_size):
+                    yield z[s:s + head.batch_size], t[s:s + head.batch_size]
+
+    width = int(np.prod(source.feature_shape)) if head.pooling == "flatten" else int(source.feature_shape[-1])
+    inputs = keras.Input((width,))
+    model = keras.Model(inputs, seeds_head(inputs, k, head.units, head.dropout))
+    compile_for(model, k, head.learning_rate)
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=head.patience,
+                                               restore_best_weights=True)] if val else []
+    history = model.fit(batches(), steps_per_epoch=int(np.ceil(n_train / head.batch_size)), epochs=head.epochs,
+                        validation_data=val, callbacks=callbacks, verbose=head.verbose)
+    head.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
+    head.model_, head.classes_, head.n_features_in_ = model, classes, width
+    head.streamed_ = True
+    return head
