@@ -88,7 +88,7 @@ test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny imag
 MUTATE_MINUTES ?= 60
 mutate: $(BIN)/featcache ## mutation testing (mutmut, 1 process, MUTATE_MINUTES=60) of store/sources/sweep/heads/config; not in CI; TESTING.md
 	@timeout $$(( $(MUTATE_MINUTES) * 60 )) $(BIN)/mutmut run --max-children 1 $(MUTANTS) || echo "mutate: stopped after $(MUTATE_MINUTES) min or failed; run again to continue (results kept in mutants/)"
-	@$(BIN)/mutmut results | tail -n 40; $(BIN)/python tools/mutation_score.py
+	@$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json; echo; $(BIN)/mutmut results | tail -n 60
 
 lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/, mypy on pipeline/ (settings in pyproject.toml)
 	$(BIN)/ruff check pipeline tests bench

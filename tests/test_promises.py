@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder, make_image
 from pipeline import store
 from pipeline.cli import main
 from pipeline.config import ExtractConfig
 from pipeline.errors import CacheError
 from pipeline.extract import extract, view_split
+
+from conftest import make_folder, make_image
 
 
 def _cfg(root: Path, cache_dir: Path, **kw) -> ExtractConfig:
@@ -68,8 +69,9 @@ def test_an_image_overwritten_in_place_is_never_served_from_its_old_features(tmp
     _overwrite_keeping(root / name, keep=keep)
     try:
         again = extract(_cfg(root, tmp_path / "c"))
-    except CacheError as e:
-        assert "fingerprint" in str(e) and str(first.path) in str(e)
+    except CacheError as e:  # the "refuse" design: it must name the field and the file
+        assert "fingerprint" in str(e)  # noqa: PT017
+        assert str(first.path) in str(e)  # noqa: PT017
         return
     assert not again.hit, "an overwritten image was answered from the cache"
     fresh = extract(_cfg(root, tmp_path / "fresh")).path
@@ -126,7 +128,8 @@ def test_views_made_with_another_seed_are_never_added_to_a_cache(tmp_path):
     assert str(first.path) in str(e.value)
     assert first.path.read_bytes() == before
     same = extract(_cfg(root, tmp_path / "c", weights=str(weights), augment=2, seed=0))
-    assert store.read_meta(same.path).augment["views"] == 2 and same.images == 4
+    assert store.read_meta(same.path).augment["views"] == 2
+    assert same.images == 4
     other = extract(_cfg(root, tmp_path / "seed1", weights=str(weights), augment=1, seed=1)).path
     assert not np.allclose(store.load_split(other, view_split(1))[0], store.load_split(first.path, view_split(1))[0])
 
@@ -155,7 +158,8 @@ def test_views_n_uses_the_first_n_views(tmp_path, capsys):
         data = load_data(SweepConfig(train_on="views", views=n, runs_dir=tmp_path), cache, meta, True)
         shifts = sorted({round(float(v)) for v in (data.views[0] - np.tile(data.train[0], (len(expected), 1, 1, 1)))
                          .mean(axis=(1, 2, 3))})
-        assert shifts == [10 * k for k in expected] and len(data.views[1]) == 12 * len(expected), n
+        assert shifts == [10 * k for k in expected], n
+        assert len(data.views[1]) == 12 * len(expected), n
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\ntrain_on = "both"\n')
     assert main(["classify", "--cache", str(cache), "--sweep", str(sweep), "--jobs", "1", "--views", "2",

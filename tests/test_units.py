@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import cache_from, make_image, separable, synthetic_meta
 from pipeline import sources, store
 from pipeline.config import ExtractConfig, SweepConfig
 from pipeline.errors import CacheError, ConfigError
+
+from conftest import cache_from, make_image, separable, synthetic_meta
 
 # ----------------------------------------------------------------------------- fingerprint
 
@@ -50,7 +51,8 @@ def test_fingerprint_covers_path_size_and_mtime(unsplit):
 
 def test_unsplit_folder_labels_follow_sorted_class_names(unsplit):
     src = sources.resolve(ExtractConfig(data=str(unsplit), split=(0.5, 0.25, 0.25)))
-    assert src.class_names == ["a_cats", "b_dogs"] and src.kind == "folder"
+    assert src.class_names == ["a_cats", "b_dogs"]
+    assert src.kind == "folder"
     for split in src.splits.values():
         for path, label in zip(split.paths, split.labels, strict=True):
             assert path.split("/")[0] == src.class_names[label]
@@ -73,11 +75,13 @@ def test_npz_class_names_and_split(tmp_path):
     y = np.repeat([1, 0], 10)
     np.savez(tmp_path / "d.npz", x=x, y=y, class_names=np.array(["zero", "one"]))
     src = sources.resolve(ExtractConfig(data=str(tmp_path / "d.npz")))
-    assert src.class_names == ["zero", "one"] and src.kind == "npz"
+    assert src.class_names == ["zero", "one"]
+    assert src.kind == "npz"
     assert sum(len(s) for s in src.splits.values()) == 20
     for s in src.splits.values():
         assert s.arrays.shape[1:] == (8, 8, 3)  # grayscale made RGB
-        assert np.all(s.arrays[s.labels == 1] == 0) and np.all(s.arrays[s.labels == 0] == 200)
+        assert np.all(s.arrays[s.labels == 1] == 0)
+        assert np.all(s.arrays[s.labels == 0] == 200)
 
 
 # ----------------------------------------------------------------------------- the cache format
@@ -108,7 +112,8 @@ def test_a_cache_killed_while_writing_is_marked_incomplete(tmp_path, monkeypatch
     assert not final.exists()
     [tmp] = tmp_path.glob("c.h5*")
     with h5py.File(tmp) as f:
-        assert not f.attrs["complete"] and "train" in f
+        assert not f.attrs["complete"]
+        assert "train" in f
     with pytest.raises(CacheError, match="incomplete"):
         store.read_meta(tmp)
 
@@ -124,14 +129,18 @@ def test_chunk_assembly_killed_midway_leaves_no_complete_file(tmp_path, monkeypa
     layout = {"train": (2, [f"p{i}" for i in range(8)], y)}
     with pytest.raises(KeyboardInterrupt):
         chunks.assemble(layout, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
-    assert not final.exists() and chunks.done("train", 0) and chunks.done("train", 1)
+    assert not final.exists()
+    assert chunks.done("train", 0)
+    assert chunks.done("train", 1)
     with pytest.raises(CacheError, match="incomplete"):
         store.read_meta(final.with_name(final.name + ".tmp"))
     monkeypatch.setattr(store, "_write_rows_meta", original)
     chunks.assemble(layout, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
     got, labels, paths = store.load_split(final, "train")
     np.testing.assert_array_equal(got, x)
-    assert np.array_equal(labels, y) and paths == [f"p{i}" for i in range(8)] and not chunks.dir.exists()
+    assert np.array_equal(labels, y)
+    assert paths == [f"p{i}" for i in range(8)]
+    assert not chunks.dir.exists()
 
 
 def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
@@ -143,7 +152,9 @@ def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
                               synthetic_meta(x, ("a", "b")))
     assert skipped == {"train": [("b", "truncated")]}
     got, labels, paths = store.load_split(final, "train")
-    assert got.dtype == np.float16 and paths == ["a", "c", "d"] and labels.tolist() == y[[0, 2, 3]].tolist()
+    assert got.dtype == np.float16
+    assert paths == ["a", "c", "d"]
+    assert labels.tolist() == y[[0, 2, 3]].tolist()
     with h5py.File(final) as f:
         assert [p.decode() for p in f["train/skipped/reasons"][()]] == ["truncated"]
 
@@ -155,9 +166,13 @@ def test_meta_round_trips_and_names_what_differs(tmp_path):
     path = store.write_cache(tmp_path / "c.h5", {"train": {"features": x, "labels": y, "paths": ["p"] * 6},
                                                  "train@aug1": {"features": x, "labels": y, "paths": ["p"] * 6}}, meta)
     back = store.read_meta(path)
-    assert back.key() == meta.key() and back.class_names == ("a", "b") and back.seed == 7
-    assert back.feature_shape == x.shape[1:] and back.split_sizes == {"train": 6, "train@aug1": 6}
-    assert back.view_splits == ["train@aug1"] and back.path == str(path)
+    assert back.key() == meta.key()
+    assert back.class_names == ("a", "b")
+    assert back.seed == 7
+    assert back.feature_shape == x.shape[1:]
+    assert back.split_sizes == {"train": 6, "train@aug1": 6}
+    assert back.view_splits == ["train@aug1"]
+    assert back.path == str(path)
     other = store.CacheKey(**{**meta.key().__dict__, "size": 64, "precision": "bfloat16"})
     assert meta.key().diff(other) == ["size: cache has 32, asked for 64",
                                       "precision: cache has 'float32', asked for 'bfloat16'"]
@@ -191,7 +206,8 @@ def test_features_are_chunked_along_n_with_checksums(tmp_path):
     path = cache_from(tmp_path / "c.h5", {"train": (x, y)}, ("a", "b"))
     with h5py.File(path) as f:
         ds = f["train/features"]
-        assert ds.chunks == (store.FEATURE_CHUNK_ROWS, *x.shape[1:]) and ds.fletcher32
+        assert ds.chunks == (store.FEATURE_CHUNK_ROWS, *x.shape[1:])
+        assert ds.fletcher32
         assert f["train/labels"].fletcher32
 
 
@@ -231,12 +247,15 @@ def test_training_rows_follow_train_on():
     assert training_rows(train, views, "clean") is train
     assert training_rows(train, views, "views") is views
     x, y = training_rows(train, views, "both")
-    assert x.shape == (9, 1) and x[:3].sum() == 0 and x[3:].sum() == 6 and y.tolist() == [0, 1, 0, 0, 1, 0, 0, 1, 0]
+    assert x.shape == (9, 1)
+    assert x[:3].sum() == 0
+    assert x[3:].sum() == 6
+    assert y.tolist() == [0, 1, 0, 0, 1, 0, 0, 1, 0]
     with pytest.raises(ConfigError, match="AUGMENT"):
         training_rows(train, None, "both")
 
 
-@pytest.mark.parametrize("kw, message", [
+@pytest.mark.parametrize(("kw", "message"), [
     ({"train_on": "all"}, "train_on must be one of"),
     ({"views": 0}, "views must be a positive integer"),
     ({"carve_fraction": 1.0}, "carve_fraction must be in"),
