@@ -36,7 +36,7 @@ EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--
 SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)")
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights test lint format bench clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights test mutate lint format bench clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -84,6 +84,11 @@ hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, of
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+MUTATE_MINUTES ?= 60
+mutate: $(BIN)/featcache ## mutation testing (mutmut, 1 process, MUTATE_MINUTES=60) of store/sources/sweep/heads/config; not in CI; TESTING.md
+	@timeout $$(( $(MUTATE_MINUTES) * 60 )) $(BIN)/mutmut run --max-children 1 $(MUTANTS) || echo "mutate: stopped after $(MUTATE_MINUTES) min or failed; run again to continue (results kept in mutants/)"
+	@$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json; echo; $(BIN)/mutmut results | tail -n 60
 
 lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/, mypy on pipeline/ (settings in pyproject.toml)
 	$(BIN)/ruff check pipeline tests bench
