@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: where the real images are, subsets, timing."""
+
 from __future__ import annotations
 
 import os
@@ -42,14 +43,17 @@ def machine() -> str:
 
     cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
-    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-            f"Keras {keras.__version__} ({keras.backend.backend()} backend)")
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"Keras {keras.__version__} ({keras.backend.backend()} backend)"
+    )
 
 
 def median(values: list[float]) -> float:
@@ -57,7 +61,7 @@ def median(values: list[float]) -> float:
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.start = time.perf_counter()
         return self
 

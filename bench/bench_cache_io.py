@@ -5,6 +5,7 @@ from the cache `make extract DATA=../shared/data/cats_and_dogs_small` makes.
 Reads are timed warm (page cache) and, when this process may drop the page cache (root
 on Linux), cold. Usage: python bench/bench_cache_io.py [--cache FILE] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,17 @@ def main() -> None:
             return
     x, y, paths = store.load_split(args.cache, args.split)
     meta = store.read_meta(args.cache)
-    print(f"{args.cache}: split {args.split}, features {x.shape} {x.dtype}, weights {meta.weights}; "
-          f"{100 * (x == 0).mean():.0f}% zeros; medians of {args.repeats}")
+    print(
+        f"{args.cache}: split {args.split}, features {x.shape} {x.dtype}, weights {meta.weights}; "
+        f"{100 * (x == 0).mean():.0f}% zeros; medians of {args.repeats}"
+    )
     splits = {args.split: {"features": x, "labels": y, "paths": paths}}
     tmp = Path(tempfile.mkdtemp(prefix="featcache-io-"))
     cold_ok = drop_page_cache()
-    print(f"{'dtype':8} {'filter':6} {'sum':4} {'MB':>7} {'write s':>8} {'read warm s':>12} {'read cold s':>12} "
-          f"{'GB/s warm':>10}")
+    print(
+        f"{'dtype':8} {'filter':6} {'sum':4} {'MB':>7} {'write s':>8} {'read warm s':>12} {'read cold s':>12} "
+        f"{'GB/s warm':>10}"
+    )
     variants = [(d, c, True) for d in ("float32", "float16") for c in ("none", "lzf", "gzip")]
     variants.insert(1, ("float32", "none", False))  # the Fletcher-32 checksum's cost, side by side
     try:
@@ -64,8 +69,13 @@ def main() -> None:
                 writes, warm, cold = [], [], []
                 for _ in range(args.repeats):
                     with Timer() as t:
-                        store.write_cache(path, splits, dataclasses.replace(meta, dtype=dtype),
-                                          compression=compression, checksum=checksum)
+                        store.write_cache(
+                            path,
+                            splits,
+                            dataclasses.replace(meta, dtype=dtype),
+                            compression=compression,
+                            checksum=checksum,
+                        )
                         fd = os.open(path, os.O_RDONLY)
                         os.fsync(fd)
                         os.close(fd)
@@ -80,8 +90,11 @@ def main() -> None:
                     warm.append(t.seconds)
                 mb = path.stat().st_size / 1e6
                 cold_s = f"{median(cold):12.3f}" if cold else f"{'n/a':>12}"
-                print(f"{dtype:8} {compression:6} {'yes' if checksum else 'no':4} {mb:7.1f} {median(writes):8.3f} {median(warm):12.3f} {cold_s} "
-                      f"{xs.nbytes / median(warm) / 1e9:10.2f}")
+                print(
+                    f"{dtype:8} {compression:6} {'yes' if checksum else 'no':4} {mb:7.1f} "
+                    f"{median(writes):8.3f} {median(warm):12.3f} {cold_s} "
+                    f"{xs.nbytes / median(warm) / 1e9:10.2f}"
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -7,6 +7,7 @@
 Each repeat runs (c), (a), (b) back to back; medians are printed. Usage:
     python bench/bench_extract.py [--sizes 150 180] [--per-class 100] [--repeats 3] [--batch 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,26 @@ def main() -> None:
     from pipeline.extract import extract
 
     print(machine())
-    print(f"weights: {args.weights}; batch {args.batch}; decode threads {args.decode_threads}; "
-          f"{2 * args.per_class} train images per run; {args.repeats} repeats; medians")
+    print(
+        f"weights: {args.weights}; batch {args.batch}; decode threads {args.decode_threads}; "
+        f"{2 * args.per_class} train images per run; {args.repeats} repeats; medians"
+    )
     folder = subset(args.per_class)
     n = 2 * args.per_class
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-bench-cache-"))
     try:
         for size in args.sizes:
             gflop = registry.flops_per_image(size, "block5_pool") / 1e9
-            cfg = ExtractConfig(data=str(folder), size=size, weights=args.weights, batch_size=args.batch,
-                                decode_threads=args.decode_threads, cache_dir=cache_dir, force=True, quiet=True)
+            cfg = ExtractConfig(
+                data=str(folder),
+                size=size,
+                weights=args.weights,
+                batch_size=args.batch,
+                decode_threads=args.decode_threads,
+                cache_dir=cache_dir,
+                force=True,
+                quiet=True,
+            )
             model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve(args.weights))
             x = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
             model.predict_on_batch(x)  # trace once, outside the timings
@@ -62,7 +73,8 @@ def main() -> None:
                 rates["a"].append(result.steady_rate)
                 rates["a_wall"].append(result.images / t.seconds)
                 gen = ImageDataGenerator(rescale=1 / 255).flow_from_directory(
-                    str(folder / "train"), target_size=(size, size), batch_size=20, class_mode="binary")
+                    str(folder / "train"), target_size=(size, size), batch_size=20, class_mode="binary"
+                )
                 with Timer() as t:
                     seen = 0
                     for xb, _ in gen:
@@ -74,13 +86,22 @@ def main() -> None:
             a, a_wall, b, c = (median(rates[k]) for k in ("a", "a_wall", "b", "c"))
             print(f"\n{size}x{size}: {gflop:.1f} GFLOP/image")
             print(f"  (c) ceiling, in-memory forward  {c:6.1f} img/s  {c * gflop:5.0f} GFLOP/s")
-            print(f"  (a) featcache extract, steady   {a:6.1f} img/s  {a * gflop:5.0f} GFLOP/s  "
-                  f"{100 * a / c:5.1f}% of (c)  {a / b:4.2f}x (b)")
-            print(f"      same, wall incl. model build, warm-up and HDF5 assembly {a_wall:6.1f} img/s "
-                  f"({100 * a_wall / c:.1f}% of (c), {a_wall / b:.2f}x (b))")
-            print(f"  (b) seeds' generator + predict  {b:6.1f} img/s  {b * gflop:5.0f} GFLOP/s  {100 * b / c:5.1f}% of (c)")
-            print(f"  runs (img/s): a={[round(r, 1) for r in rates['a']]} b={[round(r, 1) for r in rates['b']]} "
-                  f"c={[round(r, 1) for r in rates['c']]}")
+            print(
+                f"  (a) featcache extract, steady   {a:6.1f} img/s  {a * gflop:5.0f} GFLOP/s  "
+                f"{100 * a / c:5.1f}% of (c)  {a / b:4.2f}x (b)"
+            )
+            print(
+                f"      same, wall incl. model build, warm-up and HDF5 assembly {a_wall:6.1f} img/s "
+                f"({100 * a_wall / c:.1f}% of (c), {a_wall / b:.2f}x (b))"
+            )
+            print(
+                f"  (b) seeds' generator + predict  {b:6.1f} img/s  {b * gflop:5.0f} GFLOP/s  "
+                f"{100 * b / c:5.1f}% of (c)"
+            )
+            print(
+                f"  runs (img/s): a={[round(r, 1) for r in rates['a']]} b={[round(r, 1) for r in rates['b']]} "
+                f"c={[round(r, 1) for r in rates['c']]}"
+            )
             del model
             keras.backend.clear_session()
     finally:

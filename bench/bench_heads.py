@@ -4,6 +4,7 @@ default sweep's total, with accuracy. Needs the cache that
 makes (the script says so when it is missing). Usage:
     python bench/bench_heads.py [--size 150] [--sweep configs/sweep.toml] [--jobs 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ def main() -> None:
     require_data()
     from pipeline import store
     from pipeline.config import ExtractConfig, SweepConfig
-    from pipeline.layout import locate
     from pipeline.heads import make_head
+    from pipeline.layout import locate
     from pipeline.sweep import run_sweep
 
     weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
@@ -46,8 +47,10 @@ def main() -> None:
         with Timer() as t:
             result = run_sweep(SweepConfig(sweep_file=args.sweep, runs_dir=runs, n_jobs=args.jobs), cache)
         print(result.table)
-        print(f"default sweep, {len(result.rows)} configs, {args.jobs} jobs: {t.seconds:.1f} s wall "
-              f"(sum of fit seconds {sum(r['fit_seconds'] for r in result.rows):.1f} s)")
+        print(
+            f"default sweep, {len(result.rows)} configs, {args.jobs} jobs: {t.seconds:.1f} s wall "
+            f"(sum of fit seconds {sum(r['fit_seconds'] for r in result.rows):.1f} s)"
+        )
     finally:
         shutil.rmtree(runs, ignore_errors=True)
 

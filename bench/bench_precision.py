@@ -10,6 +10,7 @@ post-training quantisation, calibrated on train images) run in the same loop. Th
 (``--heads``) a logistic-regression head per precision on the features of a train/test
 subset: test accuracy. Prints the CPU's name and its bfloat16/AVX-512/AMX flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import HED_WEIGHTS, machine, median, require_data  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pipeline import precision as P  # noqa: E402
+from bench._common import HED_WEIGHTS, machine, median, require_data
+from pipeline import precision as P
 
 KERAS_PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -70,16 +70,21 @@ def openvino_models(model: object, batch: int, size: int, calib: np.ndarray) -> 
         return {}
     core = ov.Core()
     ovm = ov.convert_model(model, input=[(batch, size, size, 3)])
-    out = {f"openvino {name}": core.compile_model(ovm, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-           for name, hint in (("float32", "f32"), ("bfloat16", "bf16"))}
+    out = {
+        f"openvino {name}": core.compile_model(ovm, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        for name, hint in (("float32", "f32"), ("bfloat16", "bf16"))
+    }
     try:
         import nncf
     except ImportError:
         print("OpenVINO int8: nncf not installed, row skipped (pip install 'featcache[openvino]')")
         return out
     t0 = time.perf_counter()
-    quantized = nncf.quantize(ovm, nncf.Dataset([calib[i:i + batch] for i in range(0, len(calib) - batch + 1, batch)]),
-                              subset_size=len(calib))
+    quantized = nncf.quantize(
+        ovm,
+        nncf.Dataset([calib[i : i + batch] for i in range(0, len(calib) - batch + 1, batch)]),
+        subset_size=len(calib),
+    )
     print(f"OpenVINO int8: NNCF quantisation on {len(calib)} train images took {time.perf_counter() - t0:.1f} s")
     out["openvino int8"] = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return out
@@ -104,7 +109,7 @@ def rate(run: object, x: np.ndarray, seconds: float) -> float:
 def features(run: object, x: np.ndarray, batch: int) -> np.ndarray:
     out = []
     for i in range(0, len(x) - len(x) % batch, batch):  # whole batches: OpenVINO models have a fixed batch
-        out.append(run(x[i:i + batch]))
+        out.append(run(x[i : i + batch]))
     return np.concatenate(out)
 
 
@@ -124,11 +129,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per precision and repeat")
-    ap.add_argument("--weights", default=str(HED_WEIGHTS) if HED_WEIGHTS.is_file() else "none",
-                    help="VGG16 weights file, or 'none' (seeded random); default: HED file when present")
+    ap.add_argument(
+        "--weights",
+        default=str(HED_WEIGHTS) if HED_WEIGHTS.is_file() else "none",
+        help="VGG16 weights file, or 'none' (seeded random); default: HED file when present",
+    )
     ap.add_argument("--no-openvino", action="store_true")
-    ap.add_argument("--heads", type=int, default=0, metavar="N",
-                    help="also train a head per precision on N train and N/2 test images per class (first size)")
+    ap.add_argument(
+        "--heads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train a head per precision on N train and N/2 test images per class (first size)",
+    )
     args = ap.parse_args()
     data = require_data()
     weights = None if args.weights.lower() == "none" else args.weights
@@ -136,8 +149,10 @@ def main() -> None:
     flags = P.cpu_flags()
     shown = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f")))
     print(machine())
-    print(f"CPU: {P.cpu_name()}; flags: {' '.join(shown) or '(none of amx*/avx512*)'}; "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: on)')}")
+    print(
+        f"CPU: {P.cpu_name()}; flags: {' '.join(shown) or '(none of amx*/avx512*)'}; "
+        f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: on)')}"
+    )
     print(f"weights: {weights or 'random (seed 0)'}; batch {args.batch}; {args.repeats} repeats x {args.seconds:.0f} s")
     print("load:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     results = {}
@@ -150,7 +165,7 @@ def main() -> None:
         runs = {p: runner(m) for p, m in models.items()}
         if not args.no_openvino:
             runs.update({k: runner(m) for k, m in openvino_models(models["float32"], args.batch, size, x).items()})
-        batch = x[:args.batch]
+        batch = x[: args.batch]
         ref = features(runs["float32"], x, args.batch)
         errors = {name: P.relative_error(features(run, x, args.batch), ref) for name, run in runs.items()}
         for run in runs.values():  # warm-up outside the timing
@@ -164,8 +179,11 @@ def main() -> None:
         for name in runs:
             r = median(rates[name])
             results[(size, name)] = (r, errors[name])
-            print(f"  {name:18s} {r:7.1f} img/s  {r / base:5.2f}x float32   rel. error vs float32 "
-                  f"{errors[name]:.5f}   runs: {', '.join(f'{v:.1f}' for v in rates[name])}", flush=True)
+            print(
+                f"  {name:18s} {r:7.1f} img/s  {r / base:5.2f}x float32   rel. error vs float32 "
+                f"{errors[name]:.5f}   runs: {', '.join(f'{v:.1f}' for v in rates[name])}",
+                flush=True,
+            )
     if args.heads:
         size = args.sizes[0]
         x_tr, y_tr = load_images(data, "train", args.heads, size)
@@ -184,11 +202,13 @@ def main() -> None:
                 print(f"  openvino int8 skipped: {e}")
         for p, run in heads.items():
             t0 = time.perf_counter()
-            f_tr = np.concatenate([run(x_tr[i:i + args.batch]) for i in range(0, len(x_tr), args.batch)])
-            f_te = np.concatenate([run(x_te[i:i + args.batch]) for i in range(0, len(x_te), args.batch)])
+            f_tr = np.concatenate([run(x_tr[i : i + args.batch]) for i in range(0, len(x_tr), args.batch)])
+            f_te = np.concatenate([run(x_te[i : i + args.batch]) for i in range(0, len(x_te), args.batch)])
             took = time.perf_counter() - t0
-            print(f"  {p:14s} test accuracy {head_accuracy(f_tr, y_tr, f_te, y_te):.4f}  "
-                  f"(features in {took:.1f} s)", flush=True)
+            print(
+                f"  {p:14s} test accuracy {head_accuracy(f_tr, y_tr, f_te, y_te):.4f}  (features in {took:.1f} s)",
+                flush=True,
+            )
     print("\nload:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

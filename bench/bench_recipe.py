@@ -10,6 +10,7 @@
 Both report backbone forward passes and seconds. Usage:
     python bench/bench_recipe.py [--epochs 2] [--size 180]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,14 @@ def seeds_recipe(size: int, epochs: int, weights: str) -> tuple[float, float, in
 
     keras.utils.set_random_seed(0)
     load = lambda split, shuffle: keras.utils.image_dataset_from_directory(  # noqa: E731
-        DATA / split, image_size=(size, size), batch_size=32, label_mode="binary", shuffle=shuffle, seed=0)
+        DATA / split, image_size=(size, size), batch_size=32, label_mode="binary", shuffle=shuffle, seed=0
+    )
     train, val, test = load("train", True), load("validation", False), load("test", False)
     conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
     conv_base.trainable = False
-    augmentation = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1),
-                                     layers.RandomZoom(0.2)])
+    augmentation = keras.Sequential(
+        [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.2)]
+    )
     inputs = keras.Input((size, size, 3))
     x = conv_base(keras.applications.vgg16.preprocess_input(augmentation(inputs)))
     x = layers.Dropout(0.5)(layers.Dense(256)(layers.Flatten()(x)))
@@ -63,23 +66,30 @@ def main() -> None:
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-recipe-"))
     try:
         with Timer() as t_extract:
-            result = extract(ExtractConfig(data=str(DATA), size=args.size, weights=weights, cache_dir=cache_dir,
-                                           quiet=True))
+            result = extract(
+                ExtractConfig(data=str(DATA), size=args.size, weights=weights, cache_dir=cache_dir, quiet=True)
+            )
         with Timer() as t_sweep:
             sweep = run_sweep(SweepConfig(sweep_file=args.sweep, runs_dir=cache_dir / "runs"), result.path)
         ours_passes = result.images
         ours_seconds = t_extract.seconds + t_sweep.seconds
         ours_acc = sweep.winner["test_accuracy"]
-        print(f"(ii) featcache: extract {t_extract.seconds:.0f} s ({ours_passes} forward passes) + sweep "
-              f"{t_sweep.seconds:.0f} s ({len(sweep.rows)} configs) = {ours_seconds:.0f} s; winner "
-              f"{sweep.winner['head']} {sweep.winner['pooling']} {sweep.winner['params']}: "
-              f"test accuracy {ours_acc:.4f}")
+        print(
+            f"(ii) featcache: extract {t_extract.seconds:.0f} s ({ours_passes} forward passes) + sweep "
+            f"{t_sweep.seconds:.0f} s ({len(sweep.rows)} configs) = {ours_seconds:.0f} s; winner "
+            f"{sweep.winner['head']} {sweep.winner['pooling']} {sweep.winner['params']}: "
+            f"test accuracy {ours_acc:.4f}"
+        )
         per_epoch, acc, passes_per_epoch = seeds_recipe(args.size, args.epochs, weights)
-        print(f"(i)  seeds' end-to-end recipe: {per_epoch:.0f} s/epoch ({passes_per_epoch} forward passes/epoch); "
-              f"50 epochs = {50 * per_epoch:.0f} s and {50 * passes_per_epoch} forward passes (extrapolated); "
-              f"test accuracy after {args.epochs} epoch(s): {acc:.4f}")
-        print(f"ratio: {50 * per_epoch / ours_seconds:.0f}x less time, {50 * passes_per_epoch / ours_passes:.0f}x "
-              "fewer backbone forward passes for the cached pipeline")
+        print(
+            f"(i)  seeds' end-to-end recipe: {per_epoch:.0f} s/epoch ({passes_per_epoch} forward passes/epoch); "
+            f"50 epochs = {50 * per_epoch:.0f} s and {50 * passes_per_epoch} forward passes (extrapolated); "
+            f"test accuracy after {args.epochs} epoch(s): {acc:.4f}"
+        )
+        print(
+            f"ratio: {50 * per_epoch / ours_seconds:.0f}x less time, {50 * passes_per_epoch / ours_passes:.0f}x "
+            "fewer backbone forward passes for the cached pipeline"
+        )
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 

@@ -16,6 +16,7 @@ Usage (always under the shared lock on a shared machine):
     flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py levers --cache c.h5
     flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py rss --cache c.h5 --stream on|off
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,18 @@ sys.path.insert(0, str(REPO))
 def _meta(shape: tuple[int, ...], class_names: tuple[str, ...]):
     from pipeline import store
 
-    return store.CacheMeta(backbone="vgg16", weights="synthetic", layer="block5_pool", size=150, dtype="float32",
-                           precision="float32", preprocessing="synthetic", fingerprint="synthetic",
-                           class_names=class_names, feature_shape=shape)
+    return store.CacheMeta(
+        backbone="vgg16",
+        weights="synthetic",
+        layer="block5_pool",
+        size=150,
+        dtype="float32",
+        precision="float32",
+        preprocessing="synthetic",
+        fingerprint="synthetic",
+        class_names=class_names,
+        feature_shape=shape,
+    )
 
 
 def _write_streaming(out: Path, splits: dict, shape: tuple[int, ...], class_names: tuple[str, ...]) -> None:
@@ -59,8 +69,8 @@ def _write_streaming(out: Path, splits: dict, shape: tuple[int, ...], class_name
             labels = np.empty(n, np.int64)
             start = 0
             for x, y in blocks:
-                ds[start:start + len(y)] = x
-                labels[start:start + len(y)] = y
+                ds[start : start + len(y)] = x
+                labels[start : start + len(y)] = y
                 start += len(y)
             store._write_rows_meta(f[split], labels, [f"{split}/{i}" for i in range(n)], [])
         f.attrs["complete"] = True
@@ -87,10 +97,14 @@ def make_cache(args: argparse.Namespace) -> None:
                     noisy = idx >= len(base_y)  # the real rows once as they are, then copies with 2% noise
                     x[noisy] *= rng.normal(1.0, 0.02, size=(int(noisy.sum()), *shape)).astype(np.float32)
                     yield x, base_y[idx % len(base_y)]
+
             return args.rows, blocks()
 
-        splits = {"validation": (src["validation_x"], src["validation_y"]), "test": (src["test_x"], src["test_y"]),
-                  "train": train}
+        splits = {
+            "validation": (src["validation_x"], src["validation_y"]),
+            "test": (src["test_x"], src["test_y"]),
+            "train": train,
+        }
     else:
         k, d_latent = args.classes, 64
         centres = rng.normal(0, 1.0, size=(k, d_latent)).astype(np.float32)
@@ -110,12 +124,17 @@ def make_cache(args: argparse.Namespace) -> None:
             parts = list(rows(n, seed))
             return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
-        splits = {"validation": whole(2000, 1), "test": whole(2000, 2),
-                  "train": lambda: (args.rows, rows(args.rows, 3))}
+        splits = {
+            "validation": whole(2000, 1),
+            "test": whole(2000, 2),
+            "train": lambda: (args.rows, rows(args.rows, 3)),
+        }
     t0 = time.perf_counter()
     _write_streaming(out, splits, shape, names)
-    print(f"wrote {out}: train {args.rows} rows x {shape}, {out.stat().st_size / 1e9:.2f} GB, "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {out}: train {args.rows} rows x {shape}, {out.stat().st_size / 1e9:.2f} GB, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
 
 
 def _peak_rss_gb() -> float:
@@ -140,8 +159,10 @@ def sweep(args: argparse.Namespace) -> None:
             key = f"{r['head']}/{r['pooling']}"
             by_head[key] = by_head.get(key, 0.0) + r["fit_seconds"]
         print("fit seconds by head/pooling: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_head.items())))
-        print(f"sweep {len(result.rows)} configs, jobs {args.jobs}, path {args.path}: {wall:.1f} s wall; "
-              f"winner val {result.winner['val_accuracy']:.4f}; parent peak RSS {_peak_rss_gb():.2f} GB")
+        print(
+            f"sweep {len(result.rows)} configs, jobs {args.jobs}, path {args.path}: {wall:.1f} s wall; "
+            f"winner val {result.winner['val_accuracy']:.4f}; parent peak RSS {_peak_rss_gb():.2f} GB"
+        )
     finally:
         shutil.rmtree(runs, ignore_errors=True)
 
@@ -183,8 +204,10 @@ def rss(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         cfg = SweepConfig(sweep_file=spec, runs_dir=runs, n_jobs=1, stream=args.stream)
         result = run_sweep(cfg, Path(args.cache))
-        print(f"rss rows={result.rows[0]['train_rows']} stream={args.stream}: {time.perf_counter() - t0:.1f} s, "
-              f"val {result.winner['val_accuracy']:.4f}, peak RSS {_peak_rss_gb():.2f} GB")
+        print(
+            f"rss rows={result.rows[0]['train_rows']} stream={args.stream}: {time.perf_counter() - t0:.1f} s, "
+            f"val {result.winner['val_accuracy']:.4f}, peak RSS {_peak_rss_gb():.2f} GB"
+        )
     finally:
         shutil.rmtree(runs, ignore_errors=True)
 

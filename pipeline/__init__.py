@@ -8,6 +8,7 @@ light heads on the cache in seconds.
 
 Importing the package is cheap: TensorFlow loads only when a model is built.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ with plain keywords as ``keras.applications`` builders are.
 The registry (names, defaults, VGG arithmetic) lives in ``registry``, weights identity in
 ``weights``, weight conversions in ``convert``. Keras is imported inside the functions.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +15,6 @@ from .errors import ConfigError
 from .precision import keras_policy
 from .registry import spec, unknown_layer
 from .weights import IMAGENET, Weights, keras_models_dir, values_sha256
-
 
 
 def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, precision: str = "float32") -> Any:
@@ -29,7 +29,9 @@ def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, preci
 
     family = spec(name)
     if precision not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"build runs float32, bfloat16 or float16 (resolve 'auto' first); received precision={precision!r}")
+        raise ConfigError(
+            f"build runs float32, bfloat16 or float16 (resolve 'auto' first); received precision={precision!r}"
+        )
     if weights.source is None:
         keras.utils.set_random_seed(weights.seed)  # random weights must be the same on resume
     previous = keras.mixed_precision.global_policy()
@@ -55,18 +57,22 @@ def _construct(constructor: str, size: int, weights: Weights) -> Any:
     import keras
 
     try:
-        return getattr(keras.applications, constructor)(include_top=False, weights=weights.source,
-                                                        input_shape=(size, size, 3))
+        return getattr(keras.applications, constructor)(
+            include_top=False, weights=weights.source, input_shape=(size, size, 3)
+        )
     except Exception as e:  # download or file errors: name the way out
         if weights.source == IMAGENET:
             raise ConfigError(
                 f"{constructor}: ImageNet weights could not be loaded ({type(e).__name__}: {str(e)[:200]}). "
                 f"Keras downloads them once into {keras_models_dir()}; on an offline machine put the file there, "
-                "or pass WEIGHTS=<weights file> or WEIGHTS=random") from e
+                "or pass WEIGHTS=<weights file> or WEIGHTS=random"
+            ) from e
         if weights.source is None:
             raise
-        raise ConfigError(f"weights file {weights.source} does not fit {constructor} (include_top=False): "
-                          f"{type(e).__name__}: {str(e)[:300]}") from e
+        raise ConfigError(
+            f"weights file {weights.source} does not fit {constructor} (include_top=False): "
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from e
 
 
 _PREPROCESS_CLASS: Any = None

@@ -2,6 +2,7 @@
 
 A leaf module: every other module may import it, it imports nothing of the project.
 """
+
 from __future__ import annotations
 
 
@@ -14,4 +15,4 @@ class CacheError(RuntimeError):
     was asked for (exit 3)."""
 
 
-__all__ = ["ConfigError", "CacheError"]
+__all__ = ["CacheError", "ConfigError"]

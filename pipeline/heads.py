@@ -6,13 +6,14 @@ attributes end in ``_``. X is the cached map (N,h,w,C) or already flat (N,D); ``
 turns the map into a vector first: ``flatten`` (h*w*C, 8192 at 150 px), ``avg`` or ``max``
 (C). The Keras MLP is imported lazily, so a scikit-learn-only sweep never loads TensorFlow.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -41,16 +42,18 @@ def pool_features(X: np.ndarray, pooling: str) -> np.ndarray:
 
 def _check_finite(Z: np.ndarray) -> None:
     if not np.isfinite(Z).all():
-        raise ValueError(f"features hold {int((~np.isfinite(Z)).sum())} NaN or infinite value(s); "
-                         "the cache may be corrupt: rebuild it (make extract FORCE=1)")
+        raise ValueError(
+            f"features hold {int((~np.isfinite(Z)).sum())} NaN or infinite value(s); "
+            "the cache may be corrupt: rebuild it (make extract FORCE=1)"
+        )
 
 
 class _PooledHead(ClassifierMixin, BaseEstimator):
     """Shared fit/predict plumbing: validate, pool, check labels, delegate to ``_fit``."""
 
-    _parameter_constraints: dict = {"pooling": [StrOptions(set(POOLINGS))]}
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {"pooling": [StrOptions(set(POOLINGS))]}
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "_PooledHead":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _PooledHead:
         self._validate_params()
         Z = pool_features(X, self.pooling)
         y = np.asarray(y)
@@ -59,7 +62,9 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         _check_finite(Z)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"training labels hold a single class ({self.classes_.tolist()}); a classifier needs two or more")
+            raise ValueError(
+                f"training labels hold a single class ({self.classes_.tolist()}); a classifier needs two or more"
+            )
         self.n_features_in_ = Z.shape[1]
         self._fit(Z, np.searchsorted(self.classes_, y))
         return self
@@ -69,8 +74,10 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "classes_")
         Z = pool_features(X, self.pooling)
         if Z.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {Z.shape[1]} features after {self.pooling} pooling; the head was fitted on "
-                             f"{self.n_features_in_} (another layer or input size?)")
+            raise ValueError(
+                f"X has {Z.shape[1]} features after {self.pooling} pooling; the head was fitted on "
+                f"{self.n_features_in_} (another layer or input size?)"
+            )
         _check_finite(Z)
         return self._predict_proba(Z)
 
@@ -99,8 +106,14 @@ class LogRegHead(_PooledHead):
 
     _parameter_constraints = _LINEAR_CONSTRAINTS
 
-    def __init__(self, pooling: str = "flatten", C: float = 1.0, class_weight: Any = None, max_iter: int = 1000,
-                 random_state: int | None = 0):
+    def __init__(
+        self,
+        pooling: str = "flatten",
+        C: float = 1.0,
+        class_weight: Any = None,
+        max_iter: int = 1000,
+        random_state: int | None = 0,
+    ):
         self.pooling = pooling
         self.C = C
         self.class_weight = class_weight
@@ -112,8 +125,12 @@ class LogRegHead(_PooledHead):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        self.model_ = make_pipeline(StandardScaler(), LogisticRegression(
-            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state))
+        self.model_ = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(
+                C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+            ),
+        )
         self.model_.fit(Z, y)
 
 
@@ -122,8 +139,14 @@ class SVMHead(_PooledHead):
 
     _parameter_constraints = _LINEAR_CONSTRAINTS
 
-    def __init__(self, pooling: str = "avg", C: float = 0.1, class_weight: Any = None, max_iter: int = 5000,
-                 random_state: int | None = 0):
+    def __init__(
+        self,
+        pooling: str = "avg",
+        C: float = 0.1,
+        class_weight: Any = None,
+        max_iter: int = 5000,
+        random_state: int | None = 0,
+    ):
         self.pooling = pooling
         self.C = C
         self.class_weight = class_weight
@@ -136,7 +159,9 @@ class SVMHead(_PooledHead):
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
 
-        svm = LinearSVC(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state)
+        svm = LinearSVC(
+            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+        )
         folds = int(min(3, np.bincount(y).min()))
         self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=folds) if folds >= 2 else svm)
         self.model_.fit(Z, y)
@@ -208,9 +233,11 @@ def compile_for(model: Any, n_classes: int, learning_rate: float) -> None:
     """RMSprop and the seeds' loss for two or more classes."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
-                  loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
+        loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
 
 
 class MLPHead(_KerasHead, _PooledHead):
@@ -219,7 +246,7 @@ class MLPHead(_KerasHead, _PooledHead):
     the training data keeps the best weights (the seeds' ModelCheckpoint on val_loss),
     without ever looking at the validation split that the sweep selects on."""
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **_PooledHead._parameter_constraints,
         "units": [Interval(Integral, 1, None, closed="left")],
         "dropout": [Interval(Real, 0, 1, closed="left")],
@@ -232,9 +259,19 @@ class MLPHead(_KerasHead, _PooledHead):
         "verbose": [Interval(Integral, 0, 2, closed="both")],
     }
 
-    def __init__(self, pooling: str = "flatten", units: int = 256, dropout: float = 0.5, learning_rate: float = 2e-5,
-                 epochs: int = 30, batch_size: int = 20, patience: int = 5, validation_fraction: float = 0.1,
-                 random_state: int = 0, verbose: int = 0):
+    def __init__(
+        self,
+        pooling: str = "flatten",
+        units: int = 256,
+        dropout: float = 0.5,
+        learning_rate: float = 2e-5,
+        epochs: int = 30,
+        batch_size: int = 20,
+        patience: int = 5,
+        validation_fraction: float = 0.1,
+        random_state: int = 0,
+        verbose: int = 0,
+    ):
         self.pooling = pooling
         self.units = units
         self.dropout = dropout
@@ -256,23 +293,41 @@ class MLPHead(_KerasHead, _PooledHead):
             from sklearn.model_selection import train_test_split
 
             try:
-                fit_x, vx, fit_y, vy = train_test_split(Z, y, test_size=self.validation_fraction, stratify=y,
-                                                        random_state=self.random_state)
+                fit_x, vx, fit_y, vy = train_test_split(
+                    Z, y, test_size=self.validation_fraction, stratify=y, random_state=self.random_state
+                )
                 val = (vx, vy)
             except ValueError as e:  # too few samples per class to hold some out: train on all, no early stop
-                log.warning("MLPHead: cannot hold out a stratified validation_fraction=%s of %d rows (%s); "
-                            "training all %d epochs without early stopping", self.validation_fraction, len(y), e,
-                            self.epochs)
+                log.warning(
+                    "MLPHead: cannot hold out a stratified validation_fraction=%s of %d rows (%s); "
+                    "training all %d epochs without early stopping",
+                    self.validation_fraction,
+                    len(y),
+                    e,
+                    self.epochs,
+                )
                 val = None
         inputs = keras.Input((Z.shape[1],))
         model = keras.Model(inputs, seeds_head(inputs, k, self.units, self.dropout))
         compile_for(model, k, self.learning_rate)
-        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience,
-                                                   restore_best_weights=True)] if val else []
-        history = model.fit(fit_x, fit_y.astype(np.float32), epochs=self.epochs, batch_size=self.batch_size,
-                            validation_data=val, callbacks=callbacks, verbose=self.verbose, shuffle=True)
+        callbacks = (
+            [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)]
+            if val
+            else []
+        )
+        history = model.fit(
+            fit_x,
+            fit_y.astype(np.float32),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            validation_data=val,
+            callbacks=callbacks,
+            verbose=self.verbose,
+            shuffle=True,
+        )
         self.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
         self.model_ = model
+
 
 class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
     """A trained Keras model (a fine-tuned block5 + head) behind the same predict_proba as
@@ -283,11 +338,11 @@ class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
         self.model = model
         self.classes = classes
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "KerasModelHead":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> KerasModelHead:
         raise NotImplementedError("KerasModelHead wraps a model trained by `featcache finetune`")
 
     @classmethod
-    def wrap(cls, model: Any, classes: np.ndarray) -> "KerasModelHead":
+    def wrap(cls, model: Any, classes: np.ndarray) -> KerasModelHead:
         head = cls()
         head.model_, head.classes_, head.pooling = model, np.asarray(classes), "none"
         return head

@@ -8,6 +8,7 @@ scale for a fraction of the work, and (4) the loader runs unchanged under every 
 backend (the GPU machines here have JAX and PyTorch, no TensorFlow). Pillow releases the
 GIL while it decodes, so threads overlap with the forward pass.
 """
+
 from __future__ import annotations
 
 import collections
@@ -138,18 +139,22 @@ class AugmentPolicy:
     fill: str = "reflect"
 
     def describe(self) -> str:
-        return (f"seed 003's layers, per image and view: {self.flip} flip (p=0.5), rotation uniform in "
-                f"+-{self.rotation} turn (+-{self.rotation * 360:g} degrees), zoom uniform in +-{self.zoom:.0%} "
-                f"(same factor both axes), bilinear, {self.fill} fill; view k of row i uses "
-                "numpy.random.default_rng([seed, k, i])")
+        return (
+            f"seed 003's layers, per image and view: {self.flip} flip (p=0.5), rotation uniform in "
+            f"+-{self.rotation} turn (+-{self.rotation * 360:g} degrees), zoom uniform in +-{self.zoom:.0%} "
+            f"(same factor both axes), bilinear, {self.fill} fill; view k of row i uses "
+            "numpy.random.default_rng([seed, k, i])"
+        )
 
     def keras_layers(self, seed: int) -> list[Any]:
         """The same policy as Keras preprocessing layers (random per batch, not per view)."""
         import keras
 
-        return [keras.layers.RandomFlip(self.flip, seed=seed),
-                keras.layers.RandomRotation(self.rotation, fill_mode=self.fill, seed=seed),
-                keras.layers.RandomZoom(self.zoom, fill_mode=self.fill, seed=seed)]
+        return [
+            keras.layers.RandomFlip(self.flip, seed=seed),
+            keras.layers.RandomRotation(self.rotation, fill_mode=self.fill, seed=seed),
+            keras.layers.RandomZoom(self.zoom, fill_mode=self.fill, seed=seed),
+        ]
 
 
 AUGMENT = AugmentPolicy()
@@ -168,7 +173,9 @@ def augment(image: np.ndarray, seed: Sequence[int], policy: AugmentPolicy = AUGM
     rng = np.random.default_rng(list(seed))
     flip = rng.random() < 0.5
     angle = rng.uniform(-policy.rotation, policy.rotation) * 2 * np.pi
-    zoom = 1.0 + rng.uniform(-policy.zoom, policy.zoom)  # >1 samples a larger area: zooms out, as Keras's positive factor
+    zoom = 1.0 + rng.uniform(
+        -policy.zoom, policy.zoom
+    )  # >1 samples a larger area: zooms out, as Keras's positive factor
     cos, sin = np.cos(angle), np.sin(angle)
     # output (row, col) -> input: rotate and scale about the centre, then mirror columns
     matrix = zoom * np.array([[cos, -sin], [sin, cos]])
@@ -213,7 +220,7 @@ class Decoder:
         self._threads: ThreadPoolExecutor | None = None
         self._processes: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "Decoder":
+    def __enter__(self) -> Decoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -230,8 +237,14 @@ class Decoder:
             self._threads = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decode")
         return self._threads, 1
 
-    def batches(self, items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
-                prefetch_batches: int = 2) -> Iterator[Batch]:
+    def batches(
+        self,
+        items: Sequence[str | np.ndarray],
+        rows: Sequence[int],
+        size: int,
+        batch_size: int,
+        prefetch_batches: int = 2,
+    ) -> Iterator[Batch]:
         """Decoded ``items[rows]`` in order, ``prefetch_batches`` batches ahead of the consumer.
 
         Undecodable items come back in ``Batch.failed`` with their reason.
@@ -239,7 +252,7 @@ class Decoder:
         rows = list(rows)
         first = items[rows[0]] if rows else None
         pool, group = self._pool(isinstance(first, str) or (isinstance(first, tuple) and isinstance(first[0], str)))
-        groups = collections.deque(rows[k:k + group] for k in range(0, len(rows), group))
+        groups = collections.deque(rows[k : k + group] for k in range(0, len(rows), group))
         pending: collections.deque[tuple[list[int], Future[list[np.ndarray | str]]]] = collections.deque()
         ready: collections.deque[tuple[int, np.ndarray | str]] = collections.deque()
         # enough tasks in flight to cover the batches ahead and to keep every process busy twice over
@@ -250,16 +263,23 @@ class Decoder:
                     idx = groups.popleft()
                     pending.append((idx, pool.submit(_decode_group, [items[i] for i in idx], size)))
                 idx, fut = pending.popleft()
-                ready.extend(zip(idx, fut.result()))
+                ready.extend(zip(idx, fut.result(), strict=True))
             take = [ready.popleft() for _ in range(min(batch_size, len(ready)))]
             ok = [(i, r) for i, r in take if not isinstance(r, str)]
             stacked = np.stack([r for _, r in ok]) if ok else np.zeros((0, size, size, 3), np.uint8)
-            yield Batch(stacked, np.array([i for i, _ in ok], np.int64),
-                        [(i, r) for i, r in take if isinstance(r, str)])
+            yield Batch(
+                stacked, np.array([i for i, _ in ok], np.int64), [(i, r) for i, r in take if isinstance(r, str)]
+            )
 
 
-def batches(items: Sequence[str | np.ndarray], rows: Sequence[int], size: int, batch_size: int,
-            threads: int = 2, processes: int = 0) -> Iterator[Batch]:
+def batches(
+    items: Sequence[str | np.ndarray],
+    rows: Sequence[int],
+    size: int,
+    batch_size: int,
+    threads: int = 2,
+    processes: int = 0,
+) -> Iterator[Batch]:
     """One-off ``Decoder(threads, processes).batches(...)``."""
     with Decoder(threads, processes) as decoder:
         yield from decoder.batches(items, rows, size, batch_size)

@@ -15,6 +15,7 @@ on load and is tied to the library versions that wrote it, so heads are stored a
 Old folders holding only ``<stem>.joblib`` load only with ``trust_pickle=True``
 (``--trust-pickle``), meant for folders the user made themselves.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,11 +35,13 @@ HEAD_TYPES: tuple[type, ...] = (LogRegHead, SVMHead, MLPHead, KerasModelHead)
 # The types our heads need beyond skops' defaults. skops rebuilds them with __new__ and
 # __setstate__/__dict__, never __reduce__; the only __setstate__ with side effects is
 # _KerasHead's (a model given as bytes), which loads in Keras safe mode.
-TRUSTED_TYPES: list[str] = sorted([
-    *(f"{t.__module__}.{t.__qualname__}" for t in HEAD_TYPES),
-    "sklearn.calibration._CalibratedClassifier",  # SVMHead's CalibratedClassifierCV internals
-    "sklearn.calibration._SigmoidCalibration",
-])
+TRUSTED_TYPES: list[str] = sorted(
+    [
+        *(f"{t.__module__}.{t.__qualname__}" for t in HEAD_TYPES),
+        "sklearn.calibration._CalibratedClassifier",  # SVMHead's CalibratedClassifierCV internals
+        "sklearn.calibration._SigmoidCalibration",
+    ]
+)
 
 # Keras releases before this let a crafted .keras file run code even in safe mode
 # (CVE-2025-1550, CVE-2025-8747/9906, CVE-2026-1462 via TFSMLayer, fixed in 3.14).
@@ -46,8 +49,10 @@ MIN_SAFE_KERAS = (3, 14)
 
 CHECKED_LIBRARIES = ("numpy", "scikit-learn", "keras")
 
-PICKLE_HELP = ("pickle files can run arbitrary code when loaded; pass --trust-pickle only for a folder you made "
-               "yourself (or fully trust), and re-save it in the safe format by re-running the sweep")
+PICKLE_HELP = (
+    "pickle files can run arbitrary code when loaded; pass --trust-pickle only for a folder you made "
+    "yourself (or fully trust), and re-save it in the safe format by re-running the sweep"
+)
 
 
 def _major(version: str) -> str:
@@ -58,15 +63,22 @@ def check_versions(saved: dict[str, Any] | None, where: str | Path = "the run fo
     """Warn (never fail) when ``saved`` (run.json ``versions``) has a different MAJOR
     version of numpy, scikit-learn or Keras than is installed; returns the differences."""
     now = versions()
-    diffs = [f"{lib} {saved[lib]} (saved) vs {now[lib]} (installed)" for lib in CHECKED_LIBRARIES
-             if saved and saved.get(lib) and now.get(lib) and _major(saved[lib]) != _major(now[lib])]
+    diffs = [
+        f"{lib} {saved[lib]} (saved) vs {now[lib]} (installed)"
+        for lib in CHECKED_LIBRARIES
+        if saved and saved.get(lib) and now.get(lib) and _major(saved[lib]) != _major(now[lib])
+    ]
     if diffs:
-        log.warning("%s was saved under other major library versions: %s; predictions may differ or loading may "
-                    "fail", where, "; ".join(diffs))
+        log.warning(
+            "%s was saved under other major library versions: %s; predictions may differ or loading may fail",
+            where,
+            "; ".join(diffs),
+        )
     return diffs
 
 
 # --------------------------------------------------------------------------- saving
+
 
 def _tmp_for(path: Path) -> Path:
     """Same folder (so the rename is atomic), same suffix (Keras insists on .keras)."""
@@ -81,8 +93,10 @@ def save_head(head: Any, folder: str | Path, stem: str = "winner") -> list[Path]
     import skops.io as sio
 
     if not isinstance(head, HEAD_TYPES):
-        raise TypeError(f"save_head saves featcache heads ({', '.join(t.__name__ for t in HEAD_TYPES)}); "
-                        f"received {type(head).__name__}")
+        raise TypeError(
+            f"save_head saves featcache heads ({', '.join(t.__name__ for t in HEAD_TYPES)}); "
+            f"received {type(head).__name__}"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -113,28 +127,37 @@ def save_head(head: Any, folder: str | Path, stem: str = "winner") -> list[Path]
 
 # --------------------------------------------------------------------------- loading
 
+
 def _load_skops(path: Path) -> Any:
     import skops.io as sio
 
     try:
         untrusted = sorted(set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES))
     except Exception as e:  # not a zip, no schema.json, unknown protocol: nothing was built yet
-        raise CacheError(f"{path} is not a readable skops file ({type(e).__name__}: {e}); "
-                         "the run folder is damaged or was not made by featcache") from e
+        raise CacheError(
+            f"{path} is not a readable skops file ({type(e).__name__}: {e}); "
+            "the run folder is damaged or was not made by featcache"
+        ) from e
     if untrusted:
-        raise CacheError(f"{path} names type(s) outside featcache's trusted list: {', '.join(untrusted)}; refusing "
-                         "to load it (a head saved by featcache never holds these: the file was altered or made "
-                         "elsewhere)")
+        raise CacheError(
+            f"{path} names type(s) outside featcache's trusted list: {', '.join(untrusted)}; refusing "
+            "to load it (a head saved by featcache never holds these: the file was altered or made "
+            "elsewhere)"
+        )
     try:
         head = sio.load(path, trusted=TRUSTED_TYPES)
     except CacheError:
         raise
     except Exception as e:
-        raise CacheError(f"cannot load {path} ({type(e).__name__}: {e}); the run folder is damaged or was made "
-                         "by another featcache version") from e
+        raise CacheError(
+            f"cannot load {path} ({type(e).__name__}: {e}); the run folder is damaged or was made "
+            "by another featcache version"
+        ) from e
     if not isinstance(head, HEAD_TYPES):
-        raise CacheError(f"{path} holds a {type(head).__module__}.{type(head).__qualname__}, not a featcache head "
-                         f"({', '.join(t.__name__ for t in HEAD_TYPES)})")
+        raise CacheError(
+            f"{path} holds a {type(head).__module__}.{type(head).__qualname__}, not a featcache head "
+            f"({', '.join(t.__name__ for t in HEAD_TYPES)})"
+        )
     return head
 
 
@@ -144,15 +167,19 @@ def _load_keras(path: Path) -> Any:
     from .backbone import preprocess_layer_class
 
     if _version_tuple(keras.__version__) < MIN_SAFE_KERAS:
-        raise CacheError(f"refusing to open {path} with Keras {keras.__version__}: releases before "
-                         f"{'.'.join(map(str, MIN_SAFE_KERAS))} can run code from a crafted .keras file even in "
-                         f"safe mode; upgrade (pip install -U 'keras>={'.'.join(map(str, MIN_SAFE_KERAS))}')")
+        raise CacheError(
+            f"refusing to open {path} with Keras {keras.__version__}: releases before "
+            f"{'.'.join(map(str, MIN_SAFE_KERAS))} can run code from a crafted .keras file even in "
+            f"safe mode; upgrade (pip install -U 'keras>={'.'.join(map(str, MIN_SAFE_KERAS))}')"
+        )
     preprocess_layer_class()  # end-to-end models hold it; registered before loading
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as e:  # safe mode refusing a Lambda, a damaged zip, an unknown layer
-        raise CacheError(f"cannot load the Keras model {path} in safe mode ({type(e).__name__}: {e}); "
-                         "the run folder is damaged or holds code featcache does not load") from e
+        raise CacheError(
+            f"cannot load the Keras model {path} in safe mode ({type(e).__name__}: {e}); "
+            "the run folder is damaged or holds code featcache does not load"
+        ) from e
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
@@ -160,8 +187,9 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
-def load_head(folder: str | Path, stem: str = "winner", trust_pickle: bool = False,
-              versions: dict[str, Any] | None = None) -> Any:
+def load_head(
+    folder: str | Path, stem: str = "winner", trust_pickle: bool = False, versions: dict[str, Any] | None = None
+) -> Any:
     """The head saved in ``folder`` by :func:`save_head`, checked before anything is built.
 
     Raises CacheError (exit 3) naming any type outside the trusted list, a damaged file,
@@ -172,11 +200,15 @@ def load_head(folder: str | Path, stem: str = "winner", trust_pickle: bool = Fal
     skops_path, pickle_path = folder / f"{stem}.skops", folder / f"{stem}.joblib"
     if not skops_path.is_file():
         if not pickle_path.is_file():
-            raise CacheError(f"{folder} has no {skops_path.name}; give a run folder made by `make classify` "
-                             "(or `featcache finetune`)")
+            raise CacheError(
+                f"{folder} has no {skops_path.name}; give a run folder made by `make classify` "
+                "(or `featcache finetune`)"
+            )
         if not trust_pickle:
-            raise CacheError(f"{folder} is in the old format: its head is a pickle ({pickle_path.name}) and no "
-                             f"{skops_path.name}; {PICKLE_HELP}")
+            raise CacheError(
+                f"{folder} is in the old format: its head is a pickle ({pickle_path.name}) and no "
+                f"{skops_path.name}; {PICKLE_HELP}"
+            )
         import joblib
 
         log.warning("loading the pickle %s because --trust-pickle was given: it can run code", pickle_path)
@@ -185,7 +217,9 @@ def load_head(folder: str | Path, stem: str = "winner", trust_pickle: bool = Fal
     if isinstance(head, _KerasHead) and hasattr(head, "classes_"):  # fitted: its model is beside it
         keras_path = folder / f"{stem}.keras"
         if not keras_path.is_file():
-            raise CacheError(f"{skops_path} is a Keras head ({type(head).__name__}) but {keras_path.name} is "
-                             "missing from the folder; copy the whole run folder")
+            raise CacheError(
+                f"{skops_path} is a Keras head ({type(head).__name__}) but {keras_path.name} is "
+                "missing from the folder; copy the whole run folder"
+            )
         head.model_ = _load_keras(keras_path)
     return head

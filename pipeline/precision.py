@@ -11,6 +11,7 @@ The precision changes the features (bfloat16 keeps 8 bits of mantissa), so it be
 the cache's identity: ``cache_suffix`` and the ``precision`` identity field. Nothing here
 imports Keras at import time; options are checked before any model is built.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,10 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +40,10 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot
 ENV = "FEATCACHE_PRECISION"  # pins what ``auto`` resolves to on a machine (CI, reproducible benchmarks)
 MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
 MEMO_VERSION = 1
-OPENVINO_MISSING = ("precision 'int8' runs on OpenVINO, which is not installed: "
-                    "`pip install 'featcache[openvino]'` (openvino + nncf), or use --precision bfloat16 / auto")
+OPENVINO_MISSING = (
+    "precision 'int8' runs on OpenVINO, which is not installed: "
+    "`pip install 'featcache[openvino]'` (openvino + nncf), or use --precision bfloat16 / auto"
+)
 
 Probe = Callable[[], "tuple[float, float]"]  # () -> (float32 img/s, bfloat16 img/s)
 
@@ -59,8 +63,13 @@ class Choice:
 
     def as_meta(self) -> dict[str, Any]:
         """What to store in the cache's metadata (not its identity: only ``precision`` is)."""
-        return {"precision": self.precision, "requested": self.requested, "reason": self.reason,
-                "keras_policy": self.policy, "cpu": cpu_name()}
+        return {
+            "precision": self.precision,
+            "requested": self.requested,
+            "reason": self.reason,
+            "keras_policy": self.policy,
+            "cpu": cpu_name(),
+        }
 
 
 def check(precision: str) -> str:
@@ -100,6 +109,7 @@ def policy_scope(precision: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- the machine
+
 
 def _cpuinfo(path: str = "/proc/cpuinfo") -> str:
     try:
@@ -213,12 +223,13 @@ def _write_memo(memo: Path, key: str, entry: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- the probe
 
+
 def _probe_model(size: int) -> Any:
     """VGG16's first three blocks: the conv shapes that dominate the real forward pass."""
     import keras
 
     x = inp = keras.Input((size, size, 3))
-    for block, (convs, channels) in enumerate(zip((2, 2, 3), (64, 128, 256)), 1):
+    for _block, (convs, channels) in enumerate(zip((2, 2, 3), (64, 128, 256), strict=True), 1):
         for _ in range(convs):
             x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(x)
         x = keras.layers.MaxPooling2D()(x)
@@ -253,8 +264,17 @@ def timed_probe(size: int = 64, batch: int = 16, seconds: float = 0.6, rounds: i
 
 # --------------------------------------------------------------------------- the decision
 
-def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = None, memo: Path | None = None,
-            flags: set[str] | None = None, name: str | None = None, versions: str | None = None) -> Choice:
+
+def resolve(
+    requested: str,
+    *,
+    gpu: bool | None = None,
+    probe: Probe | None = None,
+    memo: Path | None = None,
+    flags: set[str] | None = None,
+    name: str | None = None,
+    versions: str | None = None,
+) -> Choice:
     """The precision to run, and why.
 
     Explicit values pass through (with a warning in ``reason`` where they are slow here).
@@ -278,8 +298,13 @@ def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = No
     if gpu:
         return Choice("float16", "auto: a GPU is present; mixed float16 runs on its tensor cores", False, "auto")
     if not bf16_cpu:
-        return Choice("float32", "auto: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 would be "
-                                 "emulated (no faster than float32)", False, "auto")
+        return Choice(
+            "float32",
+            "auto: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 would be "
+            "emulated (no faster than float32)",
+            False,
+            "auto",
+        )
     name = cpu_name() if name is None else name
     key = memo_key(name, flags, _versions() if versions is None else versions)
     memo = default_memo() if memo is None else memo
@@ -290,25 +315,36 @@ def resolve(requested: str, *, gpu: bool | None = None, probe: Probe | None = No
         try:
             fp32, bf16 = (probe or timed_probe)()
         except Exception as e:  # bfloat16 kernels missing or broken here: float32 is always safe
-            return Choice("float32", f"auto: the bfloat16 probe failed ({type(e).__name__}: {str(e)[:160]}); "
-                                     "using float32", True, "auto")
-        entry = {"float32_img_s": round(float(fp32), 2), "bfloat16_img_s": round(float(bf16), 2),
-                 "probe_seconds": round(time.perf_counter() - t0, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+            return Choice(
+                "float32",
+                f"auto: the bfloat16 probe failed ({type(e).__name__}: {str(e)[:160]}); using float32",
+                True,
+                "auto",
+            )
+        entry = {
+            "float32_img_s": round(float(fp32), 2),
+            "bfloat16_img_s": round(float(bf16), 2),
+            "probe_seconds": round(time.perf_counter() - t0, 2),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         _write_memo(memo, key, entry)
         probed = True
     fp32, bf16 = entry["float32_img_s"], entry["bfloat16_img_s"]
     speedup = bf16 / fp32 if fp32 > 0 else 0.0
     how = "probed now" if probed else f"probe remembered in {memo}"
-    measured = (f"{', '.join(bf16_cpu)} present; bfloat16 {speedup:.2f}x float32 "
-                f"({bf16:.1f} vs {fp32:.1f} img/s, small VGG-like stack, {how})")
+    measured = (
+        f"{', '.join(bf16_cpu)} present; bfloat16 {speedup:.2f}x float32 "
+        f"({bf16:.1f} vs {fp32:.1f} img/s, small VGG-like stack, {how})"
+    )
     if speedup >= MARGIN:
         return Choice("bfloat16", f"auto: {measured}", probed, "auto")
     return Choice("float32", f"auto: {measured}, below the {MARGIN:.2f}x needed to switch", probed, "auto")
 
 
 def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict)
-            and all(isinstance(entry.get(k), (int, float)) for k in ("float32_img_s", "bfloat16_img_s")))
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), (int, float)) for k in ("float32_img_s", "bfloat16_img_s")
+    )
 
 
 def _explicit_reason(precision: str, gpu: bool | None, bf16_cpu: list[str]) -> str:
@@ -317,15 +353,21 @@ def _explicit_reason(precision: str, gpu: bool | None, bf16_cpu: list[str]) -> s
     if gpu and precision != "int8":
         return f"requested {precision} (GPU present)"
     if precision == "int8":
-        return ("requested int8 (OpenVINO + NNCF post-training quantisation, calibrated on train images; "
-                "features differ from float32 by a few percent)")
+        return (
+            "requested int8 (OpenVINO + NNCF post-training quantisation, calibrated on train images; "
+            "features differ from float32 by a few percent)"
+        )
     if precision == "float16":
-        return ("requested float16; note: CPUs have no fast float16 convolutions, so on this CPU it is "
-                "usually slower than float32 (worth it on GPUs)")
+        return (
+            "requested float16; note: CPUs have no fast float16 convolutions, so on this CPU it is "
+            "usually slower than float32 (worth it on GPUs)"
+        )
     if bf16_cpu:
         return f"requested bfloat16 ({', '.join(bf16_cpu)} present)"
-    return ("requested bfloat16; note: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 may run "
-            "no faster, or slower, than float32")
+    return (
+        "requested bfloat16; note: this CPU has neither amx_bf16 nor avx512_bf16, so bfloat16 may run "
+        "no faster, or slower, than float32"
+    )
 
 
 def relative_error(a: Any, b: Any) -> float:
@@ -339,6 +381,7 @@ def relative_error(a: Any, b: Any) -> float:
 
 
 # --------------------------------------------------------------------------- int8 (OpenVINO)
+
 
 def require_openvino() -> tuple[Any, Any]:
     """(openvino, nncf), or a ConfigError saying how to install them."""
@@ -373,7 +416,7 @@ def openvino_engine(model: Any, calibration: np.ndarray, batch_size: int = 32) -
         raise ConfigError("precision 'int8' needs calibration images (a few train images); none were given")
     shape = [-1, *model.inputs[0].shape[1:]]
     converted = ov.convert_model(model, input=[shape])
-    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
     quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(calibration))
     compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return OpenVINOEngine(compiled, f"openvino-int8 ({ov.__version__}, nncf {nncf.__version__})", len(calibration))

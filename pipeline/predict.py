@@ -4,6 +4,7 @@ The run folder pins everything: the cache's backbone, weights (and their SHA-256
 layer, input size and preprocessing. A request that differs, or weights whose bytes
 changed since, is refused with the field that differs.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,10 @@ REQUEST_FIELDS = ("backbone", "size", "layer", "weights", "precision")
 
 def latest_run(runs_dir: Path) -> Path:
     """The newest run folder that holds a head (classify or finetune; not compare)."""
-    runs_ = sorted((p.parent for p in Path(runs_dir).glob("*/run.json") if '"cache_meta"' in p.read_text()),
-                   key=lambda p: p.stat().st_mtime)
+    runs_ = sorted(
+        (p.parent for p in Path(runs_dir).glob("*/run.json") if '"cache_meta"' in p.read_text()),
+        key=lambda p: p.stat().st_mtime,
+    )
     if not runs_:
         raise CacheError(f"no run folder with a run.json under {runs_dir}; run `make classify` first")
     return runs_[-1]
@@ -66,13 +69,21 @@ def check_request(meta: CacheMeta, request: dict[str, Any]) -> None:
     wanted = CacheKey(**{**dataclasses.asdict(meta.key()), **asked})
     diffs = meta.key().diff(wanted, fields=sorted(asked))
     if diffs:
-        raise ConfigError("the head does not match the requested backbone options (the head's cache vs the request): "
-                          + "; ".join(diffs))
+        raise ConfigError(
+            "the head does not match the requested backbone options (the head's cache vs the request): "
+            + "; ".join(diffs)
+        )
 
 
-def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Path = RUNS_DIR,
-            out: str | Path | None = None, request: dict[str, Any] | None = None, batch_size: int = 32,
-            trust_pickle: bool = False) -> Path:
+def predict(
+    target: str | Path,
+    run_dir: str | Path | None = None,
+    runs_dir: Path = RUNS_DIR,
+    out: str | Path | None = None,
+    request: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    trust_pickle: bool = False,
+) -> Path:
     """Classify ``target`` (an image or a folder, recursive); returns the CSV written.
 
     Columns: path, class, probability (of that class), then one probability per class;
@@ -95,13 +106,21 @@ def predict(target: str | Path, run_dir: str | Path | None = None, runs_dir: Pat
     model = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision)
     verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
     decode = ExtractConfig()
-    rows = _classify(files, lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size)), head,
-                     meta, batch_size, decode.decode_threads, decode.decode_processes)
+    rows = _classify(
+        files,
+        lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size)),
+        head,
+        meta,
+        batch_size,
+        decode.decode_threads,
+        decode.decode_processes,
+    )
     return _write(rows, root, meta.class_names, out)
 
 
-def _classify(files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batch_size: int, threads: int = 2,
-              processes: int = 0) -> list[dict[str, Any]]:
+def _classify(
+    files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batch_size: int, threads: int = 2, processes: int = 0
+) -> list[dict[str, Any]]:
     """Rows of path, class, probability (+ one per class) or the decoding error."""
     class_names = meta.class_names
     rows: list[dict[str, Any]] = []
@@ -110,8 +129,15 @@ def _classify(files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batc
         if len(batch.rows):
             for i, p in zip(batch.rows, proba_fn(batch.images), strict=True):
                 k = int(np.argmax(p))
-                rows.append({"path": paths[i], "class": class_names[head.classes_[k]], "probability": f"{p[k]:.6f}",
-                             "error": "", **{f"p_{class_names[c]}": f"{v:.6f}" for c, v in zip(head.classes_, p, strict=True)}})
+                rows.append(
+                    {
+                        "path": paths[i],
+                        "class": class_names[head.classes_[k]],
+                        "probability": f"{p[k]:.6f}",
+                        "error": "",
+                        **{f"p_{class_names[c]}": f"{v:.6f}" for c, v in zip(head.classes_, p, strict=True)},
+                    }
+                )
         rows += [{"path": paths[i], "class": "", "probability": "", "error": reason} for i, reason in batch.failed]
     return rows
 

@@ -1,5 +1,6 @@
 """Library versions for run.json and cache metadata: read from package metadata, so asking
 never imports TensorFlow; the Keras backend is added when Keras is already loaded."""
+
 from __future__ import annotations
 
 import sys

@@ -7,6 +7,7 @@ TensorFlow 2.16+ logs them through absl before its log level is read, so
 usual. The CLI installs it unless ``-v``; it sets ``FEATCACHE_QUIET_TF=1`` so that worker
 processes, which import ``pipeline``, install it too.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ the VGG arithmetic (layer names, output shapes, FLOPs) that needs no Keras.
 Options are checked and cache hits answered from here before TensorFlow is imported.
 Imports nothing of the project but its errors.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-_CAFFE = ("keras.applications.{module}.preprocess_input (caffe mode): RGB->BGR, "
-          "subtract ImageNet mean [103.939, 116.779, 123.68], no scaling")
+_CAFFE = (
+    "keras.applications.{module}.preprocess_input (caffe mode): RGB->BGR, "
+    "subtract ImageNet mean [103.939, 116.779, 123.68], no scaling"
+)
 _TF = "keras.applications.{module}.preprocess_input (tf mode): scale pixels to [-1, 1]"
 
 
@@ -39,9 +42,15 @@ BACKBONES: dict[str, Spec] = {
     "resnet50": Spec("ResNet50", "resnet50", 224, "conv5_block3_out", 32, _CAFFE),
     "mobilenetv2": Spec("MobileNetV2", "mobilenet_v2", 224, "out_relu", 32, _TF),
     "inceptionv3": Spec("InceptionV3", "inception_v3", 299, "mixed10", 75, _TF),
-    "efficientnetb0": Spec("EfficientNetB0", "efficientnet", 224, "top_activation", 32,
-                           "none outside the model: EfficientNet rescales and normalises inside it "
-                           "(keras.applications.efficientnet.preprocess_input is the identity)"),
+    "efficientnetb0": Spec(
+        "EfficientNetB0",
+        "efficientnet",
+        224,
+        "top_activation",
+        32,
+        "none outside the model: EfficientNet rescales and normalises inside it "
+        "(keras.applications.efficientnet.preprocess_input is the identity)",
+    ),
 }
 
 # VGG conv bases: convs per block, and output channels per block
@@ -59,14 +68,21 @@ def spec(backbone: str) -> Spec:
 
 
 def vgg_layers(name: str = "vgg16") -> tuple[str, ...]:
-    return tuple(layer for b, n in enumerate(VGG_CONVS[name], 1)
-                 for layer in [f"block{b}_conv{i + 1}" for i in range(n)] + [f"block{b}_pool"])
+    return tuple(
+        layer
+        for b, n in enumerate(VGG_CONVS[name], 1)
+        for layer in [f"block{b}_conv{i + 1}" for i in range(n)] + [f"block{b}_pool"]
+    )
 
 
 def unknown_layer(backbone: str, layer: str, names: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
     hint = f"; closest: {close}" if close else ""
-    listing = f" Available: {list(names)}" if len(names) <= 40 else f" ({len(names)} layers; the default is {spec(backbone).layer!r})"
+    listing = (
+        f" Available: {list(names)}"
+        if len(names) <= 40
+        else f" ({len(names)} layers; the default is {spec(backbone).layer!r})"
+    )
     return ConfigError(f"{backbone} has no layer {layer!r}{hint}.{listing}")
 
 
@@ -79,8 +95,9 @@ def check_layer(layer: str, backbone: str = "vgg16") -> None:
 def check_size(size: object, backbone: str) -> int:
     family = spec(backbone)
     if not isinstance(size, int) or isinstance(size, bool) or size < family.min_size:
-        raise ConfigError(f"image size must be an integer >= {family.min_size} ({backbone}'s minimum input); "
-                          f"received size={size!r}")
+        raise ConfigError(
+            f"image size must be an integer >= {family.min_size} ({backbone}'s minimum input); received size={size!r}"
+        )
     return size
 
 

@@ -1,6 +1,7 @@
 """The pictures a run shows people: learning curves and a confusion matrix (PNG).
 matplotlib is imported inside the functions, Agg backend. Tables and files: ``runs``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 
 def pyplot() -> Any:
     import matplotlib
@@ -48,8 +50,9 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     ax.set_ylabel("true")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

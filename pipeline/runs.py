@@ -2,6 +2,7 @@
 never an existing one, run.json with versions and the command line, a results CSV written
 with the csv module, the terminal table, and the one scorer every stage reports with.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,10 @@ def score(proba: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[float,
     """(accuracy, log-loss) of probabilities whose columns follow ``classes``."""
     from sklearn.metrics import accuracy_score, log_loss
 
-    return (float(accuracy_score(y, np.asarray(classes)[np.argmax(proba, axis=1)])),
-            float(log_loss(y, proba, labels=classes)))
+    return (
+        float(accuracy_score(y, np.asarray(classes)[np.argmax(proba, axis=1)])),
+        float(log_loss(y, proba, labels=classes)),
+    )
 
 
 class RunFolder:
@@ -67,8 +70,7 @@ class RunFolder:
                 raise ConfigError(f"runs folder {runs_dir}: cannot create {path} ({e.strerror})") from e
         self.path = path
 
-    def write_results(self, rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                      name: str = "results.csv") -> Path:
+    def write_results(self, rows: Sequence[dict[str, Any]], columns: Sequence[str], name: str = "results.csv") -> Path:
         out = self.path / name
         with open(out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -88,8 +90,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     """A run folder's run.json; a folder that is not a run is a ConfigError naming it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run folder {str(run_dir)!r} does not exist; give a folder made by `make classify` or "
-                          "`make finetune` (under runs/)")
+        raise ConfigError(
+            f"run folder {str(run_dir)!r} does not exist; give a folder made by `make classify` or "
+            "`make finetune` (under runs/)"
+        )
     run_file = run_dir / "run.json"
     if not run_file.is_file():
         raise ConfigError(f"{run_dir} has no run.json; give a run folder made by `make classify` or `make finetune`")

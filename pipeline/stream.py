@@ -5,6 +5,7 @@ Both keep the heads' estimator contract: what comes out is an ordinary fitted ``
 / ``SVMHead`` / ``MLPHead`` (``model_`` a scikit-learn pipeline or a Keras model), so the
 sweep scores, persists and predicts with it as with any other head.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,22 @@ STREAM_MODES = ("auto", "on", "off")
 # in-memory training holds the features about three times: the loaded split, the standardised
 # copy, and joblib's memory-mapped copy for the worker processes
 IN_MEMORY_FACTOR = 3
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40,
-          "TB": 2**40, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 2**10,
+    "M": 2**20,
+    "MB": 2**20,
+    "G": 2**30,
+    "GB": 2**30,
+    "T": 2**40,
+    "TB": 2**40,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_budget(text: str | int | None) -> int | None:
@@ -87,8 +102,10 @@ class StreamSource:
         with h5py.File(self.cache, "r") as f:
             for split in self.splits:
                 n = f[split]["labels"].shape[0]
-                plan += [(split, start, min(n, start + self.chunk_rows), offset + start)
-                         for start in range(0, n, self.chunk_rows)]
+                plan += [
+                    (split, start, min(n, start + self.chunk_rows), offset + start)
+                    for start in range(0, n, self.chunk_rows)
+                ]
                 offset += n
         if rng is not None:
             plan = [plan[i] for i in rng.permutation(len(plan))]
@@ -103,12 +120,20 @@ class StreamSource:
                         x, y, rows = x[order], y[order], rows[order]
                     yield x, y, rows
         except OSError as e:  # a fletcher32 mismatch surfaces here
-            raise CacheError(f"{self.cache}: streaming {self.splits} failed a checksum or could not be read ({e}); "
-                             "rebuild it with `make extract FORCE=1`") from e
+            raise CacheError(
+                f"{self.cache}: streaming {self.splits} failed a checksum or could not be read ({e}); "
+                "rebuild it with `make extract FORCE=1`"
+            ) from e
 
 
-def plan_training(cache: Path, splits: Sequence[str], sizes: dict[str, int], feature_shape: Sequence[int],
-                  mode: str, budget: int | None) -> tuple[bool, str]:
+def plan_training(
+    cache: Path,
+    splits: Sequence[str],
+    sizes: dict[str, int],
+    feature_shape: Sequence[int],
+    mode: str,
+    budget: int | None,
+) -> tuple[bool, str]:
     """Whether to stream, and a sentence for the run saying which and why."""
     if mode not in STREAM_MODES:
         raise ConfigError(f"stream must be one of {STREAM_MODES}; received {mode!r}")
@@ -121,8 +146,10 @@ def plan_training(cache: Path, splits: Sequence[str], sizes: dict[str, int], fea
     if mode == "off":
         return False, f"train held in memory (--stream off): about {gb(need)} for {rows} rows"
     if need > limit:
-        return True, (f"streaming train from {cache.name} in chunks: {rows} rows need about {gb(need)} in memory, "
-                      f"over the {origin} of {gb(limit)}")
+        return True, (
+            f"streaming train from {cache.name} in chunks: {rows} rows need about {gb(need)} in memory, "
+            f"over the {origin} of {gb(limit)}"
+        )
     return False, f"train held in memory: about {gb(need)} for {rows} rows, within the {origin} of {gb(limit)}"
 
 
@@ -136,6 +163,7 @@ def source_for(cache: Path, splits: Sequence[str], feature_shape: Sequence[int])
 
 
 # --------------------------------------------------------------------------- warm-started C path
+
 
 def path_key(name: str, params: dict[str, Any]) -> str | None:
     """Configs with the same key differ only in C and can share one warm-started path."""
@@ -178,8 +206,13 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
     yi = np.searchsorted(classes, y)
     scaler = StandardScaler()
     Zs = scaler.fit_transform(Z)  # float32 in, float32 out: one copy for the whole path
-    lr = LogisticRegression(C=first.C, class_weight=first.class_weight, max_iter=first.max_iter,
-                            random_state=first.random_state, warm_start=True)
+    lr = LogisticRegression(
+        C=first.C,
+        class_weight=first.class_weight,
+        max_iter=first.max_iter,
+        random_state=first.random_state,
+        warm_start=True,
+    )
     for h in sorted(heads, key=lambda h: h.C):
         lr.set_params(C=h.C)
         lr.fit(Zs, yi)
@@ -194,6 +227,7 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
 
 
 # --------------------------------------------------------------------------- streaming heads
+
 
 def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
     """Fit ``head`` from the file in chunks: standardisation by ``partial_fit`` in one pass,
@@ -212,8 +246,9 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
     return _fit_linear_streaming(head, source, classes, epochs)
 
 
-def _pooled_blocks(head: Any, source: StreamSource, rng: np.random.Generator | None) -> Iterator[
-        tuple[np.ndarray, np.ndarray]]:
+def _pooled_blocks(
+    head: Any, source: StreamSource, rng: np.random.Generator | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     from .heads import _check_finite, pool_features
 
     for x, y, _ in source.blocks(rng):
@@ -239,9 +274,14 @@ def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, 
     if class_weight == "balanced":
         counts = np.bincount(np.searchsorted(classes, source.labels), minlength=len(classes))
         class_weight = {i: n / (len(classes) * c) for i, c in enumerate(counts)}
-    sgd = SGDClassifier(loss="log_loss" if isinstance(head, LogRegHead) else "hinge", alpha=alpha,
-                        class_weight=class_weight, random_state=head.random_state, learning_rate="optimal",
-                        average=True)
+    sgd = SGDClassifier(
+        loss="log_loss" if isinstance(head, LogRegHead) else "hinge",
+        alpha=alpha,
+        class_weight=class_weight,
+        random_state=head.random_state,
+        learning_rate="optimal",
+        average=True,
+    )
     rng = np.random.default_rng(head.random_state)
     labels = np.arange(len(classes))
     for _ in range(epochs):
@@ -270,8 +310,11 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
         held[rng.choice(source.rows, size=n_val, replace=False)] = True
     val = None
     if held.any():
-        parts = [(pool_features(x[held[r]], head.pooling), np.searchsorted(classes, y[held[r]]))
-                 for x, y, r in source.blocks(None) if held[r].any()]
+        parts = [
+            (pool_features(x[held[r]], head.pooling), np.searchsorted(classes, y[held[r]]))
+            for x, y, r in source.blocks(None)
+            if held[r].any()
+        ]
         val = (np.concatenate([z for z, _ in parts]), np.concatenate([t for _, t in parts]).astype(np.float32))
     n_train = int(source.rows - held.sum())
 
@@ -281,16 +324,25 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
                 keep = ~held[r]
                 z, t = pool_features(x[keep], head.pooling), np.searchsorted(classes, y[keep]).astype(np.float32)
                 for s in range(0, len(t), head.batch_size):
-                    yield z[s:s + head.batch_size], t[s:s + head.batch_size]
+                    yield z[s : s + head.batch_size], t[s : s + head.batch_size]
 
     width = int(np.prod(source.feature_shape)) if head.pooling == "flatten" else int(source.feature_shape[-1])
     inputs = keras.Input((width,))
     model = keras.Model(inputs, seeds_head(inputs, k, head.units, head.dropout))
     compile_for(model, k, head.learning_rate)
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=head.patience,
-                                               restore_best_weights=True)] if val else []
-    history = model.fit(batches(), steps_per_epoch=int(np.ceil(n_train / head.batch_size)), epochs=head.epochs,
-                        validation_data=val, callbacks=callbacks, verbose=head.verbose)
+    callbacks = (
+        [keras.callbacks.EarlyStopping(monitor="val_loss", patience=head.patience, restore_best_weights=True)]
+        if val
+        else []
+    )
+    history = model.fit(
+        batches(),
+        steps_per_epoch=int(np.ceil(n_train / head.batch_size)),
+        epochs=head.epochs,
+        validation_data=val,
+        callbacks=callbacks,
+        verbose=head.verbose,
+    )
     head.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
     head.model_, head.classes_, head.n_features_in_ = model, classes, width
     head.streamed_ = True

@@ -11,6 +11,7 @@ Two hashes, each with one meaning:
 
 Weights are named ``imagenet``, ``random`` (seeded initialisation) or a file path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,11 @@ class Weights:
 
     @property
     def kind(self) -> str:
-        return RANDOM if self.source is None else (IMAGENET if self.source == IMAGENET or
-                                                   Path(self.source).name == IMAGENET_FILE else "file")
+        return (
+            RANDOM
+            if self.source is None
+            else (IMAGENET if self.source == IMAGENET or Path(self.source).name == IMAGENET_FILE else "file")
+        )
 
 
 def keras_models_dir() -> Path:
@@ -94,9 +98,11 @@ def weights_file(weights: str) -> Path:
 
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ConfigError(f"weights={weights!r}: no such file. Give 'imagenet', 'random' or a path to a weights file "
-                          "of the backbone (.h5 / .weights.h5); `make pretrained-weights` or `make hed-weights` "
-                          "make a VGG16 one offline")
+        raise ConfigError(
+            f"weights={weights!r}: no such file. Give 'imagenet', 'random' or a path to a weights file "
+            "of the backbone (.h5 / .weights.h5); `make pretrained-weights` or `make hed-weights` "
+            "make a VGG16 one offline"
+        )
     if not h5py.is_hdf5(path):
         raise ConfigError(f"weights={weights!r} is not an HDF5 weights file (.h5 / .weights.h5 as Keras saves them)")
     return path
@@ -112,9 +118,11 @@ def imagenet_available() -> bool:
 
 
 def imagenet_missing(path: Path, why: str) -> str:
-    return (f"ImageNet weights {IMAGENET_FILE} are not available ({why}). Download it from {IMAGENET_URL} "
-            f"and put it at {path} (or set KERAS_HOME), or pass WEIGHTS=<path to a VGG16 weights file>, "
-            "or WEIGHTS=random for random weights (tests only)")
+    return (
+        f"ImageNet weights {IMAGENET_FILE} are not available ({why}). Download it from {IMAGENET_URL} "
+        f"and put it at {path} (or set KERAS_HOME), or pass WEIGHTS=<path to a VGG16 weights file>, "
+        "or WEIGHTS=random for random weights (tests only)"
+    )
 
 
 def _download_imagenet(path: Path) -> None:
@@ -150,12 +158,16 @@ def check_file_unchanged(source: str, expected_file_sha256: str, what: str) -> N
         raise ConfigError(f"weights file {source} used by {what} is gone; put it back to use {what}")
     have = file_sha256(source)
     if have != expected_file_sha256:
-        raise ConfigError(f"weights_file_sha256: {what} was made with {source} at {expected_file_sha256[:12]}..., "
-                          f"the file is now {have[:12]}...: the weights changed since")
+        raise ConfigError(
+            f"weights_file_sha256: {what} was made with {source} at {expected_file_sha256[:12]}..., "
+            f"the file is now {have[:12]}...: the weights changed since"
+        )
 
 
 def verify_weights(actual_values_sha256: str, expected: str, what: str) -> None:
     """Refuse a rebuilt model whose weight values differ from those ``what`` was made with."""
     if expected and actual_values_sha256 != expected:
-        raise CacheError(f"weights_sha256: {what} was made with weights {expected[:12]}..., the rebuilt model has "
-                         f"{actual_values_sha256[:12]}...; rebuild the cache or restore the weights")
+        raise CacheError(
+            f"weights_sha256: {what} was made with weights {expected[:12]}..., the rebuilt model has "
+            f"{actual_values_sha256[:12]}...; rebuild the cache or restore the weights"
+        )

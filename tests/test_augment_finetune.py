@@ -1,6 +1,7 @@
 """Cached augmentation and fine-tuning from the cache: views are deterministic, differ
 from the clean features and never reach validation or test; block5 built from cached
 block4 equals the full network; fine-tuning lowers the training loss; predict uses it."""
+
 from __future__ import annotations
 
 import csv
@@ -9,15 +10,23 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_folder
 from pipeline import images, store
 from pipeline.config import ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
 from pipeline.extract import extract, view_split
 
+from conftest import make_folder
+
 
 def cfg_for(root, cache_dir, **kw):
-    return ExtractConfig(data=str(root), size=kw.pop("size", 32), weights=kw.pop("weights", "random"),
-                         cache_dir=cache_dir, quiet=True, chunk_size=4, **kw)
+    return ExtractConfig(
+        data=str(root),
+        size=kw.pop("size", 32),
+        weights=kw.pop("weights", "random"),
+        cache_dir=cache_dir,
+        quiet=True,
+        chunk_size=4,
+        **kw,
+    )
 
 
 def test_augment_is_deterministic_and_changes_the_image():
@@ -43,8 +52,9 @@ def test_views_are_cached_deterministic_resumable_and_train_only(tmp_path):
     more = extract(cfg_for(root, tmp_path / "b", augment=2))
     assert more.images == 8  # one new view of 8 train images; clean splits copied, not recomputed
     for split in ("train", "validation", "test", view_split(1), view_split(2)):
-        np.testing.assert_allclose(store.load_split(more.path, split)[0], store.load_split(first.path, split)[0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            store.load_split(more.path, split)[0], store.load_split(first.path, split)[0], rtol=1e-5, atol=1e-5
+        )
     assert extract(cfg_for(root, tmp_path / "b", augment=1)).hit and other.path == more.path
 
 
@@ -92,8 +102,15 @@ def test_finetune_from_cache_lowers_training_loss_and_predicts(tmp_path):
     with pytest.raises(store.CacheError, match="LAYER=block4_pool"):  # no block4 cache yet: the error names the command
         finetune(FinetuneConfig(runs_dir=tmp_path / "runs"), ecfg)
     extract(cfg_for(root, tmp_path / "c", layer="block4_pool", augment=1))
-    ft = FinetuneConfig(epochs=4, head_epochs=5, patience=10, learning_rate=1e-4, batch_size=8, train_on="both",
-                        runs_dir=tmp_path / "runs")
+    ft = FinetuneConfig(
+        epochs=4,
+        head_epochs=5,
+        patience=10,
+        learning_rate=1e-4,
+        batch_size=8,
+        train_on="both",
+        runs_dir=tmp_path / "runs",
+    )
     result = finetune(ft, ecfg)
     info = json.loads((result.run_dir / "run.json").read_text())
     losses = info["history"]["loss"]
@@ -138,8 +155,11 @@ def test_finetune_warm_starts_from_a_stage_two_mlp(tmp_path):
     assert f"warm-started from {run}" in result.table
     import keras
 
-    dense = [l for l in keras.saving.load_model(result.run_dir / "winner.keras").layers
-             if isinstance(l, keras.layers.Dense)]
+    dense = [
+        layer
+        for layer in keras.saving.load_model(result.run_dir / "winner.keras").layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
     assert dense[0].units == 16  # the stage-two head's shape, carried over
     logreg = tmp_path / "l.toml"
     logreg.write_text('[[head]]\nname = "logreg"\n')

@@ -1,19 +1,20 @@
 """Other backbones: each family's output shape, its own preprocessing (never VGG16's),
 metadata, errors that name the way out, and the compare command."""
+
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_folder
-import dataclasses
-
 from pipeline import registry, store
 from pipeline.config import ConfigError, ExtractConfig, SweepConfig
 from pipeline.extract import extract
+
+from conftest import make_folder
 
 # (backbone, small input size, expected (h, w, C) at that size)
 FAMILIES = [
@@ -25,19 +26,23 @@ FAMILIES = [
 ]
 
 
-@pytest.mark.parametrize("name, size, shape", FAMILIES)
+@pytest.mark.parametrize(("name", "size", "shape"), FAMILIES)
 def test_family_shapes_and_own_preprocessing(tmp_path, name, size, shape):
     import keras
 
     root = make_folder(tmp_path / "imgs", {"train": 2}, size=size)
     family = registry.BACKBONES[name]
     keras.utils.set_random_seed(7)
-    model = getattr(keras.applications, family.constructor)(include_top=False, weights=None,
-                                                            input_shape=(size, size, 3))
+    model = getattr(keras.applications, family.constructor)(
+        include_top=False, weights=None, input_shape=(size, size, 3)
+    )
     weights = tmp_path / "w.weights.h5"
     model.save_weights(weights)
-    result = extract(ExtractConfig(data=str(root), backbone=name, size=size, weights=str(weights),
-                                   cache_dir=tmp_path / "cache", quiet=True))
+    result = extract(
+        ExtractConfig(
+            data=str(root), backbone=name, size=size, weights=str(weights), cache_dir=tmp_path / "cache", quiet=True
+        )
+    )
     x, _, paths = store.load_split(result.path, "train")
     meta = store.read_meta(result.path)
     assert x.shape == (4, *shape)
@@ -72,12 +77,21 @@ def test_default_size_and_layer_come_from_the_backbone():
 def test_unknown_backbone_and_layer_name_the_alternatives(tmp_path):
     from pipeline.layout import resolve_options
 
-    with pytest.raises(ConfigError, match="available.*resnet50"):
+    with pytest.raises(ConfigError, match=r"available.*resnet50"):
         resolve_options(ExtractConfig(backbone="resnet18"))
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
     with pytest.raises(ConfigError, match="conv5_block3_out"):
-        extract(ExtractConfig(data=str(root), backbone="resnet50", size=32, layer="conv5_block3_outt",
-                              weights="random", cache_dir=tmp_path / "cache", quiet=True))
+        extract(
+            ExtractConfig(
+                data=str(root),
+                backbone="resnet50",
+                size=32,
+                layer="conv5_block3_outt",
+                weights="random",
+                cache_dir=tmp_path / "cache",
+                quiet=True,
+            )
+        )
     assert not list((tmp_path / "cache").rglob("*.h5"))
 
 
@@ -88,8 +102,9 @@ def test_compare_two_backbones(tmp_path):
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
     base = ExtractConfig(data=str(root), weights="random", size=32, cache_dir=tmp_path / "cache", quiet=True)
-    result = compare(["vgg16", "mobilenetv2"], base, SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs",
-                                                                 n_jobs=1))
+    result = compare(
+        ["vgg16", "mobilenetv2"], base, SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1)
+    )
     rows = list(csv.DictReader(open(result.csv)))
     assert [r["backbone"] for r in rows] == ["vgg16", "mobilenetv2"]
     assert [r["feature_shape"] for r in rows] == ["1x1x512", "1x1x1280"]
@@ -99,5 +114,8 @@ def test_compare_two_backbones(tmp_path):
         assert float(r["extract_images_per_second"]) > 0
     assert result.chart.is_file() and "mobilenetv2" in result.table
     with pytest.raises(ConfigError, match="fits one backbone"):
-        compare(["vgg16", "vgg19"], ExtractConfig(data=str(root), weights=str(tmp_path / "w.h5")),
-                SweepConfig(sweep_file=sweep))
+        compare(
+            ["vgg16", "vgg19"],
+            ExtractConfig(data=str(root), weights=str(tmp_path / "w.h5")),
+            SweepConfig(sweep_file=sweep),
+        )

@@ -5,6 +5,7 @@ Each test drives the command line (``cli.main``) on tiny generated images with r
 weights, and checks the exit code, that the message names the problem, that stderr has no
 traceback, and (for errors) that the cache folder is byte for byte what it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,17 +24,29 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_folder, make_image
 from pipeline import backbone, cli, predict, sources
 from pipeline.config import ExtractConfig
+
+from conftest import make_folder, make_image
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32
 
 
 def extract_args(data: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return ["extract", "--data", str(data), "--weights", "random", "--size", str(SIZE), "--quiet",
-            "--cache-dir", str(cache_dir), *extra]
+    return [
+        "extract",
+        "--data",
+        str(data),
+        "--weights",
+        "random",
+        "--size",
+        str(SIZE),
+        "--quiet",
+        "--cache-dir",
+        str(cache_dir),
+        *extra,
+    ]
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -45,8 +58,11 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
     """Every file below ``folder`` (hidden ones too) with its size, mtime and content hash."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def fs(name: bytes) -> str:
@@ -87,7 +103,13 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(extract_args(root, base / "cache"))
     caches = list((base / "cache").rglob("*.h5"))
-    return {"root": root, "code": code, "out": out.getvalue(), "err": err.getvalue(), "cache": caches[0] if caches else None}
+    return {
+        "root": root,
+        "code": code,
+        "out": out.getvalue(),
+        "err": err.getvalue(),
+        "cache": caches[0] if caches else None,
+    }
 
 
 def refused(argv: list[str], cached: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -100,6 +122,7 @@ def refused(argv: list[str], cached: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 # --------------------------------------------------------------------------- file names that are not UTF-8
+
 
 def test_non_utf8_names_are_stored_as_their_bytes_and_printed_escaped(messy):
     assert messy["code"] == 0 and "Traceback" not in messy["err"], messy["err"]
@@ -130,6 +153,7 @@ def test_fingerprint_and_source_survive_a_non_utf8_data_file_name(tmp_path):
 
 # --------------------------------------------------------------------------- broken symlinks
 
+
 def test_dangling_symlink_is_skipped_and_reported(messy):
     assert messy["code"] == 0
     assert "train/dogs/gone.png: broken symbolic link to" in messy["out"]
@@ -146,6 +170,7 @@ def test_dangling_symlink_with_strict_is_an_error_naming_it(tmp_path, cached, ca
 
 
 # --------------------------------------------------------------------------- files that are not images
+
 
 def test_skip_summary_names_each_path_once(messy):
     assert "train/train/" not in messy["out"]
@@ -202,6 +227,7 @@ def test_split_without_images_is_an_error_naming_it(tmp_path, cached, capsys):
 
 # --------------------------------------------------------------------------- a single class
 
+
 @pytest.mark.parametrize("layout", ["splits", "flat", "npz"])
 def test_single_class_is_refused_before_any_compute(tmp_path, cached, capsys, monkeypatch, layout):
     def no_model(*args, **kwargs):
@@ -212,13 +238,18 @@ def test_single_class_is_refused_before_any_compute(tmp_path, cached, capsys, mo
         data = tmp_path / "one.npz"
         np.savez(data, x=np.zeros((6, 8, 8, 3), np.uint8), y=np.zeros(6, np.int64), class_names=np.array(["cats"]))
     else:
-        data = make_folder(tmp_path / "data", {"train": 3} if layout == "splits" else {"": 3}, size=SIZE,
-                           classes={"cats": (200, 40, 40)})
+        data = make_folder(
+            tmp_path / "data",
+            {"train": 3} if layout == "splits" else {"": 3},
+            size=SIZE,
+            classes={"cats": (200, 40, 40)},
+        )
     err = refused(extract_args(data, cached), cached, capsys)
     assert f"{data} has a single class, 'cats'" in err
 
 
 # --------------------------------------------------------------------------- .npz files that are not
+
 
 @pytest.mark.parametrize("kind", ["text", "empty", "npy", "truncated zip", "object array"])
 def test_invalid_npz_is_named_and_never_suggests_allow_pickle(tmp_path, cached, capsys, kind):
@@ -245,10 +276,19 @@ def test_invalid_npz_is_named_and_never_suggests_allow_pickle(tmp_path, cached, 
 
 # --------------------------------------------------------------------------- predict's CSV
 
+
 def test_predict_csv_keeps_non_utf8_names_as_on_disk(tmp_path):
     name = fs(b"caf\xe9.png")
-    rows = [{"path": str(tmp_path / name), "class": "cats", "probability": "0.9", "error": "", "p_cats": "0.9",
-             "p_dogs": "0.1"}]
+    rows = [
+        {
+            "path": str(tmp_path / name),
+            "class": "cats",
+            "probability": "0.9",
+            "error": "",
+            "p_cats": "0.9",
+            "p_dogs": "0.1",
+        }
+    ]
     out = predict._write(rows, tmp_path, ["cats", "dogs"], tmp_path / "p.csv")
     assert b"\ncaf\xe9.png,cats," in out.read_bytes()
     with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -256,6 +296,7 @@ def test_predict_csv_keeps_non_utf8_names_as_on_disk(tmp_path):
 
 
 # --------------------------------------------------------------------------- the Makefile
+
 
 @pytest.fixture
 def fake_venv(tmp_path: Path) -> Path:
@@ -273,10 +314,27 @@ def fake_venv(tmp_path: Path) -> Path:
 def test_make_extract_takes_a_data_path_with_spaces(tmp_path, fake_venv):
     data = make_folder(tmp_path / "my images", {"train": 2}, size=SIZE)
     (data / "train" / "dogs" / fs(b"bad\xff.jpg")).write_bytes(b"not a jpeg")  # printed on a real stdout
-    env = {**os.environ, "FEATCACHE_CACHE_DIR": str(tmp_path / "cache dir"), "PYTHONPATH": str(REPO),
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(["make", "--no-print-directory", "extract", f"DATA={data}", "WEIGHTS=random",
-                           f"SIZE={SIZE}", f"VENV={fake_venv}"], cwd=REPO, env=env, capture_output=True, timeout=300)
+    env = {
+        **os.environ,
+        "FEATCACHE_CACHE_DIR": str(tmp_path / "cache dir"),
+        "PYTHONPATH": str(REPO),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    proc = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "extract",
+            f"DATA={data}",
+            "WEIGHTS=random",
+            f"SIZE={SIZE}",
+            f"VENV={fake_venv}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, err
     assert "Traceback" not in err
@@ -284,20 +342,34 @@ def test_make_extract_takes_a_data_path_with_spaces(tmp_path, fake_venv):
     assert "train/dogs/bad\\xff.jpg: cannot decode" in out
 
 
-@pytest.mark.parametrize("target, values, expected", [
-    ("predict", {"IMAGES": "new photos/a b.jpg", "RUN": "runs/my run"}, ["new photos/a b.jpg", "--run", "runs/my run"]),
-    ("classify", {"DATA": "my data", "CACHE": "a cache.h5", "SWEEP": "my sweep.toml"},
-     ["--data", "my data", "--cache", "a cache.h5", "--sweep", "my sweep.toml"]),
-    ("compare", {"DATA": "my data", "BACKBONES": "vgg16,vgg19"}, ["--backbones", "vgg16,vgg19", "--data", "my data"]),
-    ("finetune", {"DATA": "my data", "HEAD_RUN": "runs/a run"}, ["--data", "my data", "--head-run", "runs/a run"]),
-])
+@pytest.mark.parametrize(
+    ("target", "values", "expected"),
+    [
+        (
+            "predict",
+            {"IMAGES": "new photos/a b.jpg", "RUN": "runs/my run"},
+            ["new photos/a b.jpg", "--run", "runs/my run"],
+        ),
+        (
+            "classify",
+            {"DATA": "my data", "CACHE": "a cache.h5", "SWEEP": "my sweep.toml"},
+            ["--data", "my data", "--cache", "a cache.h5", "--sweep", "my sweep.toml"],
+        ),
+        (
+            "compare",
+            {"DATA": "my data", "BACKBONES": "vgg16,vgg19"},
+            ["--backbones", "vgg16,vgg19", "--data", "my data"],
+        ),
+        ("finetune", {"DATA": "my data", "HEAD_RUN": "runs/a run"}, ["--data", "my data", "--head-run", "runs/a run"]),
+    ],
+)
 def test_make_passes_each_value_as_one_argument(fake_venv, target, values, expected):
     cmd = ["make", "--no-print-directory", "-n", target, f"VENV={fake_venv}", *(f"{k}={v}" for k, v in values.items())]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    line = next(l for l in proc.stdout.splitlines() if l.startswith(str(fake_venv / "bin" / "featcache")))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(str(fake_venv / "bin" / "featcache")))
     argv = shlex.split(line)
-    for k in range(0, len(expected) - 1):
+    for k in range(len(expected) - 1):
         if expected[k].startswith("--"):
             assert argv[argv.index(expected[k]) + 1] == expected[k + 1], argv
     assert all(e in argv for e in expected), argv

@@ -1,17 +1,16 @@
 """Heads: regression tests from the stage-two review (each fails on 2bfb1ea)."""
+
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 import pytest
-
-from conftest import separable
 from sklearn.exceptions import NotFittedError
 
 from pipeline.heads import HEADS, MLPHead, make_head
 
-
+from conftest import separable
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

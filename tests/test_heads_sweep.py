@@ -1,5 +1,6 @@
 """Stage two: heads learn separable data and round-trip through joblib; the sweep picks
 on validation only and writes its run folder; sweep-file errors; predict."""
+
 from __future__ import annotations
 
 import csv
@@ -10,15 +11,14 @@ import joblib
 import numpy as np
 import pytest
 
-from conftest import cache_from, make_folder, separable
 from pipeline.config import ConfigError, ExtractConfig, SweepConfig
 from pipeline.extract import extract
 from pipeline.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
 from pipeline.sweep import expand_grid, run_sweep
 
+from conftest import cache_from, make_folder, separable
+
 FAST = {"logreg": {}, "svm": {}, "mlp": {"epochs": 40, "learning_rate": 1e-2, "batch_size": 16, "patience": 40}}
-
-
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -39,8 +39,8 @@ def test_every_head_learns_separable_features_and_round_trips(name, k, tmp_path)
 def test_mlp_is_the_seeds_head_and_keeps_history():
     x, y = separable(30, 2)
     head = MLPHead(pooling="flatten", epochs=3, patience=2).fit(x, y)
-    layers = [l for l in head.model_.layers if type(l).__name__ != "InputLayer"]
-    assert [type(l).__name__ for l in layers] == ["Dense", "Dropout", "Dense"]
+    layers = [layer for layer in head.model_.layers if type(layer).__name__ != "InputLayer"]
+    assert [type(layer).__name__ for layer in layers] == ["Dense", "Dropout", "Dense"]
     assert layers[0].units == 256 and layers[1].rate == 0.5 and layers[2].units == 1
     assert layers[2].activation.__name__ == "sigmoid"
     assert set(head.history_) >= {"loss", "accuracy", "val_loss", "val_accuracy"} and len(head.history_["loss"]) <= 3
@@ -54,9 +54,14 @@ def test_pooling_shapes():
     np.testing.assert_array_equal(pool_features(x, "max"), x[:, 3, 3, :])
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"C": -1.0}, "C"), ({"pooling": "median"}, "median"), ({"gamma": 1}, "gamma"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"C": -1.0}, "C"),
+        ({"pooling": "median"}, "median"),
+        ({"gamma": 1}, "gamma"),
+    ],
+)
 def test_bad_head_parameters_are_named(params, message):
     with pytest.raises(ConfigError, match=message):
         make_head("logreg", **params)
@@ -71,13 +76,14 @@ def test_single_class_training_data_is_refused():
 
 
 def test_expand_grid_and_sweep_file_errors():
-    configs = expand_grid({"head": [{"name": "logreg", "C": [0.1, 1.0], "pooling": ["avg", "max"]},
-                                    {"name": "svm"}]})
+    configs = expand_grid({"head": [{"name": "logreg", "C": [0.1, 1.0], "pooling": ["avg", "max"]}, {"name": "svm"}]})
     assert len(configs) == 5 and configs[-1] == ("svm", {})
-    for spec, message in (({"head": [{"name": "forest"}]}, "forest"),
-                          ({"head": [{"name": "mlp", "unitz": 3}]}, "unitz"),
-                          ({"head": [{"name": "mlp", "dropout": [0.5, 1.5]}]}, "dropout"),
-                          ({"heads": []}, "heads")):
+    for spec, message in (
+        ({"head": [{"name": "forest"}]}, "forest"),
+        ({"head": [{"name": "mlp", "unitz": 3}]}, "unitz"),
+        ({"head": [{"name": "mlp", "dropout": [0.5, 1.5]}]}, "dropout"),
+        ({"heads": []}, "heads"),
+    ):
         with pytest.raises(ConfigError, match=message):
             expand_grid(spec)
 
@@ -85,8 +91,6 @@ def test_expand_grid_and_sweep_file_errors():
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
 
 
 def test_sweep_selects_on_validation_only(tmp_path):
@@ -118,14 +122,27 @@ def test_sweep_selects_on_validation_only(tmp_path):
 def test_sweep_writes_run_folder(tmp_path):
     x, y = separable(30, 2)
     xv, yv = separable(15, 2, seed=1)
-    cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": (xv, yv), "test": separable(15, 2, seed=2)},
-                       class_names=("a", "b"))
-    sweep = write_toml(tmp_path / "s.toml", '[[head]]\nname = "logreg"\npooling = ["avg", "flatten"]\n'
-                       '[[head]]\nname = "mlp"\nepochs = 3\nunits = [8, 16]\n')
+    cache = cache_from(
+        tmp_path / "c.h5",
+        {"train": (x, y), "validation": (xv, yv), "test": separable(15, 2, seed=2)},
+        class_names=("a", "b"),
+    )
+    sweep = write_toml(
+        tmp_path / "s.toml",
+        '[[head]]\nname = "logreg"\npooling = ["avg", "flatten"]\n'
+        '[[head]]\nname = "mlp"\nepochs = 3\nunits = [8, 16]\n',
+    )
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=2, seed=3), cache)
     files = {p.relative_to(result.run_dir).as_posix() for p in result.run_dir.rglob("*")}
     assert "winner.joblib" not in files
-    assert {"results.csv", "run.json", "winner.skops", "confusion.png", "curves/02-mlp.png", "curves/03-mlp.png"} <= files
+    assert {
+        "results.csv",
+        "run.json",
+        "winner.skops",
+        "confusion.png",
+        "curves/02-mlp.png",
+        "curves/03-mlp.png",
+    } <= files
     assert len(list(csv.DictReader(open(result.run_dir / "results.csv")))) == 4
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["seed"] == 3 and info["cache_meta"]["class_names"] == ["a", "b"] and info["winner"]["winner"]
@@ -143,7 +160,7 @@ def test_sweep_carves_validation_and_refuses_single_class(tmp_path):
     assert "no test split" in result.table
     x, _ = separable(10, 2)
     lonely = cache_from(tmp_path / "d.h5", {"train": separable(10, 2), "validation": (x, np.zeros(len(x), int))})
-    with pytest.raises(ConfigError, match="validation.*single class"):
+    with pytest.raises(ConfigError, match=r"validation.*single class"):
         run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1), lonely)
 
 

@@ -1,6 +1,7 @@
 """Every command, a battery of bad options and inputs: each ends with exit 2 or 3 and a
 message naming the bad value, never a Python traceback, and never a change to a cache that
 already exists."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import cache_from, make_folder, separable
 from pipeline import cli
 from pipeline.config import ExtractConfig, SweepConfig
 from pipeline.extract import extract
+
+from conftest import cache_from, make_folder, separable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,8 +91,11 @@ CASES = [
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--runs-dir", "{t}/a_file"], 2, "a_file"),
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--train-on", "views"], 2, "AUGMENT"),
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--jobs", "0"], 2, "n_jobs"),
-    (["classify", *IMG[:2], "--size", "64", "--weights", "random", "--cache-dir", "{t}/cache", "--sweep", "{sweep}"],
-     3, "no cache"),
+    (
+        ["classify", *IMG[:2], "--size", "64", "--weights", "random", "--cache-dir", "{t}/cache", "--sweep", "{sweep}"],
+        3,
+        "no cache",
+    ),
     (["predict", "{root}/test", "--run", "{t}/runs/nope"], 2, "nope"),
     (["predict", "{t}/no_images", "--run", "{run}"], 2, "no_images"),
     (["predict", "{root}/test", "--run", "{run}", "--layer", "block4_pool"], 2, "layer"),
@@ -134,16 +139,33 @@ def test_unwritable_folders_are_refused_before_any_compute(world, tmp_path, comm
     locked.mkdir()
     locked.chmod(0o555)
     if command == "extract":
-        argv = ["extract", "--data", str(world["root"]), "--size", "32", "--weights", "random",
-                "--cache-dir", str(locked / "cache")]
+        argv = [
+            "extract",
+            "--data",
+            str(world["root"]),
+            "--size",
+            "32",
+            "--weights",
+            "random",
+            "--cache-dir",
+            str(locked / "cache"),
+        ]
         what = "cache folder"
     else:
-        argv = ["classify", "--cache", str(world["cache"]), "--sweep", str(world["sweep"]), "--runs-dir",
-                str(locked / "runs")]
+        argv = [
+            "classify",
+            "--cache",
+            str(world["cache"]),
+            "--sweep",
+            str(world["sweep"]),
+            "--runs-dir",
+            str(locked / "runs"),
+        ]
         what = "runs folder"
     drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
-    out = subprocess.run([*drop, sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [*drop, sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert out.returncode == 2, out.stderr
     assert f"{what} {locked}" in out.stderr and "not writable" in out.stderr and "Traceback" not in out.stderr
     assert not any(locked.iterdir())

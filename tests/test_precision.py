@@ -1,4 +1,5 @@
 """Precision choice: explicit values, auto from flags + a remembered probe, and bfloat16 features."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,6 @@ class CountingProbe:
         return self.rates
 
 
-
 @pytest.fixture(autouse=True)
 def unpinned(monkeypatch):
     """conftest pins auto to float32 for the rest of the suite; here auto is what is tested."""
@@ -32,8 +32,16 @@ def unpinned(monkeypatch):
 
 
 def auto(tmp_path, probe, flags=BF16_CPU, **kw):
-    return P.resolve("auto", gpu=False, probe=probe, memo=tmp_path / "precision.json", flags=flags,
-                     name="Test CPU", versions="keras3-tf2", **kw)
+    return P.resolve(
+        "auto",
+        gpu=False,
+        probe=probe,
+        memo=tmp_path / "precision.json",
+        flags=flags,
+        name="Test CPU",
+        versions="keras3-tf2",
+        **kw,
+    )
 
 
 def test_auto_picks_bfloat16_when_flags_and_probe_agree(tmp_path):
@@ -63,8 +71,15 @@ def test_memo_prevents_a_second_probe_and_is_per_machine(tmp_path):
     assert probe.calls == 1
     assert (first.probed, second.probed) == (True, False)
     assert second.precision == "bfloat16" and "remembered" in second.reason
-    other = P.resolve("auto", gpu=False, probe=probe, memo=tmp_path / "precision.json", flags=BF16_CPU | {"amx_bf16"},
-                      name="Test CPU", versions="keras3-tf2")
+    other = P.resolve(
+        "auto",
+        gpu=False,
+        probe=probe,
+        memo=tmp_path / "precision.json",
+        flags=BF16_CPU | {"amx_bf16"},
+        name="Test CPU",
+        versions="keras3-tf2",
+    )
     assert other.probed and probe.calls == 2  # new flags: a new machine as far as the memo knows
     assert len(json.loads((tmp_path / "precision.json").read_text())["machines"]) == 2
 
@@ -101,7 +116,7 @@ def test_auto_on_a_gpu_is_mixed_float16(tmp_path):
 
 def test_explicit_values_pass_through_with_reasons(tmp_path):
     probe = CountingProbe(30.0, 55.0)
-    kw = dict(probe=probe, memo=tmp_path / "m.json")
+    kw = {"probe": probe, "memo": tmp_path / "m.json"}
     assert P.resolve("float32", gpu=False, flags=BF16_CPU, **kw).precision == "float32"
     slow = P.resolve("float16", gpu=False, flags=BF16_CPU, **kw)
     assert slow.precision == "float16" and "slower than float32" in slow.reason
@@ -134,8 +149,11 @@ def test_int8_is_an_explicit_choice_never_auto(tmp_path):
 
 
 def test_policy_names_and_cache_suffixes():
-    assert [P.keras_policy(p) for p in ("float32", "bfloat16", "float16")] == \
-        ["float32", "mixed_bfloat16", "mixed_float16"]
+    assert [P.keras_policy(p) for p in ("float32", "bfloat16", "float16")] == [
+        "float32",
+        "mixed_bfloat16",
+        "mixed_float16",
+    ]
     assert [P.cache_suffix(p) for p in ("float32", "bfloat16", "float16", "int8")] == ["", "-bf16", "-fp16", "-int8"]
     with pytest.raises(ValueError, match="resolve"):
         P.keras_policy("auto")
@@ -143,8 +161,10 @@ def test_policy_names_and_cache_suffixes():
 
 def test_cpu_flags_and_name_read_cpuinfo_and_survive_its_absence(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: AMD  EPYC 9R14\nflags\t\t: fpu avx512_bf16 amx_bf16\n\n"
-                    "processor\t: 1\nflags\t\t: fpu\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: AMD  EPYC 9R14\nflags\t\t: fpu avx512_bf16 amx_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu\n"
+    )
     assert P.cpu_flags(str(info)) == {"fpu", "avx512_bf16", "amx_bf16"}
     assert P.cpu_name(str(info)) == "AMD EPYC 9R14"
     assert P.cpu_flags(str(tmp_path / "absent")) == set()
@@ -218,12 +238,12 @@ def test_openvino_int8_engine_runs_uint8_pixels_close_to_float32():
 def test_auto_is_resolved_in_the_plan_recorded_and_named(tmp_path, monkeypatch):
     """auto becomes a concrete precision before any work; it names the cache file and is
     stored in its key, so bfloat16 and float32 features never answer each other."""
-    from conftest import make_folder
-
     from pipeline import store
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract
     from pipeline.layout import locate, plan
+
+    from conftest import make_folder
 
     root = make_folder(tmp_path / "imgs", {"train": 2}, size=32)
     cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True)
@@ -245,8 +265,15 @@ def test_auto_on_a_cpu_without_gpu_device_files_never_imports_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
-            "c = P.resolve('auto', flags=set()); print(c.precision, 'tensorflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in __import__("os").environ.items() if k != P.ENV})
+    code = (
+        "import sys; from pipeline import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
+        "c = P.resolve('auto', flags=set()); print(c.precision, 'tensorflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if k != P.ENV},
+    )
     assert out.stdout.split() == ["float32", "False"], out.stderr

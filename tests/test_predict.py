@@ -1,5 +1,6 @@
 """predict refuses what does not match the head's cache, naming the field: a weights file
 whose bytes changed, another backbone, other weights; through the CLI and through make."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
 from pipeline.cli import main
 from pipeline.config import ExtractConfig, SweepConfig
 from pipeline.extract import extract
+
+from conftest import make_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,20 +32,24 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("predict")
     root = make_folder(tmp / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)
     weights = _weights_file(tmp / "w.weights.h5", 1)
-    cache = extract(ExtractConfig(data=str(root), size=32, weights=str(weights), cache_dir=tmp / "cache",
-                                  quiet=True)).path
+    cache = extract(
+        ExtractConfig(data=str(root), size=32, weights=str(weights), cache_dir=tmp / "cache", quiet=True)
+    ).path
     sweep = tmp / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
     run = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp / "runs", n_jobs=1), cache).run_dir
     return tmp, root, weights, run
 
 
-@pytest.mark.parametrize("option, value, field", [
-    ("--backbone", "vgg19", "backbone: cache has 'vgg16', asked for 'vgg19'"),
-    ("--size", "64", "size: cache has 32, asked for 64"),
-    ("--layer", "block4_pool", "layer: cache has 'block5_pool', asked for 'block4_pool'"),
-    ("--weights", "random", "weights: cache has 'w-"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "field"),
+    [
+        ("--backbone", "vgg19", "backbone: cache has 'vgg16', asked for 'vgg19'"),
+        ("--size", "64", "size: cache has 32, asked for 64"),
+        ("--layer", "block4_pool", "layer: cache has 'block5_pool', asked for 'block4_pool'"),
+        ("--weights", "random", "weights: cache has 'w-"),
+    ],
+)
 def test_predict_refuses_options_that_differ_from_the_heads_cache(trained, capsys, option, value, field):
     tmp, root, _, run = trained
     code = main(["predict", str(root / "test"), "--run", str(run), option, value, "--out", str(tmp / "p.csv")])
@@ -55,17 +61,37 @@ def test_predict_refuses_options_that_differ_from_the_heads_cache(trained, capsy
 def test_predict_accepts_matching_options_and_is_right(trained, capsys):
     tmp, root, weights, run = trained
     out = tmp / "ok.csv"
-    assert main(["predict", str(root / "test"), "--run", str(run), "--weights", str(weights), "--size", "32",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(root / "test"),
+                "--run",
+                str(run),
+                "--weights",
+                str(weights),
+                "--size",
+                "32",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = out.read_text().splitlines()[1:]
     assert len(rows) == 6
     assert sum(r.split("/")[0] == r.split(",")[1] for r in rows) >= 5  # colour-separable classes
 
 
 def test_predict_through_make_refuses_another_backbone(trained):
-    tmp, root, _, run = trained
-    out = subprocess.run(["make", "--no-print-directory", "predict", f"IMAGES={root / 'test'}", f"RUN={run}",
-                          "BACKBONE=vgg19"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    _tmp, root, _, run = trained
+    out = subprocess.run(
+        ["make", "--no-print-directory", "predict", f"IMAGES={root / 'test'}", f"RUN={run}", "BACKBONE=vgg19"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "backbone: cache has 'vgg16', asked for 'vgg19'" in out.stderr and "Traceback" not in out.stderr
 

@@ -3,6 +3,7 @@ never served from its old features, partial work from another weights file is ne
 mixed in, views made with another SEED are never added to a cache, --views N is honoured,
 FORCE=1 keeps the old file until the new one is complete. Each test was checked by
 breaking the code it guards (see TESTING.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -142,10 +143,16 @@ def _views_cache(path: Path, views: int) -> Path:
     splits = {"train": (x, y), "validation": separable(3, 2, seed=1)}
     for k in range(1, views + 1):
         splits[view_split(k)] = (x + 10 * k, y)
-    meta = synthetic_meta(x, ("a", "b"), augment={"views": views, "seed": 0, "policy": "p",
-                                                  "splits": [view_split(k) for k in range(1, views + 1)]})
-    return store.write_cache(path, {s: {"features": a, "labels": b, "paths": [f"{s}/{i}" for i in range(len(b))]}
-                                    for s, (a, b) in splits.items()}, meta)
+    meta = synthetic_meta(
+        x,
+        ("a", "b"),
+        augment={"views": views, "seed": 0, "policy": "p", "splits": [view_split(k) for k in range(1, views + 1)]},
+    )
+    return store.write_cache(
+        path,
+        {s: {"features": a, "labels": b, "paths": [f"{s}/{i}" for i in range(len(b))]} for s, (a, b) in splits.items()},
+        meta,
+    )
 
 
 def test_views_n_uses_the_first_n_views(tmp_path, capsys):
@@ -156,14 +163,34 @@ def test_views_n_uses_the_first_n_views(tmp_path, capsys):
     meta = store.read_meta(cache)
     for n, expected in ((1, [1]), (2, [1, 2]), (None, [1, 2, 3])):
         data = load_data(SweepConfig(train_on="views", views=n, runs_dir=tmp_path), cache, meta, True)
-        shifts = sorted({round(float(v)) for v in (data.views[0] - np.tile(data.train[0], (len(expected), 1, 1, 1)))
-                         .mean(axis=(1, 2, 3))})
+        shifts = sorted(
+            {
+                round(float(v))
+                for v in (data.views[0] - np.tile(data.train[0], (len(expected), 1, 1, 1))).mean(axis=(1, 2, 3))
+            }
+        )
         assert shifts == [10 * k for k in expected], n
         assert len(data.views[1]) == 12 * len(expected), n
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\ntrain_on = "both"\n')
-    assert main(["classify", "--cache", str(cache), "--sweep", str(sweep), "--jobs", "1", "--views", "2",
-                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "--cache",
+                str(cache),
+                "--sweep",
+                str(sweep),
+                "--jobs",
+                "1",
+                "--views",
+                "2",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     [results] = (tmp_path / "runs").glob("*/results.csv")
     [row] = list(csv.DictReader(results.open()))
     assert int(row["train_rows"]) == 12 * 3  # clean + 2 of the 3 views

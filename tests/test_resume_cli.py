@@ -1,5 +1,6 @@
 """Crash safety (SIGKILL mid-run, then resume), the command line's exit codes, and image
 decoding of every format the issue names."""
+
 from __future__ import annotations
 
 import os
@@ -13,17 +14,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_folder
 from pipeline import images, store
+
+from conftest import make_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def featcache(*args: str, cache_dir: Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--cache-dir", str(cache_dir)] if args[0] in
-                            ("extract", "classify") else [sys.executable, "-m", "pipeline", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(cache_dir)]
+        if args[0] in ("extract", "classify")
+        else [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def run(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
@@ -35,8 +45,19 @@ def run(*args: str, cache_dir: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_features(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 20, "test": 4}, size=64)
-    opts = ("--data", str(root), "--size", "64", "--weights", "random", "--chunk-size", "4", "--batch-size", "2",
-            "--quiet")
+    opts = (
+        "--data",
+        str(root),
+        "--size",
+        "64",
+        "--weights",
+        "random",
+        "--chunk-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
 
     proc = featcache("extract", *opts, cache_dir=killed_cache)
@@ -88,10 +109,18 @@ def test_cli_extract_then_hit(tmp_path):
     assert again.returncode == 0 and "cache hit" in again.stdout
 
 
-@pytest.mark.parametrize("mode, fmt, ext", [
-    ("L", "PNG", ".png"), ("RGBA", "PNG", ".png"), ("CMYK", "JPEG", ".jpg"), ("I;16", "PNG", ".png"),
-    ("P", "GIF", ".gif"), ("RGB", "BMP", ".bmp"), ("RGB", "JPEG", ".jpeg"),
-])
+@pytest.mark.parametrize(
+    ("mode", "fmt", "ext"),
+    [
+        ("L", "PNG", ".png"),
+        ("RGBA", "PNG", ".png"),
+        ("CMYK", "JPEG", ".jpg"),
+        ("I;16", "PNG", ".png"),
+        ("P", "GIF", ".gif"),
+        ("RGB", "BMP", ".bmp"),
+        ("RGB", "JPEG", ".jpeg"),
+    ],
+)
 def test_decoding_gives_8bit_rgb(tmp_path, mode, fmt, ext):
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[:, :15] = (250, 250, 250)  # bright left half, dark right half
@@ -131,5 +160,5 @@ def test_process_decoding_matches_threads(tmp_path):
     assert [b.rows.tolist() for b in by_threads] == [b.rows.tolist() for b in by_processes]
     assert [len(b.rows) + len(b.failed) for b in by_processes] == [8, 8, 8, 8, 8, 1]
     assert by_processes[0].failed == [(5, by_threads[0].failed[0][1])]
-    for a, b in zip(by_threads, by_processes):
+    for a, b in zip(by_threads, by_processes, strict=True):
         assert np.array_equal(a.images, b.images)

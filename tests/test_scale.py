@@ -1,4 +1,5 @@
 """Stage two at scale: the warm-started C path, streaming heads, the memory budget."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,12 @@ def test_sweep_with_warm_path_equals_sweep_without(tmp_path: Path) -> None:
 
     x, y = _noisy(50, 0)
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": _noisy(30, 1)})
-    spec = {"head": [{"name": "logreg", "pooling": ["flatten", "avg"], "C": [0.001, 0.1, 1.0]},
-                     {"name": "svm", "pooling": "avg", "C": 0.1}]}
+    spec = {
+        "head": [
+            {"name": "logreg", "pooling": ["flatten", "avg"], "C": [0.001, 0.1, 1.0]},
+            {"name": "svm", "pooling": "avg", "C": 0.1},
+        ]
+    }
     configs = expand_grid(spec)
     cfg = SweepConfig(runs_dir=tmp_path / "runs", stream="off")
     data = load_data(cfg, cache, store.read_meta(cache), False)
@@ -83,8 +88,9 @@ def test_streaming_linear_head_matches_in_memory(tmp_path: Path, name: str) -> N
     xv, yv = _noisy(100, 1)
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": (xv, yv)})
     source = stream.source_for(cache, ["train"], x.shape[1:])
-    source = stream.StreamSource(source.cache, source.splits, source.rows, source.feature_shape, chunk_rows=64,
-                                 labels=source.labels)  # many chunks, so the chunking is exercised
+    source = stream.StreamSource(
+        source.cache, source.splits, source.rows, source.feature_shape, chunk_rows=64, labels=source.labels
+    )  # many chunks, so the chunking is exercised
     streamed = stream.fit_streaming(make_head(name, pooling="flatten", C=0.1), source)
     memory = make_head(name, pooling="flatten", C=0.1).fit(x, y)
     acc_s = score(streamed.predict_proba(xv), yv, streamed.classes_)[0]
@@ -130,15 +136,19 @@ def test_budget_below_data_forces_streaming(tmp_path: Path) -> None:
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": _noisy(30, 1), "test": _noisy(30, 2)})
     sweep = _sweep_file(tmp_path, '[[head]]\nname = "logreg"\npooling = "flatten"\nC = [0.01, 0.1]\n')
     need = x.nbytes * stream.IN_MEMORY_FACTOR
-    small = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r1", memory_budget=str(need - 1),
-                                  n_jobs=1), cache)
+    small = run_sweep(
+        SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r1", memory_budget=str(need - 1), n_jobs=1), cache
+    )
     assert any(n.startswith("streaming train") for n in json.loads((small.run_dir / "run.json").read_text())["notes"])
-    big = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r2", memory_budget=str(need * 2),
-                                n_jobs=1), cache)
+    big = run_sweep(
+        SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r2", memory_budget=str(need * 2), n_jobs=1), cache
+    )
     notes = json.loads((big.run_dir / "run.json").read_text())["notes"]
     assert any(n.startswith("train held in memory") for n in notes)
-    forced_off = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r3", memory_budget=str(need - 1),
-                                       stream="off", n_jobs=1), cache)
+    forced_off = run_sweep(
+        SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "r3", memory_budget=str(need - 1), stream="off", n_jobs=1),
+        cache,
+    )
     assert "--stream off" in forced_off.table
     # the streamed winner is a saved, reloadable head like any other
     from pipeline.persist import load_head

@@ -1,5 +1,6 @@
 """Fast checks without TensorFlow of the promises that live in store, sources, sweep, heads
 and config: what `make mutate` runs (see TESTING.md), so each asserts an exact property."""
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,10 @@ def test_npz_class_names_and_split(tmp_path):
 
 def _splits(n: int = 4) -> dict:
     x, y = separable(n, 2)
-    return {"train": {"features": x, "labels": y, "paths": [f"t/{i}" for i in range(len(y))]},
-            "validation": {"features": x[:4], "labels": y[:4], "paths": ["v/0", "v/1", "v/2", "v/3"]}}
+    return {
+        "train": {"features": x, "labels": y, "paths": [f"t/{i}" for i in range(len(y))]},
+        "validation": {"features": x[:4], "labels": y[:4], "paths": ["v/0", "v/1", "v/2", "v/3"]},
+    }
 
 
 def test_a_cache_killed_while_writing_is_marked_incomplete(tmp_path, monkeypatch):
@@ -123,7 +126,7 @@ def test_chunk_assembly_killed_midway_leaves_no_complete_file(tmp_path, monkeypa
     chunks = store.ChunkStore(final, {"k": 1})
     x, y = separable(4, 2)
     for i in range(2):
-        chunks.save("train", i, x[4 * i:4 * i + 4], np.arange(4 * i, 4 * i + 4), np.array([], np.int64), [])
+        chunks.save("train", i, x[4 * i : 4 * i + 4], np.arange(4 * i, 4 * i + 4), np.array([], np.int64), [])
     original = store._write_rows_meta
     monkeypatch.setattr(store, "_write_rows_meta", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     layout = {"train": (2, [f"p{i}" for i in range(8)], y)}
@@ -148,8 +151,9 @@ def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
     chunks = store.ChunkStore(final, {"k": 1})
     x, y = separable(2, 2)
     chunks.save("train", 0, x[[0, 2, 3]], np.array([0, 2, 3]), np.array([1]), ["truncated"])
-    skipped = chunks.assemble({"train": (1, ["a", "b", "c", "d"], y)}, x.shape[1:], "float16",
-                              synthetic_meta(x, ("a", "b")))
+    skipped = chunks.assemble(
+        {"train": (1, ["a", "b", "c", "d"], y)}, x.shape[1:], "float16", synthetic_meta(x, ("a", "b"))
+    )
     assert skipped == {"train": [("b", "truncated")]}
     got, labels, paths = store.load_split(final, "train")
     assert got.dtype == np.float16
@@ -161,10 +165,17 @@ def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
 
 def test_meta_round_trips_and_names_what_differs(tmp_path):
     x, y = separable(3, 2)
-    meta = synthetic_meta(x, ("a", "b"), seed=7, augment={"views": 1, "seed": 7, "policy": "p",
-                                                          "splits": ["train@aug1"]})
-    path = store.write_cache(tmp_path / "c.h5", {"train": {"features": x, "labels": y, "paths": ["p"] * 6},
-                                                 "train@aug1": {"features": x, "labels": y, "paths": ["p"] * 6}}, meta)
+    meta = synthetic_meta(
+        x, ("a", "b"), seed=7, augment={"views": 1, "seed": 7, "policy": "p", "splits": ["train@aug1"]}
+    )
+    path = store.write_cache(
+        tmp_path / "c.h5",
+        {
+            "train": {"features": x, "labels": y, "paths": ["p"] * 6},
+            "train@aug1": {"features": x, "labels": y, "paths": ["p"] * 6},
+        },
+        meta,
+    )
     back = store.read_meta(path)
     assert back.key() == meta.key()
     assert back.class_names == ("a", "b")
@@ -174,8 +185,10 @@ def test_meta_round_trips_and_names_what_differs(tmp_path):
     assert back.view_splits == ["train@aug1"]
     assert back.path == str(path)
     other = store.CacheKey(**{**meta.key().__dict__, "size": 64, "precision": "bfloat16"})
-    assert meta.key().diff(other) == ["size: cache has 32, asked for 64",
-                                      "precision: cache has 'float32', asked for 'bfloat16'"]
+    assert meta.key().diff(other) == [
+        "size: cache has 32, asked for 64",
+        "precision: cache has 'float32', asked for 'bfloat16'",
+    ]
     assert meta.key().diff(other, ["size"]) == ["size: cache has 32, asked for 64"]
     assert meta.key().diff(meta.key()) == []
     with pytest.raises(CacheError, match="lacks \\['fingerprint'\\]"):
@@ -185,8 +198,11 @@ def test_meta_round_trips_and_names_what_differs(tmp_path):
 def test_view_splits_are_listed_in_natural_order(tmp_path):
     x, y = separable(2, 2)
     names = ["train", "train@aug10", "train@aug2", "train@aug1", "test"]
-    path = store.write_cache(tmp_path / "c.h5", {s: {"features": x, "labels": y, "paths": ["p"] * 4} for s in names},
-                             synthetic_meta(x, ("a", "b")))
+    path = store.write_cache(
+        tmp_path / "c.h5",
+        {s: {"features": x, "labels": y, "paths": ["p"] * 4} for s in names},
+        synthetic_meta(x, ("a", "b")),
+    )
     assert store.read_meta(path).splits == ("train", "test", "train@aug1", "train@aug2", "train@aug10")
 
 
@@ -232,8 +248,12 @@ def test_every_linear_head_pools_as_asked(name):
 def test_select_prefers_accuracy_then_log_loss_then_order():
     from pipeline.sweep import select
 
-    rows = [{"val_accuracy": 0.8, "val_log_loss": 0.1}, {"val_accuracy": 0.9, "val_log_loss": 0.5},
-            {"val_accuracy": 0.9, "val_log_loss": 0.3}, {"val_accuracy": 0.9, "val_log_loss": 0.3}]
+    rows = [
+        {"val_accuracy": 0.8, "val_log_loss": 0.1},
+        {"val_accuracy": 0.9, "val_log_loss": 0.5},
+        {"val_accuracy": 0.9, "val_log_loss": 0.3},
+        {"val_accuracy": 0.9, "val_log_loss": 0.3},
+    ]
     assert select(rows) == 2
     assert select(rows[:2]) == 1
     assert select([rows[0], {"val_accuracy": 0.8, "val_log_loss": 0.1}]) == 0
@@ -255,12 +275,15 @@ def test_training_rows_follow_train_on():
         training_rows(train, None, "both")
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"train_on": "all"}, "train_on must be one of"),
-    ({"views": 0}, "views must be a positive integer"),
-    ({"carve_fraction": 1.0}, "carve_fraction must be in"),
-    ({"n_jobs": 0}, "n_jobs must be a non-zero integer"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"train_on": "all"}, "train_on must be one of"),
+        ({"views": 0}, "views must be a positive integer"),
+        ({"carve_fraction": 1.0}, "carve_fraction must be in"),
+        ({"n_jobs": 0}, "n_jobs must be a non-zero integer"),
+    ],
+)
 def test_sweep_config_refuses_bad_values(kw, message):
     with pytest.raises(ConfigError, match=message):
         SweepConfig(**kw)
