@@ -102,6 +102,7 @@ class SweepConfig:
     train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
     views: int | None = None  # use the first N cached views (None: all)
     runs_dir: Path = RUNS_DIR  # where run folders go
+    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 in the environment also turns it off
 
     def __post_init__(self) -> None:
         if not 0 < self.carve_fraction < 1:
@@ -133,6 +134,7 @@ class FinetuneConfig:
     name: str = "finetune"
     runs_dir: Path = RUNS_DIR
     verbose: bool = False
+    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 also turns it off
 
     def __post_init__(self) -> None:
         if self.train_on not in TRAIN_ON:
