@@ -73,6 +73,12 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-on", default=d.train_on, choices=["clean", "views", "both"],
                    help="train heads on clean features, cached augmented views, or both (default: %(default)s)")
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
+    _add_track_option(p)
+
+
+def _add_track_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-track", dest="track", action="store_false",
+                   help="do not log to MLflow (also TRACK=0); the store is $MLFLOW_TRACKING_URI or ./mlflow.db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-to-end", action="store_true", help="the seeds' recipe on images with augmentation (GPU)")
     p.add_argument("--name", default=f.name)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    _add_track_option(p)
 
     p = sub.add_parser("predict", help="classify new images with a run's winning head")
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
@@ -153,7 +160,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
-                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views)
+                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views, track=args.track)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -210,7 +217,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                         head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, patience=args.patience,
                         train_on=args.train_on, views=args.views, head_run=args.head_run, end_to_end=args.end_to_end,
                         trust_pickle=args.trust_pickle,
-                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose)
+                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose,
+                        track=args.track)
     result = finetune(ft, _extract_config(args))
     print(result.table)
     print(f"run folder: {result.run_dir}")

@@ -62,6 +62,11 @@ def _check_range(value: dict[str, Any], where: str) -> None:
 
 def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, list[tuple[str, dict[str, Any]]]]:
     """(sampler, trials, [(head name, its table)]) with every value checked before any fit."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{source}: search = {spec.get('search')!r} needs Optuna, which is not installed; "
+                          "`make install` brings it (pip install -e '.[track]'), or remove search/trials for a grid") from e
     unknown = sorted(set(spec) - {"head", "search", "trials"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed with a search: "

@@ -220,3 +220,49 @@ def log_table_run(tracker: Tracker, run_dir: Path, kind: str, tags: Mapping[str,
     tracker.artifacts([run_dir / n for n in artifacts])
     tracker.finish()
     return tracker.summary()
+
+
+# --------------------------------------------------------------------------- the UI (`make ui`)
+
+def ui_command(port: int = 5000, host: str = "127.0.0.1", uri: str | None = None) -> list[str]:
+    """``mlflow ui`` on ``host:port`` for the project's store (full ``mlflow`` needed: the
+    skinny package has no server)."""
+    import shutil
+    import sys
+
+    uri = uri or default_uri()
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
+    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.tracking ui [--port N]``: print the address, then run the UI."""
+    import argparse
+    import subprocess
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    parser.add_argument("command", choices=["ui"])
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    cmd = ui_command(args.port, args.host)
+    print(f"MLflow UI for {default_uri()} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except FileNotFoundError:
+        print("mlflow is not installed in this environment; `make install` brings it (the `track` extra)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
