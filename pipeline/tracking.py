@@ -232,7 +232,7 @@ def ui_command(port: int = 5000, host: str = "127.0.0.1", uri: str | None = None
 
     uri = uri or default_uri()
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
-    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [exe, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     root = artifact_root(uri)
     if root:
         cmd += ["--default-artifact-root", root]
