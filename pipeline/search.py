@@ -66,7 +66,8 @@ def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, l
         import optuna  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"{source}: search = {spec.get('search')!r} needs Optuna, which is not installed; "
-                          "`make install` brings it (pip install -e '.[track]'), or remove search/trials for a grid") from e
+                          "`make install` brings it (pip install -e '.[track]'), or remove search/trials for a "
+                          "grid") from e
     unknown = sorted(set(spec) - {"head", "search", "trials"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed with a search: "

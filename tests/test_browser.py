@@ -112,9 +112,9 @@ def mlflow_ui(tmp_path_factory):
     """A tracked sweep's runs in a fresh SQLite store and ``mlflow ui`` serving it on
     127.0.0.1 (start bounded in time; the server's process group stopped at the end)."""
     pytest.importorskip("mlflow", reason="MLflow is not installed (the `track` extra)")
-    from conftest import separable, synthetic_meta
-
     from pipeline import tracking
+
+    from conftest import separable, synthetic_meta
 
     tmp = tmp_path_factory.mktemp("mlflow-ui")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

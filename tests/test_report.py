@@ -6,12 +6,12 @@ import re
 
 import numpy as np
 
-from conftest import cache_from, separable
-
 from pipeline import html_report
 from pipeline.config import SweepConfig
 from pipeline.report import plot_confusion_matrix
 from pipeline.sweep import run_sweep
+
+from conftest import cache_from, separable
 
 
 def _sources(page: str) -> list[str]:
@@ -27,12 +27,14 @@ def test_a_sweep_writes_a_self_contained_report(tmp_path):
     page = (result.run_dir / "report.html").read_text()
     assert page.count('<tr class="winner">') == 1
     winner_row = re.search(r'<tr class="winner">(.*?)</tr>', page).group(1)
-    assert f"<td>{result.winner['index']}</td>" in winner_row and f"<td>{result.winner['pooling']}</td>" in winner_row
+    assert f"<td>{result.winner['index']}</td>" in winner_row
+    assert f"<td>{result.winner['pooling']}</td>" in winner_row
     assert len(re.findall(r"<tbody>.*?</tbody>", page, re.S)[0].split("<tr")) - 1 == len(result.rows)
     for column in ("val_accuracy", "val_log_loss", "test_accuracy", "fit_seconds"):
         assert f"<th>{column}</th>" in page
     sources = _sources(page)
-    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing outside the page
+    assert sources
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
     png = base64.b64decode(sources[0].split(",", 1)[1])
     assert png == (result.run_dir / "confusion.png").read_bytes()
     assert "&quot;fingerprint&quot;: &quot;synthetic&quot;" in page  # the cache's metadata
@@ -43,8 +45,10 @@ def test_values_from_users_are_escaped(tmp_path):
     rows = [{"index": 0, "head": "<script>alert(1)</script>", "winner": True}]
     page = html_report.write_report(tmp_path / "report.html", "a & b", [("t", html_report.table(rows, ["head"]))],
                                     notes=["<b>note</b>"], meta={"class_names": ["<img src=x>"]}).read_text()
-    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<img src=x>" not in page and "<b>note</b>" not in page
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x>" not in page
+    assert "<b>note</b>" not in page
     assert "<title>a &amp; b</title>" in page
 
 
@@ -55,4 +59,5 @@ def test_compare_and_finetune_pages_inline_their_charts(tmp_path):
                                     ["compare.png", "missing.png"]).read_text()
     assert [s[:22] for s in _sources(page)] == ["data:image/png;base64,"]
     assert "<td>resnet50</td><td>0.9500</td>" in page
-    assert "compare.png" in page and "missing.png" not in page
+    assert "compare.png" in page
+    assert "missing.png" not in page

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from conftest import cache_from, separable
-
 from pipeline.config import SweepConfig
 from pipeline.errors import ConfigError
 from pipeline.search import check, is_search, run_search
 from pipeline.sweep import run_sweep, select
+
+from conftest import cache_from, separable
 
 pytest.importorskip("optuna", reason="Optuna is not installed (the `track` extra: pip install -e '.[track]')")
 
@@ -50,10 +50,12 @@ def test_search_runs_n_trials_inside_the_ranges_and_picks_on_validation(tmp_path
     assert all(r["head"] == "logreg" and r["pooling"] in ("flatten", "avg", "max") for r in rows)
     for p in params:
         assert 1e-4 <= p["C"] <= 10
-        assert isinstance(p["max_iter"], int) and 50 <= p["max_iter"] <= 300
+        assert isinstance(p["max_iter"], int)
+        assert 50 <= p["max_iter"] <= 300
     assert len({p["C"] for p in params}) == 6  # continuous: every trial its own value
     best = select(rows)
-    assert rows[best].get("winner") and sum(bool(r.get("winner")) for r in rows) == 1
+    assert rows[best].get("winner")
+    assert sum(bool(r.get("winner")) for r in rows) == 1
     assert [i for i, r in enumerate(rows) if r.get("test_accuracy") is not None] == [best]  # test scored once
     assert info["winner"]["params"]["C"] == params[best]["C"]
     assert info["tracking"]["note"].startswith("tracking off")

@@ -10,9 +10,9 @@ from conftest import cache_from, separable
 
 pytest.importorskip("mlflow", reason="MLflow is not installed (the `track` extra: pip install -e '.[track]')")
 
-from pipeline import tracking  # noqa: E402
-from pipeline.config import SweepConfig  # noqa: E402
-from pipeline.sweep import run_sweep  # noqa: E402
+from pipeline import tracking
+from pipeline.config import SweepConfig
+from pipeline.sweep import run_sweep
 
 SWEEP = """
 [[head]]
