@@ -99,6 +99,8 @@ class Tracker:
     def _connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # their INFO lines (database set-up) are not ours to show
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
         client = MlflowClient(self.uri)
         found = client.get_experiment_by_name(self.experiment)
         if found is not None:

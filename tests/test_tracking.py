@@ -174,3 +174,27 @@ def test_ui_command_serves_the_project_store_on_localhost():
     assert Path(cmd[0]).name == "mlflow"
     assert cmd[1:] == ["ui", "--backend-store-uri", "sqlite:////x/mlflow.db", "--host", "127.0.0.1", "--port", "5123",
                        "--workers", "1", "--default-artifact-root", "file:///x/mlartifacts"]
+
+
+def test_finetune_and_compare_runs_log_one_child_per_row(tracked, tmp_path, monkeypatch):
+    _, client, _, _ = tracked
+    monkeypatch.setenv("TRACK", "1")
+    (tmp_path / "curves.png").write_bytes(b"png")
+    rows = [{"stage": "frozen block5 + head", "validation_accuracy": 0.8, "seconds": 2.0, "cost": "once"},
+            {"stage": "fine-tuned block5 + head", "validation_accuracy": 0.9, "test_accuracy": 0.85, "seconds": 9.0,
+             "cost": "3 epochs"}]
+    tracker = tracking.Tracker(uri=str(client.tracking_uri))
+    summary = tracking.log_table_run(tracker, tmp_path, "finetune", {"featcache.backbone": "vgg16"}, {"epochs": 3},
+                                     rows, "stage", {"loss": [0.5, 0.4, 0.3]}, ["curves.png", "absent.png"])
+    assert summary["note"] is None
+    parent = client.get_run(summary["run_id"])
+    assert parent.data.tags["featcache.kind"] == "finetune"
+    assert parent.data.params == {"epochs": "3"}
+    assert [m.value for m in client.get_metric_history(summary["run_id"], "epoch_loss")] == [0.5, 0.4, 0.3]
+    assert [a.path for a in client.list_artifacts(summary["run_id"])] == ["curves.png"]
+    children = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {r["stage"] for r in rows}
+    tuned = by_name["fine-tuned block5 + head"]
+    assert tuned.data.metrics == {"validation_accuracy": 0.9, "test_accuracy": 0.85, "seconds": 9.0}
+    assert tuned.data.params == {"stage": "fine-tuned block5 + head", "cost": "3 epochs"}
