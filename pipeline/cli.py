@@ -180,6 +180,7 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
     result = sweep.run_sweep(cfg, cache)
     print(result.table)
     print(f"run folder: {result.run_dir}")
+    print(f"report: {(result.run_dir / 'report.html').as_uri()}")
     return 0
 
 
@@ -207,6 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(names, _extract_config(args), _sweep_config(args))
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
+    print(f"report: {(result.csv.parent / 'report.html').as_uri()}")
     return 0
 
 
@@ -222,6 +224,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = finetune(ft, _extract_config(args))
     print(result.table)
     print(f"run folder: {result.run_dir}")
+    print(f"report: {(result.run_dir / 'report.html').as_uri()}")
     return 0
 
 
