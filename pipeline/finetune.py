@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, layout, registry, report, runs, store
+from . import backbone, html_report, images, layout, registry, report, runs, store, tracking
 from .config import ExtractConfig, FinetuneConfig, as_dict
 from .errors import ConfigError
 from .heads import KerasModelHead, MLPHead, compile_for, seeds_head
@@ -172,9 +172,14 @@ def _save(ft: FinetuneConfig, ecfg: ExtractConfig, meta: CacheMeta, cache: Path 
     save_head(tuned, run.path)  # winner.skops + winner.keras (the whole fine-tuned model, plain Keras)
     report.plot_learning_curves(history, run.path / "curves.png", "block5 + head, fine-tuned")
     run.write_results(rows, COLUMNS)
+    # --- issue 15: report.html and MLflow (one child per stage, the curves as metric history)
+    html_report.table_report(run.path, "finetune", rows, COLUMNS, ["curves.png"], meta.to_dict(), notes)
+    tracked = tracking.log_table_run(tracking.Tracker(track=ft.track), run.path, "finetune",
+                                     tracking.cache_tags(meta, run.path), as_dict(ft), rows, "stage", history,
+                                     ["results.csv", "curves.png", "winner.skops", "winner.keras", "report.html"])
     run.write_json({"kind": "finetune", "finetune": as_dict(ft), "extract": as_dict(ecfg),
                     "cache": str(cache) if cache else None, "cache_meta": meta.to_dict(), "model_input": model_input,
-                    "rows": rows, "notes": notes, "history": history})
+                    "rows": rows, "notes": notes, "history": history, "tracking": tracked})
     return FinetuneResult(run.path, rows, "\n".join([runs.text_table(rows, COLUMNS), *notes]))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import report, store
+from . import html_report, report, search, store, tracking
 from .config import TRAIN_ON, SweepConfig, as_dict, load_toml
 from .errors import ConfigError
 from .heads import HEADS, make_head
@@ -323,16 +323,30 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     cache = Path(cache_path)
     meta = store.read_meta(cache)
     spec = load_toml(cfg.sweep_file)
-    configs = expand_grid(spec, str(cfg.sweep_file))
+    # --- search (issue 15): random/TPE trials through Optuna when the file asks; else the grid
+    searching = search.is_search(spec)
+    if searching:
+        search.check(spec, str(cfg.sweep_file))
+        configs: list[tuple[str, dict[str, Any]]] = []
+        wants_views = search.wants_views(spec, cfg.train_on)
+    else:
+        configs = expand_grid(spec, str(cfg.sweep_file))
+        wants_views = any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs)
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
-    data = load_data(cfg, cache, meta, any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs))
+    data = load_data(cfg, cache, meta, wants_views)
     for note in data.notes:
         log.info(note)
-    log.info("sweeping %d configs on %s (train %d%s, validation %d) with %s worker(s)", len(configs), cache.name,
-             len(data.train[1]), f" + {len(data.views[1])} view rows" if data.views else "", len(data.validation[1]),
-             cfg.n_jobs)
+    log.info("sweeping %s on %s (train %d%s, validation %d) with %s worker(s)",
+             f"{spec['trials']} {spec.get('search', 'random')} trials" if searching else f"{len(configs)} configs",
+             cache.name, len(data.train[1]), f" + {len(data.views[1])} view rows" if data.views else "",
+             len(data.validation[1]), cfg.n_jobs)
     t0 = time.perf_counter()
-    results = fit_all(configs, data, cfg.seed, cfg.n_jobs)
+    if searching:
+        configs, results = search.run_search(spec, str(cfg.sweep_file),
+                                             lambda batch: fit_all(batch, data, cfg.seed, cfg.n_jobs),
+                                             cfg.seed, cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1))
+    else:
+        results = fit_all(configs, data, cfg.seed, cfg.n_jobs)
     rows = [r for r, _, _ in results]
     full_params = [r.pop("full_params") for r in rows]
     _show_varying_params(rows)
@@ -344,7 +358,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     if eval_split == "test":
         rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
     seconds = time.perf_counter() - t0
-    _write_run(run, cfg, spec, cache, meta, rows, [h for _, h, _ in results], winner, full_params[best],
+    _write_run(run, cfg, spec, cache, meta, rows, [h for _, h, _ in results], winner, full_params,
                (eval_split, y_eval, proba), data.notes, seconds)
     summary = (f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
                f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
@@ -354,9 +368,10 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
 
 
 def _write_run(run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, meta: store.CacheMeta,
-               rows: list[dict[str, Any]], histories: list[Any], winner: Any, winner_params: dict[str, Any],
+               rows: list[dict[str, Any]], histories: list[Any], winner: Any, full_params: list[dict[str, Any]],
                evaluation: tuple[str, np.ndarray, np.ndarray], notes: list[str], seconds: float) -> None:
-    """results.csv, run.json, the winner, its confusion matrix, and every MLP's curves."""
+    """results.csv, run.json, the winner, its confusion matrix, every MLP's curves,
+    report.html, and the MLflow runs (issue 15)."""
     from sklearn.metrics import confusion_matrix
 
     from .persist import save_head
@@ -373,9 +388,13 @@ def _write_run(run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, me
     cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
     report.plot_confusion_matrix(cm, list(meta.class_names), run.path / "confusion.png",
                                  f"winner #{best} ({rows[best]['head']}) on {split}")
+    # --- issue 15: report.html, then MLflow (a failure there is a note, never an error)
+    html_report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
+    tracked = tracking.log_sweep(tracking.Tracker(track=cfg.track), run.path, meta, rows, histories, full_params,
+                                 {**as_dict(cfg), "search": spec.get("search", "grid")})
     run.write_json({"kind": "classify", "config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()),
                     "cache_meta": meta.to_dict(), "seed": cfg.seed, "notes": notes, "sweep_seconds": seconds,
-                    "winner": {**rows[best], "params": winner_params}})
+                    "winner": {**rows[best], "params": full_params[best]}, "tracking": tracked})
 
 
 def _show_varying_params(rows: list[dict[str, Any]]) -> None:

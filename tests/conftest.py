@@ -75,3 +75,9 @@ def image_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch):
+    """No test writes to the project's MLflow store; tests of tracking set their own URI and TRACK=1."""
+    monkeypatch.setenv("TRACK", "0")
