@@ -38,7 +38,7 @@ SWEEP_OPTS := --sweep $(SWEEP) --jobs $(JOBS) --train-on $(TRAIN_ON) $(if $(CACH
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
 	@echo
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-18s %s\n", $$1, $$2}'
 	@echo
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) DTYPE=$(DTYPE)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
@@ -53,7 +53,7 @@ $(BIN)/featcache: pyproject.toml
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
 
-demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights, else make pretrained-weights' file, else random)
+demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet, else pretrained-weights' file, else random weights)
 	$(FC) demo --jobs $(JOBS) --seed $(SEED) $(if $(SIZE),--size $(SIZE)) $(if $(filter-out imagenet,$(WEIGHTS)),--weights $(WEIGHTS))
 
 extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under cache/

