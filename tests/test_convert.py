@@ -97,6 +97,7 @@ def test_forward_check_catches_a_wrong_layout(onnx_file: Path, tmp_path: Path, m
     monkeypatch.setattr(convert, "onnx_conv_weights", swapped)
     with pytest.raises(ConfigError, match="disagree on block5_pool"):
         convert.convert_onnx_vgg16(onnx_file, tmp_path / "bad.weights.h5")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary is left
 
 
 def test_missing_initializer_is_named(tmp_path: Path) -> None:
