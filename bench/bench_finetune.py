@@ -8,7 +8,7 @@ compute (full-VGG16-forward equivalents, seconds):
   seeds' end-to-end (seed 003)       50 epochs x (2000 train + 1000 validation) passes;
                                      one epoch timed, extrapolated, accuracy after it
 
-Usage: python bench/bench_finetune.py [--views 2 5 10] [--epochs 10]
+Usage: python bench/bench_finetune.py [--views 2 5 10] [--epochs 10] [--weights FILE]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--size", type=int, default=150)
     p.add_argument("--seeds-epochs", type=int, default=1)
+    p.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made, else none)")
     args = p.parse_args()
     require_data()
     from bench_recipe import seeds_recipe
@@ -36,7 +37,7 @@ def main() -> None:
     from pipeline.finetune import finetune
     from pipeline.sweep import run_sweep
 
-    weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
+    weights = args.weights or (str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
     print(machine())
     print(f"weights {weights}; size {args.size}; data {DATA}")
     work = Path(tempfile.mkdtemp(prefix="featcache-ft-"))

