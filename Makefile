@@ -39,7 +39,7 @@ TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
 SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test mutate lint format bench ui clean
+.PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -55,7 +55,7 @@ help: ## list the targets and their options
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,track]'
+	$(BIN)/pip install --quiet -e '.[dev,track,jax]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
@@ -100,6 +100,9 @@ MUTATE_MINUTES ?= 60
 mutate: $(BIN)/featcache ## mutation testing (mutmut, 1 process, MUTATE_MINUTES=60) of store/sources/sweep/heads/config; not in CI; TESTING.md
 	@timeout $$(( $(MUTATE_MINUTES) * 60 )) $(BIN)/mutmut run --max-children 1 $(MUTANTS) || echo "mutate: stopped after $(MUTATE_MINUTES) min or failed; run again to continue (results kept in mutants/)"
 	@$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json; echo; $(BIN)/mutmut results | tail -n 60
+
+test-jax: $(BIN)/featcache ## the backend-agnostic tests again under KERAS_BACKEND=jax (slow: ~5 min more; not in CI)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q tests/test_extract.py tests/test_backbones.py tests/test_augment_finetune.py $(PYTEST_ARGS)
 
 lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/, mypy on pipeline/ (settings in pyproject.toml)
 	$(BIN)/ruff check pipeline tests bench

@@ -1,0 +1,50 @@
+"""Stage one under another Keras backend: the same cache format, the backend recorded, and
+features equal to TensorFlow's within float tolerance for the same weights file."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_folder
+from pipeline import store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _extract(backend: str, root: Path, weights: Path, cache_dir: Path) -> Path:
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    argv = ["extract", "--data", str(root), "--size", "48", "--weights", str(weights), "--precision", "float32",
+            "--cache-dir", str(cache_dir), "--quiet", "--batch-size", "4"]
+    out = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    [path] = cache_dir.rglob("*.h5")
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install 'featcache[jax]')")
+def test_jax_backend_gives_tensorflows_features_in_the_same_format(tmp_path):
+    import keras
+
+    root = make_folder(tmp_path / "imgs", {"train": 3, "test": 2}, size=48)
+    keras.utils.set_random_seed(5)
+    weights = tmp_path / "w.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(48, 48, 3)).save_weights(weights)
+    tf_cache = _extract("tensorflow", root, weights, tmp_path / "tf")
+    jax_cache = _extract("jax", root, weights, tmp_path / "jax")
+    assert tf_cache.name == jax_cache.name  # same key: the backend is provenance, not identity
+    tf_meta, jax_meta = store.read_meta(tf_cache), store.read_meta(jax_cache)
+    assert tf_meta.info["versions"]["keras_backend"] == "tensorflow"
+    assert jax_meta.info["versions"]["keras_backend"] == "jax"
+    assert tf_meta.weights_sha256 == jax_meta.weights_sha256  # the same weight values were loaded
+    for split in ("train", "test"):
+        a, ya, pa = store.load_split(tf_cache, split)
+        b, yb, pb = store.load_split(jax_cache, split)
+        assert pa == pb and np.array_equal(ya, yb)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
