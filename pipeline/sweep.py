@@ -8,6 +8,7 @@ The sweep file lists heads, each with a value or a list of values per parameter:
     pooling = ["flatten", "avg"]
     C = [0.01, 0.1]
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,12 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
 
     unknown = sorted(set(spec) - {"head"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; allowed: ['head'] "
-                          "(the seed comes from --seed / SEED=)")
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {unknown}; allowed: ['head'] (the seed comes from --seed / SEED=)"
+        )
     heads = spec.get("head")
     if not heads or not isinstance(heads, list):
-        raise ConfigError(f"{source}: no [[head]] tables; add at least one, e.g. [[head]] name = \"logreg\"")
+        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
     configs = []
     for number, table in enumerate(heads, 1):
         if not isinstance(table, dict):
@@ -51,7 +53,9 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
         grid = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
         empty = sorted(k for k, v in grid.items() if not v)
         if empty:
-            raise ConfigError(f"{source}: head #{number} ({name}) has an empty list for {empty}; give at least one value")
+            raise ConfigError(
+                f"{source}: head #{number} ({name}) has an empty list for {empty}; give at least one value"
+            )
         for params in ParameterGrid(grid):
             params = dict(params)
             head_params = {k: v for k, v in params.items() if k != "train_on"}
@@ -89,18 +93,34 @@ class SweepData:
         return training_rows(self.train, self.views, train_on)
 
 
-COLUMNS = ("index", "head", "pooling", "params", "train_on", "train_rows", "val_accuracy", "val_log_loss",
-           "fit_seconds", "epochs", "test_accuracy", "test_log_loss", "winner")
+COLUMNS = (
+    "index",
+    "head",
+    "pooling",
+    "params",
+    "train_on",
+    "train_rows",
+    "val_accuracy",
+    "val_log_loss",
+    "fit_seconds",
+    "epochs",
+    "test_accuracy",
+    "test_log_loss",
+    "winner",
+)
 
 
-def training_rows(train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None,
-                  train_on: str) -> tuple[np.ndarray, np.ndarray]:
+def training_rows(
+    train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None, train_on: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Clean train rows, the cached augmented views, or both stacked."""
     if train_on == "clean":
         return train
     if views is None:
-        raise ConfigError(f"train_on={train_on!r} needs augmented views in the cache; make them with "
-                          "`make extract AUGMENT=K` (same options)")
+        raise ConfigError(
+            f"train_on={train_on!r} needs augmented views in the cache; make them with "
+            "`make extract AUGMENT=K` (same options)"
+        )
     if train_on == "views":
         return views
     return np.concatenate([train[0], views[0]]), np.concatenate([train[1], views[1]])
@@ -124,9 +144,15 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     notes = []
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
-    views_used = meta.view_splits[:cfg.views] if wants_views else []
-    streaming, why = stream.plan_training(cache, ["train", *views_used], meta.split_sizes, meta.feature_shape,
-                                          cfg.stream, stream.parse_budget(cfg.memory_budget))
+    views_used = meta.view_splits[: cfg.views] if wants_views else []
+    streaming, why = stream.plan_training(
+        cache,
+        ["train", *views_used],
+        meta.split_sizes,
+        meta.feature_shape,
+        cfg.stream,
+        stream.parse_budget(cfg.memory_budget),
+    )
     notes.append(why)
     if streaming:
         return _streaming_data(cfg, cache, meta, views_used, notes)
@@ -136,37 +162,50 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
         try:
             xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.carve_fraction, stratify=y, random_state=cfg.seed)
         except ValueError as e:
-            raise ConfigError(f"{cache}: no validation split, and train is too small to carve a stratified "
-                              f"{cfg.carve_fraction:.0%} from it ({e})") from e
+            raise ConfigError(
+                f"{cache}: no validation split, and train is too small to carve a stratified "
+                f"{cfg.carve_fraction:.0%} from it ({e})"
+            ) from e
         data["train"], data["validation"] = (xt, yt), (xv, yv)
-        notes.append(f"no validation split in the cache: carved a stratified {cfg.carve_fraction:.0%} of train "
-                     f"({len(yv)} rows, seed {cfg.seed}) for selection")
+        notes.append(
+            f"no validation split in the cache: carved a stratified {cfg.carve_fraction:.0%} of train "
+            f"({len(yv)} rows, seed {cfg.seed}) for selection"
+        )
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     known = set(np.unique(data["train"][1]).tolist())
     for split, (_, y) in data.items():
         unseen = sorted(set(np.unique(y).tolist()) - known)
         if unseen:
-            raise ConfigError(f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
-                              "train lacks; no head can predict them (re-split the data so train has every class)")
+            raise ConfigError(
+                f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
+                "train lacks; no head can predict them (re-split the data so train has every class)"
+            )
         if len(np.unique(y)) < 2:
-            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
-                              "a classifier needs two or more")
+            raise ConfigError(
+                f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
+                "a classifier needs two or more"
+            )
     views = load_views(cache, meta, cfg.views) if wants_views else None
     if views is not None and "validation" not in meta.splits:
-        raise ConfigError(f"{cache}: training on views needs a validation split in the cache (a validation set "
-                          "carved from train would hold images whose views are trained on)")
+        raise ConfigError(
+            f"{cache}: training on views needs a validation split in the cache (a validation set "
+            "carved from train would hold images whose views are trained on)"
+        )
     return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes)
 
 
-def _streaming_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str],
-                    notes: list[str]) -> SweepData:
+def _streaming_data(
+    cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str], notes: list[str]
+) -> SweepData:
     """Train stays in the file (labels only in memory); validation and test are loaded."""
     from . import stream
 
     if "validation" not in meta.splits:
-        raise ConfigError(f"{cache}: streaming needs a validation split in the cache (a carved one would need train "
-                          "in memory); re-extract with a validation fraction, or pass --stream off")
+        raise ConfigError(
+            f"{cache}: streaming needs a validation split in the cache (a carved one would need train "
+            "in memory); re-extract with a validation fraction, or pass --stream off"
+        )
     sources = {"clean": stream.source_for(cache, ["train"], meta.feature_shape)}
     if views_used:
         sources["views"] = stream.source_for(cache, views_used, meta.feature_shape)
@@ -178,11 +217,15 @@ def _streaming_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_
     for split, (_, y) in {"train": train, **data}.items():
         unseen = sorted(set(np.unique(y).tolist()) - known)
         if unseen:
-            raise ConfigError(f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
-                              "train lacks; no head can predict them (re-split the data so train has every class)")
+            raise ConfigError(
+                f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
+                "train lacks; no head can predict them (re-split the data so train has every class)"
+            )
         if len(np.unique(y)) < 2:
-            raise ConfigError(f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
-                              "a classifier needs two or more")
+            raise ConfigError(
+                f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
+                "a classifier needs two or more"
+            )
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     return SweepData(train, data["validation"], data.get("test"), views, cfg.train_on, notes, streams=sources)
@@ -197,8 +240,9 @@ def _tf_threads(n: int | None) -> None:
     os.environ["TF_NUM_INTEROP_THREADS"] = "1"
 
 
-def fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: int | None,
-            data: SweepData) -> tuple[dict[str, Any], Any, bytes]:
+def fit_one(
+    index: int, name: str, params: dict[str, Any], seed: int, threads: int | None, data: SweepData
+) -> tuple[dict[str, Any], Any, bytes]:
     """Fit and score one config on validation. The head comes back as bytes, so the parent
     pays for loading (a Keras load for an MLP) only for the winner; these bytes never leave
     the process tree (the run folder holds a safe format)."""
@@ -221,8 +265,16 @@ def fit_one(index: int, name: str, params: dict[str, Any], seed: int, threads: i
     return _scored(index, name, params, train_on, head, y_fit, seconds, data)
 
 
-def _scored(index: int, name: str, params: dict[str, Any], train_on: str, head: Any, y_fit: np.ndarray,
-            seconds: float, data: SweepData) -> tuple[dict[str, Any], Any, bytes]:
+def _scored(
+    index: int,
+    name: str,
+    params: dict[str, Any],
+    train_on: str,
+    head: Any,
+    y_fit: np.ndarray,
+    seconds: float,
+    data: SweepData,
+) -> tuple[dict[str, Any], Any, bytes]:
     """The row, the curves and the head as bytes for one fitted config."""
     import io
 
@@ -231,19 +283,28 @@ def _scored(index: int, name: str, params: dict[str, Any], train_on: str, head: 
     from .runs import score
 
     val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
-    row = {"index": index, "head": name, "pooling": head.pooling, "train_on": train_on, "train_rows": len(y_fit),
-           "n_features": int(head.n_features_in_),
-           "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
-           "val_accuracy": val_accuracy, "val_log_loss": val_log_loss, "fit_seconds": seconds,
-           "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
-           "full_params": head.get_params()}
+    row = {
+        "index": index,
+        "head": name,
+        "pooling": head.pooling,
+        "train_on": train_on,
+        "train_rows": len(y_fit),
+        "n_features": int(head.n_features_in_),
+        "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
+        "val_accuracy": val_accuracy,
+        "val_log_loss": val_log_loss,
+        "fit_seconds": seconds,
+        "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
+        "full_params": head.get_params(),
+    }
     buffer = io.BytesIO()
     joblib.dump(head, buffer)
     return row, getattr(head, "history_", None), buffer.getvalue()
 
 
-def fit_path(indices: list[int], configs: list[tuple[str, dict[str, Any]]], seed: int, threads: int | None,
-             data: SweepData) -> list[tuple[dict[str, Any], Any, bytes]]:
+def fit_path(
+    indices: list[int], configs: list[tuple[str, dict[str, Any]]], seed: int, threads: int | None, data: SweepData
+) -> list[tuple[dict[str, Any], Any, bytes]]:
     """Logistic regressions that differ only in C, fitted as one warm-started path on data
     pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
     and its ``fit_seconds`` is its own warm-started fit (the shared standardisation is
@@ -261,8 +322,10 @@ def fit_path(indices: list[int], configs: list[tuple[str, dict[str, Any]]], seed
     x_fit, y_fit = data.training_rows(entries[0][2])
     times: dict[int, float] = {}
     fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
-    return [_scored(i, configs[i][0], params, train_on, head, y_fit, times[id(head)], data)
-            for i, params, train_on, head in entries]
+    return [
+        _scored(i, configs[i][0], params, train_on, head, y_fit, times[id(head)], data)
+        for i, params, train_on, head in entries
+    ]
 
 
 def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path: bool) -> list[list[int]]:
@@ -288,8 +351,9 @@ def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path
     return sorted(tasks, key=lambda t: (-cost(t), t[0]))
 
 
-def fit_all(configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: int,
-            n_jobs: int, warm_path: bool | None = None) -> list[tuple[dict[str, Any], Any, bytes]]:
+def fit_all(
+    configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: int, n_jobs: int, warm_path: bool | None = None
+) -> list[tuple[dict[str, Any], Any, bytes]]:
     """Every config in parallel, each worker with its share of the cores; logistic
     regressions differing only in C go as one warm-started path (``warm_path``; default on,
     FEATCACHE_WARM_PATH=0 turns it off for comparisons). Results come back in config order."""
@@ -302,7 +366,8 @@ def fit_all(configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: in
     threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
     with joblib.parallel_config(backend="loky", inner_max_num_threads=threads):
         done = joblib.Parallel(n_jobs=n_jobs)(
-            joblib.delayed(fit_path)(task, configs, seed, threads, data) for task in tasks)
+            joblib.delayed(fit_path)(task, configs, seed, threads, data) for task in tasks
+        )
     by_index = {r[0]["index"]: r for results in done for r in results}
     return [by_index[i] for i in range(len(configs))]
 
@@ -336,15 +401,24 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     data = load_data(cfg, cache, meta, wants_views)
     for note in data.notes:
         log.info(note)
-    log.info("sweeping %s on %s (train %d%s, validation %d) with %s worker(s)",
-             f"{spec['trials']} {spec.get('search', 'random')} trials" if searching else f"{len(configs)} configs",
-             cache.name, len(data.train[1]), f" + {len(data.views[1])} view rows" if data.views else "",
-             len(data.validation[1]), cfg.n_jobs)
+    log.info(
+        "sweeping %s on %s (train %d%s, validation %d) with %s worker(s)",
+        f"{spec['trials']} {spec.get('search', 'random')} trials" if searching else f"{len(configs)} configs",
+        cache.name,
+        len(data.train[1]),
+        f" + {len(data.views[1])} view rows" if data.views else "",
+        len(data.validation[1]),
+        cfg.n_jobs,
+    )
     t0 = time.perf_counter()
     if searching:
-        configs, results = search.run_search(spec, str(cfg.sweep_file),
-                                             lambda batch: fit_all(batch, data, cfg.seed, cfg.n_jobs),
-                                             cfg.seed, cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1))
+        configs, results = search.run_search(
+            spec,
+            str(cfg.sweep_file),
+            lambda batch: fit_all(batch, data, cfg.seed, cfg.n_jobs),
+            cfg.seed,
+            cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1),
+        )
     else:
         results = fit_all(configs, data, cfg.seed, cfg.n_jobs)
     rows = [r for r, _, _ in results]
@@ -358,18 +432,43 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     if eval_split == "test":
         rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
     seconds = time.perf_counter() - t0
-    _write_run(run, cfg, spec, cache, meta, rows, [h for _, h, _ in results], winner, full_params,
-               (eval_split, y_eval, proba), data.notes, seconds)
-    summary = (f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
-               f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
-               + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split"))
+    _write_run(
+        run,
+        cfg,
+        spec,
+        cache,
+        meta,
+        rows,
+        [h for _, h, _ in results],
+        winner,
+        full_params,
+        (eval_split, y_eval, proba),
+        data.notes,
+        seconds,
+    )
+    summary = (
+        f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
+        f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
+        + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split")
+    )
     table = text_table(rows, [c for c in COLUMNS if c != "winner"], mark="winner")
     return SweepResult(run.path, rows, rows[best], "\n".join([table, *data.notes, summary]))
 
 
-def _write_run(run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, meta: store.CacheMeta,
-               rows: list[dict[str, Any]], histories: list[Any], winner: Any, full_params: list[dict[str, Any]],
-               evaluation: tuple[str, np.ndarray, np.ndarray], notes: list[str], seconds: float) -> None:
+def _write_run(
+    run: Any,
+    cfg: SweepConfig,
+    spec: dict[str, Any],
+    cache: Path,
+    meta: store.CacheMeta,
+    rows: list[dict[str, Any]],
+    histories: list[Any],
+    winner: Any,
+    full_params: list[dict[str, Any]],
+    evaluation: tuple[str, np.ndarray, np.ndarray],
+    notes: list[str],
+    seconds: float,
+) -> None:
     """results.csv, run.json, the winner, its confusion matrix, every MLP's curves,
     report.html, and the MLflow runs (issue 15)."""
     from sklearn.metrics import confusion_matrix
@@ -382,19 +481,41 @@ def _write_run(run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, me
     for row, history in zip(rows, histories, strict=True):
         if history:
             (run.path / "curves").mkdir(exist_ok=True)
-            report.plot_learning_curves(history, run.path / "curves" / f"{row['index']:02d}-{row['head']}.png",
-                                        f"#{row['index']} {row['head']} {row['pooling']} {row['params']}")
+            report.plot_learning_curves(
+                history,
+                run.path / "curves" / f"{row['index']:02d}-{row['head']}.png",
+                f"#{row['index']} {row['head']} {row['pooling']} {row['params']}",
+            )
     split, y_eval, proba = evaluation
     cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
-    report.plot_confusion_matrix(cm, list(meta.class_names), run.path / "confusion.png",
-                                 f"winner #{best} ({rows[best]['head']}) on {split}")
+    report.plot_confusion_matrix(
+        cm, list(meta.class_names), run.path / "confusion.png", f"winner #{best} ({rows[best]['head']}) on {split}"
+    )
     # --- issue 15: report.html, then MLflow (a failure there is a note, never an error)
     html_report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
-    tracked = tracking.log_sweep(tracking.Tracker(track=cfg.track), run.path, meta, rows, histories, full_params,
-                                 {**as_dict(cfg), "search": spec.get("search", "grid")})
-    run.write_json({"kind": "classify", "config": as_dict(cfg), "sweep": spec, "cache": str(cache.resolve()),
-                    "cache_meta": meta.to_dict(), "seed": cfg.seed, "notes": notes, "sweep_seconds": seconds,
-                    "winner": {**rows[best], "params": full_params[best]}, "tracking": tracked})
+    tracked = tracking.log_sweep(
+        tracking.Tracker(track=cfg.track),
+        run.path,
+        meta,
+        rows,
+        histories,
+        full_params,
+        {**as_dict(cfg), "search": spec.get("search", "grid")},
+    )
+    run.write_json(
+        {
+            "kind": "classify",
+            "config": as_dict(cfg),
+            "sweep": spec,
+            "cache": str(cache.resolve()),
+            "cache_meta": meta.to_dict(),
+            "seed": cfg.seed,
+            "notes": notes,
+            "sweep_seconds": seconds,
+            "winner": {**rows[best], "params": full_params[best]},
+            "tracking": tracked,
+        }
+    )
 
 
 def _show_varying_params(rows: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ Where runs go: ``$MLFLOW_TRACKING_URI`` when set, else a SQLite database in the 
 (``mlflow.db``, MLflow's current default kind of store; artifacts in ``mlartifacts/`` next
 to it). ``--no-track`` or ``TRACK=0`` turns tracking off. ``make ui`` browses the store.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,17 +46,23 @@ def artifact_root(uri: str) -> str | None:
     parsed = urlparse(uri)
     if parsed.scheme != "sqlite":
         return None
-    db = Path(unquote(uri[len("sqlite:///"):]))
+    db = Path(unquote(uri[len("sqlite:///") :]))
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
 def cache_tags(meta: Any, run_dir: Path) -> dict[str, str]:
     """What identifies the features a run trained on, as MLflow tags."""
-    return {"featcache.fingerprint": str(meta.fingerprint), "featcache.backbone": str(meta.backbone),
-            "featcache.weights": str(meta.weights), "featcache.weights_sha256": str(meta.weights_sha256),
-            "featcache.layer": str(meta.layer), "featcache.size": str(meta.size),
-            "featcache.precision": str(meta.precision), "featcache.cache": str(getattr(meta, "path", "")),
-            "featcache.run_dir": str(Path(run_dir).resolve())}
+    return {
+        "featcache.fingerprint": str(meta.fingerprint),
+        "featcache.backbone": str(meta.backbone),
+        "featcache.weights": str(meta.weights),
+        "featcache.weights_sha256": str(meta.weights_sha256),
+        "featcache.layer": str(meta.layer),
+        "featcache.size": str(meta.size),
+        "featcache.precision": str(meta.precision),
+        "featcache.cache": str(getattr(meta, "path", "")),
+        "featcache.run_dir": str(Path(run_dir).resolve()),
+    }
 
 
 def _finite(value: Any) -> bool:
@@ -91,8 +98,10 @@ class Tracker:
         try:
             return fn()
         except Exception as e:  # tracking must never fail a run: MLflow raises many kinds of errors
-            self.note = f"MLflow tracking to {self.uri} failed while {what} ({type(e).__name__}: {e}); " \
-                        "the run itself is complete"
+            self.note = (
+                f"MLflow tracking to {self.uri} failed while {what} ({type(e).__name__}: {e}); "
+                "the run itself is complete"
+            )
             log.warning(self.note)
             return None
 
@@ -111,17 +120,18 @@ class Tracker:
 
     def start(self, name: str, kind: str, tags: Mapping[str, str], params: Mapping[str, Any] | None = None) -> None:
         """The parent run: ``tags`` (see ``cache_tags``) plus ``featcache.kind``."""
+
         def go() -> None:
             self._connect()
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={**tags, "featcache.kind": kind})
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "featcache.kind": kind})
             self.parent_id = run.info.run_id
             self._log(self.parent_id, params or {}, {}, {})
 
         self._call("starting the parent run", go)
 
-    def _log(self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any],
-             history: Mapping[str, Sequence[float]]) -> None:
+    def _log(
+        self, run_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any], history: Mapping[str, Sequence[float]]
+    ) -> None:
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
@@ -129,28 +139,43 @@ class Tracker:
         ms += [Metric(k, float(v), now, step) for k, vs in history.items() for step, v in enumerate(vs) if _finite(v)]
         ps = [Param(k, _param(v)) for k, v in params.items() if v is not None]
         for i in range(0, len(ps), 100):  # log_batch takes at most 100 params and 1000 metrics per call
-            self.client.log_batch(run_id, params=ps[i:i + 100])
+            self.client.log_batch(run_id, params=ps[i : i + 100])
         for i in range(0, len(ms), 1000):
-            self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+            self.client.log_batch(run_id, metrics=ms[i : i + 1000])
 
-    def child(self, name: str, params: Mapping[str, Any], metrics: Mapping[str, Any],
-              history: Mapping[str, Sequence[float]] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def child(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        history: Mapping[str, Sequence[float]] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         """A nested run under the parent: params, final metrics, per-epoch metric history."""
+
         def go() -> None:
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={**(tags or {}), "mlflow.parentRunId": self.parent_id})
+            run = self.client.create_run(
+                self.experiment_id, run_name=name, tags={**(tags or {}), "mlflow.parentRunId": self.parent_id}
+            )
             self._log(run.info.run_id, params, metrics, history or {})
             self.client.set_terminated(run.info.run_id, "FINISHED")
 
         self._call(f"logging child run {name!r}", go)
 
-    def log_parent(self, params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
-                   history: Mapping[str, Sequence[float]] | None = None) -> None:
-        self._call("logging the parent's metrics",
-                   lambda: self._log(self.parent_id or "", params or {}, metrics or {}, history or {}))
+    def log_parent(
+        self,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        history: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        self._call(
+            "logging the parent's metrics",
+            lambda: self._log(self.parent_id or "", params or {}, metrics or {}, history or {}),
+        )
 
     def artifacts(self, paths: Iterable[Path], subdir: str | None = None) -> None:
         """Files (and folders) of the run folder, copied to the parent run's artifacts."""
+
         def go() -> None:
             for path in paths:
                 if path.is_dir():
@@ -165,8 +190,12 @@ class Tracker:
         if self.parent_id is not None:
             self._call("ending the parent run", lambda: self.client.set_terminated(self.parent_id, status))
         if self.ok:
-            log.info("tracked in MLflow: %s (experiment %r, run %s); `make ui` to browse", self.uri,
-                     self.experiment, self.parent_id)
+            log.info(
+                "tracked in MLflow: %s (experiment %r, run %s); `make ui` to browse",
+                self.uri,
+                self.experiment,
+                self.parent_id,
+            )
         return self.note
 
     def summary(self) -> dict[str, Any]:
@@ -176,40 +205,79 @@ class Tracker:
 
 # --------------------------------------------------------------------------- one call per kind of run
 
-def log_sweep(tracker: Tracker, run_dir: Path, meta: Any, rows: Sequence[Mapping[str, Any]],
-              histories: Sequence[Mapping[str, Sequence[float]] | None], full_params: Sequence[Mapping[str, Any]],
-              config: Mapping[str, Any]) -> dict[str, Any]:
+
+def log_sweep(
+    tracker: Tracker,
+    run_dir: Path,
+    meta: Any,
+    rows: Sequence[Mapping[str, Any]],
+    histories: Sequence[Mapping[str, Sequence[float]] | None],
+    full_params: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+) -> dict[str, Any]:
     """A classify run: the parent (sweep settings, the winner's metrics, artifacts) and one
     child per config (head, pooling, train_on and every parameter; validation scores, fit
     seconds, epochs; the MLP's per-epoch curves as metric history). Returns ``summary()``."""
     best = next((i for i, r in enumerate(rows) if r.get("winner")), None)
-    tracker.start(run_dir.name, "classify", cache_tags(meta, run_dir),
-                  {"sweep_file": config.get("sweep_file"), "seed": config.get("seed"), "configs": len(rows),
-                   "train_on": config.get("train_on"), "search": config.get("search", "grid")})
+    tracker.start(
+        run_dir.name,
+        "classify",
+        cache_tags(meta, run_dir),
+        {
+            "sweep_file": config.get("sweep_file"),
+            "seed": config.get("seed"),
+            "configs": len(rows),
+            "train_on": config.get("train_on"),
+            "search": config.get("search", "grid"),
+        },
+    )
     for i, (row, history) in enumerate(zip(rows, histories, strict=True)):
-        params = {"head": row["head"], "pooling": row["pooling"], "train_on": row.get("train_on"),
-                  **{k: v for k, v in full_params[i].items() if k not in ("pooling", "random_state")}}
+        params = {
+            "head": row["head"],
+            "pooling": row["pooling"],
+            "train_on": row.get("train_on"),
+            **{k: v for k, v in full_params[i].items() if k not in ("pooling", "random_state")},
+        }
         metrics = {k: row.get(k) for k in ("val_accuracy", "val_log_loss", "fit_seconds", "epochs", "train_rows")}
         if i == best:
             metrics.update({k: row.get(k) for k in ("test_accuracy", "test_log_loss")})
         curves = {f"epoch_{k}": v for k, v in (history or {}).items()}
-        tracker.child(f"#{row['index']:02d} {row['head']} {row['pooling']}", params, metrics, curves,
-                      {"featcache.winner": str(i == best).lower()})
+        tracker.child(
+            f"#{row['index']:02d} {row['head']} {row['pooling']}",
+            params,
+            metrics,
+            curves,
+            {"featcache.winner": str(i == best).lower()},
+        )
     if best is not None:
         w = rows[best]
-        tracker.log_parent({"winner_index": w["index"], "winner_head": w["head"], "winner_pooling": w["pooling"],
-                            "winner_params": w.get("params")},
-                           {k: w.get(k) for k in ("val_accuracy", "val_log_loss", "test_accuracy", "test_log_loss")})
-    tracker.artifacts([run_dir / n for n in ("results.csv", "confusion.png", "winner.skops", "winner.keras",
-                                             "curves", "report.html")])
+        tracker.log_parent(
+            {
+                "winner_index": w["index"],
+                "winner_head": w["head"],
+                "winner_pooling": w["pooling"],
+                "winner_params": w.get("params"),
+            },
+            {k: w.get(k) for k in ("val_accuracy", "val_log_loss", "test_accuracy", "test_log_loss")},
+        )
+    tracker.artifacts(
+        [run_dir / n for n in ("results.csv", "confusion.png", "winner.skops", "winner.keras", "curves", "report.html")]
+    )
     tracker.finish()
     return tracker.summary()
 
 
-def log_table_run(tracker: Tracker, run_dir: Path, kind: str, tags: Mapping[str, str], params: Mapping[str, Any],
-                  rows: Sequence[Mapping[str, Any]], name_key: str,
-                  history: Mapping[str, Sequence[float]] | None = None,
-                  artifacts: Sequence[str] = ()) -> dict[str, Any]:
+def log_table_run(
+    tracker: Tracker,
+    run_dir: Path,
+    kind: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    name_key: str,
+    history: Mapping[str, Sequence[float]] | None = None,
+    artifacts: Sequence[str] = (),
+) -> dict[str, Any]:
     """finetune (one child per stage, the curves as history) and compare (one child per
     backbone): the same shape as a sweep. Returns ``summary()``."""
     tracker.start(run_dir.name, kind, {**tags, "featcache.run_dir": str(run_dir.resolve())}, params)
@@ -225,6 +293,7 @@ def log_table_run(tracker: Tracker, run_dir: Path, kind: str, tags: Mapping[str,
 
 
 # --------------------------------------------------------------------------- the UI (`make ui`)
+
 
 def ui_command(port: int = 5000, host: str = "127.0.0.1", uri: str | None = None) -> list[str]:
     """``mlflow ui`` on ``host:port`` for the project's store (full ``mlflow`` needed: the
@@ -257,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return subprocess.call(cmd)
     except FileNotFoundError:
-        print("mlflow is not installed in this environment; `make install` brings it (the `track` extra)",
-              file=sys.stderr)
+        print(
+            "mlflow is not installed in this environment; `make install` brings it (the `track` extra)", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         return 0

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated image folders, so every test runs offline in seconds."""
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,18 @@ def make_image(path: Path, colour: tuple[int, int, int], size: int, seed: int, f
     Image.fromarray(arr).save(path, format=fmt)
 
 
-def make_folder(root: Path, per_class: dict[str, int], size: int = 40, ext: str = ".png",
-                classes: dict[str, tuple[int, int, int]] = CLASS_COLOURS) -> Path:
+def make_folder(
+    root: Path,
+    per_class: dict[str, int],
+    size: int = 40,
+    ext: str = ".png",
+    classes: dict[str, tuple[int, int, int]] = CLASS_COLOURS,
+) -> Path:
     """``root/<split>/<class>/<class>.<i><ext>`` with ``per_class[split]`` images per class."""
     seed = 0
     for split, n in per_class.items():
         for name, colour in classes.items():
-            for i in range(n):
+            for _i in range(n):
                 seed += 1
                 make_image(root / split / name / f"{name}.{seed}{ext}", colour, size, seed)
     return root
@@ -51,10 +57,21 @@ def synthetic_meta(features: np.ndarray, class_names=("a", "b", "c"), **fields):
     """The description of a cache of synthetic features (no backbone behind them)."""
     from pipeline import store
 
-    return store.CacheMeta(**{"backbone": "vgg16", "weights": "random-seed0", "layer": "block5_pool", "size": 32,
-                              "dtype": str(features.dtype), "precision": "float32", "preprocessing": "synthetic",
-                              "fingerprint": "synthetic", "class_names": tuple(class_names),
-                              "feature_shape": tuple(features.shape[1:]), **fields})
+    return store.CacheMeta(
+        **{
+            "backbone": "vgg16",
+            "weights": "random-seed0",
+            "layer": "block5_pool",
+            "size": 32,
+            "dtype": str(features.dtype),
+            "precision": "float32",
+            "preprocessing": "synthetic",
+            "fingerprint": "synthetic",
+            "class_names": tuple(class_names),
+            "feature_shape": tuple(features.shape[1:]),
+            **fields,
+        }
+    )
 
 
 def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
@@ -62,8 +79,11 @@ def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
     from pipeline import store
 
     first = next(iter(splits.values()))[0]
-    return store.write_cache(path, {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]}
-                                    for s, (x, y) in splits.items()}, synthetic_meta(first, class_names))
+    return store.write_cache(
+        path,
+        {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]} for s, (x, y) in splits.items()},
+        synthetic_meta(first, class_names),
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Stage one under another Keras backend: the same cache format, the backend recorded, and
 features equal to TensorFlow's within float tolerance for the same weights file."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,24 +12,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder
 from pipeline import store
+
+from conftest import make_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _extract(backend: str, root: Path, weights: Path, cache_dir: Path) -> Path:
     env = {**os.environ, "KERAS_BACKEND": backend}
-    argv = ["extract", "--data", str(root), "--size", "48", "--weights", str(weights), "--precision", "float32",
-            "--cache-dir", str(cache_dir), "--quiet", "--batch-size", "4"]
-    out = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=REPO,
-                         env=env, timeout=600)
+    argv = [
+        "extract",
+        "--data",
+        str(root),
+        "--size",
+        "48",
+        "--weights",
+        str(weights),
+        "--precision",
+        "float32",
+        "--cache-dir",
+        str(cache_dir),
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     [path] = cache_dir.rglob("*.h5")
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install 'featcache[jax]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install 'featcache[jax]')"
+)
 def test_jax_backend_gives_tensorflows_features_in_the_same_format(tmp_path):
     import keras
 

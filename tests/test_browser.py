@@ -4,6 +4,7 @@ shows every image from disk, and the MLflow UI lists a sweep's parent run and it
 Skipped, with the reason, where /usr/bin/chromium, chromedriver, selenium or mlflow is
 missing (`.ci/run` installs Chromium so that CI runs them).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,30 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1600,1000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1600,1000",
+]
 UI_START_SECONDS = 180  # the MLflow server's start, bounded (a loaded 2-core machine takes tens of seconds)
 
 if not CHROMIUM.is_file():
-    pytest.skip(f"{CHROMIUM} not found: install Debian's chromium and chromium-driver (apt-get install -y chromium "
-                "chromium-driver; .ci/run does) to run the browser tests", allow_module_level=True)
+    pytest.skip(
+        f"{CHROMIUM} not found: install Debian's chromium and chromium-driver (apt-get install -y chromium "
+        "chromium-driver; .ci/run does) to run the browser tests",
+        allow_module_level=True,
+    )
 if not Path(CHROMEDRIVER).is_file():
-    pytest.skip(f"chromedriver not found at {CHROMEDRIVER}: apt-get install -y chromium-driver",
-                allow_module_level=True)
+    pytest.skip(
+        f"chromedriver not found at {CHROMEDRIVER}: apt-get install -y chromium-driver", allow_module_level=True
+    )
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -54,6 +68,7 @@ def browser(tmp_path_factory):
 
 # --------------------------------------------------------------------------- report.html from disk
 
+
 def _run_folder(root: Path) -> Path:
     """A run folder with a confusion matrix, two learning curves and a report of 4 rows."""
     from pipeline import html_report, report
@@ -62,12 +77,17 @@ def _run_folder(root: Path) -> Path:
     (run / "curves").mkdir(parents=True)
     report.plot_confusion_matrix(np.array([[3, 1], [0, 4]]), ["cats", "dogs"], run / "confusion.png", "winner")
     for i in (2, 3):
-        report.plot_learning_curves({"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]},
-                                    run / "curves" / f"0{i}-mlp.png", f"#{i}")
-    rows = [{"index": 0, "head": "logreg", "val_accuracy": 0.75, "fit_seconds": 12.5},
-            {"index": 1, "head": "svm", "val_accuracy": 0.9, "fit_seconds": 3.0, "winner": True},
-            {"index": 2, "head": "mlp", "val_accuracy": 0.8, "fit_seconds": 100.0},
-            {"index": 3, "head": "mlp", "val_accuracy": 0.6, "fit_seconds": 9.0}]
+        report.plot_learning_curves(
+            {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]},
+            run / "curves" / f"0{i}-mlp.png",
+            f"#{i}",
+        )
+    rows = [
+        {"index": 0, "head": "logreg", "val_accuracy": 0.75, "fit_seconds": 12.5},
+        {"index": 1, "head": "svm", "val_accuracy": 0.9, "fit_seconds": 3.0, "winner": True},
+        {"index": 2, "head": "mlp", "val_accuracy": 0.8, "fit_seconds": 100.0},
+        {"index": 3, "head": "mlp", "val_accuracy": 0.6, "fit_seconds": 9.0},
+    ]
     html_report.sweep_report(run, rows, ["index", "head", "val_accuracy", "fit_seconds"], {"fingerprint": "x"})
     return run
 
@@ -75,8 +95,10 @@ def _run_folder(root: Path) -> Path:
 def _column(driver, name: str) -> list[str]:
     headers = [th.text.strip(" ▲▼") for th in driver.find_elements(By.CSS_SELECTOR, "table.sortable th")]
     col = headers.index(name)
-    return [tr.find_elements(By.TAG_NAME, "td")[col].text for tr in
-            driver.find_elements(By.CSS_SELECTOR, "table.sortable tbody tr")]
+    return [
+        tr.find_elements(By.TAG_NAME, "td")[col].text
+        for tr in driver.find_elements(By.CSS_SELECTOR, "table.sortable tbody tr")
+    ]
 
 
 def test_report_sorts_on_a_header_click_and_shows_every_image(browser, tmp_path):
@@ -95,11 +117,13 @@ def test_report_sorts_on_a_header_click_and_shows_every_image(browser, tmp_path)
     images = browser.find_elements(By.TAG_NAME, "img")
     assert len(images) == 3
     loaded = browser.execute_script(
-        "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);")
+        "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);"
+    )
     assert loaded == [True, True, True]
 
 
 # --------------------------------------------------------------------------- the MLflow UI
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -118,23 +142,42 @@ def mlflow_ui(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("mlflow-ui")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    rows = [{"index": i, "head": "logreg", "pooling": p, "params": "{}", "train_on": "clean", "val_accuracy": a,
-             "val_log_loss": 0.5, "fit_seconds": 0.1, "winner": i == 1}
-            for i, (p, a) in enumerate([("flatten", 0.7), ("avg", 0.9), ("max", 0.8)])]
+    rows = [
+        {
+            "index": i,
+            "head": "logreg",
+            "pooling": p,
+            "params": "{}",
+            "train_on": "clean",
+            "val_accuracy": a,
+            "val_log_loss": 0.5,
+            "fit_seconds": 0.1,
+            "winner": i == 1,
+        }
+        for i, (p, a) in enumerate([("flatten", 0.7), ("avg", 0.9), ("max", 0.8)])
+    ]
     run_dir = tmp / "20260101-000000-sweep"
     run_dir.mkdir()
     old = os.environ.get("TRACK")
     os.environ["TRACK"] = "1"
     try:
-        summary = tracking.log_sweep(tracking.Tracker(uri=uri), run_dir, synthetic_meta(separable(2)[0]), rows,
-                                     [None] * 3, [{"C": 1.0}] * 3, {"seed": 0})
+        summary = tracking.log_sweep(
+            tracking.Tracker(uri=uri),
+            run_dir,
+            synthetic_meta(separable(2)[0]),
+            rows,
+            [None] * 3,
+            [{"C": 1.0}] * 3,
+            {"seed": 0},
+        )
     finally:
         os.environ["TRACK"] = old if old is not None else "0"
     assert summary["note"] is None, summary["note"]
     port = _free_port()
     log = (tmp / "ui.log").open("w")
-    server = subprocess.Popen(tracking.ui_command(port, uri=uri), stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        tracking.ui_command(port, uri=uri), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + UI_START_SECONDS
         while True:
@@ -145,8 +188,10 @@ def mlflow_ui(tmp_path_factory):
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not answer on 127.0.0.1:{port} within {UI_START_SECONDS} s "
-                            f"(exit {server.poll()}):\n{(tmp / 'ui.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"mlflow ui did not answer on 127.0.0.1:{port} within {UI_START_SECONDS} s "
+                    f"(exit {server.poll()}):\n{(tmp / 'ui.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}", summary, rows
     finally:

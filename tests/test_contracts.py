@@ -2,6 +2,7 @@
 every head honours scikit-learn's estimator contract, a cache that is incomplete,
 of another format, truncated or corrupt is refused with exit 3 and no traceback, and
 partial work from another run is never mixed in."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,13 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import check_no_attributes_set_in_init, check_parameters_default_constructible
 
-from conftest import cache_from, make_folder, make_image, separable
 from pipeline import store
 from pipeline.cli import main
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from pipeline.heads import HEADS, KerasModelHead
+
+from conftest import cache_from, make_folder, make_image, separable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,12 +35,14 @@ def test_cache_hit_and_linear_sweep_never_import_tensorflow(tmp_path):
     extract(ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "cache", quiet=True))
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
-    code = (f"import sys; from pipeline.cli import main\n"
-            f"a = main(['extract', *{opts!r}, '--quiet'])\n"
-            f"hit = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
-            f"b = main(['classify', *{opts!r}, '--sweep', {str(sweep)!r}, '--jobs', '1', "
-            f"'--runs-dir', {str(tmp_path / 'runs')!r}])\n"
-            f"print(a, b, hit, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    code = (
+        f"import sys; from pipeline.cli import main\n"
+        f"a = main(['extract', *{opts!r}, '--quiet'])\n"
+        f"hit = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        f"b = main(['classify', *{opts!r}, '--sweep', {str(sweep)!r}, '--jobs', '1', "
+        f"'--runs-dir', {str(tmp_path / 'runs')!r}])\n"
+        f"print(a, b, hit, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "0 0 [] []", out.stdout + out.stderr
@@ -55,7 +59,7 @@ def test_heads_follow_the_estimator_contract(name):
     assert twin.get_params() == params and twin is not head
     changed = clone(head).set_params(pooling="max")
     assert changed.get_params()["pooling"] == "max" and head.get_params()["pooling"] == params["pooling"]
-    x, y = separable(4)
+    x, _y = separable(4)
     for method in (head.predict, head.predict_proba):
         with pytest.raises(NotFittedError):
             method(x)
@@ -80,15 +84,18 @@ def test_pooling_decides_the_features_a_head_sees():
 
 # ----------------------------------------------------------------------------- damaged caches
 
+
 def _good_cache(tmp_path: Path) -> Path:
-    return cache_from(tmp_path / "c.h5", {"train": separable(6, 2), "validation": separable(3, 2, seed=1)},
-                      class_names=("a", "b"))
+    return cache_from(
+        tmp_path / "c.h5", {"train": separable(6, 2), "validation": separable(3, 2, seed=1)}, class_names=("a", "b")
+    )
 
 
 def _set_attr(name, value):
     def damage(path: Path) -> None:
         with h5py.File(path, "r+") as f:
             f.attrs[name] = value
+
     return damage
 
 
@@ -119,23 +126,39 @@ def _flip_feature_bytes(path: Path) -> None:
         fh.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_set_attr("complete", False), "incomplete"),
-    (_set_attr("format_version", 1), "format_version=1"),
-    (_truncate, "not a readable featcache cache"),
-    (_not_featcache, "not a featcache cache"),
-    (_labels_out_of_range, "outside the 2 classes"),
-    (_flip_feature_bytes, "checksum"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_set_attr("complete", False), "incomplete"),
+        (_set_attr("format_version", 1), "format_version=1"),
+        (_truncate, "not a readable featcache cache"),
+        (_not_featcache, "not a featcache cache"),
+        (_labels_out_of_range, "outside the 2 classes"),
+        (_flip_feature_bytes, "checksum"),
+    ],
+)
 def test_damaged_cache_is_refused_with_exit_3(tmp_path, capsys, damage, message):
     cache = _good_cache(tmp_path)
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\n')
     damage(cache)
     before = cache.read_bytes()
-    codes = [main(["info", str(cache)]),
-             main(["classify", "--cache", str(cache), "--sweep", str(sweep), "--jobs", "1",
-                   "--runs-dir", str(tmp_path / "runs")])]
+    codes = [
+        main(["info", str(cache)]),
+        main(
+            [
+                "classify",
+                "--cache",
+                str(cache),
+                "--sweep",
+                str(sweep),
+                "--jobs",
+                "1",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        ),
+    ]
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err and str(cache) in err
     assert codes[1] == 3 and (codes[0] == 3 or message in ("outside the 2 classes", "checksum"))
@@ -145,6 +168,7 @@ def test_damaged_cache_is_refused_with_exit_3(tmp_path, capsys, damage, message)
 
 
 # ----------------------------------------------------------------------------- partial work
+
 
 def _interrupted_run(cfg: ExtractConfig, monkeypatch, after: int = 1) -> None:
     """Stage one killed after ``after`` chunks were saved (a raise stands in for SIGKILL)."""
@@ -167,8 +191,9 @@ def _interrupted_run(cfg: ExtractConfig, monkeypatch, after: int = 1) -> None:
 
 def test_partial_work_resumes_only_for_the_same_inputs_and_options(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"train": 6}, size=32)
-    cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True,
-                        chunk_size=4, batch_size=4)
+    cfg = ExtractConfig(
+        data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True, chunk_size=4, batch_size=4
+    )
     _interrupted_run(cfg, monkeypatch)
     [partial] = (tmp_path / "c").rglob(".*.partial")
     assert len(list(partial.glob("train-*.npz"))) == 1  # 12 images in chunks of 4: interrupted after one
@@ -195,8 +220,10 @@ def test_chunk_store_discards_a_folder_made_for_another_identity(tmp_path):
     first = store.ChunkStore(final, {"weights_sha256": "aa", "chunk_size": 4, "seed": 0})
     first.save("train", 0, np.zeros((1, 1)), np.array([0]), np.array([], np.int64), [])
     assert store.ChunkStore(final, {"weights_sha256": "aa", "chunk_size": 4, "seed": 0}).done("train", 0)
-    for other in ({"weights_sha256": "bb", "chunk_size": 4, "seed": 0}, {"weights_sha256": "aa", "chunk_size": 4,
-                                                                         "seed": 1}):
+    for other in (
+        {"weights_sha256": "bb", "chunk_size": 4, "seed": 0},
+        {"weights_sha256": "aa", "chunk_size": 4, "seed": 1},
+    ):
         first.save("train", 0, np.zeros((1, 1)), np.array([0]), np.array([], np.int64), [])
         assert not store.ChunkStore(final, other).done("train", 0)
     meta = json.loads((first.dir / "meta.json").read_text())
@@ -207,9 +234,28 @@ def test_stderr_of_a_cli_run_holds_no_tensorflow_startup_noise(tmp_path):
     root = make_folder(tmp_path / "imgs", {"train": 2}, size=32)
     env = {**os.environ}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    out = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--data", str(root), "--size", "32",
-                          "--weights", "random", "--cache-dir", str(tmp_path / "c"), "--quiet"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            "--data",
+            str(root),
+            "--size",
+            "32",
+            "--weights",
+            "random",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     noise = [line for line in out.stderr.splitlines() if line.startswith(("I0000", "W0000", "E0000", "WARNING: All"))]
     assert not noise, noise

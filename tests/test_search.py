@@ -1,4 +1,5 @@
 """Random and TPE search (Optuna): trial count, ranges kept, selection on validation, test once."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ max_iter = {{low = 50, high = 300}}
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
-    return cache_from(tmp / "c.h5", {"train": separable(10, spread=2.5), "validation": separable(6, seed=1, spread=2.5),
-                                     "test": separable(6, seed=2, spread=2.5)})
+    return cache_from(
+        tmp / "c.h5",
+        {
+            "train": separable(10, spread=2.5),
+            "validation": separable(6, seed=1, spread=2.5),
+            "test": separable(6, seed=2, spread=2.5),
+        },
+    )
 
 
 def _sweep(tmp_path, cache, sampler, trials=6, seed=0):
@@ -71,8 +78,11 @@ def test_the_same_seed_gives_the_same_trials(tmp_path, cache):
 
 def test_tpe_is_told_each_batch_before_asking_the_next():
     """Batches of n_jobs: the fitter sees 2, 2, 1 configs, and several heads are one choice."""
-    spec = {"search": "tpe", "trials": 5, "head": [{"name": "logreg", "C": {"low": 0.01, "high": 1.0}},
-                                                   {"name": "svm", "C": [0.1, 1.0]}]}
+    spec = {
+        "search": "tpe",
+        "trials": 5,
+        "head": [{"name": "logreg", "C": {"low": 0.01, "high": 1.0}}, {"name": "svm", "C": [0.1, 1.0]}],
+    }
     batches = []
 
     def fit(configs):
@@ -92,23 +102,40 @@ def test_a_grid_file_is_not_a_search():
     assert is_search({"search": "tpe", "trials": 3, "head": [{"name": "logreg"}]})
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"search": "grid", "trials": 3}, r"search must be one of \('random', 'tpe'\)"),
-    ({"search": "tpe"}, "needs trials = N"),
-    ({"search": "tpe", "trials": 0}, "needs trials = N"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": 10, "high": 1}}]},
-     "low must be below high"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": 0, "high": 1, "log": True}}]},
-     "log range needs low > 0"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"min": 0, "max": 1}}]},
-     r"a range is \{low = ..., high = ...\}"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": -1, "high": 1}}]}, "head 'logreg'"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "pooling": {"low": 0, "high": 1}}]},
-     "pooling is a choice"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "gamma": [1, 2]}]}, r"no parameter\(s\) \['gamma'\]"),
-    ({"search": "tpe", "trials": 2, "seed": 3, "head": [{"name": "logreg"}]}, r"unknown top-level key\(s\) \['seed'\]"),
-    ({"search": "tpe", "trials": 2, "head": [{"name": "forest"}]}, "unknown head 'forest'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"search": "grid", "trials": 3}, r"search must be one of \('random', 'tpe'\)"),
+        ({"search": "tpe"}, "needs trials = N"),
+        ({"search": "tpe", "trials": 0}, "needs trials = N"),
+        (
+            {"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": 10, "high": 1}}]},
+            "low must be below high",
+        ),
+        (
+            {"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": 0, "high": 1, "log": True}}]},
+            "log range needs low > 0",
+        ),
+        (
+            {"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"min": 0, "max": 1}}]},
+            r"a range is \{low = ..., high = ...\}",
+        ),
+        ({"search": "tpe", "trials": 2, "head": [{"name": "logreg", "C": {"low": -1, "high": 1}}]}, "head 'logreg'"),
+        (
+            {"search": "tpe", "trials": 2, "head": [{"name": "logreg", "pooling": {"low": 0, "high": 1}}]},
+            "pooling is a choice",
+        ),
+        (
+            {"search": "tpe", "trials": 2, "head": [{"name": "logreg", "gamma": [1, 2]}]},
+            r"no parameter\(s\) \['gamma'\]",
+        ),
+        (
+            {"search": "tpe", "trials": 2, "seed": 3, "head": [{"name": "logreg"}]},
+            r"unknown top-level key\(s\) \['seed'\]",
+        ),
+        ({"search": "tpe", "trials": 2, "head": [{"name": "forest"}]}, "unknown head 'forest'"),
+    ],
+)
 def test_bad_search_files_are_config_errors_naming_the_problem(spec, message):
     spec.setdefault("head", [{"name": "logreg"}])
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,5 @@
 """MLflow tracking: a sweep is a parent run with one child per config, logged to a SQLite store."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def tracked(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     sweep = tmp / "s.toml"
     sweep.write_text(SWEEP)
-    cache = cache_from(tmp / "c.h5", {"train": separable(12), "validation": separable(6, seed=1),
-                                      "test": separable(6, seed=2)})
+    cache = cache_from(
+        tmp / "c.h5", {"train": separable(12), "validation": separable(6, seed=1), "test": separable(6, seed=2)}
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRACK", "1")
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -79,8 +81,12 @@ def test_children_carry_each_configs_params_and_validation_metrics(tracked):
         if row["head"] == "logreg":
             assert float(child.data.params["C"]) in (0.1, 1.0)
             assert float(child.data.params["C"]) == json.loads(row["params"])["C"]
-    assert sorted(float(c.data.params["C"]) for c in children.values() if c.data.params["head"] == "logreg") == \
-        [0.1, 0.1, 1.0, 1.0]
+    assert sorted(float(c.data.params["C"]) for c in children.values() if c.data.params["head"] == "logreg") == [
+        0.1,
+        0.1,
+        1.0,
+        1.0,
+    ]
 
 
 def test_an_mlps_curves_are_metric_history(tracked, tmp_path, monkeypatch):
@@ -91,16 +97,39 @@ def test_an_mlps_curves_are_metric_history(tracked, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     (run_dir / "curves").mkdir(parents=True)
     (run_dir / "curves" / "00-mlp.png").write_bytes(b"png")
-    rows = [{"index": 0, "head": "mlp", "pooling": "avg", "params": "{}", "train_on": "clean", "val_accuracy": 0.5,
-             "val_log_loss": 0.7, "fit_seconds": 1.0, "epochs": 3, "winner": True, "test_accuracy": 0.25}]
+    rows = [
+        {
+            "index": 0,
+            "head": "mlp",
+            "pooling": "avg",
+            "params": "{}",
+            "train_on": "clean",
+            "val_accuracy": 0.5,
+            "val_log_loss": 0.7,
+            "fit_seconds": 1.0,
+            "epochs": 3,
+            "winner": True,
+            "test_accuracy": 0.25,
+        }
+    ]
     history = {"loss": [0.9, 0.8, 0.7], "val_loss": [1.0, 0.95, float("nan")]}
     tracker = tracking.Tracker(uri=str(client.tracking_uri))
-    summary = tracking.log_sweep(tracker, run_dir, synthetic_meta(separable(2)[0]), rows, [history],
-                                 [{"units": 4, "pooling": "avg", "random_state": 0}], {"seed": 0})
+    summary = tracking.log_sweep(
+        tracker,
+        run_dir,
+        synthetic_meta(separable(2)[0]),
+        rows,
+        [history],
+        [{"units": 4, "pooling": "avg", "random_state": 0}],
+        {"seed": 0},
+    )
     assert summary["note"] is None
     child = client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")[0]
-    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "epoch_loss")] == \
-        [(0, 0.9), (1, 0.8), (2, 0.7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "epoch_loss")] == [
+        (0, 0.9),
+        (1, 0.8),
+        (2, 0.7),
+    ]
     assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch_val_loss")] == [0, 1]  # NaN left out
     assert child.data.params == {"head": "mlp", "pooling": "avg", "train_on": "clean", "units": "4"}
     assert child.data.metrics["test_accuracy"] == 0.25
@@ -142,8 +171,9 @@ def test_track_off_writes_no_store(tmp_path, monkeypatch):
     assert json.loads((result.run_dir / "run.json").read_text())["tracking"]["note"].startswith("tracking off")
 
 
-@pytest.mark.parametrize(("env", "flag", "on"), [("1", True, True), ("0", True, False), ("off", True, False),
-                                                 ("1", False, False)])
+@pytest.mark.parametrize(
+    ("env", "flag", "on"), [("1", True, True), ("0", True, False), ("off", True, False), ("1", False, False)]
+)
 def test_track_env_and_flag(monkeypatch, env, flag, on):
     monkeypatch.setenv("TRACK", env)
     assert tracking.enabled(flag) is on
@@ -172,20 +202,47 @@ def test_no_track_reaches_the_sweep_config():
 def test_ui_command_serves_the_project_store_on_localhost():
     cmd = tracking.ui_command(5123, uri="sqlite:////x/mlflow.db")
     assert Path(cmd[0]).name == "mlflow"
-    assert cmd[1:] == ["ui", "--backend-store-uri", "sqlite:////x/mlflow.db", "--host", "127.0.0.1", "--port", "5123",
-                       "--workers", "1", "--default-artifact-root", "file:///x/mlartifacts"]
+    assert cmd[1:] == [
+        "ui",
+        "--backend-store-uri",
+        "sqlite:////x/mlflow.db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5123",
+        "--workers",
+        "1",
+        "--default-artifact-root",
+        "file:///x/mlartifacts",
+    ]
 
 
 def test_finetune_and_compare_runs_log_one_child_per_row(tracked, tmp_path, monkeypatch):
     _, client, _, _ = tracked
     monkeypatch.setenv("TRACK", "1")
     (tmp_path / "curves.png").write_bytes(b"png")
-    rows = [{"stage": "frozen block5 + head", "validation_accuracy": 0.8, "seconds": 2.0, "cost": "once"},
-            {"stage": "fine-tuned block5 + head", "validation_accuracy": 0.9, "test_accuracy": 0.85, "seconds": 9.0,
-             "cost": "3 epochs"}]
+    rows = [
+        {"stage": "frozen block5 + head", "validation_accuracy": 0.8, "seconds": 2.0, "cost": "once"},
+        {
+            "stage": "fine-tuned block5 + head",
+            "validation_accuracy": 0.9,
+            "test_accuracy": 0.85,
+            "seconds": 9.0,
+            "cost": "3 epochs",
+        },
+    ]
     tracker = tracking.Tracker(uri=str(client.tracking_uri))
-    summary = tracking.log_table_run(tracker, tmp_path, "finetune", {"featcache.backbone": "vgg16"}, {"epochs": 3},
-                                     rows, "stage", {"loss": [0.5, 0.4, 0.3]}, ["curves.png", "absent.png"])
+    summary = tracking.log_table_run(
+        tracker,
+        tmp_path,
+        "finetune",
+        {"featcache.backbone": "vgg16"},
+        {"epochs": 3},
+        rows,
+        "stage",
+        {"loss": [0.5, 0.4, 0.3]},
+        ["curves.png", "absent.png"],
+    )
     assert summary["note"] is None
     parent = client.get_run(summary["run_id"])
     assert parent.data.tags["featcache.kind"] == "finetune"
