@@ -27,6 +27,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--weights", default=str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16", "float16"],
+        help="compute precisions, each measured against its own in-memory forward pass",
+    )
     args = p.parse_args()
     require_data()
 
@@ -47,7 +54,7 @@ def main() -> None:
     n = 2 * args.per_class
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-bench-cache-"))
     try:
-        for size in args.sizes:
+        for size, prec in [(size, prec) for size in args.sizes for prec in args.precisions]:
             gflop = registry.flops_per_image(size, "block5_pool") / 1e9
             cfg = ExtractConfig(
                 data=str(folder),
@@ -58,8 +65,11 @@ def main() -> None:
                 cache_dir=cache_dir,
                 force=True,
                 quiet=True,
+                precision=prec,
             )
-            model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve(args.weights))
+            model = backbone.build(
+                size=size, layer="block5_pool", weights=weights.resolve(args.weights), precision=prec
+            )
             x = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
             model.predict_on_batch(x)  # trace once, outside the timings
             rates: dict[str, list[float]] = {"a": [], "a_wall": [], "b": [], "c": []}
@@ -72,6 +82,9 @@ def main() -> None:
                     result = extract(cfg)
                 rates["a"].append(result.steady_rate)
                 rates["a_wall"].append(result.images / t.seconds)
+                if prec != "float32":  # the seeds' loop is a float32 reference only
+                    rates["b"].append(float("nan"))
+                    continue
                 gen = ImageDataGenerator(rescale=1 / 255).flow_from_directory(
                     str(folder / "train"), target_size=(size, size), batch_size=20, class_mode="binary"
                 )
@@ -84,7 +97,7 @@ def main() -> None:
                             break
                 rates["b"].append(seen / t.seconds)
             a, a_wall, b, c = (median(rates[k]) for k in ("a", "a_wall", "b", "c"))
-            print(f"\n{size}x{size}: {gflop:.1f} GFLOP/image")
+            print(f"\n{size}x{size}, {prec}: {gflop:.1f} GFLOP/image")
             print(f"  (c) ceiling, in-memory forward  {c:6.1f} img/s  {c * gflop:5.0f} GFLOP/s")
             print(
                 f"  (a) featcache extract, steady   {a:6.1f} img/s  {a * gflop:5.0f} GFLOP/s  "
