@@ -128,7 +128,8 @@ class Batch:
 
 AUGMENT_POLICY = ("seed 003's layers, per image and view: horizontal flip (p=0.5), rotation uniform in "
                   "+-0.1 turn (+-36 degrees), zoom uniform in +-20% (same factor both axes), bilinear, "
-                  "reflect fill; view k of row i uses numpy.random.default_rng([seed, k, i])")
+                  "reflect fill; view k of an image uses numpy.random.default_rng([seed, k, h]), h = "
+                  "sources.path_hash(its relative path), so a view follows its image when others are added")
 
 
 def augment(image: np.ndarray, seed: Sequence[int]) -> np.ndarray:
