@@ -24,6 +24,8 @@ RUN     ?=
 IMAGES  ?=
 FORCE   ?=
 STRICT  ?=
+ENGINE  ?=
+SHARDS  ?=
 AUGMENT ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
@@ -32,7 +34,8 @@ PYTEST_ARGS ?=
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
              $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
-EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)")
+EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
+                $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
 SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)")
 
 .DEFAULT_GOAL := help
@@ -51,7 +54,7 @@ help: ## list the targets and their options
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras

@@ -95,6 +95,27 @@ def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, me
         raise ConfigError(f"--shard must be in 0..{shards - 1} for --shards {shards}; received {shard!r}")
     if shard is not None and merge:
         raise ConfigError("--shard I computes one slice, --merge joins them: give one of the two")
+    p, old, index, delta, hit = _prepare(cfg, for_shard=shard is not None)
+    if hit is not None:
+        return hit
+    assert delta is not None
+    if expect_todo is not None and delta.todo_hash != expect_todo:
+        raise CacheError(f"the inputs of {p.path} changed while the shards were being planned; run the extraction again")
+    if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
+        _check_all_readable(p.source)
+    if shard is not None:
+        target = shard_path(p.path, delta.todo_hash, shard, shards)
+        with store.writer_lock(target):
+            return _run_shard(p, delta, old, shard, shards, target, progress)
+    with store.writer_lock(p.path):
+        if merge:
+            return _merge(p, delta, old, index, shards)
+        return _run(p, delta, old, index, progress)
+
+
+def _prepare(cfg: ExtractConfig, for_shard: bool = False) -> tuple[layout.Plan, store.CacheMeta | None,
+                                                             store.RowIndex | None, Delta | None, ExtractResult | None]:
+    """Plan, compare with the existing cache: (plan, old meta, its row index, the work, a hit result or None)."""
     p = layout.plan(cfg)
     for note in p.source.notes:
         log.info(note)
@@ -114,23 +135,19 @@ def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, me
             raise CacheError(f"{p.path} holds {have} views made with seed {meta.augment['seed']}; more views "
                              f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
                              "or rebuild with --force")
-        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and shard is None:
-            return ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
+        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and not for_shard:
+            hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
+            return p, meta, None, None, hit
         old, index = meta, store.read_index(p.path)
     view_seed = int((old.augment or {}).get("seed", p.cfg.seed)) if old is not None and have else p.cfg.seed
-    delta = _delta(p, index, max(p.cfg.augment, have), view_seed)
-    if expect_todo is not None and delta.todo_hash != expect_todo:
-        raise CacheError(f"the inputs of {p.path} changed while the shards were being planned; run the extraction again")
-    if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
-        _check_all_readable(p.source)
-    if shard is not None:
-        target = shard_path(p.path, delta.todo_hash, shard, shards)
-        with store.writer_lock(target):
-            return _run_shard(p, delta, old, shard, shards, target, progress)
-    with store.writer_lock(p.path):
-        if merge:
-            return _merge(p, delta, old, index, shards)
-        return _run(p, delta, old, index, progress)
+    return p, old, index, _delta(p, index, max(p.cfg.augment, have), view_seed), None
+
+
+def plan_work(cfg: ExtractConfig) -> tuple[layout.Plan, Delta | None]:
+    """What ``extract(cfg)`` would compute, without computing it: the plan and the work
+    (``None`` on a cache hit). Engines use it to size their slices and check their workers."""
+    p, _, _, delta, _ = _prepare(cfg)
+    return p, delta
 
 
 def _check_all_readable(source: sources.Source) -> None:
