@@ -100,7 +100,8 @@ def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, me
         return hit
     assert delta is not None
     if expect_todo is not None and delta.todo_hash != expect_todo:
-        raise CacheError(f"the inputs of {p.path} changed while the shards were being planned; run the extraction again")
+        raise CacheError(f"the inputs of {p.path} changed while the shards were being planned; "
+                         "run the extraction again")
     if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
         _check_all_readable(p.source)
     if shard is not None:
@@ -255,7 +256,7 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
     if views:
         if "train" not in source.splits:
             raise ConfigError(f"AUGMENT={views} makes views of the train split, and {p.cfg.data} has none")
-        train, items = source.splits["train"], source.items("train")
+        train, train_items = source.splits["train"], source.items("train")
         for k in range(1, views + 1):
             split = view_split(k)
             plan = store.SplitPlan(train.paths, train.labels, train.keys or [""] * len(train), {}, {}, [])
@@ -271,7 +272,7 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
                     todo.append(i)
             delta.plans[split], delta.todo[split] = plan, todo
             delta.items[split] = [(item, (view_seed, k, sources.path_hash(path)))
-                                  for item, path in zip(items, train.paths, strict=True)]
+                                  for item, path in zip(train_items, train.paths, strict=True)]
     return delta
 
 
@@ -304,7 +305,8 @@ def _cleanup_shards(final: Path, keep: str | None) -> None:
 
 def _compute(p: layout.Plan, delta: Delta, todo: dict[str, list[int]], target: Path,
              old: store.CacheMeta | None, progress: Callable[[int], None] | None,
-             result: ExtractResult) -> tuple[store.ChunkStore | None, dict[str, list[store.Block]], tuple[int, ...], str]:
+             result: ExtractResult
+             ) -> tuple[store.ChunkStore | None, dict[str, list[store.Block]], tuple[int, ...], str]:
     """Run the backbone over ``todo`` into resumable chunks next to ``target``.
     Returns (chunk store, blocks per split, feature shape, weights hash)."""
     cfg = p.cfg
@@ -487,6 +489,7 @@ def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, items: A
 
     Chunk c holds positions c*chunk_size.. of ``rows_todo`` (the split's items to compute,
     in order), so chunks mean the same thing in a resumed run. Returns rows run."""
+    assert cfg.size is not None
     chunk = cfg.chunk_size
     position = {item: j for j, item in enumerate(rows_todo)}
     open_chunks: dict[int, dict[str, list]] = {}
@@ -515,7 +518,8 @@ def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, items: A
             if mine.any():
                 acc["features"].append(feats[mine])
                 acc["rows"].append(np.asarray(batch.rows)[mine])
-            acc["failed"] += [(i, reason) for (i, reason), fc in zip(batch.failed, failed_chunk, strict=True) if fc == c]
+            acc["failed"] += [(i, reason) for (i, reason), fc in zip(batch.failed, failed_chunk, strict=True)
+                              if fc == c]
             expected_rows = min((c + 1) * chunk, len(rows_todo)) - c * chunk
             if sum(len(r) for r in acc["rows"]) + len(acc["failed"]) == expected_rows:
                 features = (np.concatenate(acc["features"]) if acc["features"]
@@ -551,7 +555,7 @@ class ChunkWriter:
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.pop(0).result()
 
-    def __enter__(self) -> "ChunkWriter":
+    def __enter__(self) -> ChunkWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

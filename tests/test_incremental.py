@@ -10,11 +10,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_folder, make_image
 from pipeline import backbone, store
 from pipeline.config import ExtractConfig
 from pipeline.errors import CacheError
 from pipeline.extract import extract, view_split
+
+from conftest import make_folder, make_image
 
 
 def cfg_for(data: Path, cache_dir: Path, **kw) -> ExtractConfig:
@@ -153,7 +154,7 @@ def test_a_missing_shard_file_is_refused_not_read_as_zeros(tmp_path):
     shard_files = [extract(cfg, shards=2, shard=k).path for k in range(2)]
     merged = extract(cfg, shards=2, merge=True).path
     shard_files[1].unlink()
-    with pytest.raises(CacheError, match="shard file .* is missing"):
+    with pytest.raises(CacheError, match=r"shard file .* is missing"):
         store.read_meta(merged)
 
 
@@ -161,7 +162,7 @@ def test_shard_options_are_checked(tmp_path):
     from pipeline.config import ConfigError
 
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
-    with pytest.raises(ConfigError, match="--shard must be in 0..1"):
+    with pytest.raises(ConfigError, match=r"--shard must be in 0\.\.1"):
         extract(cfg_for(root, tmp_path / "c"), shards=2, shard=2)
     with pytest.raises(ConfigError, match="--shards must be a positive integer"):
         extract(cfg_for(root, tmp_path / "c"), shards=0)

@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_folder
 from pipeline import store
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
+
+from conftest import make_folder
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
