@@ -100,6 +100,13 @@ def ray_overhead(n: int, work: Path) -> None:
     print(f"single process, {n:,} images: {t_single:.1f} s")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
+        tiny = work / "ray-tiny"
+        make_images(tiny, 20, seed=5)
+        t0 = time.perf_counter()
+        extract_ray(ExtractConfig(data=str(tiny), cache_dir=work / "r-tiny", size=32, weights="random", quiet=True),
+                    shards=os.cpu_count())
+        print(f"ray start-up (first call: worker processes start and import TensorFlow), 20 images: "
+              f"{time.perf_counter() - t0:.1f} s")
         for shards in (2, 4):
             cfg = ExtractConfig(data=str(root), cache_dir=work / f"r{shards}", size=32, weights="random",
                                 quiet=True, batch_size=64)

@@ -166,3 +166,21 @@ def test_shard_options_are_checked(tmp_path):
         extract(cfg_for(root, tmp_path / "c"), shards=2, shard=2)
     with pytest.raises(ConfigError, match="--shards must be a positive integer"):
         extract(cfg_for(root, tmp_path / "c"), shards=0)
+
+
+def test_cli_shard_options_exit_codes(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from pipeline.cli import main
+
+    root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
+    base = ["extract", "--data", str(root), "--size", "32", "--weights", "random", "--cache-dir",
+            str(tmp_path / "c"), "--quiet"]
+    assert main([*base, "--shards", "2"]) == 2
+    assert "--shards N needs --shard I" in capsys.readouterr().err
+    assert main([*base, "--shard", "0"]) == 2
+    assert main([*base, "--shards", "2", "--merge"]) == 3  # nothing to merge yet: a cache problem, named
+    assert "shard(s) [0, 1] of 2 are not finished" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert main([*base, "--engine", "ray"]) == 2
+    assert "pip install 'featcache[ray]'" in capsys.readouterr().err
