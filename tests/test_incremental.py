@@ -184,3 +184,35 @@ def test_cli_shard_options_exit_codes(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     assert main([*base, "--engine", "ray"]) == 2
     assert "pip install 'featcache[ray]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_shard_resumes_and_the_merge_equals_a_single_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    root = make_folder(tmp_path / "imgs", {"train": 16}, size=64)
+    cache = tmp_path / "c"
+    opts = ["--data", str(root), "--size", "64", "--weights", "random", "--chunk-size", "2", "--batch-size", "2",
+            "--quiet", "--cache-dir", str(cache), "--shards", "2"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "pipeline", "extract", *opts]
+    proc = subprocess.Popen([*cmd, "--shard", "0"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.rglob("train-*.npz"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(cache.rglob("train-*.npz"))) >= 2 and not list(cache.rglob("*.shard-*.h5"))
+    for args in (["--shard", "0"], ["--shard", "1"], ["--merge"]):
+        done = subprocess.run([*cmd, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        if args == ["--shard", "0"]:
+            assert "resumed after" in done.stdout
+    [merged] = [p for p in cache.rglob("*.h5") if ".shard-" not in p.name]
+    assert not list(cache.rglob("*.partial"))
+    single = extract(cfg_for(root, tmp_path / "single", size=64, chunk_size=2, batch_size=2))
+    assert_same_cache(merged, single.path)
