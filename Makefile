@@ -24,6 +24,8 @@ RUN     ?=
 IMAGES  ?=
 FORCE   ?=
 STRICT  ?=
+ENGINE  ?=
+SHARDS  ?=
 AUGMENT ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
@@ -34,7 +36,8 @@ UI_PORT ?= 5000
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
              $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
-EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)")
+EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
+                $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
 TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
 SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
 
@@ -55,7 +58,7 @@ help: ## list the targets and their options
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,track,jax]'
+	$(BIN)/pip install --quiet -e '.[dev,track,jax,ray]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras

@@ -61,6 +61,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-processes", type=int, default=d.decode_processes,
                    help="decode in this many processes instead (default: %(default)s; 0 below 8 cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--content-hash", action="store_true",
+                   help="tell changed images by a hash of their bytes, not size and mtime (reads every file)")
 
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
     _add_cache_options(p)
     _add_extract_options(p)
+    p.add_argument("--shards", type=int, default=None,
+                   help="cut the work into N slices (with --shard I, --merge or --engine ray)")
+    p.add_argument("--shard", type=int, default=None, help="compute only slice I (0..N-1) into its own shard file")
+    p.add_argument("--merge", action="store_true", help="present the N finished shard files as the cache")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster)")
 
     p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
     _add_cache_options(p)
@@ -161,7 +169,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
               "layer": args.layer, "dtype": args.dtype, "precision": args.precision,
               "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
     for name in ("batch_size", "compression", "strict", "force", "chunk_size", "decode_threads",
-                 "decode_processes", "quiet", "augment"):
+                 "decode_processes", "quiet", "augment", "content_hash"):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(overrides)
@@ -177,7 +185,21 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .extract import extract
 
-    print(extract(_extract_config(args)).summary())
+    cfg = _extract_config(args)
+    if args.engine == "ray":
+        if args.shard is not None or args.merge:
+            raise ConfigError("--engine ray runs every shard and merges them; leave out --shard and --merge")
+        from .engine_ray import extract_ray
+
+        print(extract_ray(cfg, shards=args.shards).summary())
+    elif args.shard is not None or args.merge:
+        if args.shards is None:
+            raise ConfigError("--shard and --merge need --shards N (the number of slices)")
+        print(extract(cfg, shards=args.shards, shard=args.shard, merge=args.merge).summary())
+    else:
+        if args.shards is not None:
+            raise ConfigError("--shards N needs --shard I (one slice), --merge, or --engine ray")
+        print(extract(cfg).summary())
     return 0
 
 

@@ -60,6 +60,7 @@ class ExtractConfig:
     decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
     cache_dir: Path = CACHE_DIR  # where cache folders go
     quiet: bool = False  # no progress bars
+    content_hash: bool = False  # key rows by a SHA-256 of each file's bytes instead of (size, mtime)
 
     def __post_init__(self) -> None:
         """Checks what needs no registry; size and layer are resolved by ``layout.plan``."""

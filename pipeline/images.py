@@ -142,8 +142,9 @@ class AugmentPolicy:
         return (
             f"seed 003's layers, per image and view: {self.flip} flip (p=0.5), rotation uniform in "
             f"+-{self.rotation} turn (+-{self.rotation * 360:g} degrees), zoom uniform in +-{self.zoom:.0%} "
-            f"(same factor both axes), bilinear, {self.fill} fill; view k of row i uses "
-            "numpy.random.default_rng([seed, k, i])"
+            f"(same factor both axes), bilinear, {self.fill} fill; view k of an image uses "
+            "numpy.random.default_rng([seed, k, h]), h = sources.path_hash(its relative path), so a view "
+            "follows its image when others are added"
         )
 
     def keras_layers(self, seed: int) -> list[Any]:

@@ -99,8 +99,13 @@ def locate(cfg: ExtractConfig) -> Path:
     path = cache_path(cfg.cache_dir, source, key)
     if not path.exists():
         raise CacheError(f"no cache at {path}; make it with `{extract_command(cfg)}`")
-    diffs = store.read_meta(path).key().diff(key)
+    meta = store.read_meta(path)
+    diffs = meta.key().identity_diff(key)
     if diffs:
-        raise CacheError(f"{path} no longer matches its inputs ({'; '.join(diffs)}); "
+        raise CacheError(f"{path} was made differently ({'; '.join(diffs)}); "
                          f"rebuild it with `{extract_command(cfg)} FORCE=1`")
+    if meta.fingerprint != key.fingerprint:
+        raise CacheError(f"{path} no longer matches its inputs (images were added, changed or removed since it was "
+                         f"made: fingerprint differs); bring it up to date with `{extract_command(cfg)}` "
+                         "(only new and changed images are computed)")
     return path

@@ -34,6 +34,7 @@ class Split:
     paths: list[str]
     labels: np.ndarray  # (N,) int64 index into Source.class_names
     arrays: np.ndarray | None = None  # (N,H,W,3) uint8 for array sources, else None
+    keys: list[str] = field(default_factory=list)  # per item: what its features depend on (stat or content hash)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -168,6 +169,19 @@ def _stat_key(f: Path) -> str:
     return f"{st.st_size}|{st.st_mtime_ns}"
 
 
+def _content_key(f: Path) -> str:
+    """SHA-256 of the file's bytes (``--content-hash``): survives a touch or a copy that
+    changes the mtime; costs a read of every file on every run."""
+    h = hashlib.sha256()
+    try:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return _stat_key(f)  # unreadable: decoding reports it; the stat still tells a change
+    return "sha256:" + h.hexdigest()
+
+
 def _folder(root: Path, cfg: ExtractConfig) -> Source:
     present = [s for s in SPLITS if (root / s).is_dir()]
     per_split: dict[str, dict[str, list[Path]]] = {}
@@ -193,14 +207,15 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
                           "Add another class folder, or point DATA at the folder that holds the class folders")
     if not present:
         files = [f for n in names for f in classes[n]]
+        assignment = hashed_assignment([f.relative_to(root).as_posix() for f in files], cfg.split, cfg.seed)
         labels = np.array([i for i, n in enumerate(names) for _ in classes[n]], np.int64)
-        assignment = stratified_assignment(labels, cfg.split, cfg.seed)
         for si, s in enumerate(SPLITS):
             chosen = np.flatnonzero(assignment == si)
             if chosen.size:
                 per_split[s] = {n: [files[i] for i in chosen if labels[i] == ci] for ci, n in enumerate(names)}
-        split_how = f"stratified split {list(cfg.split)} seed {cfg.seed}"
-        notes.append(f"no train/validation/test folders in {shown}: {split_how}")
+        split_how = f"split {list(cfg.split)} by a hash of each file's path with seed {cfg.seed}"
+        notes.append(f"no train/validation/test folders in {shown}: {split_how} (a file keeps its split when "
+                     "others are added or removed)")
     if ignored:
         kinds = collections.Counter(f.suffix.lower() or "no extension" for f in ignored)
         notes.append(f"ignored {len(ignored)} file(s) under {shown} that are not images by extension ("
@@ -209,15 +224,18 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
             log.debug("not an image, ignored: %s", printable(f.relative_to(root).as_posix()))
     splits: dict[str, Split] = {}
     digest = hashlib.sha256(f"folder|{split_how}\n".encode())
+    content_hash = bool(getattr(cfg, "content_hash", False))
     for s, classes in per_split.items():
-        paths, labels_ = [], []
+        paths, labels_, keys = [], [], []
         for ci, n in enumerate(names):
             for f in classes.get(n, []):
                 rel = f.relative_to(root).as_posix()
-                digest.update(f"{s}|".encode() + _fs_bytes(rel) + f"|{_stat_key(f)}\n".encode())
+                key = _content_key(f) if content_hash else _stat_key(f)
+                digest.update(f"{s}|".encode() + _fs_bytes(rel) + f"|{key}\n".encode())
                 paths.append(rel)
                 labels_.append(ci)
-        splits[s] = Split(paths, np.array(labels_, np.int64))
+                keys.append(key)
+        splits[s] = Split(paths, np.array(labels_, np.int64), keys=keys)
     key = f"{_slug(printable(root.name))}-{hashlib.sha256(_fs_bytes(str(root))).hexdigest()[:8]}"
     return Source(printable(root.name), key, root, names, splits, digest.hexdigest(), "folder", notes,
                   [f.relative_to(root).as_posix() for f in ignored])
@@ -237,7 +255,8 @@ def _from_arrays(name: str, key: str, x: np.ndarray, y: np.ndarray, class_names:
         given_splits = {s: np.flatnonzero(assignment == i) for i, s in enumerate(SPLITS)}
         digest.update(f"split {list(cfg.split)} seed {cfg.seed}".encode())
         notes.append(f"{name}: stratified split {list(cfg.split)} seed {cfg.seed}")
-    splits = {s: Split([f"{name}[{i}]" for i in rows], y[rows].astype(np.int64), x[rows])
+    splits = {s: Split([f"{name}[{i}]" for i in rows], y[rows].astype(np.int64), x[rows],
+                       keys=[hashlib.blake2b(x[i].tobytes(), digest_size=16).hexdigest() for i in rows])
               for s, rows in given_splits.items() if len(rows)}
     return Source(name, key, None, class_names, splits, digest.hexdigest(), "builtin" if key == name else "npz", notes)
 
@@ -335,6 +354,21 @@ def stratified_assignment(labels: np.ndarray, fractions: tuple[float, float, flo
         cuts = np.round(bounds * len(idx)).astype(int)
         out[idx] = np.searchsorted(cuts, np.arange(len(idx)), side="right")
     return out
+
+
+def path_hash(path: str, seed: int = 0) -> int:
+    """A stable 64-bit number per relative path (and seed): the same on every machine and run."""
+    digest = hashlib.sha256(f"{seed}|".encode() + _fs_bytes(path)).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def hashed_assignment(paths: Sequence[str], fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Split index (0 train, 1 validation, 2 test) per relative path, from a hash of the path
+    and ``seed``: a file's split never depends on which other files exist, so adding or
+    removing images moves no existing image between splits (shares are close to ``fractions``
+    on large folders, not exact on tiny ones)."""
+    u = np.array([path_hash(p, seed) / 2.0**64 for p in paths], np.float64)
+    return np.searchsorted(np.cumsum(fractions)[:-1], u, side="right").astype(np.int64)
 
 
 def _slug(text: str) -> str:

@@ -10,8 +10,15 @@ Layout of a finished cache (one file per dataset x backbone x weights x layer x 
     /<split>/features  (N, h, w, C)  chunked along N, Fletcher-32 checksum per chunk
     /<split>/labels    (N,)          int64 index into class_names, checksummed
     /<split>/paths     (N,)          bytes (UTF-8, surrogate escapes), relative to the data root
-    /<split>/skipped/paths, /<split>/skipped/reasons   files that could not be decoded
+    /<split>/keys      (N,)          what each row depends on: "size|mtime_ns", "sha256:<hex>" or an array hash;
+                                     a rerun recomputes only rows whose (path, key) is new (incremental)
+    /<split>/skipped/paths, /<split>/skipped/reasons, /<split>/skipped/keys   files that could not be decoded
     /train@aug<k>/...  the k-th augmented view of every train image (AUGMENT=K), same layout
+
+A cache merged from shards (``extract --shards N``) has the same layout, but each
+``features`` dataset is an HDF5 virtual dataset over the shard files next to it
+(``<name>.shard-<i>-of-<n>.h5``): no feature bytes are copied, readers see one cache, and
+``read_meta`` refuses it when a shard file is missing.
 
 While stage one runs, every finished chunk of rows is its own small ``.npz`` file in a
 hidden ``.<name>.partial/`` folder (written to a temporary name, then renamed), because
@@ -43,7 +50,8 @@ from .errors import CacheError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: typed identity (size, precision), weights_sha256 = hash of weight values, checksums
+FORMAT_VERSION = 3  # 3: per-row keys (incremental), unsplit folders split by path hash, shards as virtual datasets
+# 2: typed identity (size, precision), weights_sha256 = hash of weight values, checksums
 FEATURE_CHUNK_ROWS = 64  # HDF5 chunk length along N: small enough to stream, large enough to read fast
 SPLIT_ORDER = ("train", "validation", "test")
 
@@ -63,11 +71,19 @@ class CacheKey:
     preprocessing: str
     fingerprint: str  # of the inputs: every file's relative path, size and mtime (or the arrays)
 
+    def identity_diff(self, other: CacheKey) -> list[str]:
+        """Differences that forbid reusing any row: everything but the input fingerprint
+        (rows are matched one by one on their path and key instead)."""
+        return self.diff(other, IDENTITY_FIELDS)
+
     def diff(self, other: CacheKey, fields: Sequence[str] | None = None) -> list[str]:
         """One line per field (of ``fields``, default all) where ``other`` differs from this cache."""
         names = fields or [f.name for f in dataclasses.fields(CacheKey)]
         return [f"{n}: cache has {getattr(self, n)!r}, asked for {getattr(other, n)!r}"
                 for n in names if getattr(self, n) != getattr(other, n)]
+
+
+IDENTITY_FIELDS = ("backbone", "weights", "layer", "size", "dtype", "precision", "preprocessing")
 
 
 @dataclass(frozen=True)
@@ -119,9 +135,15 @@ class CacheMeta(CacheKey):
 
 
 def _check_rows(path: Path, meta: CacheMeta, split: str, group: h5py.Group) -> None:
-    """Shapes that must agree before anything is trusted."""
+    """Shapes that must agree before anything is trusted, and the shard files a merged cache reads."""
     n = group["labels"].shape[0]
     feats = group["features"]
+    if feats.is_virtual:  # a missing source would read as zeros: refuse instead
+        for vs in feats.virtual_sources():
+            source = path.parent / vs.file_name
+            if not source.is_file():
+                raise CacheError(f"{path} is merged from shards and its shard file {source} is missing; "
+                                 "rerun the shards (or `make extract FORCE=1`)")
     if feats.shape[0] != n or group["paths"].shape[0] != n:
         raise CacheError(f"{path} is corrupt: split {split!r} has {feats.shape[0]} feature rows, {n} labels and "
                          f"{group['paths'].shape[0]} paths; rebuild it with `make extract FORCE=1`")
@@ -229,7 +251,7 @@ def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta:
                                        checksum)
             dataset[...] = features
             _write_rows_meta(f[split], np.asarray(data["labels"]), list(data["paths"]),
-                             data.get("skipped", []))
+                             data.get("skipped", []), data.get("keys"))
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
@@ -288,14 +310,177 @@ def _write_text(where: h5py.Group, name: str, values: Sequence[str]) -> None:
 
 
 def _write_rows_meta(group: h5py.Group, labels: np.ndarray, paths: list[str],
-                     skipped: Sequence[tuple[str, str]]) -> None:
+                     skipped: Sequence[tuple[str, str]], keys: Sequence[str] | None = None,
+                     skipped_keys: Sequence[str] | None = None) -> None:
     labels = labels.astype(np.int64)
     group.create_dataset("labels", data=labels, chunks=(max(1, len(labels)),) if len(labels) else None,
                          fletcher32=bool(len(labels)))
     _write_text(group, "paths", paths)
+    _write_text(group, "keys", list(keys) if keys is not None else [""] * len(paths))
     sk = group.create_group("skipped")
     _write_text(sk, "paths", [p for p, _ in skipped])
     _write_text(sk, "reasons", [r for _, r in skipped])
+    _write_text(sk, "keys", list(skipped_keys) if skipped_keys is not None else [""] * len(skipped))
+
+
+@dataclass
+class RowIndex:
+    """Where each (path, key) of a cache lives: what an incremental run may reuse."""
+
+    rows: dict[str, dict[str, tuple[int, str]]]  # split -> path -> (row, key)
+    skipped: dict[str, dict[str, tuple[str, str]]]  # split -> path -> (reason, key)
+    virtual: bool  # features are virtual datasets over shard files
+
+
+def read_index(path: str | Path) -> RowIndex:
+    """Paths and keys of every row (and skipped file) of a complete cache; no features read."""
+    path = Path(path)
+    meta = read_meta(path)
+    rows: dict[str, dict[str, tuple[int, str]]] = {}
+    skipped: dict[str, dict[str, tuple[str, str]]] = {}
+    virtual = False
+    with h5py.File(path, "r") as f:
+        for split in meta.splits:
+            g = f[split]
+            virtual = virtual or g["features"].is_virtual
+            paths = [decode_path(p) for p in g["paths"][()]]
+            keys = [decode_path(k) for k in g["keys"][()]] if "keys" in g else [""] * len(paths)
+            rows[split] = {p: (i, k) for i, (p, k) in enumerate(zip(paths, keys, strict=True))}
+            sk = g["skipped"]
+            sp = [decode_path(p) for p in sk["paths"][()]]
+            sr = [decode_path(r) for r in sk["reasons"][()]]
+            skk = [decode_path(k) for k in sk["keys"][()]] if "keys" in sk else [""] * len(sp)
+            skipped[split] = {p: (r, k) for p, r, k in zip(sp, sr, skk, strict=True)}
+    return RowIndex(rows, skipped, virtual)
+
+
+# --------------------------------------------------------------------------- assembling from pieces
+
+@dataclass
+class Block:
+    """Computed rows of one split: item indices, their features (an ``.npz`` chunk or an HDF5
+    dataset of a shard file) and the items that failed to decode."""
+
+    rows: np.ndarray  # (n,) item indices, in the order of the features
+    skipped: list[tuple[int, str]]  # (item index, reason)
+    npz: Path | None = None  # a ChunkStore chunk
+    h5: Path | None = None  # a shard file
+    dataset: str = ""  # the features dataset inside ``h5``
+
+    def load(self, start: int, stop: int) -> np.ndarray:
+        if self.npz is not None:
+            with np.load(self.npz) as z:
+                return z["features"][start:stop]
+        assert self.h5 is not None
+        with h5py.File(self.h5, "r") as f:
+            return f[self.dataset][start:stop]
+
+
+@dataclass
+class SplitPlan:
+    """One split of the cache to write: every item in output order, and where its row comes from."""
+
+    paths: list[str]
+    labels: np.ndarray
+    keys: list[str]
+    reuse: dict[int, tuple[str, int]]  # item -> (split, row) in the previous cache
+    reuse_skip: dict[int, str]  # item -> reason it was skipped before (unchanged file)
+    blocks: list[Block]  # computed rows
+
+
+def _runs(plan: SplitPlan) -> tuple[list[tuple[Any, int, int]], list[tuple[str, str, str]]]:
+    """Output as runs ``(origin, start, length)``, origin ``("old", split)`` or ``("block", b)``,
+    coalesced where consecutive items come from consecutive rows; and the skipped
+    (path, reason, key) in item order."""
+    where: dict[int, tuple[Any, int]] = {i: (("old", s), r) for i, (s, r) in plan.reuse.items()}
+    failed: dict[int, str] = dict(plan.reuse_skip)
+    for b, block in enumerate(plan.blocks):
+        for j, item in enumerate(block.rows.tolist()):
+            where[item] = (("block", b), j)
+        failed.update(block.skipped)
+    runs: list[tuple[Any, int, int]] = []
+    for item in range(len(plan.paths)):
+        if item in failed:
+            continue
+        if item not in where:
+            raise CacheError(f"internal: no row computed for {plan.paths[item]!r}")
+        origin, row = where[item]
+        if runs and runs[-1][0] == origin and runs[-1][1] + runs[-1][2] == row:
+            runs[-1] = (origin, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((origin, row, 1))
+    skipped = [(plan.paths[i], failed[i], plan.keys[i]) for i in sorted(failed)]
+    return runs, skipped
+
+
+def assemble(target: Path, plans: Mapping[str, SplitPlan], feature_shape: Sequence[int], dtype: str,
+             meta: CacheMeta, compression: str = "none", old: Path | None = None,
+             virtual: bool = False) -> dict[str, list[tuple[str, str]]]:
+    """Write the cache ``target`` from reused rows of ``old`` and computed blocks, atomically.
+
+    Rows come out in item order, so the result equals a full extraction row for row.
+    ``virtual``: features become virtual datasets over the blocks' HDF5 files (shards), which
+    must then all be HDF5 blocks and must stay next to ``target``. Returns skipped files per split.
+    """
+    tmp = target.with_name(target.name + ".tmp")
+    all_skipped: dict[str, list[tuple[str, str]]] = {}
+    old_file = h5py.File(old, "r") if old is not None else None
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_attrs(f, meta)
+            for split, plan in plans.items():
+                runs, skipped = _runs(plan)
+                n_ok = sum(n for _, _, n in runs)
+                if virtual:
+                    _virtual_features(f, split, plan, runs, n_ok, feature_shape, dtype, target.parent)
+                else:
+                    dataset = _create_features(f, split, n_ok, feature_shape, dtype, compression)
+                    start = 0
+                    for (kind, which), row, n in runs:
+                        if kind == "old":
+                            assert old_file is not None
+                            block = old_file[which]["features"][row:row + n]
+                        else:
+                            block = plan.blocks[which].load(row, row + n)
+                        dataset[start:start + n] = block.astype(dtype, copy=False)
+                        start += n
+                failed = set(plan.reuse_skip) | {i for b in plan.blocks for i, _ in b.skipped}
+                items = [i for i in range(len(plan.paths)) if i not in failed]
+                _write_rows_meta(f[split], np.asarray(plan.labels)[items], [plan.paths[i] for i in items],
+                                 [(p, r) for p, r, _ in skipped], [plan.keys[i] for i in items],
+                                 [k for _, _, k in skipped])
+                all_skipped[split] = [(p, r) for p, r, _ in skipped]
+            f.attrs["complete"] = True
+            f.flush()
+    finally:
+        if old_file is not None:
+            old_file.close()
+    os.replace(tmp, target)
+    return all_skipped
+
+
+def _virtual_features(f: h5py.File, split: str, plan: SplitPlan, runs: list[tuple[Any, int, int]], n: int,
+                      shape: Sequence[int], dtype: str, folder: Path) -> None:
+    """``/<split>/features`` as a virtual dataset: each run maps rows of a shard file.
+
+    Source files are named relative to the cache's folder (HDF5 looks there), so the cache
+    folder can move as a whole."""
+    group = f.require_group(split)
+    if n == 0:
+        group.create_dataset("features", shape=(0, *shape), dtype=dtype)
+        return
+    layout = h5py.VirtualLayout(shape=(n, *shape), dtype=dtype)
+    start = 0
+    for (kind, which), row, length in runs:
+        block = plan.blocks[which] if kind == "block" else None
+        if block is None or block.h5 is None:
+            raise CacheError("internal: a virtual cache can only map shard files")
+        with h5py.File(block.h5, "r") as src:
+            src_shape = src[block.dataset].shape
+        name = os.path.relpath(block.h5, folder)
+        layout[start:start + length] = h5py.VirtualSource(name, block.dataset, shape=src_shape)[row:row + length]
+        start += length
+    group.create_virtual_dataset("features", layout, fillvalue=np.nan)
 
 
 # --------------------------------------------------------------------------- resumable progress
@@ -343,42 +528,19 @@ class ChunkStore:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
 
-    def assemble(self, layout: Mapping[str, tuple[int, Sequence[str], np.ndarray]], feature_shape: Sequence[int],
-                 dtype: str, meta: CacheMeta, compression: str = "none",
-                 reuse_from: Path | None = None) -> dict[str, list[tuple[str, str]]]:
-        """Build the final HDF5 from the chunks and rename it into place.
+    def blocks(self, split: str, n_chunks: int) -> list[Block]:
+        """The finished chunks of ``split`` as blocks for ``assemble``."""
+        out = []
+        for i in range(n_chunks):
+            with np.load(self.chunk_file(split, i)) as z:
+                out.append(Block(z["rows"].astype(np.int64), list(zip(z["skipped_rows"].tolist(),
+                                                                       [str(r) for r in z["skipped_reasons"]],
+                                                                       strict=True)),
+                                 npz=self.chunk_file(split, i)))
+        return out
 
-        ``layout[split] = (number of chunks, item paths, item labels)``; splits of
-        ``reuse_from`` (a complete cache) not in ``layout`` are copied over unchanged.
-        Returns the skipped files per split.
-        """
-        tmp = self.final_path.with_name(self.final_path.name + ".tmp")
-        all_skipped: dict[str, list[tuple[str, str]]] = {}
-        with h5py.File(tmp, "w") as f:
-            _write_attrs(f, meta)
-            for split, (n_chunks, paths, labels) in layout.items():
-                chunks = [np.load(self.chunk_file(split, i)) for i in range(n_chunks)]
-                n_ok = sum(c["rows"].shape[0] for c in chunks)
-                dataset = _create_features(f, split, n_ok, feature_shape, dtype, compression)
-                start, rows, skipped = 0, [], []
-                for c in chunks:
-                    block = c["features"]
-                    dataset[start:start + block.shape[0]] = block.astype(dtype, copy=False)
-                    start += block.shape[0]
-                    rows.extend(c["rows"].tolist())
-                    skipped.extend((paths[r], str(reason)) for r, reason in zip(c["skipped_rows"].tolist(), c["skipped_reasons"], strict=True))
-                _write_rows_meta(f[split], np.asarray(labels)[rows], [paths[r] for r in rows], skipped)
-                all_skipped[split] = skipped
-            if reuse_from is not None:
-                with h5py.File(reuse_from, "r") as old:
-                    for split in old:
-                        if split not in layout:
-                            old.copy(old[split], f, name=split)
-            f.attrs["complete"] = True
-            f.flush()
-        os.replace(tmp, self.final_path)
+    def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        return all_skipped
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -99,15 +99,22 @@ def test_cache_hit_builds_no_model(image_root, cache_dir, monkeypatch):
     assert "cache hit" in again.summary()
 
 
-def test_changed_inputs_never_reuse_and_force_rebuilds(image_root, cache_dir):
+def test_changed_inputs_update_incrementally_and_force_rebuilds(image_root, cache_dir, monkeypatch):
     first = extract(cfg_for(image_root, cache_dir))
     make_image(image_root / "train" / "cats" / "new.png", (200, 40, 40), 40, 999)
-    with pytest.raises(store.CacheError, match="fingerprint"):
-        extract(cfg_for(image_root, cache_dir))
-    with pytest.raises(store.CacheError, match="fingerprint"):
-        locate(cfg_for(image_root, cache_dir))
+    with pytest.raises(store.CacheError, match="fingerprint differs.*only new and changed"):
+        locate(cfg_for(image_root, cache_dir))  # stage two never reads a stale cache
+    sent = []
+    original = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda m, x, b: sent.append(len(x)) or original(m, x, b))
+    updated = extract(cfg_for(image_root, cache_dir))
+    assert updated.path == first.path and not updated.hit
+    assert sum(sent) == 1 and (updated.new, updated.changed, updated.removed, updated.reused) == (1, 0, 0, 24)
+    assert "1 new, 0 changed, 0 removed, 24 reused" in updated.summary()
+    assert locate(cfg_for(image_root, cache_dir)) == first.path
+    sent.clear()
     rebuilt = extract(cfg_for(image_root, cache_dir, force=True))
-    assert rebuilt.path == first.path and not rebuilt.hit
+    assert rebuilt.path == first.path and not rebuilt.hit and sum(sent) == 25
     assert store.read_meta(rebuilt.path).split_sizes["train"] == 13
 
 
@@ -132,18 +139,21 @@ def test_float16_and_compression(image_root, cache_dir):
         assert f["train/features"].chunks[1:] == (1, 1, 512)
 
 
-def test_unsplit_folder_gets_stratified_split(tmp_path, cache_dir):
+def test_unsplit_folder_is_split_by_path_hash(tmp_path, cache_dir):
+    from pipeline.sources import hashed_assignment
+
     root = tmp_path / "flat"
     for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0))):
         for i in range(10):
             make_image(root / name / f"{i}.png", colour, 32, i)
     result = extract(cfg_for(root, cache_dir, split=(0.6, 0.2, 0.2)))
     meta = store.read_meta(result.path)
-    assert meta.split_sizes == {"train": 12, "validation": 4, "test": 4}
     assert meta.class_names == ("a", "b")
-    for split in ("train", "validation", "test"):
+    names = [f"{c}/{i}.png" for c in "ab" for i in range(10)]
+    want = dict(zip(names, hashed_assignment(names, (0.6, 0.2, 0.2), 0).tolist(), strict=True))
+    for k, split in enumerate(("train", "validation", "test")):
         _, y, paths = store.load_split(result.path, split)
-        assert np.bincount(y).tolist() == [len(y) // 2] * 2  # stratified
+        assert sorted(paths) == sorted(n for n in names if want[n] == k)  # each file where its hash puts it
         assert [p.split("/")[0] for p in paths] == [meta.class_names[c] for c in y]  # label = its folder
     seen = [p for s in ("train", "validation", "test") for p in store.load_split(result.path, s)[2]]
     assert len(seen) == len(set(seen)) == 20  # no image in two splits

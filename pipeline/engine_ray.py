@@ -1,0 +1,131 @@
+"""Stage one on Ray: the slices of ``extract --shards N`` as Ray tasks, then one merge.
+
+Each task is ``extract(cfg, shards=N, shard=I)`` in a Ray worker process: it builds its
+own backbone, writes its own shard file (HDF5 allows one writer per file) under its own
+lock, and resumes from its own chunks if a previous attempt died. A failed task is retried
+by Ray (``max_retries``); the driver shows one progress bar fed by a small actor, and
+merges the shards into the cache at the end (virtual datasets, no feature bytes copied).
+
+Ray is an optional extra (``pip install 'featcache[ray]'``). A local Ray is started unless
+``RAY_ADDRESS`` names a cluster; with GPUs, each task asks for one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ExtractConfig
+from .errors import ConfigError
+from .extract import ExtractResult, extract
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'featcache[ray]' (or pip install ray)"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from e
+    return ray
+
+
+def extract_ray(cfg: ExtractConfig, shards: int | None = None, max_retries: int = 2,
+                fail_once: Path | None = None) -> ExtractResult:
+    """Extract with ``shards`` Ray tasks (default: one per GPU Ray sees, else one per CPU)
+    and merge. Joins ``RAY_ADDRESS`` when set, else starts a local Ray for this call.
+
+    ``fail_once`` (tests): a folder; each task raises once, after its first batch, unless it
+    finds its own marker file there, so the retry path is exercised."""
+    ray = _ray()
+    from tqdm.auto import tqdm
+
+    from .extract import plan_work
+
+    p, delta = plan_work(cfg)  # every option and input checked before Ray starts
+    if delta is None or delta.n_todo == 0:  # a hit, or only removals: no backbone needed
+        return extract(cfg)
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "logging_level": logging.WARNING,
+                                  "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3",
+                                                               "PYTHONPATH": _pythonpath()}}}
+        if not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = os.cpu_count() or 1
+        ray.init(**kwargs)
+        started = True
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        n = shards or max(1, gpus or int(resources.get("CPU", 1)))
+        n = max(1, min(n, delta.n_todo))
+        expect = delta.todo_hash
+        progress = ray.remote(num_cpus=0)(_Progress).remote()
+        task = ray.remote(_shard_task).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
+                                               max_retries=max_retries, retry_exceptions=True)
+        shard_cfg = dataclasses.replace(p.cfg, quiet=True)
+        refs = [task.remote(shard_cfg, n, i, expect, progress, str(fail_once) if fail_once else None)
+                for i in range(n)]
+        log.info("%s: %s; %d Ray task(s)", p.path.name, delta.describe(), n)
+        pending = list(refs)
+        with tqdm(total=delta.n_todo, desc=f"{p.source.name} (ray x{n})", unit="img", disable=cfg.quiet,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                bar.update(ray.get(progress.total.remote()) - bar.n)
+        parts = ray.get(refs)  # raises the task's error once its retries are spent
+        result = extract(cfg, shards=n, merge=True, expect_todo=expect)
+        result.images = sum(r.images for r in parts)
+        result.seconds = max((r.seconds for r in parts), default=0.0)
+        result.resumed_chunks = sum(r.resumed_chunks for r in parts)
+        return result
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _pythonpath() -> str:
+    """Workers import ``pipeline`` from where the driver found it (a checkout or site-packages)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join([here, rest]) if rest else here
+
+
+class _Progress:
+    """Images done per shard; a retried shard starts its count again."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, int] = {}
+
+    def reset(self, shard: int) -> None:
+        self.done[shard] = 0
+
+    def add(self, shard: int, n: int) -> None:
+        self.done[shard] = self.done.get(shard, 0) + n
+
+    def total(self) -> int:
+        return sum(self.done.values())
+
+
+def _shard_task(cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any,
+                fail_once: str | None) -> ExtractResult:
+    """One slice in a Ray worker: ``extract(cfg, shards=N, shard=I)``."""
+    from .quiet import install
+
+    install()
+    progress.reset.remote(shard)
+    marker = Path(fail_once) / f"shard-{shard}" if fail_once else None
+
+    def report(n: int) -> None:
+        progress.add.remote(shard, n)
+        if marker is not None and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected failure in shard {shard} (test)")
+
+    return extract(cfg, shards=shards, shard=shard, progress=report, expect_todo=expect)
