@@ -41,17 +41,20 @@ def subset(n_per_class: int, splits: tuple[str, ...] = ("train",), root: Path | 
 def machine() -> str:
     import keras
 
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == "unknown CPU":
                     cpu = line.split(":", 1)[1].strip()
-                break
+                if line.startswith("flags") and not flags:
+                    wanted = ("amx", "avx512_bf16", "avx512_vnni", "avx512f", "avx2")
+                    flags = " ".join(sorted(x for x in line.split(":", 1)[1].split() if x.startswith(wanted)))
     except OSError:
         pass
     return (
-        f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"{platform.node()}: {os.cpu_count()} cores ({cpu}; flags: {flags or 'unknown'}), "
+        f"Python {platform.python_version()}, "
         f"Keras {keras.__version__} ({keras.backend.backend()} backend)"
     )
 
