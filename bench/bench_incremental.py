@@ -12,6 +12,7 @@ built per call, which is the fixed start-up reported separately).
 
 Usage: python bench/bench_incremental.py [--n 20000] [--scale 1000 5000 20000] [--ray-n 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,10 @@ def scale(sizes: list[int], work: Path) -> None:
             os.symlink(f, sub / "train" / f.parent.name / f.name)
         t, r = run(sub, work / f"c{n}")
         steady = (r.seconds - r.warmup_seconds) / max(1, r.images - r.warmup_images)
-        print(f"{n:>7,} images: {t:7.1f} s total, {1000 * t / n:.2f} ms/image overall, "
-              f"{1000 * steady:.2f} ms/image after warm-up")
+        print(
+            f"{n:>7,} images: {t:7.1f} s total, {1000 * t / n:.2f} ms/image overall, "
+            f"{1000 * steady:.2f} ms/image after warm-up"
+        )
 
 
 def ray_overhead(n: int, work: Path) -> None:
@@ -103,18 +106,24 @@ def ray_overhead(n: int, work: Path) -> None:
         tiny = work / "ray-tiny"
         make_images(tiny, 20, seed=5)
         t0 = time.perf_counter()
-        extract_ray(ExtractConfig(data=str(tiny), cache_dir=work / "r-tiny", size=32, weights="random", quiet=True),
-                    shards=os.cpu_count())
-        print(f"ray start-up (first call: worker processes start and import TensorFlow), 20 images: "
-              f"{time.perf_counter() - t0:.1f} s")
+        extract_ray(
+            ExtractConfig(data=str(tiny), cache_dir=work / "r-tiny", size=32, weights="random", quiet=True),
+            shards=os.cpu_count(),
+        )
+        print(
+            f"ray start-up (first call: worker processes start and import TensorFlow), 20 images: "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         for shards in (2, 4):
-            cfg = ExtractConfig(data=str(root), cache_dir=work / f"r{shards}", size=32, weights="random",
-                                quiet=True, batch_size=64)
+            cfg = ExtractConfig(
+                data=str(root), cache_dir=work / f"r{shards}", size=32, weights="random", quiet=True, batch_size=64
+            )
             t0 = time.perf_counter()
             extract_ray(cfg, shards=shards)
             t = time.perf_counter() - t0
-            print(f"ray, {shards} shards on {os.cpu_count()} CPUs: {t:.1f} s, "
-                  f"overhead {100 * (t / t_single - 1):+.0f}%")
+            print(
+                f"ray, {shards} shards on {os.cpu_count()} CPUs: {t:.1f} s, overhead {100 * (t / t_single - 1):+.0f}%"
+            )
     finally:
         ray.shutdown()
 

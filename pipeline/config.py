@@ -3,6 +3,7 @@
 Everything a run depends on lives in one of these dataclasses; the CLI and the Makefile
 only override fields. Importing this module has no side effects.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,9 @@ class ExtractConfig:
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
         if not isinstance(self.augment, int) or self.augment < 0:
-            raise ConfigError(f"augment must be an integer >= 0 (views per train image); received augment={self.augment!r}")
+            raise ConfigError(
+                f"augment must be an integer >= 0 (views per train image); received augment={self.augment!r}"
+            )
         for name in ("batch_size", "chunk_size", "decode_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -187,6 +190,17 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "CACHE_DIR", "RUNS_DIR", "REPO_ROOT", "DEFAULT_SWEEP", "SPLITS", "PRECISIONS", "ConfigError",
-    "ExtractConfig", "SweepConfig", "FinetuneConfig", "load_toml", "replace", "as_dict",
+    "CACHE_DIR",
+    "DEFAULT_SWEEP",
+    "PRECISIONS",
+    "REPO_ROOT",
+    "RUNS_DIR",
+    "SPLITS",
+    "ConfigError",
+    "ExtractConfig",
+    "FinetuneConfig",
+    "SweepConfig",
+    "as_dict",
+    "load_toml",
+    "replace",
 ]

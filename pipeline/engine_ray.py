@@ -9,6 +9,7 @@ merges the shards into the cache at the end (virtual datasets, no feature bytes 
 Ray is an optional extra (``pip install 'featcache[ray]'``). A local Ray is started unless
 ``RAY_ADDRESS`` names a cluster; with GPUs, each task asks for one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,9 @@ def _ray() -> Any:
     return ray
 
 
-def extract_ray(cfg: ExtractConfig, shards: int | None = None, max_retries: int = 2,
-                fail_once: Path | None = None) -> ExtractResult:
+def extract_ray(
+    cfg: ExtractConfig, shards: int | None = None, max_retries: int = 2, fail_once: Path | None = None
+) -> ExtractResult:
     """Extract with ``shards`` Ray tasks (default: one per GPU Ray sees, else one per CPU)
     and merge. Joins ``RAY_ADDRESS`` when set, else starts a local Ray for this call.
 
@@ -52,10 +54,12 @@ def extract_ray(cfg: ExtractConfig, shards: int | None = None, max_retries: int 
         return extract(cfg)
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "logging_level": logging.WARNING,
-                                  "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3",
-                                                               "PYTHONPATH": _pythonpath()}}}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+            "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _pythonpath()}},
+        }
         if not os.environ.get("RAY_ADDRESS"):
             kwargs["num_cpus"] = os.cpu_count() or 1
         ray.init(**kwargs)
@@ -67,15 +71,21 @@ def extract_ray(cfg: ExtractConfig, shards: int | None = None, max_retries: int 
         n = max(1, min(n, delta.n_todo))
         expect = delta.todo_hash
         progress = ray.remote(num_cpus=0)(_Progress).remote()
-        task = ray.remote(_shard_task).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
-                                               max_retries=max_retries, retry_exceptions=True)
+        task = ray.remote(_shard_task).options(
+            num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_retries=max_retries, retry_exceptions=True
+        )
         shard_cfg = dataclasses.replace(p.cfg, quiet=True)
-        refs = [task.remote(shard_cfg, n, i, expect, progress, str(fail_once) if fail_once else None)
-                for i in range(n)]
+        refs = [task.remote(shard_cfg, n, i, expect, progress, str(fail_once) if fail_once else None) for i in range(n)]
         log.info("%s: %s; %d Ray task(s)", p.path.name, delta.describe(), n)
         pending = list(refs)
-        with tqdm(total=delta.n_todo, desc=f"{p.source.name} (ray x{n})", unit="img", disable=cfg.quiet,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=delta.n_todo,
+            desc=f"{p.source.name} (ray x{n})",
+            unit="img",
+            disable=cfg.quiet,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
             while pending:
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
                 bar.update(ray.get(progress.total.remote()) - bar.n)
@@ -113,8 +123,9 @@ class _Progress:
         return sum(self.done.values())
 
 
-def _shard_task(cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any,
-                fail_once: str | None) -> ExtractResult:
+def _shard_task(
+    cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any, fail_once: str | None
+) -> ExtractResult:
     """One slice in a Ray worker: ``extract(cfg, shards=N, shard=I)``."""
     from .quiet import install
 

@@ -3,6 +3,7 @@
 Decides what is already done (cache hit, or finished chunks of an interrupted run),
 runs the rest in batches with decoding overlapped, and hands rows to the store.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,8 @@ class ExtractResult:
     warmup_seconds: float = 0.0  # the first forward pass: graph tracing and kernel set-up, paid once
     warmup_images: int = 0
     timings: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"waiting for decode": 0.0, "forward pass": 0.0, "saving chunks": 0.0})
+        default_factory=lambda: {"waiting for decode": 0.0, "forward pass": 0.0, "saving chunks": 0.0}
+    )
     new: int = 0  # files not in the cache before
     changed: int = 0  # files whose size/mtime (or content hash) changed
     removed: int = 0  # cached files no longer in the inputs (their rows dropped)
@@ -57,28 +59,42 @@ class ExtractResult:
     def summary(self) -> str:
         size_mb = self.path.stat().st_size / 1e6 if self.path.exists() else 0.0
         if self.hit:
-            return (f"cache hit: {self.path} ({size_mb:.1f} MB) matches the inputs and options; nothing to do"
-                    + (f" ({self.reused:,} rows)" if self.reused else ""))
+            return f"cache hit: {self.path} ({size_mb:.1f} MB) matches the inputs and options; nothing to do" + (
+                f" ({self.reused:,} rows)" if self.reused else ""
+            )
         rate = self.images / self.seconds if self.seconds else 0.0
         n_skipped = sum(len(v) for v in self.skipped.values())
-        lines = [f"wrote {self.path}" + (f": {self.update}" if self.update else ""),
-                 f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s overall, "
-                 f"{self.steady_rate:.1f} images/s"
-                 + (f" ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s)" if self.gflop_per_image else "")
-                 + " after "
-                 f"a {self.warmup_seconds:.1f} s warm-up; cache {size_mb:.1f} MB on disk"
-                 + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else ""),
-                 "  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
-                 + f", warm-up {self.warmup_seconds:.1f} s"]
+        lines = [
+            f"wrote {self.path}" + (f": {self.update}" if self.update else ""),
+            f"  {self.images} images in {self.seconds:.1f} s: {rate:.1f} images/s overall, "
+            f"{self.steady_rate:.1f} images/s"
+            + (f" ({self.steady_rate * self.gflop_per_image:.0f} GFLOP/s)" if self.gflop_per_image else "")
+            + " after "
+            f"a {self.warmup_seconds:.1f} s warm-up; cache {size_mb:.1f} MB on disk"
+            + (f"; resumed after {self.resumed_chunks} finished chunk(s)" if self.resumed_chunks else ""),
+            "  time: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+            + f", warm-up {self.warmup_seconds:.1f} s",
+        ]
         if n_skipped:
             lines.append(f"  {n_skipped} file(s) skipped (recorded in the cache under <split>/skipped):")
-            lines += [f"    {images.printable(p)}" + (f" (view {split})" if "@" in split else "") + f": {reason}"
-                      for split, items in self.skipped.items() for p, reason in items]
+            lines += [
+                f"    {images.printable(p)}" + (f" (view {split})" if "@" in split else "") + f": {reason}"
+                for split, items in self.skipped.items()
+                for p, reason in items
+            ]
         return "\n".join(lines)
 
 
-def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, merge: bool = False,
-            progress: Callable[[int], None] | None = None, expect_todo: str | None = None) -> ExtractResult:
+def extract(
+    cfg: ExtractConfig,
+    *,
+    shards: int = 1,
+    shard: int | None = None,
+    merge: bool = False,
+    progress: Callable[[int], None] | None = None,
+    expect_todo: str | None = None,
+) -> ExtractResult:
     """Make, update or find the cache for ``cfg``; ``layout.cache_path`` says where it lands.
 
     Incremental: rows of an existing cache with the same identity (weights, layer, size, dtype,
@@ -100,8 +116,9 @@ def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, me
         return hit
     assert delta is not None
     if expect_todo is not None and delta.todo_hash != expect_todo:
-        raise CacheError(f"the inputs of {p.path} changed while the shards were being planned; "
-                         "run the extraction again")
+        raise CacheError(
+            f"the inputs of {p.path} changed while the shards were being planned; run the extraction again"
+        )
     if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
         _check_all_readable(p.source)
     if shard is not None:
@@ -114,8 +131,9 @@ def extract(cfg: ExtractConfig, *, shards: int = 1, shard: int | None = None, me
         return _run(p, delta, old, index, progress)
 
 
-def _prepare(cfg: ExtractConfig, for_shard: bool = False) -> tuple[layout.Plan, store.CacheMeta | None,
-                                                             store.RowIndex | None, Delta | None, ExtractResult | None]:
+def _prepare(
+    cfg: ExtractConfig, for_shard: bool = False
+) -> tuple[layout.Plan, store.CacheMeta | None, store.RowIndex | None, Delta | None, ExtractResult | None]:
     """Plan, compare with the existing cache: (plan, old meta, its row index, the work, a hit result or None)."""
     p = layout.plan(cfg)
     for note in p.source.notes:
@@ -128,14 +146,18 @@ def _prepare(cfg: ExtractConfig, for_shard: bool = False) -> tuple[layout.Plan, 
         meta = store.read_meta(p.path)
         diffs = meta.key().identity_diff(p.key)
         if diffs:
-            raise CacheError(f"{p.path} exists but was made differently ({'; '.join(diffs)}). "
-                             "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
-                             "only once the new one is complete")
+            raise CacheError(
+                f"{p.path} exists but was made differently ({'; '.join(diffs)}). "
+                "Rebuild it with --force (make extract FORCE=1): the old file is replaced "
+                "only once the new one is complete"
+            )
         have = (meta.augment or {}).get("views", 0)
         if have and p.cfg.augment > have and meta.augment and meta.augment.get("seed") != p.cfg.seed:
-            raise CacheError(f"{p.path} holds {have} views made with seed {meta.augment['seed']}; more views "
-                             f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
-                             "or rebuild with --force")
+            raise CacheError(
+                f"{p.path} holds {have} views made with seed {meta.augment['seed']}; more views "
+                f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
+                "or rebuild with --force"
+            )
         if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and not for_shard:
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return p, meta, None, None, hit
@@ -154,12 +176,18 @@ def plan_work(cfg: ExtractConfig) -> tuple[layout.Plan, Delta | None]:
 def _check_all_readable(source: sources.Source) -> None:
     if source.root is None:
         return
-    bad = [(images.printable(p), reason) for s in source.splits.values() for p in s.paths
-           if (reason := images.check_readable(str(source.root / p))) is not None]
+    bad = [
+        (images.printable(p), reason)
+        for s in source.splits.values()
+        for p in s.paths
+        if (reason := images.check_readable(str(source.root / p))) is not None
+    ]
     if bad:
         listing = "\n".join(f"  {p}: {reason}" for p, reason in bad)
-        raise ConfigError(f"--strict: {len(bad)} file(s) under {source.root} cannot be used; nothing was written. "
-                          f"Fix or remove them, or run without --strict to skip them:\n{listing}")
+        raise ConfigError(
+            f"--strict: {len(bad)} file(s) under {source.root} cannot be used; nothing was written. "
+            f"Fix or remove them, or run without --strict to skip them:\n{listing}"
+        )
 
 
 def view_split(k: int) -> str:
@@ -168,6 +196,7 @@ def view_split(k: int) -> str:
 
 
 # --------------------------------------------------------------------------- what to compute
+
 
 @dataclass
 class Delta:
@@ -192,8 +221,11 @@ class Delta:
         for split, rows in self.todo.items():
             plan = self.plans[split]
             for i in rows:
-                h.update(f"{split}|".encode() + plan.paths[i].encode("utf-8", "surrogateescape")
-                         + f"|{plan.keys[i]}\n".encode())
+                h.update(
+                    f"{split}|".encode()
+                    + plan.paths[i].encode("utf-8", "surrogateescape")
+                    + f"|{plan.keys[i]}\n".encode()
+                )
         return h.hexdigest()
 
     @property
@@ -206,7 +238,7 @@ class Delta:
         out = []
         for k in range(shards):
             part: dict[str, list[int]] = {}
-            for split, i in flat[k * len(flat) // shards:(k + 1) * len(flat) // shards]:
+            for split, i in flat[k * len(flat) // shards : (k + 1) * len(flat) // shards]:
                 part.setdefault(split, []).append(i)
             out.append(part)
         return out
@@ -271,12 +303,15 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
                 else:
                     todo.append(i)
             delta.plans[split], delta.todo[split] = plan, todo
-            delta.items[split] = [(item, (view_seed, k, sources.path_hash(path)))
-                                  for item, path in zip(train_items, train.paths, strict=True)]
+            delta.items[split] = [
+                (item, (view_seed, k, sources.path_hash(path)))
+                for item, path in zip(train_items, train.paths, strict=True)
+            ]
     return delta
 
 
 # --------------------------------------------------------------------------- computing
+
 
 def shard_path(final: Path, todo_hash: str, shard: int, shards: int) -> Path:
     """Shard files sit next to the cache and name the work they hold, so a new sharded run
@@ -303,10 +338,15 @@ def _cleanup_shards(final: Path, keep: str | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def _compute(p: layout.Plan, delta: Delta, todo: dict[str, list[int]], target: Path,
-             old: store.CacheMeta | None, progress: Callable[[int], None] | None,
-             result: ExtractResult
-             ) -> tuple[store.ChunkStore | None, dict[str, list[store.Block]], tuple[int, ...], str]:
+def _compute(
+    p: layout.Plan,
+    delta: Delta,
+    todo: dict[str, list[int]],
+    target: Path,
+    old: store.CacheMeta | None,
+    progress: Callable[[int], None] | None,
+    result: ExtractResult,
+) -> tuple[store.ChunkStore | None, dict[str, list[store.Block]], tuple[int, ...], str]:
     """Run the backbone over ``todo`` into resumable chunks next to ``target``.
     Returns (chunk store, blocks per split, feature shape, weights hash)."""
     cfg = p.cfg
@@ -320,39 +360,63 @@ def _compute(p: layout.Plan, delta: Delta, todo: dict[str, list[int]], target: P
 
     t_build = time.perf_counter()
     model = backbone.build(cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision=cfg.precision)
-    log.info("built %s (%s weights, %s, Keras backend %s) in %.1f s", model.name, p.weights.id, cfg.precision,
-             keras.backend.backend(), time.perf_counter() - t_build)
+    log.info(
+        "built %s (%s weights, %s, Keras backend %s) in %.1f s",
+        model.name,
+        p.weights.id,
+        cfg.precision,
+        keras.backend.backend(),
+        time.perf_counter() - t_build,
+    )
     if old is not None:  # the rows we add must come from the same weights as the rows we keep
         from .weights import verify_weights
 
         verify_weights(model.base_weights_sha256, old.weights_sha256, str(p.path))
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
-    chunks = store.ChunkStore(target, {**dataclasses.asdict(p.key), "weights_sha256": model.base_weights_sha256,
-                                       "chunk_size": cfg.chunk_size, "seed": cfg.seed, "view_seed": delta.view_seed,
-                                       "augment_policy": images.AUGMENT_POLICY,
-                                       "todo": hashlib.sha256(json.dumps(todo).encode()).hexdigest(),
-                                       "work": delta.todo_hash, "fingerprint": p.key.fingerprint})
+    chunks = store.ChunkStore(
+        target,
+        {
+            **dataclasses.asdict(p.key),
+            "weights_sha256": model.base_weights_sha256,
+            "chunk_size": cfg.chunk_size,
+            "seed": cfg.seed,
+            "view_seed": delta.view_seed,
+            "augment_policy": images.AUGMENT_POLICY,
+            "todo": hashlib.sha256(json.dumps(todo).encode()).hexdigest(),
+            "work": delta.todo_hash,
+            "fingerprint": p.key.fingerprint,
+        },
+    )
     blocks: dict[str, list[store.Block]] = {}
     t0 = time.perf_counter()
     decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
     writer = ChunkWriter(chunks)
     total = sum(len(v) for v in todo.values())
-    with decoder, writer, tqdm(total=total, desc=p.source.name, unit="img", disable=cfg.quiet, file=sys.stderr,
-                               dynamic_ncols=True) as bar:
+    with (
+        decoder,
+        writer,
+        tqdm(
+            total=total, desc=p.source.name, unit="img", disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True
+        ) as bar,
+    ):
         for split, rows_todo in todo.items():
             if not rows_todo:
                 continue
             n_chunks = math.ceil(len(rows_todo) / cfg.chunk_size)
             pending = [c for c in range(n_chunks) if not chunks.done(split, c)]
             result.resumed_chunks += n_chunks - len(pending)
-            rows = [rows_todo[j] for c in pending
-                    for j in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(rows_todo)))]
+            rows = [
+                rows_todo[j]
+                for c in pending
+                for j in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(rows_todo)))
+            ]
             done_before = len(rows_todo) - len(rows)
             bar.update(done_before)
             if progress is not None and done_before:
                 progress(done_before)
-            result.images += _run_split(cfg, model, decoder, delta.items[split], split, rows, rows_todo, writer,
-                                        bar, result, progress)
+            result.images += _run_split(
+                cfg, model, decoder, delta.items[split], split, rows, rows_todo, writer, bar, result, progress
+            )
     for split, rows_todo in todo.items():
         if rows_todo:
             blocks[split] = chunks.blocks(split, math.ceil(len(rows_todo) / cfg.chunk_size))
@@ -360,22 +424,48 @@ def _compute(p: layout.Plan, delta: Delta, todo: dict[str, list[int]], target: P
     return chunks, blocks, feature_shape, model.base_weights_sha256
 
 
-def _meta(p: layout.Plan, delta: Delta, feature_shape: tuple[int, ...], weights_sha256: str, result: ExtractResult,
-          **info: Any) -> store.CacheMeta:
+def _meta(
+    p: layout.Plan,
+    delta: Delta,
+    feature_shape: tuple[int, ...],
+    weights_sha256: str,
+    result: ExtractResult,
+    **info: Any,
+) -> store.CacheMeta:
     cfg, source = p.cfg, p.source
     views = delta.views
-    augment = ({"views": views, "seed": delta.view_seed, "policy": images.AUGMENT_POLICY,
-                "splits": [view_split(k) for k in range(1, views + 1)]} if views else None)
+    augment = (
+        {
+            "views": views,
+            "seed": delta.view_seed,
+            "policy": images.AUGMENT_POLICY,
+            "splits": [view_split(k) for k in range(1, views + 1)],
+        }
+        if views
+        else None
+    )
     flops = registry.flops_per_image(cfg.size, cfg.layer, cfg.backbone)  # type: ignore[arg-type]
     return store.CacheMeta(
-        **dataclasses.asdict(p.key), class_names=tuple(source.class_names), feature_shape=feature_shape,
-        weights_sha256=weights_sha256, weights_file_sha256=p.weights.file_sha256,
-        weights_source=p.weights.source or "random", seed=cfg.seed, augment=augment,
-        info={"flops_per_image": flops or 0.0, "extract_images_per_second": result.steady_rate,
-              "data": str(source.root or cfg.data), "source": {"name": source.name, "kind": source.kind,
-                                                              "notes": source.notes},
-              "versions": versions(), "config": as_dict(cfg), "compression": cfg.compression,
-              "last_update": delta.describe(), **info})
+        **dataclasses.asdict(p.key),
+        class_names=tuple(source.class_names),
+        feature_shape=feature_shape,
+        weights_sha256=weights_sha256,
+        weights_file_sha256=p.weights.file_sha256,
+        weights_source=p.weights.source or "random",
+        seed=cfg.seed,
+        augment=augment,
+        info={
+            "flops_per_image": flops or 0.0,
+            "extract_images_per_second": result.steady_rate,
+            "data": str(source.root or cfg.data),
+            "source": {"name": source.name, "kind": source.kind, "notes": source.notes},
+            "versions": versions(),
+            "config": as_dict(cfg),
+            "compression": cfg.compression,
+            "last_update": delta.describe(),
+            **info,
+        },
+    )
 
 
 def _finish(p: layout.Plan, delta: Delta, result: ExtractResult) -> ExtractResult:
@@ -385,24 +475,42 @@ def _finish(p: layout.Plan, delta: Delta, result: ExtractResult) -> ExtractResul
     return result
 
 
-def _run(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, index: store.RowIndex | None,
-         progress: Callable[[int], None] | None) -> ExtractResult:
+def _run(
+    p: layout.Plan,
+    delta: Delta,
+    old: store.CacheMeta | None,
+    index: store.RowIndex | None,
+    progress: Callable[[int], None] | None,
+) -> ExtractResult:
     flops = registry.flops_per_image(p.cfg.size, p.cfg.layer, p.cfg.backbone)  # type: ignore[arg-type]
     result = ExtractResult(p.path, hit=False, gflop_per_image=flops / 1e9 if flops else 0.0)
     chunks, blocks, feature_shape, wsha = _compute(p, delta, delta.todo, p.path, old, progress, result)
     for split, plan in delta.plans.items():
         plan.blocks = blocks.get(split, [])
-    result.skipped = store.assemble(p.path, delta.plans, feature_shape, p.cfg.dtype,
-                                    _meta(p, delta, feature_shape, wsha, result), p.cfg.compression,
-                                    old=p.path if old is not None else None)
+    result.skipped = store.assemble(
+        p.path,
+        delta.plans,
+        feature_shape,
+        p.cfg.dtype,
+        _meta(p, delta, feature_shape, wsha, result),
+        p.cfg.compression,
+        old=p.path if old is not None else None,
+    )
     if chunks is not None:
         chunks.discard()
     _cleanup_shards(p.path, keep=None)
     return _finish(p, delta, result)
 
 
-def _run_shard(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, shard: int, shards: int, target: Path,
-               progress: Callable[[int], None] | None) -> ExtractResult:
+def _run_shard(
+    p: layout.Plan,
+    delta: Delta,
+    old: store.CacheMeta | None,
+    shard: int,
+    shards: int,
+    target: Path,
+    progress: Callable[[int], None] | None,
+) -> ExtractResult:
     """Compute slice ``shard`` of the work into ``target``: a cache file holding only those rows."""
     todo = delta.slices(shards)[shard]
     flops = registry.flops_per_image(p.cfg.size, p.cfg.layer, p.cfg.backbone)  # type: ignore[arg-type]
@@ -420,20 +528,30 @@ def _run_shard(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, shard:
         full = delta.plans[split]
         local = {item: j for j, item in enumerate(rows)}
         plans[split] = store.SplitPlan(
-            [full.paths[i] for i in rows], full.labels[rows] if rows else full.labels[:0],
-            [full.keys[i] for i in rows], {}, {},
-            [store.Block(np.array([local[i] for i in b.rows.tolist()], np.int64),
-                         [(local[i], r) for i, r in b.skipped], npz=b.npz) for b in blocks.get(split, [])])
-    meta = _meta(p, delta, feature_shape, wsha, result,
-                 shard={"index": shard, "of": shards, "work": delta.todo_hash})
+            [full.paths[i] for i in rows],
+            full.labels[rows] if rows else full.labels[:0],
+            [full.keys[i] for i in rows],
+            {},
+            {},
+            [
+                store.Block(
+                    np.array([local[i] for i in b.rows.tolist()], np.int64),
+                    [(local[i], r) for i, r in b.skipped],
+                    npz=b.npz,
+                )
+                for b in blocks.get(split, [])
+            ],
+        )
+    meta = _meta(p, delta, feature_shape, wsha, result, shard={"index": shard, "of": shards, "work": delta.todo_hash})
     result.skipped = store.assemble(target, plans, feature_shape, p.cfg.dtype, meta, p.cfg.compression)
     if chunks is not None:
         chunks.discard()
     return _finish(p, delta, result)
 
 
-def _merge(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, index: store.RowIndex | None,
-           shards: int) -> ExtractResult:
+def _merge(
+    p: layout.Plan, delta: Delta, old: store.CacheMeta | None, index: store.RowIndex | None, shards: int
+) -> ExtractResult:
     """Present the shard files as the cache: features as virtual datasets over them when every
     row is in a shard (nothing copied), else copied next to the rows reused from the old cache."""
     result = ExtractResult(p.path, hit=False)
@@ -448,8 +566,10 @@ def _merge(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, index: sto
             raise CacheError(f"{path} was made for other inputs or options; rerun shard {k}")
         metas.append((path, meta))
     if missing:
-        raise CacheError(f"cannot merge {p.path}: shard(s) {missing} of {shards} are not finished; run "
-                         + "; ".join(f"`featcache extract ... --shards {shards} --shard {k}`" for k in missing))
+        raise CacheError(
+            f"cannot merge {p.path}: shard(s) {missing} of {shards} are not finished; run "
+            + "; ".join(f"`featcache extract ... --shards {shards} --shard {k}`" for k in missing)
+        )
     hashes = {m.weights_sha256 for _, m in metas} | ({old.weights_sha256} if old is not None else set())
     if len(hashes) > 1:
         raise CacheError(f"the shards of {p.path} were computed with different weight values; rerun them")
@@ -462,16 +582,33 @@ def _merge(p: layout.Plan, delta: Delta, old: store.CacheMeta | None, index: sto
                 names = [store.decode_path(q) for q in f[split]["paths"][()]]
                 skipped = [store.decode_path(q) for q in f[split]["skipped"]["paths"][()]]
                 reasons = [store.decode_path(q) for q in f[split]["skipped"]["reasons"][()]]
-                plan.blocks.append(store.Block(np.array([item_of[q] for q in names], np.int64),
-                                               [(item_of[q], r) for q, r in zip(skipped, reasons, strict=True)],
-                                               h5=path, dataset=f"{split}/features"))
+                plan.blocks.append(
+                    store.Block(
+                        np.array([item_of[q] for q in names], np.int64),
+                        [(item_of[q], r) for q, r in zip(skipped, reasons, strict=True)],
+                        h5=path,
+                        dataset=f"{split}/features",
+                    )
+                )
         result.images += sum(meta.split_sizes.values())
     virtual = all(not plan.reuse for plan in delta.plans.values())
-    result.skipped = store.assemble(p.path, delta.plans, feature_shape, p.cfg.dtype,
-                                    _meta(p, delta, feature_shape, metas[0][1].weights_sha256 if metas
-                                          else old.weights_sha256, result,  # type: ignore[union-attr]
-                                          merged={"shards": shards, "virtual": virtual}),
-                                    p.cfg.compression, old=p.path if old is not None else None, virtual=virtual)
+    result.skipped = store.assemble(
+        p.path,
+        delta.plans,
+        feature_shape,
+        p.cfg.dtype,
+        _meta(
+            p,
+            delta,
+            feature_shape,
+            metas[0][1].weights_sha256 if metas else (old.weights_sha256 if old else ""),
+            result,
+            merged={"shards": shards, "virtual": virtual},
+        ),
+        p.cfg.compression,
+        old=p.path if old is not None else None,
+        virtual=virtual,
+    )
     _cleanup_shards(p.path, keep=None)
     return _finish(p, delta, result)
 
@@ -482,9 +619,19 @@ def h5py_file(path: Path) -> Any:
     return h5py.File(path, "r")
 
 
-def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, items: Any, split: str,
-               rows: list[int], rows_todo: list[int], writer: ChunkWriter, bar: Any, result: ExtractResult,
-               progress: Callable[[int], None] | None) -> int:
+def _run_split(
+    cfg: ExtractConfig,
+    model: Any,
+    decoder: images.Decoder,
+    items: Any,
+    split: str,
+    rows: list[int],
+    rows_todo: list[int],
+    writer: ChunkWriter,
+    bar: Any,
+    result: ExtractResult,
+    progress: Callable[[int], None] | None,
+) -> int:
     """Forward ``rows`` (item indices), saving each chunk the moment its last row is done.
 
     Chunk c holds positions c*chunk_size.. of ``rows_todo`` (the split's items to compute,
@@ -518,15 +665,24 @@ def _run_split(cfg: ExtractConfig, model: Any, decoder: images.Decoder, items: A
             if mine.any():
                 acc["features"].append(feats[mine])
                 acc["rows"].append(np.asarray(batch.rows)[mine])
-            acc["failed"] += [(i, reason) for (i, reason), fc in zip(batch.failed, failed_chunk, strict=True)
-                              if fc == c]
+            acc["failed"] += [
+                (i, reason) for (i, reason), fc in zip(batch.failed, failed_chunk, strict=True) if fc == c
+            ]
             expected_rows = min((c + 1) * chunk, len(rows_todo)) - c * chunk
             if sum(len(r) for r in acc["rows"]) + len(acc["failed"]) == expected_rows:
-                features = (np.concatenate(acc["features"]) if acc["features"]
-                            else np.zeros((0, *model.output_shape[1:]), np.float32))
-                writer.save(split, int(c), features.astype(cfg.dtype),
-                            np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
-                            np.array([i for i, _ in acc["failed"]], np.int64), [r for _, r in acc["failed"]])
+                features = (
+                    np.concatenate(acc["features"])
+                    if acc["features"]
+                    else np.zeros((0, *model.output_shape[1:]), np.float32)
+                )
+                writer.save(
+                    split,
+                    int(c),
+                    features.astype(cfg.dtype),
+                    np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
+                    np.array([i for i, _ in acc["failed"]], np.int64),
+                    [r for _, r in acc["failed"]],
+                )
                 del open_chunks[int(c)]
         result.timings["saving chunks"] += time.perf_counter() - t2
         done = len(batch.rows) + len(batch.failed)

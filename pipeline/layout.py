@@ -4,6 +4,7 @@ into a cache file, and finds that file again for stage two, predict, finetune an
 ``plan`` resolves the backbone's default size and layer once, checks every option and
 input, and pins the weights, all before any model is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,9 +50,16 @@ def resolve_options(cfg: ExtractConfig) -> ExtractConfig:
 
 def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> CacheKey:
     assert cfg.size is not None and cfg.layer is not None, "resolve_options first"
-    return CacheKey(backbone=cfg.backbone, weights=weights_id, layer=cfg.layer, size=cfg.size, dtype=cfg.dtype,
-                    precision=cfg.precision, preprocessing=registry.spec(cfg.backbone).preprocessing,
-                    fingerprint=source.fingerprint)
+    return CacheKey(
+        backbone=cfg.backbone,
+        weights=weights_id,
+        layer=cfg.layer,
+        size=cfg.size,
+        dtype=cfg.dtype,
+        precision=cfg.precision,
+        preprocessing=registry.spec(cfg.backbone).preprocessing,
+        fingerprint=source.fingerprint,
+    )
 
 
 def cache_path(cache_dir: Path, source: sources.Source, key: CacheKey) -> Path:
@@ -84,9 +92,16 @@ def plan(cfg: ExtractConfig) -> Plan:
 
 def extract_command(cfg: ExtractConfig) -> str:
     """The make command that builds the cache ``cfg`` names (for messages)."""
-    parts = [f"DATA={shlex.quote(str(cfg.data))}", f"BACKBONE={cfg.backbone}", f"SIZE={cfg.size}",
-             f"WEIGHTS={shlex.quote(str(cfg.weights))}", f"LAYER={cfg.layer}"]
-    parts += [f"{name.upper()}={getattr(cfg, name)}" for name in ("dtype", "precision") if getattr(cfg, name) != "float32"]
+    parts = [
+        f"DATA={shlex.quote(str(cfg.data))}",
+        f"BACKBONE={cfg.backbone}",
+        f"SIZE={cfg.size}",
+        f"WEIGHTS={shlex.quote(str(cfg.weights))}",
+        f"LAYER={cfg.layer}",
+    ]
+    parts += [
+        f"{name.upper()}={getattr(cfg, name)}" for name in ("dtype", "precision") if getattr(cfg, name) != "float32"
+    ]
     return "make extract " + " ".join(parts)
 
 
@@ -102,10 +117,13 @@ def locate(cfg: ExtractConfig) -> Path:
     meta = store.read_meta(path)
     diffs = meta.key().identity_diff(key)
     if diffs:
-        raise CacheError(f"{path} was made differently ({'; '.join(diffs)}); "
-                         f"rebuild it with `{extract_command(cfg)} FORCE=1`")
+        raise CacheError(
+            f"{path} was made differently ({'; '.join(diffs)}); rebuild it with `{extract_command(cfg)} FORCE=1`"
+        )
     if meta.fingerprint != key.fingerprint:
-        raise CacheError(f"{path} no longer matches its inputs (images were added, changed or removed since it was "
-                         f"made: fingerprint differs); bring it up to date with `{extract_command(cfg)}` "
-                         "(only new and changed images are computed)")
+        raise CacheError(
+            f"{path} no longer matches its inputs (images were added, changed or removed since it was "
+            f"made: fingerprint differs); bring it up to date with `{extract_command(cfg)}` "
+            "(only new and changed images are computed)"
+        )
     return path

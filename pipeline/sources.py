@@ -3,6 +3,7 @@
 Everything here is cheap (a directory walk and ``stat`` calls, or a small array): the
 cache-hit path runs it to compute the input fingerprint without building any model.
 """
+
 from __future__ import annotations
 
 import collections
@@ -73,7 +74,9 @@ def resolve(cfg: ExtractConfig) -> Source:
     if not path.exists():
         raise ConfigError(f"data {data!r} is neither a folder, a .npz file, nor a built-in dataset {list(BUILTINS)}")
     if not path.is_dir():
-        raise ConfigError(f"data {data!r} is a file but not a .npz; give a folder of images, a .npz, or one of {list(BUILTINS)}")
+        raise ConfigError(
+            f"data {data!r} is a file but not a .npz; give a folder of images, a .npz, or one of {list(BUILTINS)}"
+        )
     return _folder(path.resolve(), cfg)
 
 
@@ -131,8 +134,10 @@ def _class_dirs(folder: Path, split: str | None, ignored: list[Path]) -> dict[st
             continue
         label = printable(d.name)  # class names are labels: a name that is not UTF-8 shows its escapes
         if label in classes:
-            raise ConfigError(f"class folders {printable(str(dirs[label]))!r} and {printable(str(d))!r} have the same "
-                              "printable name; rename one")
+            raise ConfigError(
+                f"class folders {printable(str(dirs[label]))!r} and {printable(str(d))!r} have the same "
+                "printable name; rename one"
+            )
         dirs[label] = d
         classes[label], others[label] = _list_files(d)
         ignored.extend(others[label])
@@ -141,17 +146,25 @@ def _class_dirs(folder: Path, split: str | None, ignored: list[Path]) -> dict[st
         raise ConfigError(f"{shown} has no class folders; expected {shown}/<class>/<image files>")
     empty = [label for label, files in classes.items() if not files]
     if empty:
+
         def why(label: str) -> str:
             rest = others[label]
             if not rest:
                 return f"{printable(str(dirs[label]))} is empty"
             sample = ", ".join(printable(f.name) for f in rest[:3]) + (", ..." if len(rest) > 3 else "")
             return f"{printable(str(dirs[label]))} holds no image files, only {len(rest)} other file(s) ({sample})"
-        what = f"split {split!r} ({shown}) has no images" if len(empty) == len(classes) and split else (
-            f"{shown} has no images" if len(empty) == len(classes) else "class folder(s) without images")
-        raise ConfigError(f"{what}: " + "; ".join(why(label) for label in empty)
-                          + f". Images are files ending in {', '.join(images.IMAGE_EXTENSIONS)}; "
-                          "add some or remove the folder")
+
+        what = (
+            f"split {split!r} ({shown}) has no images"
+            if len(empty) == len(classes) and split
+            else (f"{shown} has no images" if len(empty) == len(classes) else "class folder(s) without images")
+        )
+        raise ConfigError(
+            f"{what}: "
+            + "; ".join(why(label) for label in empty)
+            + f". Images are files ending in {', '.join(images.IMAGE_EXTENSIONS)}; "
+            "add some or remove the folder"
+        )
     return classes
 
 
@@ -195,16 +208,20 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
         for s, classes in per_split.items():
             missing = [n for n in names if n not in classes]
             if missing:
-                raise ConfigError(f"class(es) {missing} exist in other splits but not in {printable(str(root / s))}; "
-                                  "every split needs the same class folders")
+                raise ConfigError(
+                    f"class(es) {missing} exist in other splits but not in {printable(str(root / s))}; "
+                    "every split needs the same class folders"
+                )
         split_how = "folders"
     else:
         classes = _class_dirs(root, None, ignored)
         names = sorted(classes)
     if len(names) < 2:
-        raise ConfigError(f"{shown} has a single class, {names[0]!r}: a classifier needs at least two class folders "
-                          f"(expected {shown}/" + ("<split>/" if present else "") + "<class>/<image files>). "
-                          "Add another class folder, or point DATA at the folder that holds the class folders")
+        raise ConfigError(
+            f"{shown} has a single class, {names[0]!r}: a classifier needs at least two class folders "
+            f"(expected {shown}/" + ("<split>/" if present else "") + "<class>/<image files>). "
+            "Add another class folder, or point DATA at the folder that holds the class folders"
+        )
     if not present:
         files = [f for n in names for f in classes[n]]
         assignment = hashed_assignment([f.relative_to(root).as_posix() for f in files], cfg.split, cfg.seed)
@@ -214,12 +231,17 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
             if chosen.size:
                 per_split[s] = {n: [files[i] for i in chosen if labels[i] == ci] for ci, n in enumerate(names)}
         split_how = f"split {list(cfg.split)} by a hash of each file's path with seed {cfg.seed}"
-        notes.append(f"no train/validation/test folders in {shown}: {split_how} (a file keeps its split when "
-                     "others are added or removed)")
+        notes.append(
+            f"no train/validation/test folders in {shown}: {split_how} (a file keeps its split when "
+            "others are added or removed)"
+        )
     if ignored:
         kinds = collections.Counter(f.suffix.lower() or "no extension" for f in ignored)
-        notes.append(f"ignored {len(ignored)} file(s) under {shown} that are not images by extension ("
-                     + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())) + "); -v lists them")
+        notes.append(
+            f"ignored {len(ignored)} file(s) under {shown} that are not images by extension ("
+            + ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
+            + "); -v lists them"
+        )
         for f in ignored:
             log.debug("not an image, ignored: %s", printable(f.relative_to(root).as_posix()))
     splits: dict[str, Split] = {}
@@ -237,14 +259,31 @@ def _folder(root: Path, cfg: ExtractConfig) -> Source:
                 keys.append(key)
         splits[s] = Split(paths, np.array(labels_, np.int64), keys=keys)
     key = f"{_slug(printable(root.name))}-{hashlib.sha256(_fs_bytes(str(root))).hexdigest()[:8]}"
-    return Source(printable(root.name), key, root, names, splits, digest.hexdigest(), "folder", notes,
-                  [f.relative_to(root).as_posix() for f in ignored])
+    return Source(
+        printable(root.name),
+        key,
+        root,
+        names,
+        splits,
+        digest.hexdigest(),
+        "folder",
+        notes,
+        [f.relative_to(root).as_posix() for f in ignored],
+    )
 
 
 # --------------------------------------------------------------------------- arrays
 
-def _from_arrays(name: str, key: str, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg: ExtractConfig,
-                 given_splits: dict[str, np.ndarray] | None = None) -> Source:
+
+def _from_arrays(
+    name: str,
+    key: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    class_names: list[str],
+    cfg: ExtractConfig,
+    given_splits: dict[str, np.ndarray] | None = None,
+) -> Source:
     """Arrays are split (stratified, seeded) unless ``given_splits`` names each split's rows."""
     digest = hashlib.sha256(name.encode())
     digest.update(x.tobytes())
@@ -255,9 +294,16 @@ def _from_arrays(name: str, key: str, x: np.ndarray, y: np.ndarray, class_names:
         given_splits = {s: np.flatnonzero(assignment == i) for i, s in enumerate(SPLITS)}
         digest.update(f"split {list(cfg.split)} seed {cfg.seed}".encode())
         notes.append(f"{name}: stratified split {list(cfg.split)} seed {cfg.seed}")
-    splits = {s: Split([f"{name}[{i}]" for i in rows], y[rows].astype(np.int64), x[rows],
-                       keys=[hashlib.blake2b(x[i].tobytes(), digest_size=16).hexdigest() for i in rows])
-              for s, rows in given_splits.items() if len(rows)}
+    splits = {
+        s: Split(
+            [f"{name}[{i}]" for i in rows],
+            y[rows].astype(np.int64),
+            x[rows],
+            keys=[hashlib.blake2b(x[i].tobytes(), digest_size=16).hexdigest() for i in rows],
+        )
+        for s, rows in given_splits.items()
+        if len(rows)
+    }
     return Source(name, key, None, class_names, splits, digest.hexdigest(), "builtin" if key == name else "npz", notes)
 
 
@@ -279,12 +325,14 @@ def _cifar10(cfg: ExtractConfig) -> Source:
         raise ConfigError(
             f"DATA=cifar10 could not be loaded ({type(e).__name__}: {e}). Keras downloads it once into "
             "~/.keras/datasets/cifar-10-batches-py.tar.gz; put that file there on an offline machine, "
-            "or use DATA=digits / a folder of images") from e
+            "or use DATA=digits / a folder of images"
+        ) from e
     x = np.concatenate([x_train, x_test])
     y = np.concatenate([y_train, y_test]).reshape(-1).astype(np.int64)
     n = len(x_train)
-    return _from_arrays("cifar10", "cifar10", x, y, CIFAR10_CLASSES, cfg,
-                        {"train": np.arange(n), "test": np.arange(n, len(x))})
+    return _from_arrays(
+        "cifar10", "cifar10", x, y, CIFAR10_CLASSES, cfg, {"train": np.arange(n), "test": np.arange(n, len(x))}
+    )
 
 
 NPZ_HOW = "DATA=*.npz must be written by numpy.savez(path, x=images, y=labels)"
@@ -300,22 +348,31 @@ def _npz(path: Path, cfg: ExtractConfig) -> Source:
     except OSError as e:
         raise ConfigError(f"cannot read {shown}: {e.strerror}") from None
     if not magic.startswith(b"PK"):  # numpy would try it as a pickle and suggest allow_pickle: never that
-        what = ("it is empty" if not magic else "it holds a single array written by numpy.save"
-                if magic.startswith(b"\x93NUM") else "it is not a zip archive")
+        what = (
+            "it is empty"
+            if not magic
+            else "it holds a single array written by numpy.save"
+            if magic.startswith(b"\x93NUM")
+            else "it is not a zip archive"
+        )
         raise ConfigError(f"{shown} is not a valid .npz file ({what}); {NPZ_HOW}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f]
             if missing:
-                raise ConfigError(f"{shown} lacks array(s) {missing}; a .npz needs x (N,H,W,3 or N,H,W uint8) and y (N,)")
+                raise ConfigError(
+                    f"{shown} lacks array(s) {missing}; a .npz needs x (N,H,W,3 or N,H,W uint8) and y (N,)"
+                )
             x, y = f["x"], f["y"]
             names = [str(n) for n in f["class_names"]] if "class_names" in f else None
     except ConfigError:
         raise
     except ValueError as e:
         if "pickle" in str(e):  # an object array: featcache never unpickles data (it can run code)
-            raise ConfigError(f"{shown} holds an array of Python objects (dtype=object); save plain arrays "
-                              "instead: x as uint8, y as integers or strings, class_names as strings") from None
+            raise ConfigError(
+                f"{shown} holds an array of Python objects (dtype=object); save plain arrays "
+                "instead: x as uint8, y as integers or strings, class_names as strings"
+            ) from None
         raise ConfigError(f"{shown} is not a valid .npz file ({e}); {NPZ_HOW}") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise ConfigError(f"{shown} is not a valid .npz file ({type(e).__name__}: {e}); {NPZ_HOW}") from None
@@ -335,13 +392,16 @@ def _npz(path: Path, cfg: ExtractConfig) -> Source:
     elif len(names) != len(values):
         raise ConfigError(f"{shown}: class_names has {len(names)} entries but y has {len(values)} distinct values")
     if len(values) < 2:
-        raise ConfigError(f"{shown} has a single class, {names[0]!r} (every y is {values[0].item()!r}): a classifier needs "
-                          "at least two classes")
+        raise ConfigError(
+            f"{shown} has a single class, {names[0]!r} (every y is {values[0].item()!r}): a classifier needs "
+            "at least two classes"
+        )
     key = f"{_slug(printable(path.stem))}-{hashlib.sha256(_fs_bytes(str(path.resolve()))).hexdigest()[:8]}"
     return _from_arrays(printable(path.stem), key, x, y_idx.astype(np.int64), names, cfg)
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def stratified_assignment(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
     """Split index (0 train, 1 validation, 2 test) per item: per class, shuffled with

@@ -28,6 +28,7 @@ assembled from those chunks into a temporary name and renamed into place.
 This module imports h5py and numpy only: a cache hit or a scikit-learn sweep never pays
 for TensorFlow.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,6 +59,7 @@ SPLIT_ORDER = ("train", "validation", "test")
 
 # --------------------------------------------------------------------------- the cache description
 
+
 @dataclass(frozen=True)
 class CacheKey:
     """What the features depend on: a cache answers a request only when every field is equal."""
@@ -79,8 +81,11 @@ class CacheKey:
     def diff(self, other: CacheKey, fields: Sequence[str] | None = None) -> list[str]:
         """One line per field (of ``fields``, default all) where ``other`` differs from this cache."""
         names = fields or [f.name for f in dataclasses.fields(CacheKey)]
-        return [f"{n}: cache has {getattr(self, n)!r}, asked for {getattr(other, n)!r}"
-                for n in names if getattr(self, n) != getattr(other, n)]
+        return [
+            f"{n}: cache has {getattr(self, n)!r}, asked for {getattr(other, n)!r}"
+            for n in names
+            if getattr(self, n) != getattr(other, n)
+        ]
 
 
 IDENTITY_FIELDS = ("backbone", "weights", "layer", "size", "dtype", "precision", "preprocessing")
@@ -142,25 +147,33 @@ def _check_rows(path: Path, meta: CacheMeta, split: str, group: h5py.Group) -> N
         for vs in feats.virtual_sources():
             source = path.parent / vs.file_name
             if not source.is_file():
-                raise CacheError(f"{path} is merged from shards and its shard file {source} is missing; "
-                                 "rerun the shards (or `make extract FORCE=1`)")
+                raise CacheError(
+                    f"{path} is merged from shards and its shard file {source} is missing; "
+                    "rerun the shards (or `make extract FORCE=1`)"
+                )
     if feats.shape[0] != n or group["paths"].shape[0] != n:
-        raise CacheError(f"{path} is corrupt: split {split!r} has {feats.shape[0]} feature rows, {n} labels and "
-                         f"{group['paths'].shape[0]} paths; rebuild it with `make extract FORCE=1`")
+        raise CacheError(
+            f"{path} is corrupt: split {split!r} has {feats.shape[0]} feature rows, {n} labels and "
+            f"{group['paths'].shape[0]} paths; rebuild it with `make extract FORCE=1`"
+        )
     if meta.feature_shape and tuple(feats.shape[1:]) != tuple(meta.feature_shape):
-        raise CacheError(f"{path} is corrupt: split {split!r} holds features of shape {feats.shape[1:]}, its metadata "
-                         f"says {tuple(meta.feature_shape)}; rebuild it with `make extract FORCE=1`")
+        raise CacheError(
+            f"{path} is corrupt: split {split!r} holds features of shape {feats.shape[1:]}, its metadata "
+            f"says {tuple(meta.feature_shape)}; rebuild it with `make extract FORCE=1`"
+        )
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def read_meta(path: str | Path) -> CacheMeta:
     """The description of a complete cache, checked: its format version, completeness and
     the shapes of every split. Anything else is a CacheError that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"no cache file at {path}; run `make extract` (or `featcache extract`) with the same options "
-                         "to make it")
+        raise CacheError(
+            f"no cache file at {path}; run `make extract` (or `featcache extract`) with the same options to make it"
+        )
     rebuild = "rebuild it with `make extract FORCE=1` (same options)"
     try:
         with h5py.File(path, "r") as f:
@@ -168,16 +181,27 @@ def read_meta(path: str | Path) -> CacheMeta:
                 raise CacheError(f"{path} is an HDF5 file but not a featcache cache (no format_version attribute)")
             version = _decode_attr(f.attrs["format_version"], False)
             if version != FORMAT_VERSION:
-                raise CacheError(f"{path} has format_version={version!r}; this featcache reads {FORMAT_VERSION}. "
-                                 f"It was made by another version: {rebuild}")
+                raise CacheError(
+                    f"{path} has format_version={version!r}; this featcache reads {FORMAT_VERSION}. "
+                    f"It was made by another version: {rebuild}"
+                )
             if not bool(f.attrs.get("complete", False)):
-                raise CacheError(f"{path} is incomplete (no complete=True marker): the run that wrote it did not "
-                                 f"finish; {rebuild}")
+                raise CacheError(
+                    f"{path} is incomplete (no complete=True marker): the run that wrote it did not finish; {rebuild}"
+                )
             json_keys = set(json.loads(_decode_attr(f.attrs.get("json_attrs", "[]"), False)))
-            attrs = {k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k not in ("json_attrs", "complete")}
+            attrs = {
+                k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k not in ("json_attrs", "complete")
+            }
             splits = [s for s in SPLIT_ORDER if s in f] + sorted((s for s in f if s not in SPLIT_ORDER), key=_natural)
-            meta = CacheMeta.from_dict({**attrs, "splits": splits, "path": str(path),
-                                        "split_sizes": {s: int(f[s]["labels"].shape[0]) for s in splits}})
+            meta = CacheMeta.from_dict(
+                {
+                    **attrs,
+                    "splits": splits,
+                    "path": str(path),
+                    "split_sizes": {s: int(f[s]["labels"].shape[0]) for s in splits},
+                }
+            )
             for s in splits:
                 _check_rows(path, meta, s, f[s])
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -195,9 +219,11 @@ def _checked_labels(path: Path, meta: CacheMeta, split: str, labels: np.ndarray)
     labels = labels.astype(np.int64)
     bad = (labels < 0) | (labels >= len(meta.class_names))
     if bad.any():
-        raise CacheError(f"{path} is corrupt: split {split!r} has {int(bad.sum())} label(s) outside the "
-                         f"{len(meta.class_names)} classes (e.g. {int(labels[bad][0])}); rebuild it with "
-                         "`make extract FORCE=1`")
+        raise CacheError(
+            f"{path} is corrupt: split {split!r} has {int(bad.sum())} label(s) outside the "
+            f"{len(meta.class_names)} classes (e.g. {int(labels[bad][0])}); rebuild it with "
+            "`make extract FORCE=1`"
+        )
     return labels
 
 
@@ -215,8 +241,10 @@ def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, li
             labels = _checked_labels(path, meta, split, group["labels"][()])
             paths = [decode_path(p) for p in group["paths"][()]]
     except OSError as e:  # a fletcher32 mismatch surfaces here: the bytes on disk changed
-        raise CacheError(f"{path}: split {split!r} failed its checksum or could not be read ({e}); the file is "
-                         "corrupt: rebuild it with `make extract FORCE=1`") from e
+        raise CacheError(
+            f"{path}: split {split!r} failed its checksum or could not be read ({e}); the file is "
+            "corrupt: rebuild it with `make extract FORCE=1`"
+        ) from e
     return features, labels, paths
 
 
@@ -232,13 +260,19 @@ def iter_split(path: str | Path, split: str, rows: int = 1024) -> Iterator[tuple
     with h5py.File(path, "r") as f:
         features, labels = f[split]["features"], f[split]["labels"]
         for start in range(0, labels.shape[0], rows):
-            yield features[start:start + rows], _checked_labels(path, meta, split, labels[start:start + rows])
+            yield features[start : start + rows], _checked_labels(path, meta, split, labels[start : start + rows])
 
 
 # --------------------------------------------------------------------------- writing
 
-def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta: CacheMeta,
-                compression: str = "none", checksum: bool = True) -> Path:
+
+def write_cache(
+    path: str | Path,
+    splits: Mapping[str, Mapping[str, Any]],
+    meta: CacheMeta,
+    compression: str = "none",
+    checksum: bool = True,
+) -> Path:
     """Write a complete cache from in-memory arrays, atomically (tests, small datasets)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,11 +281,13 @@ def write_cache(path: str | Path, splits: Mapping[str, Mapping[str, Any]], meta:
         _write_attrs(f, meta)
         for split, data in splits.items():
             features = np.asarray(data["features"])
-            dataset = _create_features(f, split, features.shape[0], features.shape[1:], features.dtype, compression,
-                                       checksum)
+            dataset = _create_features(
+                f, split, features.shape[0], features.shape[1:], features.dtype, compression, checksum
+            )
             dataset[...] = features
-            _write_rows_meta(f[split], np.asarray(data["labels"]), list(data["paths"]),
-                             data.get("skipped", []), data.get("keys"))
+            _write_rows_meta(
+                f[split], np.asarray(data["labels"]), list(data["paths"]), data.get("skipped", []), data.get("keys")
+            )
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
@@ -281,8 +317,9 @@ def _decode_attr(value: Any, is_json: bool) -> Any:
     return value
 
 
-def _create_features(f: h5py.File, split: str, n: int, shape: Sequence[int], dtype: Any,
-                     compression: str, checksum: bool = True) -> h5py.Dataset:
+def _create_features(
+    f: h5py.File, split: str, n: int, shape: Sequence[int], dtype: Any, compression: str, checksum: bool = True
+) -> h5py.Dataset:
     """Chunked along N with a Fletcher-32 checksum per chunk: flipped bytes fail the read."""
     group = f.require_group(split)
     kwargs: dict[str, Any] = {}
@@ -309,12 +346,18 @@ def _write_text(where: h5py.Group, name: str, values: Sequence[str]) -> None:
     where.create_dataset(name, data=np.array(raw, dtype=object), dtype=dtype)
 
 
-def _write_rows_meta(group: h5py.Group, labels: np.ndarray, paths: list[str],
-                     skipped: Sequence[tuple[str, str]], keys: Sequence[str] | None = None,
-                     skipped_keys: Sequence[str] | None = None) -> None:
+def _write_rows_meta(
+    group: h5py.Group,
+    labels: np.ndarray,
+    paths: list[str],
+    skipped: Sequence[tuple[str, str]],
+    keys: Sequence[str] | None = None,
+    skipped_keys: Sequence[str] | None = None,
+) -> None:
     labels = labels.astype(np.int64)
-    group.create_dataset("labels", data=labels, chunks=(max(1, len(labels)),) if len(labels) else None,
-                         fletcher32=bool(len(labels)))
+    group.create_dataset(
+        "labels", data=labels, chunks=(max(1, len(labels)),) if len(labels) else None, fletcher32=bool(len(labels))
+    )
     _write_text(group, "paths", paths)
     _write_text(group, "keys", list(keys) if keys is not None else [""] * len(paths))
     sk = group.create_group("skipped")
@@ -355,6 +398,7 @@ def read_index(path: str | Path) -> RowIndex:
 
 
 # --------------------------------------------------------------------------- assembling from pieces
+
 
 @dataclass
 class Block:
@@ -413,9 +457,16 @@ def _runs(plan: SplitPlan) -> tuple[list[tuple[Any, int, int]], list[tuple[str, 
     return runs, skipped
 
 
-def assemble(target: Path, plans: Mapping[str, SplitPlan], feature_shape: Sequence[int], dtype: str,
-             meta: CacheMeta, compression: str = "none", old: Path | None = None,
-             virtual: bool = False) -> dict[str, list[tuple[str, str]]]:
+def assemble(
+    target: Path,
+    plans: Mapping[str, SplitPlan],
+    feature_shape: Sequence[int],
+    dtype: str,
+    meta: CacheMeta,
+    compression: str = "none",
+    old: Path | None = None,
+    virtual: bool = False,
+) -> dict[str, list[tuple[str, str]]]:
     """Write the cache ``target`` from reused rows of ``old`` and computed blocks, atomically.
 
     Rows come out in item order, so the result equals a full extraction row for row.
@@ -439,16 +490,21 @@ def assemble(target: Path, plans: Mapping[str, SplitPlan], feature_shape: Sequen
                     for (kind, which), row, n in runs:
                         if kind == "old":
                             assert old_file is not None
-                            block = old_file[which]["features"][row:row + n]
+                            block = old_file[which]["features"][row : row + n]
                         else:
                             block = plan.blocks[which].load(row, row + n)
-                        dataset[start:start + n] = block.astype(dtype, copy=False)
+                        dataset[start : start + n] = block.astype(dtype, copy=False)
                         start += n
                 failed = set(plan.reuse_skip) | {i for b in plan.blocks for i, _ in b.skipped}
                 items = [i for i in range(len(plan.paths)) if i not in failed]
-                _write_rows_meta(f[split], np.asarray(plan.labels)[items], [plan.paths[i] for i in items],
-                                 [(p, r) for p, r, _ in skipped], [plan.keys[i] for i in items],
-                                 [k for _, _, k in skipped])
+                _write_rows_meta(
+                    f[split],
+                    np.asarray(plan.labels)[items],
+                    [plan.paths[i] for i in items],
+                    [(p, r) for p, r, _ in skipped],
+                    [plan.keys[i] for i in items],
+                    [k for _, _, k in skipped],
+                )
                 all_skipped[split] = [(p, r) for p, r, _ in skipped]
             f.attrs["complete"] = True
             f.flush()
@@ -459,8 +515,16 @@ def assemble(target: Path, plans: Mapping[str, SplitPlan], feature_shape: Sequen
     return all_skipped
 
 
-def _virtual_features(f: h5py.File, split: str, plan: SplitPlan, runs: list[tuple[Any, int, int]], n: int,
-                      shape: Sequence[int], dtype: str, folder: Path) -> None:
+def _virtual_features(
+    f: h5py.File,
+    split: str,
+    plan: SplitPlan,
+    runs: list[tuple[Any, int, int]],
+    n: int,
+    shape: Sequence[int],
+    dtype: str,
+    folder: Path,
+) -> None:
     """``/<split>/features`` as a virtual dataset: each run maps rows of a shard file.
 
     Source files are named relative to the cache's folder (HDF5 looks there), so the cache
@@ -478,12 +542,13 @@ def _virtual_features(f: h5py.File, split: str, plan: SplitPlan, runs: list[tupl
         with h5py.File(block.h5, "r") as src:
             src_shape = src[block.dataset].shape
         name = os.path.relpath(block.h5, folder)
-        layout[start:start + length] = h5py.VirtualSource(name, block.dataset, shape=src_shape)[row:row + length]
+        layout[start : start + length] = h5py.VirtualSource(name, block.dataset, shape=src_shape)[row : row + length]
         start += length
     group.create_virtual_dataset("features", layout, fillvalue=np.nan)
 
 
 # --------------------------------------------------------------------------- resumable progress
+
 
 class ChunkStore:
     """Finished chunks of a running extraction, one ``.npz`` per chunk, safe against kill -9.
@@ -515,15 +580,26 @@ class ChunkStore:
     def done(self, split: str, index: int) -> bool:
         return self.chunk_file(split, index).exists()
 
-    def save(self, split: str, index: int, features: np.ndarray, rows: np.ndarray,
-             skipped_rows: np.ndarray, skipped_reasons: Sequence[str]) -> None:
+    def save(
+        self,
+        split: str,
+        index: int,
+        features: np.ndarray,
+        rows: np.ndarray,
+        skipped_rows: np.ndarray,
+        skipped_reasons: Sequence[str],
+    ) -> None:
         """Store one chunk: features of the decodable rows and the reasons for the others."""
         target = self.chunk_file(split, index)
         tmp = target.with_name(target.name + ".tmp")
         with open(tmp, "wb") as fh:
-            np.savez(fh, features=features, rows=np.asarray(rows, np.int64),
-                     skipped_rows=np.asarray(skipped_rows, np.int64),
-                     skipped_reasons=np.asarray(list(skipped_reasons), dtype=str))
+            np.savez(
+                fh,
+                features=features,
+                rows=np.asarray(rows, np.int64),
+                skipped_rows=np.asarray(skipped_rows, np.int64),
+                skipped_reasons=np.asarray(list(skipped_reasons), dtype=str),
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -533,10 +609,13 @@ class ChunkStore:
         out = []
         for i in range(n_chunks):
             with np.load(self.chunk_file(split, i)) as z:
-                out.append(Block(z["rows"].astype(np.int64), list(zip(z["skipped_rows"].tolist(),
-                                                                       [str(r) for r in z["skipped_reasons"]],
-                                                                       strict=True)),
-                                 npz=self.chunk_file(split, i)))
+                out.append(
+                    Block(
+                        z["rows"].astype(np.int64),
+                        list(zip(z["skipped_rows"].tolist(), [str(r) for r in z["skipped_reasons"]], strict=True)),
+                        npz=self.chunk_file(split, i),
+                    )
+                )
         return out
 
     def discard(self) -> None:
@@ -570,8 +649,12 @@ def writer_lock(final_path: Path) -> Iterator[None]:
             who = "another process"
         raise CacheError(f"{final_path} is being written by {who} (lock {lock_path}); wait for it to finish") from None
     try:
-        _atomic_write_bytes(info_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+        _atomic_write_bytes(
+            info_path,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            ).encode(),
+        )
         yield
     finally:
         with contextlib.suppress(OSError):

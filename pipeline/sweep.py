@@ -212,9 +212,12 @@ def _streaming_data(
         sources["both"] = stream.source_for(cache, ["train", *views_used], meta.feature_shape)
     train = (np.empty((0, *meta.feature_shape), np.float32), sources["clean"].labels)
     views = (np.empty((0, *meta.feature_shape), np.float32), sources["views"].labels) if views_used else None
-    data = {s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits}
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits
+    }
     known = set(np.unique(train[1]).tolist())
-    for split, (_, y) in {"train": train, **data}.items():
+    checked: dict[str, tuple[np.ndarray, np.ndarray]] = {"train": train, **data}
+    for split, (_, y) in checked.items():
         unseen = sorted(set(np.unique(y).tolist()) - known)
         if unseen:
             raise ConfigError(

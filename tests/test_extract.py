@@ -1,5 +1,6 @@
 """Stage one: shapes, equality with a direct Keras forward pass, alignment, cache hits,
 mismatches, bad files and strict mode."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_folder, make_image
 from pipeline import backbone, registry, store, weights
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.extract import extract
 from pipeline.layout import locate
+
+from conftest import make_folder, make_image
 
 
 def cfg_for(data: Path | str, cache_dir: Path, **kw) -> ExtractConfig:
@@ -22,7 +24,7 @@ def cfg_for(data: Path | str, cache_dir: Path, **kw) -> ExtractConfig:
     return ExtractConfig(data=str(data), cache_dir=cache_dir, quiet=True, **kw)
 
 
-@pytest.mark.parametrize("size, side", [(32, 1), (150, 4), (180, 5)])
+@pytest.mark.parametrize(("size", "side"), [(32, 1), (150, 4), (180, 5)])
 def test_feature_shapes(tmp_path, cache_dir, size, side):
     root = make_folder(tmp_path / "imgs", {"train": 2, "test": 1})
     result = extract(cfg_for(root, cache_dir, size=size))
@@ -54,7 +56,7 @@ def test_features_equal_direct_keras_forward_pass(tmp_path, cache_dir):
     model.save_weights(weights_file)
     result = extract(cfg_for(root, cache_dir, size=size, weights=str(weights_file), batch_size=4))
     for split in ("train", "test"):
-        x, y, paths = store.load_split(result.path, split)
+        x, _y, paths = store.load_split(result.path, split)
         pixels = np.stack([np.asarray(Image.open(root / p).convert("RGB"), np.float32) for p in paths])
         direct = model.predict(keras.applications.vgg16.preprocess_input(pixels), verbose=0)
         np.testing.assert_allclose(x, direct, rtol=1e-4, atol=1e-4)
@@ -80,7 +82,13 @@ def test_provenance_attributes(image_root, cache_dir):
     path = extract(cfg_for(image_root, cache_dir)).path
     meta = store.read_meta(path)
     assert (meta.backbone, meta.weights, meta.layer, meta.size, meta.dtype, meta.precision) == (
-        "vgg16", "random-seed0", "block5_pool", 32, "float32", "float32")
+        "vgg16",
+        "random-seed0",
+        "block5_pool",
+        32,
+        "float32",
+        "float32",
+    )
     assert meta.class_names == ("cats", "dogs") and len(meta.fingerprint) == 64
     assert "caffe" in meta.preprocessing and "no scaling" in meta.preprocessing
     assert len(meta.weights_sha256) == 64 and meta.weights_source == "random"
@@ -102,7 +110,7 @@ def test_cache_hit_builds_no_model(image_root, cache_dir, monkeypatch):
 def test_changed_inputs_update_incrementally_and_force_rebuilds(image_root, cache_dir, monkeypatch):
     first = extract(cfg_for(image_root, cache_dir))
     make_image(image_root / "train" / "cats" / "new.png", (200, 40, 40), 40, 999)
-    with pytest.raises(store.CacheError, match="fingerprint differs.*only new and changed"):
+    with pytest.raises(store.CacheError, match=r"fingerprint differs.*only new and changed"):
         locate(cfg_for(image_root, cache_dir))  # stage two never reads a stale cache
     sent = []
     original = backbone.forward
@@ -121,9 +129,13 @@ def test_changed_inputs_update_incrementally_and_force_rebuilds(image_root, cach
 def test_options_and_folders_get_their_own_cache_files(tmp_path, cache_dir):
     a = make_folder(tmp_path / "a" / "imgs", {"train": 1})
     b = make_folder(tmp_path / "b" / "imgs", {"train": 1})  # same folder name, other place
-    paths = {extract(cfg_for(a, cache_dir)).path, extract(cfg_for(b, cache_dir)).path,
-             extract(cfg_for(a, cache_dir, size=40)).path, extract(cfg_for(a, cache_dir, dtype="float16")).path,
-             extract(cfg_for(a, cache_dir, layer="block4_pool")).path}
+    paths = {
+        extract(cfg_for(a, cache_dir)).path,
+        extract(cfg_for(b, cache_dir)).path,
+        extract(cfg_for(a, cache_dir, size=40)).path,
+        extract(cfg_for(a, cache_dir, dtype="float16")).path,
+        extract(cfg_for(a, cache_dir, layer="block4_pool")).path,
+    }
     assert len(paths) == 5 and all(p.is_file() for p in paths)
 
 
@@ -165,8 +177,12 @@ def test_digits_builtin_and_npz(tmp_path, cache_dir):
     assert meta.class_names == tuple(str(i) for i in range(10)) and sum(meta.split_sizes.values()) == 1797
     rng = np.random.default_rng(0)
     npz = tmp_path / "arr.npz"
-    np.savez(npz, x=rng.integers(0, 255, (20, 16, 16), dtype=np.uint8), y=np.array(["b", "a"] * 10),
-             class_names=np.array(["a", "b"]))
+    np.savez(
+        npz,
+        x=rng.integers(0, 255, (20, 16, 16), dtype=np.uint8),
+        y=np.array(["b", "a"] * 10),
+        class_names=np.array(["a", "b"]),
+    )
     meta = store.read_meta(extract(cfg_for(npz, cache_dir)).path)
     assert meta.class_names == ("a", "b") and sum(meta.split_sizes.values()) == 20
 
@@ -184,37 +200,48 @@ def test_bad_files_are_skipped_and_recorded(image_root, cache_dir):
     _, y, paths = store.load_split(result.path, "train")
     assert len(y) == 12 and not any("empty" in p for p in paths)
     with h5py.File(result.path) as f:
-        reasons = dict(zip([store.decode_path(p) for p in f["train/skipped/paths"][()]],
-                           f["train/skipped/reasons"].asstr()[()], strict=True))
+        reasons = dict(
+            zip(
+                [store.decode_path(p) for p in f["train/skipped/paths"][()]],
+                f["train/skipped/reasons"].asstr()[()],
+                strict=True,
+            )
+        )
     assert reasons["train/cats/empty.jpg"] == "empty file (0 bytes)"
     assert "truncated" in reasons["train/cats/truncated.jpg"] or "cannot decode" in reasons["train/cats/truncated.jpg"]
 
 
 def test_strict_refuses_bad_files_before_writing(image_root, cache_dir):
     (image_root / "test" / "dogs" / "broken.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(ConfigError, match="broken.png"):
+    with pytest.raises(ConfigError, match=r"broken\.png"):
         extract(cfg_for(image_root, cache_dir, strict=True))
     assert not list(cache_dir.rglob("*.h5"))
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: (r / "test" / "dogs").rename(r / "test" / "wolves"), "wolves"),
-    (lambda r: [p.unlink() for p in (r / "validation" / "cats").iterdir()], "empty"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: (r / "test" / "dogs").rename(r / "test" / "wolves"), "wolves"),
+        (lambda r: [p.unlink() for p in (r / "validation" / "cats").iterdir()], "empty"),
+    ],
+)
 def test_class_folder_errors_name_the_class(image_root, cache_dir, mutate, message):
     mutate(image_root)
     with pytest.raises(ConfigError, match=message):
         extract(cfg_for(image_root, cache_dir))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"size": 16}, "size=16"),
-    ({"layer": "block5_conv9"}, "block5_conv9"),
-    ({"data": "mnist"}, "mnist"),
-    ({"data": "/no/such/folder"}, "/no/such/folder"),
-    ({"weights": "/no/such.h5"}, "/no/such.h5"),
-    ({"dtype": "int8"}, "int8"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"size": 16}, "size=16"),
+        ({"layer": "block5_conv9"}, "block5_conv9"),
+        ({"data": "mnist"}, "mnist"),
+        ({"data": "/no/such/folder"}, "/no/such/folder"),
+        ({"weights": "/no/such.h5"}, "/no/such.h5"),
+        ({"dtype": "int8"}, "int8"),
+    ],
+)
 def test_bad_options_fail_before_work_naming_the_value(image_root, cache_dir, overrides, message):
     kw = {"data": str(image_root), "size": 32, "weights": "random", "cache_dir": cache_dir, **overrides}
     with pytest.raises(ConfigError, match=message):
@@ -224,8 +251,11 @@ def test_bad_options_fail_before_work_naming_the_value(image_root, cache_dir, ov
 
 def test_imagenet_unavailable_names_the_file(image_root, cache_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
-    monkeypatch.setattr(weights, "_download_imagenet",
-                        lambda path: (_ for _ in ()).throw(ConfigError(weights.imagenet_missing(path, "offline"))))
+    monkeypatch.setattr(
+        weights,
+        "_download_imagenet",
+        lambda path: (_ for _ in ()).throw(ConfigError(weights.imagenet_missing(path, "offline"))),
+    )
     with pytest.raises(ConfigError, match=weights.IMAGENET_FILE):
         extract(cfg_for(image_root, cache_dir, weights="imagenet"))
 
@@ -235,10 +265,18 @@ def test_lock_refuses_a_second_writer(image_root, cache_dir):
     import sys
 
     first = extract(cfg_for(image_root, cache_dir))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from pipeline.store import writer_lock\n"
-        f"with writer_lock(Path({str(first.path)!r})):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from pipeline.store import writer_lock\n"
+                f"with writer_lock(Path({str(first.path)!r})):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(store.CacheError, match=f"pid {holder.pid}"):

@@ -1,6 +1,7 @@
 """Incremental extraction (only new and changed files go through the backbone, the result
 equals a full re-extraction row for row) and shards (one file per slice, merged as HDF5
 virtual datasets without copying feature bytes)."""
+
 from __future__ import annotations
 
 import os
@@ -174,8 +175,18 @@ def test_cli_shard_options_exit_codes(tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
 
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
-    base = ["extract", "--data", str(root), "--size", "32", "--weights", "random", "--cache-dir",
-            str(tmp_path / "c"), "--quiet"]
+    base = [
+        "extract",
+        "--data",
+        str(root),
+        "--size",
+        "32",
+        "--weights",
+        "random",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
     assert main([*base, "--shards", "2"]) == 2
     assert "--shards N needs --shard I" in capsys.readouterr().err
     assert main([*base, "--shard", "0"]) == 2
@@ -196,8 +207,23 @@ def test_killed_shard_resumes_and_the_merge_equals_a_single_process(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     root = make_folder(tmp_path / "imgs", {"train": 16}, size=64)
     cache = tmp_path / "c"
-    opts = ["--data", str(root), "--size", "64", "--weights", "random", "--chunk-size", "2", "--batch-size", "2",
-            "--quiet", "--cache-dir", str(cache), "--shards", "2"]
+    opts = [
+        "--data",
+        str(root),
+        "--size",
+        "64",
+        "--weights",
+        "random",
+        "--chunk-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+        "--cache-dir",
+        str(cache),
+        "--shards",
+        "2",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     cmd = [sys.executable, "-m", "pipeline", "extract", *opts]
     proc = subprocess.Popen([*cmd, "--shard", "0"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

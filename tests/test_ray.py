@@ -1,5 +1,6 @@
 """``--engine ray`` on a local Ray with 2 CPUs: shards as Ray tasks, merged into the same
 cache a single process makes; a slice that fails once is retried to a complete result."""
+
 from __future__ import annotations
 
 import h5py
