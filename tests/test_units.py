@@ -57,7 +57,8 @@ def test_unsplit_folder_labels_follow_sorted_class_names(unsplit):
     for split in src.splits.values():
         for path, label in zip(split.paths, split.labels, strict=True):
             assert path.split("/")[0] == src.class_names[label]
-    assert sorted(len(s) for s in src.splits.values()) == [2, 2, 4]
+    every = [p for s in src.splits.values() for p in s.paths]
+    assert len(every) == len(set(every)) == 8  # each file in exactly one split
 
 
 def test_stratified_assignment_keeps_each_class_share_and_is_seeded():
@@ -121,6 +122,11 @@ def test_a_cache_killed_while_writing_is_marked_incomplete(tmp_path, monkeypatch
         store.read_meta(tmp)
 
 
+def _plan(paths: list[str], labels: np.ndarray, blocks: list) -> store.SplitPlan:
+    """A split written from computed chunks only (nothing reused from an older cache)."""
+    return store.SplitPlan(paths, labels, [f"k{i}" for i in range(len(paths))], {}, {}, blocks)
+
+
 def test_chunk_assembly_killed_midway_leaves_no_complete_file(tmp_path, monkeypatch):
     final = tmp_path / "c.h5"
     chunks = store.ChunkStore(final, {"k": 1})
@@ -129,21 +135,20 @@ def test_chunk_assembly_killed_midway_leaves_no_complete_file(tmp_path, monkeypa
         chunks.save("train", i, x[4 * i : 4 * i + 4], np.arange(4 * i, 4 * i + 4), np.array([], np.int64), [])
     original = store._write_rows_meta
     monkeypatch.setattr(store, "_write_rows_meta", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    layout = {"train": (2, [f"p{i}" for i in range(8)], y)}
+    plans = {"train": _plan([f"p{i}" for i in range(8)], y, chunks.blocks("train", 2))}
     with pytest.raises(KeyboardInterrupt):
-        chunks.assemble(layout, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
+        store.assemble(final, plans, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
     assert not final.exists()
     assert chunks.done("train", 0)
     assert chunks.done("train", 1)
     with pytest.raises(CacheError, match="incomplete"):
         store.read_meta(final.with_name(final.name + ".tmp"))
     monkeypatch.setattr(store, "_write_rows_meta", original)
-    chunks.assemble(layout, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
+    store.assemble(final, plans, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
     got, labels, paths = store.load_split(final, "train")
     np.testing.assert_array_equal(got, x)
     assert np.array_equal(labels, y)
     assert paths == [f"p{i}" for i in range(8)]
-    assert not chunks.dir.exists()
 
 
 def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
@@ -151,9 +156,8 @@ def test_chunks_keep_skipped_rows_out_of_the_features(tmp_path):
     chunks = store.ChunkStore(final, {"k": 1})
     x, y = separable(2, 2)
     chunks.save("train", 0, x[[0, 2, 3]], np.array([0, 2, 3]), np.array([1]), ["truncated"])
-    skipped = chunks.assemble(
-        {"train": (1, ["a", "b", "c", "d"], y)}, x.shape[1:], "float16", synthetic_meta(x, ("a", "b"))
-    )
+    plans = {"train": _plan(["a", "b", "c", "d"], y, chunks.blocks("train", 1))}
+    skipped = store.assemble(final, plans, x.shape[1:], "float16", synthetic_meta(x, ("a", "b")))
     assert skipped == {"train": [("b", "truncated")]}
     got, labels, paths = store.load_split(final, "train")
     assert got.dtype == np.float16
