@@ -374,3 +374,21 @@ def make_head(name: str, **params: Any) -> _PooledHead:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"head {name!r}: {e}") from e
     return head
+
+
+def head_tables(spec: dict[str, Any], source: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """The sweep file's ``[[head]]`` tables as (number, head name, the other keys), checked:
+    shared by the grid and by the Optuna search."""
+    heads = spec.get("head")
+    if not heads or not isinstance(heads, list):
+        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
+    out = []
+    for number, table in enumerate(heads, 1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
+        rest = dict(table)
+        name = rest.pop("name", None)
+        if name not in HEADS:
+            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
+        out.append((number, name, rest))
+    return out

@@ -26,7 +26,7 @@ from typing import Any
 
 from .config import TRAIN_ON
 from .errors import ConfigError
-from .heads import HEADS, make_head
+from .heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +86,8 @@ def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, l
     trials = spec.get("trials")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"{source}: search = {sampler!r} needs trials = N (a positive integer); received {trials!r}")
-    heads = spec.get("head")
-    if not heads or not isinstance(heads, list):
-        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
     tables = []
-    for number, table in enumerate(heads, 1):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
-        table = dict(table)
-        name = table.pop("name", None)
-        if name not in HEADS:
-            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
+    for number, name, table in head_tables(spec, source):
         where = f"{source}: head #{number} ({name})"
         for key, value in table.items():
             if _is_range(value):

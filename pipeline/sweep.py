@@ -25,7 +25,7 @@ import numpy as np
 from . import html_report, report, search, store, tracking
 from .config import TRAIN_ON, SweepConfig, as_dict, load_toml
 from .errors import ConfigError
-from .heads import HEADS, make_head
+from .heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,8 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
         raise ConfigError(
             f"{source}: unknown top-level key(s) {unknown}; allowed: ['head'] (the seed comes from --seed / SEED=)"
         )
-    heads = spec.get("head")
-    if not heads or not isinstance(heads, list):
-        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
     configs = []
-    for number, table in enumerate(heads, 1):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
-        table = dict(table)
-        name = table.pop("name", None)
-        if name not in HEADS:
-            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
+    for number, name, table in head_tables(spec, source):
         grid = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
         empty = sorted(k for k, v in grid.items() if not v)
         if empty:
@@ -135,6 +126,23 @@ def load_views(cache: Path, meta: store.CacheMeta, limit: int | None) -> tuple[n
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
+def check_classes(cache: Path, meta: store.CacheMeta, labels: dict[str, np.ndarray]) -> None:
+    """Every split holds two or more classes, and none that train lacks (``labels["train"]``)."""
+    known = set(np.unique(labels["train"]).tolist())
+    for split, y in labels.items():
+        unseen = sorted(set(np.unique(y).tolist()) - known)
+        if unseen:
+            raise ConfigError(
+                f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
+                "train lacks; no head can predict them (re-split the data so train has every class)"
+            )
+        if len(np.unique(y)) < 2:
+            raise ConfigError(
+                f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
+                "a classifier needs two or more"
+            )
+
+
 def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool) -> SweepData:
     """Read the splits; carve validation from train when the cache has none; check classes."""
     from sklearn.model_selection import train_test_split
@@ -173,19 +181,7 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
         )
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
-    known = set(np.unique(data["train"][1]).tolist())
-    for split, (_, y) in data.items():
-        unseen = sorted(set(np.unique(y).tolist()) - known)
-        if unseen:
-            raise ConfigError(
-                f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
-                "train lacks; no head can predict them (re-split the data so train has every class)"
-            )
-        if len(np.unique(y)) < 2:
-            raise ConfigError(
-                f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
-                "a classifier needs two or more"
-            )
+    check_classes(cache, meta, {s: y for s, (_, y) in data.items()})
     views = load_views(cache, meta, cfg.views) if wants_views else None
     if views is not None and "validation" not in meta.splits:
         raise ConfigError(
@@ -215,20 +211,7 @@ def _streaming_data(
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {
         s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits
     }
-    known = set(np.unique(train[1]).tolist())
-    checked: dict[str, tuple[np.ndarray, np.ndarray]] = {"train": train, **data}
-    for split, (_, y) in checked.items():
-        unseen = sorted(set(np.unique(y).tolist()) - known)
-        if unseen:
-            raise ConfigError(
-                f"{cache}: split {split!r} holds class(es) {[meta.class_names[c] for c in unseen]} that "
-                "train lacks; no head can predict them (re-split the data so train has every class)"
-            )
-        if len(np.unique(y)) < 2:
-            raise ConfigError(
-                f"{cache}: split {split!r} holds a single class ({meta.class_names[int(y[0])]!r}); "
-                "a classifier needs two or more"
-            )
+    check_classes(cache, meta, {"train": train[1], **{s: y for s, (_, y) in data.items()}})
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     return SweepData(train, data["validation"], data.get("test"), views, cfg.train_on, notes, streams=sources)
