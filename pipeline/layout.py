@@ -17,6 +17,7 @@ from pathlib import Path
 from . import precision, registry, sources, store, weights
 from .config import ExtractConfig
 from .errors import CacheError, ConfigError
+from .images import printable
 from .store import CacheKey
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,27 @@ def locate(cfg: ExtractConfig) -> Path:
         )
     if meta.fingerprint != key.fingerprint:
         raise CacheError(
-            f"{path} no longer matches its inputs (images were added, changed or removed since it was "
-            f"made: fingerprint differs); bring it up to date with `{extract_command(cfg)}` "
-            "(only new and changed images are computed)"
+            f"{path} no longer matches its inputs ({stale_files(path, source)}; fingerprint differs); bring it "
+            f"up to date with `{extract_command(cfg)}` (only new and changed images are computed)"
         )
     return path
+
+
+def stale_files(path: Path, source: sources.Source, show: int = 3) -> str:
+    """What changed under DATA since the cache was made, by file: counts and the first few names."""
+    index = store.read_index(path)
+    cached = {(split, p): k for split in index.rows for p, (_, k) in index.rows[split].items()} | {
+        (split, p): k for split in index.skipped for p, (_, k) in index.skipped[split].items()
+    }
+    now = {(split, p): k for split, s in source.splits.items() for p, k in zip(s.paths, s.keys, strict=True)}
+    groups = {
+        "new": sorted(p for sp, p in now.keys() - cached.keys()),
+        "changed": sorted(p for sp, p in now.keys() & cached.keys() if now[sp, p] != cached[sp, p]),
+        "removed": sorted(p for sp, p in cached.keys() - now.keys() if "@" not in sp),
+    }
+    parts = [
+        f"{len(names)} {what} ({', '.join(printable(n) for n in names[:show])}{', ...' if len(names) > show else ''})"
+        for what, names in groups.items()
+        if names
+    ]
+    return "; ".join(parts) or "the files are the same, their order or split changed"

@@ -110,7 +110,7 @@ def test_cache_hit_builds_no_model(image_root, cache_dir, monkeypatch):
 def test_changed_inputs_update_incrementally_and_force_rebuilds(image_root, cache_dir, monkeypatch):
     first = extract(cfg_for(image_root, cache_dir))
     make_image(image_root / "train" / "cats" / "new.png", (200, 40, 40), 40, 999)
-    with pytest.raises(store.CacheError, match=r"fingerprint differs.*only new and changed"):
+    with pytest.raises(store.CacheError, match=r"1 new \(train/cats/new\.png\); fingerprint differs.*only new and"):
         locate(cfg_for(image_root, cache_dir))  # stage two never reads a stale cache
     sent = []
     original = backbone.forward
@@ -294,3 +294,15 @@ def test_iter_split_streams_the_same_rows(image_root, cache_dir):
     assert [len(b[1]) for b in blocks] == [5, 5, 2]
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), x)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), y)
+
+
+def test_stage_two_names_the_files_that_changed(image_root, cache_dir):
+    extract(cfg_for(image_root, cache_dir))
+    (image_root / "test" / "dogs").iterdir().__next__().unlink()
+    changed = sorted((image_root / "train" / "cats").iterdir())[0]
+    make_image(changed, (1, 2, 3), 41, 5)  # same name, other size and pixels
+    with pytest.raises(store.CacheError) as e:
+        locate(cfg_for(image_root, cache_dir))
+    message = str(e.value)
+    assert f"1 changed (train/cats/{changed.name})" in message and "1 removed (test/dogs/" in message
+    assert "new" not in message.split("fingerprint")[0]
