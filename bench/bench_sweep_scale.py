@@ -146,7 +146,9 @@ def sweep(args: argparse.Namespace) -> None:
     from pipeline.sweep import run_sweep
 
     print(machine())
-    os.environ["FEATCACHE_SWEEP_PATH"] = args.path
+    if args.path == "off":  # the variable fit_all reads (FEATCACHE_WARM_PATH=0 in the environment works too)
+        os.environ["FEATCACHE_WARM_PATH"] = "0"
+    path_mode = "off" if os.environ.get("FEATCACHE_WARM_PATH", "1") == "0" else "on"
     runs = Path(tempfile.mkdtemp(prefix="featcache-bench-runs-"))
     try:
         t0 = time.perf_counter()
@@ -160,7 +162,7 @@ def sweep(args: argparse.Namespace) -> None:
             by_head[key] = by_head.get(key, 0.0) + r["fit_seconds"]
         print("fit seconds by head/pooling: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_head.items())))
         print(
-            f"sweep {len(result.rows)} configs, jobs {args.jobs}, path {args.path}: {wall:.1f} s wall; "
+            f"sweep {len(result.rows)} configs, jobs {args.jobs}, path {path_mode}: {wall:.1f} s wall; "
             f"winner val {result.winner['val_accuracy']:.4f}; parent peak RSS {_peak_rss_gb():.2f} GB"
         )
     finally:
