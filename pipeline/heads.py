@@ -283,6 +283,17 @@ class MLPHead(_KerasHead, _PooledHead):
         self.random_state = random_state
         self.verbose = verbose
 
+    def compiled_model(self, width: int, n_classes: int, early_stopping: bool) -> tuple[Any, list[Any]]:
+        """The seeds' head on ``width`` inputs, compiled, and its callbacks (early stopping on
+        held-out loss, best weights kept): one build for in-memory and streamed fits."""
+        import keras
+
+        inputs = keras.Input((width,))
+        model = keras.Model(inputs, seeds_head(inputs, n_classes, self.units, self.dropout))
+        compile_for(model, n_classes, self.learning_rate)
+        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
+        return model, [stop] if early_stopping else []
+
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
         import keras
 
@@ -307,14 +318,7 @@ class MLPHead(_KerasHead, _PooledHead):
                     self.epochs,
                 )
                 val = None
-        inputs = keras.Input((Z.shape[1],))
-        model = keras.Model(inputs, seeds_head(inputs, k, self.units, self.dropout))
-        compile_for(model, k, self.learning_rate)
-        callbacks = (
-            [keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)]
-            if val
-            else []
-        )
+        model, callbacks = self.compiled_model(Z.shape[1], k, early_stopping=val is not None)
         history = model.fit(
             fit_x,
             fit_y.astype(np.float32),

@@ -299,7 +299,7 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
     of the rows (at most 5,000, kept in memory) that are never trained on."""
     import keras
 
-    from .heads import compile_for, pool_features, seeds_head
+    from .heads import pool_features
 
     keras.utils.set_random_seed(head.random_state)
     rng = np.random.default_rng(head.random_state)
@@ -327,14 +327,7 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
                     yield z[s : s + head.batch_size], t[s : s + head.batch_size]
 
     width = int(np.prod(source.feature_shape)) if head.pooling == "flatten" else int(source.feature_shape[-1])
-    inputs = keras.Input((width,))
-    model = keras.Model(inputs, seeds_head(inputs, k, head.units, head.dropout))
-    compile_for(model, k, head.learning_rate)
-    callbacks = (
-        [keras.callbacks.EarlyStopping(monitor="val_loss", patience=head.patience, restore_best_weights=True)]
-        if val
-        else []
-    )
+    model, callbacks = head.compiled_model(width, k, early_stopping=val is not None)
     history = model.fit(
         batches(),
         steps_per_epoch=int(np.ceil(n_train / head.batch_size)),

@@ -101,3 +101,23 @@ def cache_dir(tmp_path: Path) -> Path:
 def _no_tracking(monkeypatch):
     """No test writes to the project's MLflow store; tests of tracking set their own URI and TRACK=1."""
     monkeypatch.setenv("TRACK", "0")
+
+
+def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
+    """Stage one interrupted after exactly ``after`` saved chunks (a raise in the main thread
+    stands in for Ctrl-C or SIGKILL); the finished chunks stay in the .partial folder."""
+    from pipeline import extract as extract_mod
+
+    original = extract_mod.ChunkWriter.save
+    calls = {"n": 0}
+
+    def save(self, *args, **kw):
+        original(self, *args, **kw)
+        calls["n"] += 1
+        if calls["n"] >= after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_mod.ChunkWriter, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        extract_mod.extract(cfg)
+    monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)

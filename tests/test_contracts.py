@@ -24,7 +24,7 @@ from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from pipeline.heads import HEADS, KerasModelHead
 
-from conftest import cache_from, make_folder, make_image, separable
+from conftest import cache_from, interrupt_extract, make_folder, make_image, separable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,38 +170,19 @@ def test_damaged_cache_is_refused_with_exit_3(tmp_path, capsys, damage, message)
 # ----------------------------------------------------------------------------- partial work
 
 
-def _interrupted_run(cfg: ExtractConfig, monkeypatch, after: int = 1) -> None:
-    """Stage one killed after ``after`` chunks were saved (a raise stands in for SIGKILL)."""
-    from pipeline import extract as extract_mod
-
-    original = extract_mod.ChunkWriter.save
-    calls = {"n": 0}
-
-    def save(self, *args, **kw):  # in the main thread: the interrupt lands after exactly ``after`` chunks
-        original(self, *args, **kw)
-        calls["n"] += 1
-        if calls["n"] >= after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", save)
-    with pytest.raises(KeyboardInterrupt):
-        extract_mod.extract(cfg)
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)
-
-
 def test_partial_work_resumes_only_for_the_same_inputs_and_options(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"train": 6}, size=32)
     cfg = ExtractConfig(
         data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True, chunk_size=4, batch_size=4
     )
-    _interrupted_run(cfg, monkeypatch)
+    interrupt_extract(cfg, monkeypatch)
     [partial] = (tmp_path / "c").rglob(".*.partial")
     assert len(list(partial.glob("train-*.npz"))) == 1  # 12 images in chunks of 4: interrupted after one
     assert extract(cfg).resumed_chunks == 1  # same inputs and options: the finished chunk is reused
 
     for change in ("chunk_size", "image"):
         (tmp_path / "c").rename(tmp_path / f"old-{change}")
-        _interrupted_run(cfg, monkeypatch)
+        interrupt_extract(cfg, monkeypatch)
         if change == "chunk_size":
             again = ExtractConfig(**{**cfg.__dict__, "chunk_size": 5})
         else:  # an image overwritten in place: same name, other pixels and size

@@ -19,7 +19,7 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import CacheError
 from pipeline.extract import extract, view_split
 
-from conftest import make_folder, make_image
+from conftest import interrupt_extract, make_folder, make_image
 
 
 def _cfg(root: Path, cache_dir: Path, **kw) -> ExtractConfig:
@@ -81,26 +81,11 @@ def test_an_image_overwritten_in_place_is_never_served_from_its_old_features(tmp
     assert not np.allclose(new, old)
 
 
-def _interrupt_after_first_chunk(cfg: ExtractConfig, monkeypatch) -> None:
-    from pipeline import extract as extract_mod
-
-    original = extract_mod.ChunkWriter.save
-
-    def save(self, *args, **kw):
-        original(self, *args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", save)
-    with pytest.raises(KeyboardInterrupt):
-        extract_mod.extract(cfg)
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)
-
-
 def test_partial_work_from_another_weights_file_of_the_same_name_is_not_reused(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"train": 4}, size=32)
     weights = _weights_file(tmp_path / "w.weights.h5", 1)
     cfg = _cfg(root, tmp_path / "c", weights=str(weights))
-    _interrupt_after_first_chunk(cfg, monkeypatch)
+    interrupt_extract(cfg, monkeypatch)
     assert list((tmp_path / "c").rglob(".*.partial/train-000000.npz"))
     _weights_file(weights, 2)  # same path and name, other values
     result = extract(cfg)
@@ -113,7 +98,7 @@ def test_force_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, monke
     root = make_folder(tmp_path / "imgs", {"train": 4}, size=32)
     first = extract(_cfg(root, tmp_path / "c"))
     before = first.path.read_bytes()
-    _interrupt_after_first_chunk(_cfg(root, tmp_path / "c", force=True), monkeypatch)
+    interrupt_extract(_cfg(root, tmp_path / "c", force=True), monkeypatch)
     assert first.path.read_bytes() == before
     assert store.read_meta(first.path).split_sizes == {"train": 8}
 
