@@ -27,11 +27,12 @@ def main() -> None:
     p.add_argument("--views", type=int, nargs="+", default=[2, 5, 10])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--size", type=int, default=150)
-    p.add_argument("--seeds-epochs", type=int, default=1)
+    p.add_argument("--seeds-epochs", type=int, default=1, help="0: count the recipe's passes, do not run it")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made, else none)")
     args = p.parse_args()
     require_data()
-    from bench_recipe import seeds_recipe
+    from bench_recipe import report_seeds, seeds_recipe
 
     from pipeline import registry, store
     from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
@@ -53,7 +54,7 @@ def main() -> None:
         print(f"{name:42} {passes:9.0f} passes {seconds:8.0f} s  test {accuracy:.4f}  {note}", flush=True)
 
     try:
-        base = ExtractConfig(data=str(DATA), size=args.size, weights=weights, quiet=True)
+        base = ExtractConfig(data=str(DATA), size=args.size, weights=weights, precision=args.precision, quiet=True)
         k_max = max(args.views)
         with Timer() as t:
             r = extract(dataclasses.replace(base, augment=k_max))
@@ -105,14 +106,18 @@ def main() -> None:
             ft.rows[-1]["test_accuracy"],
             f"{epochs_run} epochs; block5 = {100 * block5_share:.1f}% of the FLOPs",
         )
-        per_epoch, acc, passes_per_epoch = seeds_recipe(args.size, args.seeds_epochs, weights)
-        report(
-            "seeds' end-to-end, 50 epochs (extrapolated)",
-            50 * passes_per_epoch,
-            50 * per_epoch,
-            acc,
-            f"accuracy after {args.seeds_epochs} epoch(s)",
-        )
+        if args.seeds_epochs:
+            r = seeds_recipe(args.size, args.seeds_epochs, weights, args.precision)
+            report(
+                f"seeds' end-to-end, 50 epochs{'' if args.seeds_epochs >= 50 else ' (extrapolated)'}",
+                50 * r["passes_per_epoch"],
+                report_seeds(r, args.seeds_epochs, args.precision)[0],
+                r["test_accuracy"],
+                f"best val_loss checkpoint after {args.seeds_epochs} epoch(s)",
+            )
+        else:
+            # the recipe's passes without running it: 50 x (train + validation images)
+            report("seeds' end-to-end, 50 epochs (not run)", 50 * 3000, float("nan"), float("nan"))
         seeds_passes, seeds_seconds = rows[-1][1], rows[-1][2]
         print("\nshare of the seeds' end-to-end compute:")
         for name, passes, seconds, accuracy, _ in rows[:-1]:
