@@ -130,8 +130,12 @@ def main() -> None:
         with Timer() as t_extract:
             result = extract(
                 ExtractConfig(
-                    data=str(DATA), size=args.size, weights=weights, precision=args.precision,
-                    cache_dir=cache_dir, quiet=True,
+                    data=str(DATA),
+                    size=args.size,
+                    weights=weights,
+                    precision=args.precision,
+                    cache_dir=cache_dir,
+                    quiet=True,
                 )
             )
         with Timer() as t_sweep:
