@@ -383,4 +383,176 @@ def test_slug_keeps_safe_characters_only():
     assert sources._slug("a.b-c_d") == "a.b-c_d"
     assert sources._slug("..x..") == "x"
     assert sources._slug("???") == "data"
+    assert sources._slug("Xray_X") == "Xray_X"
     assert sources._fs_bytes("caf\udce9") == b"caf\xe9"
+
+
+# ----------------------------------------------------------------------------- folder layouts and their errors
+
+EXTENSIONS = ".jpg, .jpeg, .png, .bmp, .gif, .webp, .tif, .tiff"
+
+
+def _folder_error(root: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        _resolve(root)
+    return str(info.value)
+
+
+def test_resolve_names_data_that_is_neither_folder_npz_nor_builtin(tmp_path, monkeypatch):
+    assert _folder_error(tmp_path / "nope") == (
+        f"data {str(tmp_path / 'nope')!r} is neither a folder, a .npz file, nor a built-in dataset "
+        "['digits', 'cifar10']"
+    )
+    (tmp_path / "f.csv").write_text("x")
+    assert _folder_error(tmp_path / "f.csv") == (
+        f"data {str(tmp_path / 'f.csv')!r} is a file but not a .npz; give a folder of images, a .npz, "
+        "or one of ['digits', 'cifar10']"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.savez(tmp_path / "h.npz", x=np.zeros((4, 2, 2, 3), np.uint8), y=np.arange(4) % 2)
+    assert _resolve("~/h.npz").name == "h"  # ~ is the user's home
+
+
+def test_an_unreadable_split_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        sources._class_dirs(tmp_path / "gone", "train", [])
+    assert str(info.value) == f"cannot read folder {tmp_path / 'gone'}: No such file or directory"
+
+
+def test_a_folder_without_class_folders(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden").mkdir()
+    assert _folder_error(root) == f"{root} has no class folders; expected {root}/<class>/<image files>"
+
+
+def test_class_folders_whose_names_print_the_same_are_refused(tmp_path):
+    root = tmp_path / "d"
+    a, b = root / "caf\\xe9", root / os.fsdecode(b"caf\xe9")
+    for d in (a, b):
+        make_image(d / "0.png", (1, 2, 3), 4, 0)
+    assert _folder_error(root) == (f"class folders {str(a)!r} and {str(a)!r} have the same printable name; rename one")
+
+
+def test_class_folders_without_images_are_named_with_what_they_hold(tmp_path):
+    root = tmp_path / "d"
+    make_image(root / "cats" / "0.png", (1, 2, 3), 4, 0)
+    (root / "dogs").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (root / "owls" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "owls" / name).write_text("x")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (root / "pigs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "pigs" / name).write_text("x")
+    assert _folder_error(root) == (
+        f"class folder(s) without images: {root / 'dogs'} is empty; "
+        f"{root / 'owls'} holds no image files, only 4 other file(s) (a.txt, b.txt, c.txt, ...); "
+        f"{root / 'pigs'} holds no image files, only 3 other file(s) (a.txt, b.txt, c.txt). "
+        f"Images are files ending in {EXTENSIONS}; add some or remove the folder"
+    )
+
+
+def test_a_split_or_folder_without_any_image_is_named(tmp_path):
+    root = tmp_path / "d"
+    make_image(root / "train" / "cats" / "0.png", (1, 2, 3), 4, 0)
+    make_image(root / "train" / "dogs" / "0.png", (1, 2, 3), 4, 0)
+    (root / "test" / "cats").mkdir(parents=True)
+    (root / "test" / "dogs").mkdir(parents=True)
+    assert _folder_error(root) == (
+        f"split 'test' ({root / 'test'}) has no images: {root / 'test' / 'cats'} is empty; "
+        f"{root / 'test' / 'dogs'} is empty. Images are files ending in {EXTENSIONS}; add some or remove the folder"
+    )
+    flat = tmp_path / "flat"
+    (flat / "cats").mkdir(parents=True)
+    (flat / "dogs").mkdir(parents=True)
+    assert _folder_error(flat).startswith(f"{flat} has no images: {flat / 'cats'} is empty; ")
+
+
+def test_a_class_missing_from_one_split_is_named(tmp_path):
+    root = tmp_path / "d"
+    for split, classes in (("train", ("cats", "dogs")), ("validation", ("cats",))):
+        for c in classes:
+            make_image(root / split / c / "0.png", (1, 2, 3), 4, 0)
+    assert _folder_error(root) == (
+        f"class(es) ['dogs'] exist in other splits but not in {root / 'validation'}; "
+        "every split needs the same class folders"
+    )
+
+
+@pytest.mark.parametrize("layout", ["splits", "flat"])
+def test_a_single_class_is_refused_with_the_layout_expected(tmp_path, layout):
+    root = tmp_path / "d"
+    make_image(root / ("train/cats" if layout == "splits" else "cats") / "0.png", (1, 2, 3), 4, 0)
+    expected = f"{root}/<split>/<class>/<image files>" if layout == "splits" else f"{root}/<class>/<image files>"
+    assert _folder_error(root) == (
+        f"{root} has a single class, 'cats': a classifier needs at least two class folders "
+        f"(expected {expected}). Add another class folder, or point DATA at the folder that holds the class folders"
+    )
+
+
+def test_a_folder_source_lists_items_in_class_then_file_order(tmp_path, caplog):
+    root = tmp_path / "My Images"
+    for split in ("train", "test"):
+        for c in ("dogs", "cats"):
+            for i in (1, 0):
+                make_image(root / split / c / f"{i}.png", (1, 2, 3), 4, i)
+    (root / "train" / "cats" / "notes.txt").write_text("x")
+    (root / "train" / "README").write_text("x")
+    (root / "test" / "dogs" / "x.TXT").write_text("x")
+    (root / "test" / "dogs" / ".DS_Store").write_text("x")
+    (root / "test" / ".cache").mkdir()
+    make_image(root / "train" / "cats" / ".thumbs" / "0.png", (1, 2, 3), 4, 0)  # hidden: never an item
+    make_image(root / "train" / "cats" / ".2.png", (1, 2, 3), 4, 0)
+    with caplog.at_level("DEBUG", logger="pipeline.sources"):
+        src = _resolve(root)
+    assert (src.name, src.kind, src.root, src.class_names) == ("My Images", "folder", root.resolve(), ["cats", "dogs"])
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    assert src.key == f"My_Images-{digest}"
+    assert list(src.splits) == ["train", "test"]
+    assert src.splits["train"].paths == ["train/cats/0.png", "train/cats/1.png", "train/dogs/0.png", "train/dogs/1.png"]
+    assert src.splits["train"].labels.tolist() == [0, 0, 1, 1] and src.splits["train"].labels.dtype == np.int64
+    assert src.splits["test"].keys == [sources._stat_key(root / p) for p in src.splits["test"].paths]
+    assert src.items("test") == [str(root / p) for p in src.splits["test"].paths]
+    assert sorted(src.ignored) == ["test/dogs/x.TXT", "train/README", "train/cats/notes.txt"]
+    assert src.notes == [
+        f"ignored 3 file(s) under {root} that are not images by extension (.txt: 2, no extension: 1); -v lists them"
+    ]
+    assert sorted(r.getMessage() for r in caplog.records if "ignored:" in r.getMessage()) == [
+        f"not an image, ignored: {p}" for p in sorted(src.ignored)
+    ]
+
+
+def test_an_unsplit_folder_says_how_it_was_split(tmp_path):
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(10):
+            make_image(root / c / f"{i}.png", (1, 2, 3), 4, i)
+    src = _resolve(root, split=(0.5, 0.5, 0.0), seed=2)
+    assert src.notes == [
+        f"no train/validation/test folders in {root}: split [0.5, 0.5, 0.0] by a hash of each file's path "
+        "with seed 2 (a file keeps its split when others are added or removed)"
+    ]
+    assigned = sources.hashed_assignment([f"{c}/{i}.png" for c in "ab" for i in range(10)], (0.5, 0.5, 0.0), 2)
+    expected = {
+        s: [f"{c}/{i}.png" for c in "ab" for i in range(10) if assigned["ab".index(c) * 10 + i] == si]
+        for si, s in enumerate(("train", "validation"))
+    }
+    assert {s: v.paths for s, v in src.splits.items()} == expected
+    for split in src.splits.values():
+        assert split.labels.tolist() == ["ab".index(p[0]) for p in split.paths]
+
+
+def test_folder_fingerprint_covers_layout_paths_and_keys(tmp_path):
+    root = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            make_image(root / split / c / "0.png", (1, 2, 3), 4, 0)
+    base = _resolve(root).fingerprint
+    assert len(base) == 64 and _resolve(root).fingerprint == base
+    (root / "train" / "a" / "0.png").rename(root / "train" / "a" / "1.png")
+    assert _resolve(root).fingerprint != base
+    (root / "train" / "a" / "1.png").rename(root / "train" / "a" / "0.png")
+    assert _resolve(root).fingerprint == base
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    assert _resolve(root).fingerprint == base  # other files are not part of it
