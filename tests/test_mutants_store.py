@@ -457,3 +457,48 @@ def test_the_writer_lock_names_its_holder_and_is_released(tmp_path):
     assert not (tmp_path / "sub" / "c.h5.lock.json").exists()
     with store.writer_lock(final):  # released: the next writer gets it
         pass
+
+
+def test_identity_diff_ignores_the_input_fingerprint():
+    x, _ = separable(1, 2)
+    key = synthetic_meta(x).key()
+    other = store.CacheKey(**{**key.__dict__, "fingerprint": "other", "layer": "block4_pool"})
+    assert key.identity_diff(other) == ["layer: cache has 'block5_pool', asked for 'block4_pool'"]
+    assert key.diff(other) == [
+        "layer: cache has 'block5_pool', asked for 'block4_pool'",
+        "fingerprint: cache has 'synthetic', asked for 'other'",
+    ]
+    assert store.IDENTITY_FIELDS == ("backbone", "weights", "layer", "size", "dtype", "precision", "preprocessing")
+
+
+def test_natural_order_splits_at_the_last_aug():
+    assert store._natural("augmented@aug2") == ("augmented@", 2)
+
+
+def test_discarding_partial_work_twice_is_fine(tmp_path):
+    chunks = store.ChunkStore(tmp_path / "c.h5", {"k": 1})
+    chunks.discard()
+    chunks.discard()
+    assert not chunks.dir.exists()
+
+
+def test_a_virtual_cache_of_three_shards_keeps_row_order_and_dtype(tmp_path):
+    x, y = separable(3, 2)
+    x = x.astype(np.float16)
+    blocks = [_shard(tmp_path / f"s{i}.h5", x[2 * i : 2 * i + 2]) for i in range(3)]
+    for i, b in enumerate(blocks):
+        b.rows = np.arange(2 * i, 2 * i + 2)
+    plans = {
+        "train": store.SplitPlan([f"p{i}" for i in range(6)], y, [""] * 6, {}, {}, blocks),
+        "test": store.SplitPlan([], np.zeros(0, np.int64), [], {}, {}, []),
+    }
+    store.assemble(tmp_path / "c.h5", plans, x.shape[1:], "float16", synthetic_meta(x, ("a", "b")), virtual=True)
+    got = store.load_split(tmp_path / "c.h5", "train")[0]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, x)
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["test/features"].dtype == np.float16
+    (tmp_path / "s2.h5").unlink()
+    with h5py.File(tmp_path / "c.h5") as f:  # a reader that skips read_meta sees NaN, never plausible zeros
+        assert np.isnan(f["train/features"][4:]).all()
+        np.testing.assert_array_equal(f["train/features"][:4], x[:4])
