@@ -8,6 +8,7 @@ import io
 import json
 import re
 import sys
+from typing import ClassVar
 
 import joblib
 import numpy as np
@@ -118,6 +119,7 @@ def test_load_data_reads_the_splits_in_memory(tmp_path):
     data = _load(path, wants_views=True, views=1, train_on="both")
     x, y = store.load_split(path, "train")[:2]
     np.testing.assert_array_equal(data.train[0], x)
+    assert data.train[1].tolist() == y.tolist()
     np.testing.assert_array_equal(data.validation[0], store.load_split(path, "validation")[0])
     np.testing.assert_array_equal(data.test[0], store.load_split(path, "test")[0])
     np.testing.assert_array_equal(data.views[0], x + 1)  # the first view only
@@ -290,7 +292,7 @@ def test_tasks_group_c_paths_and_put_the_costly_first():
 class _Sequential:
     """joblib.Parallel run in this process, recording how it was asked to run."""
 
-    seen: dict = {}
+    seen: ClassVar[dict] = {}
 
     def __init__(self, n_jobs):
         _Sequential.seen["n_jobs"] = n_jobs
