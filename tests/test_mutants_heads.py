@@ -4,6 +4,9 @@ runs this file; TESTING.md). The Keras MLP is tested in test_heads*.py (needs Te
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
@@ -181,3 +184,236 @@ def test_head_tables_are_checked_and_numbered():
     table = {"name": "svm", "C": 1}
     heads.head_tables({"head": [table]}, "f.toml")
     assert table == {"name": "svm", "C": 1}  # the caller's table is left as it was
+
+
+# ----------------------------------------------------------------------------- the seeds' head, recorded
+#
+# These tests never load TensorFlow: a stand-in ``keras`` module records what the head asks
+# of Keras (layers, loss, optimiser, callbacks, fit arguments), so the seeds' recipe is
+# checked call by call. test_heads_sweep.py runs the same head on the real Keras.
+
+
+class _Recorder:
+    """A stand-in for the parts of ``keras`` the heads use; every call lands in ``calls``."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        rec = self
+
+        class Tensor:
+            def __init__(self, chain):
+                self.chain = chain
+
+        class Layer:
+            def __init__(self, kind, **kw):
+                self.kind, self.kw = kind, kw
+
+            def __call__(self, x):
+                return Tensor([*x.chain, (self.kind, self.kw)])
+
+        class Model:
+            def __init__(self, inputs, outputs):
+                self.inputs, self.chain = inputs, outputs.chain
+                rec.calls.append(("Model", outputs.chain))
+                self.predicted = None
+
+            def compile(self, **kw):
+                rec.calls.append(("compile", kw))
+
+            def fit(self, x, y, **kw):
+                rec.calls.append(("fit", x, y, kw))
+                return types.SimpleNamespace(history={"loss": [np.float32(0.5), 0.25]})
+
+            def predict(self, z, **kw):
+                rec.calls.append(("predict", z, kw))
+                return self.predicted
+
+            def save(self, path):
+                rec.calls.append(("save", path))
+                with open(path, "wb") as f:
+                    f.write(b"model bytes")
+
+        self.Model = Model
+        self.Input = lambda shape: rec.calls.append(("Input", shape)) or Tensor([("Input", shape)])
+        self.layers = types.SimpleNamespace(
+            Dense=lambda units, **kw: Layer("Dense", units=units, **kw),
+            Dropout=lambda rate, **kw: Layer("Dropout", rate=rate, **kw),
+        )
+        self.optimizers = types.SimpleNamespace(RMSprop=lambda **kw: ("RMSprop", kw))
+        self.callbacks = types.SimpleNamespace(EarlyStopping=lambda **kw: ("EarlyStopping", kw))
+        self.utils = types.SimpleNamespace(set_random_seed=lambda seed: rec.calls.append(("seed", seed)))
+
+        def load_model(path, **kw):
+            with open(path, "rb") as f:
+                rec.calls.append(("load_model", f.read(), kw))
+            return "loaded"
+
+        self.saving = types.SimpleNamespace(load_model=load_model)
+
+    def named(self, name):
+        return [c for c in self.calls if c[0] == name]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setitem(sys.modules, "keras", rec)
+    return rec
+
+
+def _chain(units, rate, out_units, activation):
+    return [
+        ("Dense", {"units": units, "activation": "relu", "name": "head_dense"}),
+        ("Dropout", {"rate": rate, "name": "head_dropout"}),
+        ("Dense", {"units": out_units, "activation": activation, "name": "head_out"}),
+    ]
+
+
+def test_seeds_head_is_dense_dropout_then_sigmoid_or_softmax(fake):
+    x = fake.Input((8,))
+    assert heads.seeds_head(x, 2).chain[1:] == _chain(256, 0.5, 1, "sigmoid")
+    assert heads.seeds_head(x, 3, units=7, dropout=0.25).chain[1:] == _chain(7, 0.25, 3, "softmax")
+
+
+@pytest.mark.parametrize(("k", "loss"), [(2, "binary_crossentropy"), (4, "sparse_categorical_crossentropy")])
+def test_compile_uses_rmsprop_and_the_seeds_loss(fake, k, loss):
+    model = fake.Model(fake.Input((2,)), fake.Input((2,)))
+    heads.compile_for(model, k, 0.003)
+    assert fake.named("compile") == [
+        ("compile", {"optimizer": ("RMSprop", {"learning_rate": 0.003}), "loss": loss, "metrics": ["accuracy"]})
+    ]
+
+
+def test_compiled_model_has_early_stopping_on_held_out_loss(fake):
+    head = heads.MLPHead(units=9, dropout=0.1, learning_rate=0.02, patience=4)
+    model, callbacks = head.compiled_model(12, 3, early_stopping=True)
+    assert fake.named("Input") == [("Input", (12,))]
+    assert model.chain == [("Input", (12,)), *_chain(9, 0.1, 3, "softmax")]
+    assert fake.named("compile")[0][1]["optimizer"] == ("RMSprop", {"learning_rate": 0.02})
+    assert callbacks == [("EarlyStopping", {"monitor": "val_loss", "patience": 4, "restore_best_weights": True})]
+    assert head.compiled_model(12, 2, early_stopping=False)[1] == []
+
+
+def test_seeds_head_defaults_and_limits():
+    h = heads.MLPHead()
+    assert (h.pooling, h.units, h.dropout, h.learning_rate, h.epochs) == ("flatten", 256, 0.5, 2e-5, 30)
+    assert (h.batch_size, h.patience, h.validation_fraction, h.random_state, h.verbose) == (20, 5, 0.1, 0, 0)
+    for ok in ({"dropout": 0.0}, {"patience": 0}, {"validation_fraction": 0.0}, {"verbose": 2}, {"units": 1}):
+        make_head("mlp", **ok)
+    for bad in (
+        {"dropout": 1.0},
+        {"verbose": 3},
+        {"random_state": -1},
+        {"validation_fraction": 1.0},
+        {"units": 0},
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"patience": -1},
+        {"learning_rate": 0.0},
+    ):
+        (name,) = bad
+        assert f"The '{name}' parameter of MLPHead" in _error(ConfigError, make_head, "mlp", **bad)
+
+
+def test_fit_holds_out_a_stratified_share_for_early_stopping(fake):
+    x, y = separable(20, 2)
+    head = heads.MLPHead(epochs=3, batch_size=5, patience=2, validation_fraction=0.2, random_state=4, verbose=1)
+    head.fit(x, y)
+    assert fake.named("seed") == [("seed", 4)]
+    [(_, fit_x, fit_y, kw)] = fake.named("fit")
+    assert fit_x.shape == (32, 32) and fit_y.dtype == np.float32 and np.bincount(fit_y.astype(int)).tolist() == [16, 16]
+    vx, vy = kw.pop("validation_data")
+    assert vx.shape == (8, 32) and np.bincount(vy).tolist() == [4, 4]
+    assert kw == {
+        "epochs": 3,
+        "batch_size": 5,
+        "callbacks": [("EarlyStopping", {"monitor": "val_loss", "patience": 2, "restore_best_weights": True})],
+        "verbose": 1,
+        "shuffle": True,
+    }
+    assert head.history_ == {"loss": [0.5, 0.25]} and all(type(v) is float for v in head.history_["loss"])
+    assert head.model_.chain[-1] == ("Dense", {"units": 1, "activation": "sigmoid", "name": "head_out"})
+    assert fake.named("Input") == [("Input", (32,))]
+
+
+@pytest.mark.parametrize("settings", [{"validation_fraction": 0.0}, {"patience": 0}])
+def test_fit_without_hold_out_trains_on_every_row(fake, settings):
+    x, y = separable(10, 3)
+    heads.MLPHead(**settings).fit(x, y)
+    [(_, fit_x, fit_y, kw)] = fake.named("fit")
+    assert len(fit_x) == 30 and fit_y.tolist() == y.tolist()
+    assert kw["validation_data"] is None and kw["callbacks"] == []
+
+
+def test_fit_too_small_to_hold_out_warns_and_trains_on_every_row(fake, caplog):
+    x, y = separable(3, 2)
+    with caplog.at_level("WARNING", logger="pipeline.heads"):
+        heads.MLPHead(epochs=7, validation_fraction=0.1).fit(x, y)
+    [(_, fit_x, _, kw)] = fake.named("fit")
+    assert len(fit_x) == 6 and kw["validation_data"] is None and kw["callbacks"] == []
+    [record] = caplog.records
+    assert record.getMessage().startswith("MLPHead: cannot hold out a stratified validation_fraction=0.1 of 6 rows (")
+    assert record.getMessage().endswith("); training all 7 epochs without early stopping")
+
+
+def test_probabilities_from_one_sigmoid_or_k_softmax_columns(fake):
+    head = heads.MLPHead()
+    head.model_ = fake.Model(fake.Input((1,)), fake.Input((1,)))
+    head.model_.predicted = np.array([[0.25], [1.0]], np.float32)
+    z = np.zeros((2, 4), np.float32)
+    proba = head._predict_proba(z)
+    assert proba.dtype == np.float64 and proba.tolist() == [[0.75, 0.25], [0.0, 1.0]]
+    [(_, seen, kw)] = fake.named("predict")
+    assert seen is z and kw == {"batch_size": 256, "verbose": 0}
+    head.model_.predicted = np.array([[1.0, 1.0, 2.0]], np.float32)
+    np.testing.assert_allclose(head._predict_proba(z[:1]), [[0.25, 0.25, 0.5]])
+
+
+def test_a_fitted_head_pickles_its_model_as_bytes(fake, monkeypatch, tmp_path):
+    import pipeline.backbone
+
+    registered = []
+    monkeypatch.setattr(pipeline.backbone, "preprocess_layer_class", lambda: registered.append(True))
+    head = heads.MLPHead(units=3)
+    assert head.__getstate__()["units"] == 3 and "model_" not in head.__getstate__()
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        head.save_keras(tmp_path / "m.keras")
+    head.model_ = fake.Model(fake.Input((1,)), fake.Input((1,)))
+    state = head.__getstate__()
+    assert state["model_"] == b"model bytes" and state["units"] == 3
+    assert head.model_ is not state["model_"]  # the live head keeps its model
+    again = heads.MLPHead.__new__(heads.MLPHead)
+    again.__setstate__(state)
+    assert again.model_ == "loaded" and again.units == 3
+    assert fake.named("load_model") == [("load_model", b"model bytes", {"safe_mode": True})]
+    assert registered == [True]  # the preprocessing layer is known before any model loads
+    plain = heads.MLPHead.__new__(heads.MLPHead)
+    plain.__setstate__({"units": 5, "model_": "live"})
+    assert plain.model_ == "live" and registered == [True]
+    head.save_keras(tmp_path / "m.keras")
+    assert fake.named("save")[-1] == ("save", tmp_path / "m.keras")
+
+
+def test_a_wrapped_fine_tuned_model_predicts_like_any_head(fake):
+    from sklearn.exceptions import NotFittedError
+
+    empty = heads.KerasModelHead(model="m", classes=[1, 2])
+    assert (empty.model, empty.classes) == ("m", [1, 2])
+    with pytest.raises(NotFittedError):
+        empty.predict_proba(np.zeros((1, 2)))
+    with pytest.raises(NotFittedError):
+        empty.predict(np.zeros((1, 2)))
+    assert _error(NotImplementedError, empty.fit, None, None) == (
+        "KerasModelHead wraps a model trained by `featcache finetune`"
+    )
+    model = fake.Model(fake.Input((1,)), fake.Input((1,)))
+    model.predicted = np.array([[0.2, 0.8], [0.9, 0.1]], np.float32)
+    head = heads.KerasModelHead.wrap(model, [5, 7])
+    assert head.model_ is model and head.pooling == "none"
+    assert isinstance(head.classes_, np.ndarray) and head.classes_.tolist() == [5, 7]
+    assert head.predict([[1, 2], [3, 4]]).tolist() == [7, 5]
+    [(_, seen, _)] = fake.named("predict")
+    assert isinstance(seen, np.ndarray) and seen.tolist() == [[1, 2], [3, 4]]
+    np.testing.assert_allclose(head.predict_proba(np.zeros((2, 2))), [[0.2, 0.8], [0.9, 0.1]], rtol=1e-6)
