@@ -280,14 +280,42 @@ def test_text_keeps_non_utf8_bytes_and_labels_utf8_only_when_it_is(tmp_path):
     assert index.virtual is False
 
 
+def _with_skips(tmp_path: Path, name: str = "c.h5") -> Path:
+    x, y = separable(1, 2)
+    return store.write_cache(
+        tmp_path / name,
+        {
+            "train": {
+                "features": x,
+                "labels": y,
+                "paths": ["p0", "p1"],
+                "keys": ["k0", "k1"],
+                "skipped": [("bad.png", "truncated")],
+            }
+        },
+        synthetic_meta(x, ("a", "b")),
+    )
+
+
 def test_read_index_of_a_cache_without_keys(tmp_path):
-    path = _cache(tmp_path, n=1)
+    path = _with_skips(tmp_path)
     with h5py.File(path, "a") as f:  # caches written before per-row keys
         del f["train/keys"]
         del f["train/skipped/keys"]
     index = store.read_index(path)
-    assert index.rows["train"] == {"train/0": (0, ""), "train/1": (1, "")}
-    assert index.skipped["train"] == {}
+    assert index.rows["train"] == {"p0": (0, ""), "p1": (1, "")}
+    assert index.skipped["train"] == {"bad.png": ("truncated", "")}
+
+
+@pytest.mark.parametrize("where", ["train/keys", "train/skipped/keys", "train/skipped/reasons"])
+def test_an_index_whose_keys_disagree_with_its_paths_is_never_half_read(tmp_path, where):
+    path = _with_skips(tmp_path)
+    with h5py.File(path, "a") as f:  # one entry short: a damaged file, not a smaller cache
+        values = f[where][()][:-1]
+        del f[where]
+        f[where] = values
+    with pytest.raises(ValueError, match="zip"):
+        store.read_index(path)
 
 
 # ----------------------------------------------------------------------------- assembling
