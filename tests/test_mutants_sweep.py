@@ -173,8 +173,11 @@ def test_streaming_keeps_train_in_the_file(tmp_path):
     assert data.streams["clean"].splits == ("train",)
     assert data.streams["views"].splits == ("train@aug1",)
     assert data.streams["both"].splits == ("train", "train@aug1")
-    assert data.notes[0].startswith("streaming train from c.h5 in chunks (--stream on)")
+    assert len(data.notes) == 1 and data.notes[0].startswith("streaming train from c.h5 in chunks (--stream on)")
     np.testing.assert_array_equal(data.test[0], store.load_split(path, "test")[0])
+    np.testing.assert_array_equal(data.validation[1], store.load_split(path, "validation")[1])
+    assert data.default_train_on == "clean"
+    assert _load(path, stream="on", train_on="views", wants_views=True).default_train_on == "views"
     plain = _load(path, stream="on")
     assert plain.views is None and sorted(plain.streams) == ["clean"]
     no_test = _views_cache(tmp_path / "d.h5", views=0)
@@ -194,7 +197,9 @@ def test_streaming_checks_the_classes(tmp_path):
     path = cache_from(
         tmp_path / "c.h5", {"train": separable(3, 2), "validation": (x, np.zeros(len(x), int))}, ("a", "b")
     )
-    assert "split 'validation' holds a single class ('a')" in _error(ConfigError, _load, path, stream="on")
+    assert _error(ConfigError, _load, path, stream="on") == (
+        f"{path}: split 'validation' holds a single class ('a'); a classifier needs two or more"
+    )
 
 
 # ----------------------------------------------------------------------------- fitting and scoring
