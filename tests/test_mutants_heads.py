@@ -144,8 +144,9 @@ def test_svm_too_small_to_calibrate_gives_a_softmax_of_margins(k):
 
 def test_softmax_is_stable_for_large_margins():
     head = SVMHead()
-    head.model_ = type("M", (), {"decision_function": lambda self, z: np.array([[1000.0, 0.0, -1000.0]])})()
-    np.testing.assert_allclose(head._predict_proba(np.zeros((1, 1))), [[1.0, 0.0, 0.0]])
+    margins = np.array([[1000.0, 0.0, -1000.0], [-1000.0, -1000.0, -3000.0]])  # shifted per row, not overall
+    head.model_ = type("M", (), {"decision_function": lambda self, z: margins})()
+    np.testing.assert_allclose(head._predict_proba(np.zeros((2, 1))), [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     head.model_ = type("M", (), {"decision_function": lambda self, z: np.array([800.0, -800.0])})()
     np.testing.assert_allclose(head._predict_proba(np.zeros((2, 1))), [[0.0, 1.0], [1.0, 0.0]])
 

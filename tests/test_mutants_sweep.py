@@ -260,20 +260,67 @@ def test_fit_one_without_views_says_how_to_make_them():
     )
 
 
-def test_a_c_path_gives_each_config_its_own_row_and_head():
+def test_a_c_path_gives_each_config_its_own_row_and_head(monkeypatch):
+    from pipeline import stream
+
+    paths = []
+    real = stream.fit_logreg_path
+    monkeypatch.setattr(stream, "fit_logreg_path", lambda hs, *a, **k: paths.append(len(hs)) or real(hs, *a, **k))
     data = _data()
-    configs = [("logreg", {"C": 0.01, "pooling": "avg"}), ("svm", {}), ("logreg", {"C": 1.0, "pooling": "avg"})]
+    path = {"pooling": "avg", "train_on": "views"}
+    configs = [("logreg", {"C": 0.01, **path}), ("svm", {}), ("logreg", {"C": 1.0, **path})]
     results = sweep.fit_path([0, 2], configs, 5, None, data)
+    assert paths == [2]  # one warm-started path for both
     assert [r["index"] for r, _, _ in results] == [0, 2]
     for (row, _, blob), c in zip(results, (0.01, 1.0), strict=True):
         head = joblib.load(io.BytesIO(blob))
         assert (head.C, head.random_state, row["params"], row["train_rows"]) == (c, 5, json.dumps({"C": c}), 20)
-        alone = sweep.fit_one(row["index"], "logreg", {"C": c, "pooling": "avg"}, 5, None, data)[0]
+        assert (row["head"], row["train_on"], row["pooling"]) == ("logreg", "views", "avg")
+        alone = sweep.fit_one(row["index"], "logreg", {"C": c, **path}, 5, None, data)[0]
         assert row["val_accuracy"] == alone["val_accuracy"]
         assert row["val_log_loss"] == pytest.approx(alone["val_log_loss"], rel=1e-3)
         assert row["fit_seconds"] > 0
     [(single, _, _)] = sweep.fit_path([1], configs, 5, None, data)
     assert single["head"] == "svm"
+    [(one, _, _)] = sweep.fit_path([2], configs, 5, None, data)
+    assert one["head"] == "logreg" and paths == [2]  # a path of one is a plain fit
+    streamed = _data(streams={"clean": None})
+    with pytest.raises(ConfigError, match="needs augmented views"):  # streamed: each config alone (fit_one)
+        sweep.fit_path([0, 2], configs, 5, None, streamed)
+    assert paths == [2]
+
+
+class _Stub:
+    """A fitted head as _scored sees it, with the history an MLP keeps."""
+
+    pooling = "max"
+    n_features_in_ = 4
+    classes_ = np.array([0, 1])
+    history_ = {"loss": [0.9, 0.5, 0.4]}  # noqa: RUF012
+
+    def predict_proba(self, x):
+        return np.tile([0.25, 0.75], (len(x), 1))
+
+    def get_params(self):
+        return {"units": 3}
+
+
+def test_scored_rows_keep_epochs_and_sorted_params():
+    data = _data()
+    row, history, blob = sweep._scored(
+        4, "mlp", {"units": 3, "epochs": 9, "pooling": "max"}, "clean", _Stub(), data.train[1], 1.5, data
+    )
+    assert row["epochs"] == 3 and history == {"loss": [0.9, 0.5, 0.4]}
+    assert row["params"] == '{"epochs": 9, "units": 3}'
+    assert (row["index"], row["head"], row["fit_seconds"], row["n_features"], row["pooling"]) == (
+        4,
+        "mlp",
+        1.5,
+        4,
+        "max",
+    )
+    assert row["val_accuracy"] == 0.5 and row["val_log_loss"] == pytest.approx(-(np.log(0.25) + np.log(0.75)) / 2)
+    assert isinstance(joblib.load(io.BytesIO(blob)), _Stub)
 
 
 def test_tasks_group_c_paths_and_put_the_costly_first():
