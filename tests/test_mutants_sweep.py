@@ -454,3 +454,26 @@ def test_run_sweep_without_test_split_says_so(tmp_path):
     assert result.table.endswith(", no test split")
     assert "test_accuracy" not in result.winner
     assert "no test split in the cache: the winner is not tested" in result.table
+
+
+def test_fit_one_times_the_fit_and_sets_worker_threads(monkeypatch):
+    import time
+
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
+    t0 = time.perf_counter()
+    row, _, _ = sweep.fit_one(0, "logreg", {}, 0, 2, _data())
+    assert 0 < row["fit_seconds"] <= time.perf_counter() - t0
+    assert sweep.os.environ["TF_NUM_INTRAOP_THREADS"] == "2"
+
+
+def test_fit_one_streams_train_from_the_file(tmp_path):
+    path = _views_cache(tmp_path / "c.h5", n=20, views=1)
+    data = _load(path, wants_views=True, stream="on")
+    row, _, blob = sweep.fit_one(0, "logreg", {"pooling": "avg", "train_on": "both"}, 0, None, data)
+    assert row["train_rows"] == 80 and row["train_on"] == "both"
+    head = joblib.load(io.BytesIO(blob))
+    assert head.n_features_in_ == 8
+    vx, vy = data.validation
+    assert (head.predict(vx) == vy).mean() > 0.9
