@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,7 @@ class _Recorder:
         class Model:
             def __init__(self, inputs, outputs):
                 self.inputs, self.chain = inputs, outputs.chain
+                assert isinstance(inputs, Tensor), "keras.Model needs its input tensor"
                 rec.calls.append(("Model", outputs.chain))
                 self.predicted = None
 
@@ -231,6 +233,8 @@ class _Recorder:
 
             def save(self, path):
                 rec.calls.append(("save", path))
+                if not str(path).endswith(".keras"):  # as Keras 3 does
+                    raise ValueError(f"Invalid filepath extension for saving: {path}")
                 with open(path, "wb") as f:
                     f.write(b"model bytes")
 
@@ -245,6 +249,8 @@ class _Recorder:
         self.utils = types.SimpleNamespace(set_random_seed=lambda seed: rec.calls.append(("seed", seed)))
 
         def load_model(path, **kw):
+            if not str(path).endswith(".keras"):
+                raise ValueError(f"File format not supported: {path}")
             with open(path, "rb") as f:
                 rec.calls.append(("load_model", f.read(), kw))
             return "loaded"
@@ -292,7 +298,9 @@ def test_compiled_model_has_early_stopping_on_held_out_loss(fake):
     assert model.chain == [("Input", (12,)), *_chain(9, 0.1, 3, "softmax")]
     assert fake.named("compile")[0][1]["optimizer"] == ("RMSprop", {"learning_rate": 0.02})
     assert callbacks == [("EarlyStopping", {"monitor": "val_loss", "patience": 4, "restore_best_weights": True})]
-    assert head.compiled_model(12, 2, early_stopping=False)[1] == []
+    model, callbacks = head.compiled_model(12, 2, early_stopping=False)
+    assert callbacks == [] and model.inputs.chain == [("Input", (12,))]
+    assert fake.named("compile")[-1][1]["loss"] == "binary_crossentropy"
 
 
 def test_seeds_head_defaults_and_limits():
@@ -338,12 +346,27 @@ def test_fit_holds_out_a_stratified_share_for_early_stopping(fake):
 
 
 @pytest.mark.parametrize("settings", [{"validation_fraction": 0.0}, {"patience": 0}])
-def test_fit_without_hold_out_trains_on_every_row(fake, settings):
+def test_fit_without_hold_out_trains_on_every_row(fake, settings, caplog):
     x, y = separable(10, 3)
-    heads.MLPHead(**settings).fit(x, y)
+    with caplog.at_level("WARNING", logger="pipeline.heads"):
+        heads.MLPHead(**settings).fit(x, y)
     [(_, fit_x, fit_y, kw)] = fake.named("fit")
     assert len(fit_x) == 30 and fit_y.tolist() == y.tolist()
     assert kw["validation_data"] is None and kw["callbacks"] == []
+    assert caplog.records == []  # asked for: nothing to warn about
+
+
+def test_hold_out_with_patience_one_is_seeded(fake):
+    x, y = separable(20, 2)
+
+    def held_out(seed):
+        heads.MLPHead(patience=1, validation_fraction=0.25, random_state=seed).fit(x, y)
+        return fake.named("fit")[-1][3]["validation_data"][0]
+
+    first = held_out(1)
+    assert first.shape == (10, 32)
+    np.testing.assert_array_equal(held_out(1), first)
+    assert not np.array_equal(held_out(2), first)
 
 
 def test_fit_too_small_to_hold_out_warns_and_trains_on_every_row(fake, caplog):
@@ -355,6 +378,7 @@ def test_fit_too_small_to_hold_out_warns_and_trains_on_every_row(fake, caplog):
     [record] = caplog.records
     assert record.getMessage().startswith("MLPHead: cannot hold out a stratified validation_fraction=0.1 of 6 rows (")
     assert record.getMessage().endswith("); training all 7 epochs without early stopping")
+    assert "test_size = 1 should be greater or equal to the number of classes = 2" in record.getMessage()
 
 
 def test_probabilities_from_one_sigmoid_or_k_softmax_columns(fake):
@@ -366,8 +390,8 @@ def test_probabilities_from_one_sigmoid_or_k_softmax_columns(fake):
     assert proba.dtype == np.float64 and proba.tolist() == [[0.75, 0.25], [0.0, 1.0]]
     [(_, seen, kw)] = fake.named("predict")
     assert seen is z and kw == {"batch_size": 256, "verbose": 0}
-    head.model_.predicted = np.array([[1.0, 1.0, 2.0]], np.float32)
-    np.testing.assert_allclose(head._predict_proba(z[:1]), [[0.25, 0.25, 0.5]])
+    head.model_.predicted = np.array([[1.0, 1.0, 2.0], [3.0, 0.0, 1.0]], np.float32)
+    np.testing.assert_allclose(head._predict_proba(z), [[0.25, 0.25, 0.5], [0.75, 0.0, 0.25]])
 
 
 def test_a_fitted_head_pickles_its_model_as_bytes(fake, monkeypatch, tmp_path):
@@ -384,6 +408,9 @@ def test_a_fitted_head_pickles_its_model_as_bytes(fake, monkeypatch, tmp_path):
     head.model_ = fake.Model(fake.Input((1,)), fake.Input((1,)))
     state = head.__getstate__()
     assert state["model_"] == b"model bytes" and state["units"] == 3
+    saved = Path(fake.named("save")[-1][1])
+    assert saved.name == "head.keras" and not saved.parent.exists()  # a temporary folder, removed
+    assert not Path("head.keras").exists()
     assert head.model_ is not state["model_"]  # the live head keeps its model
     again = heads.MLPHead.__new__(heads.MLPHead)
     again.__setstate__(state)
