@@ -530,3 +530,27 @@ def test_a_virtual_cache_of_three_shards_keeps_row_order_and_dtype(tmp_path):
     with h5py.File(tmp_path / "c.h5") as f:  # a reader that skips read_meta sees NaN, never plausible zeros
         assert np.isnan(f["train/features"][4:]).all()
         np.testing.assert_array_equal(f["train/features"][:4], x[:4])
+
+
+def test_assembled_caches_keep_the_compression_asked_for(tmp_path):
+    x, y = separable(2, 2)
+    chunks = store.ChunkStore(tmp_path / "c.h5", {"k": 1})
+    _block(chunks, "train", 0, x, [0, 1, 2, 3])
+    plans = {"train": store.SplitPlan(["a", "b", "c", "d"], y, [""] * 4, {}, {}, chunks.blocks("train", 1))}
+    store.assemble(tmp_path / "c.h5", plans, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")), "gzip")
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["train/features"].compression == "gzip"
+    np.testing.assert_array_equal(store.load_split(tmp_path / "c.h5", "train")[0], x)
+
+
+def test_partial_work_for_other_inputs_is_discarded_with_a_warning(tmp_path, caplog):
+    final = tmp_path / "new" / "folder" / "c.h5"  # the cache folder need not exist yet
+    chunks = store.ChunkStore(final, {"k": 1})
+    assert chunks.dir.is_dir()
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        store.ChunkStore(final, {"k": 1})
+        assert caplog.records == []
+        store.ChunkStore(final, {"k": 2})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"discarding partial work in {chunks.dir}: it was made for other inputs or options"
+    ]
