@@ -477,3 +477,105 @@ def test_fit_one_streams_train_from_the_file(tmp_path):
     assert head.n_features_in_ == 8
     vx, vy = data.validation
     assert (head.predict(vx) == vy).mean() > 0.9
+
+
+def test_show_varying_params_per_head_with_three_heads():
+    rows = [
+        {"head": "logreg", "params": json.dumps({"C": 0.1})},
+        {"head": "svm", "params": json.dumps({"C": 0.1})},
+        {"head": "mlp", "params": json.dumps({"units": 3})},
+        {"head": "logreg", "params": json.dumps({"C": 1.0})},
+    ]
+    sweep._show_varying_params(rows)
+    assert [r["params"] for r in rows] == ['{"C": 0.1}', "{}", "{}", '{"C": 1.0}']
+
+
+def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
+    from pipeline import html_report, report, tracking
+    from pipeline.heads import LogRegHead
+    from pipeline.runs import RunFolder
+
+    calls: dict = {"curves": []}
+    monkeypatch.setattr(report, "plot_learning_curves", lambda *a: calls["curves"].append(a))
+    monkeypatch.setattr(report, "plot_confusion_matrix", lambda *a: calls.update(cm=a))
+    monkeypatch.setattr(html_report, "sweep_report", lambda *a: calls.update(html=a))
+    monkeypatch.setattr(tracking, "log_sweep", lambda tracker, *a: calls.update(track=(tracker, a)) or {"runs": 3})
+    x, y = separable(5, 2)
+    winner = LogRegHead(pooling="avg").fit(x, y)
+    meta = synthetic_meta(x, ("a", "b", "c"))
+    rows = [
+        {"index": 0, "head": "logreg", "pooling": "avg", "params": "{}", "val_accuracy": 1.0, "winner": True},
+        {"index": 1, "head": "mlp", "pooling": "flatten", "params": '{"units": 3}', "val_accuracy": 0.5},
+        {"index": 2, "head": "mlp", "pooling": "max", "params": '{"units": 4}', "val_accuracy": 0.5},
+    ]
+    histories = [None, {"loss": [1.0, 0.5]}, {"loss": [0.7]}]
+    full = [{"C": 1.0}, {"units": 3}, {"units": 4}]
+    y_eval = np.array([0, 1, 1, 2])
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    cfg = SweepConfig(seed=3, name="w", track=False, runs_dir=tmp_path)
+    run = RunFolder(tmp_path, "w")
+    cache = cache_from(tmp_path / "c.h5", {"train": (x, y)}, ("a", "b", "c"))
+    spec = {"head": [{"name": "logreg"}]}
+    sweep._write_run(run, cfg, spec, cache, meta, rows, histories, winner, full, ("test", y_eval, proba), ["n"], 1.25)
+    curves = run.path / "curves"
+    assert calls["curves"] == [
+        ({"loss": [1.0, 0.5]}, curves / "01-mlp.png", '#1 mlp flatten {"units": 3}'),
+        ({"loss": [0.7]}, curves / "02-mlp.png", '#2 mlp max {"units": 4}'),
+    ]
+    assert curves.is_dir()
+    cm, names, path, title = calls["cm"]
+    assert cm.tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 0]]  # rows: true a, b, c; columns: predicted
+    assert (names, path, title) == (["a", "b", "c"], run.path / "confusion.png", "winner #0 (logreg) on test")
+    assert calls["html"] == (run.path, rows, [c for c in sweep.COLUMNS if c != "winner"], meta.to_dict(), ["n"])
+    tracker, args = calls["track"]
+    assert tracker.on is False
+    assert args[:5] == (run.path, meta, rows, histories, full)
+    assert args[5] == {**config_dict(cfg), "search": "grid"}
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["sweep_seconds"] == 1.25 and info["tracking"] == {"runs": 3} and info["notes"] == ["n"]
+    assert info["winner"] == {**rows[0], "params": {"C": 1.0}}
+    assert info["sweep"] == spec and info["cache"] == str(cache.resolve()) and info["kind"] == "classify"
+    assert (run.path / "winner.skops").is_file() and (run.path / "results.csv").is_file()
+    calls["curves"].clear()
+    sweep._write_run(
+        RunFolder(tmp_path, "v"),
+        cfg,
+        {**spec, "search": "tpe"},
+        cache,
+        meta,
+        rows,
+        histories,
+        winner,
+        full,
+        ("validation", y_eval, proba),
+        [],
+        1.0,
+    )
+    assert calls["track"][1][5]["search"] == "tpe"
+    assert calls["cm"][3] == "winner #0 (logreg) on validation"
+
+
+def config_dict(cfg):
+    from pipeline.config import as_dict
+
+    return as_dict(cfg)
+
+
+@pytest.mark.parametrize("train_on", ["clean", "views"])
+def test_run_sweep_runs_a_search_when_the_file_asks(tmp_path, train_on):
+    path = _views_cache(tmp_path / "c.h5", n=8, views=1)
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        'search = "random"\ntrials = 2\n[[head]]\nname = "logreg"\npooling = ["avg", "max"]\n'
+        f'train_on = ["{train_on}"]\n'
+    )
+    result = sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+    assert len(result.rows) == 2 and [r["index"] for r in result.rows] == [0, 1]
+    assert {r["train_on"] for r in result.rows} == {train_on}
+    assert {r["train_rows"] for r in result.rows} == {16}
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["sweep"]["search"] == "random" and info["sweep"]["trials"] == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('search = "random"\ntrials = 0\n[[head]]\nname = "logreg"\n')
+    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: search = 'random' needs trials = N"):
+        sweep.run_sweep(SweepConfig(sweep_file=bad, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
