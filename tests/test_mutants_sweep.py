@@ -579,3 +579,64 @@ def test_run_sweep_runs_a_search_when_the_file_asks(tmp_path, train_on):
     bad.write_text('search = "random"\ntrials = 0\n[[head]]\nname = "logreg"\n')
     with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: search = 'random' needs trials = N"):
         sweep.run_sweep(SweepConfig(sweep_file=bad, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+
+
+def test_run_sweep_logs_what_it_does_and_marks_the_winner(tmp_path, caplog):
+    import time
+
+    path = _views_cache(tmp_path / "c.h5", n=8, views=1, test=True)
+    toml = tmp_path / "s.toml"
+    toml.write_text('[[head]]\nname = "logreg"\npooling = "avg"\ntrain_on = ["clean", "views"]\n')
+    t0 = time.perf_counter()
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        result = sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+    elapsed = time.perf_counter() - t0
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.sweep"]
+    assert messages[0].startswith("train held in memory")
+    assert messages[1] == "sweeping 2 configs on c.h5 (train 16 + 16 view rows, validation 16) with 1 worker(s)"
+    assert [r["train_on"] for r in result.rows] == ["clean", "views"]
+    winner_line = [line for line in result.table.splitlines() if line.startswith("* ")]
+    assert len(winner_line) == 1 and winner_line[0].split()[1] == str(result.winner["index"])
+    assert {"test_accuracy", "test_log_loss"} <= set(result.winner) and result.winner["test_log_loss"] > 0
+    seconds = float(re.search(r"configs in (\S+) s", result.table).group(1))
+    assert 0 <= seconds <= elapsed
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert 0 < info["sweep_seconds"] <= elapsed
+
+
+def test_a_bad_grid_is_named_by_its_file(tmp_path):
+    path = cache_from(tmp_path / "c.h5", {"train": separable(5, 2), "validation": separable(5, 2, seed=1)})
+    toml = tmp_path / "s.toml"
+    toml.write_text('[[head]]\nname = "logreg"\ngamma = 1\n')
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(toml))}: head #1: head 'logreg' has no parameter"):
+        sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+
+
+def test_the_winner_without_test_split_is_scored_on_validation(tmp_path, monkeypatch):
+    from pipeline import report
+
+    titles = []
+    monkeypatch.setattr(report, "plot_confusion_matrix", lambda cm, names, path, title: titles.append(title))
+    path = cache_from(tmp_path / "c.h5", {"train": separable(10, 2), "validation": separable(6, 2, seed=1)})
+    toml = tmp_path / "s.toml"
+    toml.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
+    sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+    assert titles == ["winner #0 (logreg) on validation"]
+
+
+@pytest.mark.parametrize(("n_jobs", "cores", "batches"), [(1, 2, [1, 1, 1]), (-1, 2, [2, 1]), (-1, None, [1, 1, 1])])
+def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, n_jobs, cores, batches):
+    seen = []
+    real = sweep.fit_all
+    monkeypatch.setattr(
+        sweep, "fit_all", lambda batch, data, seed, jobs: seen.append(len(batch)) or real(batch, data, seed, 1)
+    )
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: cores)
+    path = cache_from(tmp_path / "c.h5", {"train": separable(8, 2), "validation": separable(8, 2, seed=1)})
+    toml = tmp_path / "s.toml"
+    toml.write_text('search = "tpe"\ntrials = 3\n[[head]]\nname = "logreg"\npooling = ["avg", "max"]\n')
+    cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=n_jobs, track=False, seed=6)
+    result = sweep.run_sweep(cfg, path)
+    assert seen == batches
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["winner"]["params"]["random_state"] == 6
