@@ -640,3 +640,28 @@ def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, n_jobs, cores, bat
     assert seen == batches
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["winner"]["params"]["random_state"] == 6
+
+
+def test_more_errors_name_their_source():
+    assert _error(ConfigError, sweep.expand_grid, {"head": []}, "s.toml") == (
+        's.toml: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"'
+    )
+    meta = synthetic_meta(np.zeros((1, 1)), ("a", "b"))
+    assert _error(
+        ConfigError, sweep.check_classes, "c.h5", meta, {"train": np.array([0, 1]), "test": np.array([1])}
+    ) == ("c.h5: split 'test' holds a single class ('b'); a classifier needs two or more")
+
+
+def test_in_memory_class_checks_name_the_cache(tmp_path):
+    x, _ = separable(3, 2)
+    path = cache_from(tmp_path / "c.h5", {"train": separable(3, 2), "validation": (x, np.ones(len(x), int))})
+    assert _error(ConfigError, _load, path) == (
+        f"{path}: split 'validation' holds a single class ('b'); a classifier needs two or more"
+    )
+
+
+def test_a_small_memory_budget_streams_train(tmp_path):
+    path = cache_from(tmp_path / "c.h5", {"train": separable(10, 2), "validation": separable(3, 2, seed=1)})
+    data = _load(path, memory_budget="1KB")
+    assert data.streams is not None and data.notes[0].startswith("streaming train from c.h5 in chunks: 20 rows")
+    assert _load(path, memory_budget="1GB").streams is None
