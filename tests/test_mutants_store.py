@@ -554,3 +554,38 @@ def test_partial_work_for_other_inputs_is_discarded_with_a_warning(tmp_path, cap
     assert [r.getMessage() for r in caplog.records] == [
         f"discarding partial work in {chunks.dir}: it was made for other inputs or options"
     ]
+
+
+def test_a_one_row_split_is_chunked_and_checksummed_like_any(tmp_path):
+    x, y = separable(1, 2)
+    x = x.astype(np.float16)
+    path = store.write_cache(
+        tmp_path / "a" / "b" / "c.h5",  # folders made as needed
+        {
+            "train": {"features": x, "labels": y.astype(np.int32), "paths": ["p0", "p1"]},
+            "test": {"features": x[:1], "labels": y[:1], "paths": ["t"]},
+        },
+        synthetic_meta(x, ("a", "b")),
+    )
+    with h5py.File(path) as f:
+        one = f["test/features"]
+        assert one.chunks == (1, 2, 2, 8) and one.fletcher32 and one.dtype == np.float16
+        assert f["test/labels"].chunks == (1,) and f["test/labels"].fletcher32
+        assert f["train/labels"].dtype == np.int64  # the documented layout, whatever the labels came as
+    assert store.load_split(path, "test")[1].tolist() == y[:1].tolist()
+
+
+def test_assembled_caches_are_checksummed(tmp_path):
+    x, y = separable(1, 2)
+    chunks = store.ChunkStore(tmp_path / "c.h5", {"k": 1})
+    _block(chunks, "train", 0, x, [0, 1])
+    plans = {"train": store.SplitPlan(["a", "b"], y.astype(np.int32), ["", ""], {}, {}, chunks.blocks("train", 1))}
+    store.assemble(tmp_path / "c.h5", plans, x.shape[1:], "float32", synthetic_meta(x, ("a", "b")))
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["train/features"].fletcher32 and f["train/labels"].dtype == np.int64
+
+
+def test_meta_to_dict_writes_any_value_as_text():
+    x, _ = separable(1, 2)
+    meta = synthetic_meta(x, info={"weights": Path("/w/v.h5"), "rows": np.int64(3)})
+    assert meta.to_dict()["info"] == {"weights": "/w/v.h5", "rows": "3"}
