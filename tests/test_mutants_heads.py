@@ -418,6 +418,7 @@ def test_a_fitted_head_pickles_its_model_as_bytes(fake, monkeypatch, tmp_path):
     assert again.model_ == "loaded" and again.units == 3
     assert fake.named("load_model") == [("load_model", b"model bytes", {"safe_mode": True})]
     assert registered == [True]  # the preprocessing layer is known before any model loads
+    assert list(tmp_path.iterdir()) == []  # loaded from a temporary folder, removed
     plain = heads.MLPHead.__new__(heads.MLPHead)
     plain.__setstate__({"units": 5, "model_": "live"})
     assert plain.model_ == "live" and registered == [True]
