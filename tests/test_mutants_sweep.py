@@ -339,6 +339,10 @@ def test_tasks_group_c_paths_and_put_the_costly_first():
     assert sweep._tasks(configs, data, False) == [[6], [3], [4], [0], [1], [2], [5]]
     views_default = _data(default="views")
     assert sweep._tasks(configs[1:3] + configs[5:6], views_default, True) == [[0, 1, 2]]
+    path = [("logreg", {"C": float(c), "pooling": "avg"}) for c in range(1, 17)]
+    flat = [("logreg", {"pooling": "flatten"})]
+    assert sweep._tasks(path + flat, data, True) == [list(range(16)), [16]]  # 16 avg fits cost one flatten fit
+    assert sweep._tasks(path[:8] + flat, data, True) == [[8], list(range(8))]
 
 
 class _Sequential:
@@ -366,7 +370,13 @@ def _fit_all(monkeypatch, configs, n_jobs, cores=8, warm=None, env=None):
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: cores)
     tasks = []
     real = sweep.fit_path
-    monkeypatch.setattr(sweep, "fit_path", lambda t, *a: tasks.append(t) or real(t, *a))
+
+    def recorded(t, configs, seed, threads, data):
+        tasks.append(t)
+        _Sequential.seen.setdefault("threads", set()).add(threads)
+        return real(t, configs, seed, threads, data)
+
+    monkeypatch.setattr(sweep, "fit_path", recorded)
     if env is not None:
         monkeypatch.setenv("FEATCACHE_WARM_PATH", env)
     else:
@@ -380,7 +390,9 @@ def test_fit_all_shares_the_cores_and_keeps_config_order(monkeypatch):
     results, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=4)
     assert [r[0]["index"] for r in results] == [0, 1, 2]
     assert tasks == [[0, 2], [1]]
-    assert seen == {"n_jobs": 2, "config": {"backend": "loky", "inner_max_num_threads": 4}}
+    assert seen == {"n_jobs": 2, "config": {"backend": "loky", "inner_max_num_threads": 4}, "threads": {4}}
+    _, _, seen = _fit_all(monkeypatch, configs, n_jobs=2, cores=3)
+    assert seen["threads"] == {1} and type(seen["config"]["inner_max_num_threads"]) is int
     _, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=-1, cores=3, env="0")
     assert tasks == [[0], [1], [2]] and seen["n_jobs"] == 3 and seen["config"]["inner_max_num_threads"] == 1
     _, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=1, env="1")
@@ -665,3 +677,32 @@ def test_a_small_memory_budget_streams_train(tmp_path):
     data = _load(path, memory_budget="1KB")
     assert data.streams is not None and data.notes[0].startswith("streaming train from c.h5 in chunks: 20 rows")
     assert _load(path, memory_budget="1GB").streams is None
+
+
+@pytest.mark.parametrize("how", ["grid", "search"])
+def test_clean_training_never_needs_the_cached_views(tmp_path, how):
+    path = _views_cache(tmp_path / "c.h5", n=8, views=1, validation=False)  # views, but no validation split
+    toml = tmp_path / "s.toml"
+    toml.write_text(("trials = 1\n" if how == "search" else "") + '[[head]]\nname = "logreg"\npooling = "avg"\n')
+    result = sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
+    assert [r["train_on"] for r in result.rows] == ["clean"]
+
+
+def test_a_search_is_seeded_and_logged(tmp_path, caplog):
+    path = cache_from(tmp_path / "c.h5", {"train": separable(8, 2), "validation": separable(8, 2, seed=1)})
+    toml = tmp_path / "s.toml"
+    toml.write_text(
+        'trials = 3\n[[head]]\nname = "logreg"\npooling = ["avg", "max", "flatten"]\nC = [0.01, 0.1, 1, 10]\n'
+    )
+
+    def run(seed):
+        cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False, seed=seed)
+        return [(r["pooling"], json.loads(r["params"]).get("C")) for r in sweep.run_sweep(cfg, path).rows]
+
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        first = run(4)
+    assert "sweeping 3 random trials on c.h5 (train 16, validation 16) with 1 worker(s)" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert run(4) == first
+    assert run(5) != first
