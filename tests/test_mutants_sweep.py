@@ -637,7 +637,7 @@ def test_the_winner_without_test_split_is_scored_on_validation(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize(("n_jobs", "cores", "batches"), [(1, 2, [1, 1, 1]), (-1, 2, [2, 1]), (-1, None, [1, 1, 1])])
-def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, n_jobs, cores, batches):
+def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, caplog, n_jobs, cores, batches):
     seen = []
     real = sweep.fit_all
     monkeypatch.setattr(
@@ -648,8 +648,10 @@ def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, n_jobs, cores, bat
     toml = tmp_path / "s.toml"
     toml.write_text('search = "tpe"\ntrials = 3\n[[head]]\nname = "logreg"\npooling = ["avg", "max"]\n')
     cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=n_jobs, track=False, seed=6)
-    result = sweep.run_sweep(cfg, path)
+    with caplog.at_level("INFO", logger="pipeline.sweep"):
+        result = sweep.run_sweep(cfg, path)
     assert seen == batches
+    assert any(r.getMessage().startswith("sweeping 3 tpe trials on c.h5") for r in caplog.records)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["winner"]["params"]["random_state"] == 6
 
