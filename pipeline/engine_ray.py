@@ -69,7 +69,7 @@ def extract_ray(
             if not address:
                 raise
             raise ConfigError(
-                f"RAY_ADDRESS={address!r}: no Ray cluster answers there ({str(e).splitlines()[0]}); "
+                f"RAY_ADDRESS={address!r}: could not join a Ray cluster there ({str(e).splitlines()[0]}); "
                 "start one (`ray start --head` on its head node) or unset RAY_ADDRESS for a local Ray; a cluster "
                 "with token authentication (Ray's default for `ray start`) also needs RAY_AUTH_MODE=token and "
                 "its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
