@@ -101,14 +101,17 @@ def main() -> None:
         f32 = caches.get("float32") or extract(dataclasses.replace(base, precision="float32")).path
         caches["int8"] = int8_cache(f32, weights, args.calibration)
     reference = caches.get("float32")
+    # float32's features, read once for every other precision's error
+    splits = ("train", "validation", "test")
+    ref_features = {s: store.load_split(reference, s)[0] for s in splits} if reference is not None else {}
     rows: list = []
     configs: dict[str, dict] = {}
     full: dict[str, dict] = {}
     for p, path in caches.items():
         errors = []
         if reference is not None and p != "float32":
-            for split in ("train", "validation", "test"):
-                a, b = store.load_split(reference, split)[0], store.load_split(path, split)[0]
+            for split, a in ref_features.items():
+                b = store.load_split(path, split)[0]
                 errors.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)))
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="featcache-prec-runs-") as runs:

@@ -121,3 +121,17 @@ def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
     with pytest.raises(KeyboardInterrupt):
         extract_mod.extract(cfg)
     monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Two caches hold the same splits, rows (paths, labels) and features (float tolerance:
+    another process or engine may sum in another order)."""
+    from pipeline import store
+
+    ma, mb = store.read_meta(a), store.read_meta(b)
+    assert ma.splits == mb.splits and ma.split_sizes == mb.split_sizes
+    for split in ma.splits:
+        xa, ya, pa = store.load_split(a, split)
+        xb, yb, pb = store.load_split(b, split)
+        assert pa == pb and np.array_equal(ya, yb)
+        np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)

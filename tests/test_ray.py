@@ -4,14 +4,12 @@ cache a single process makes; a slice that fails once is retried to a complete r
 from __future__ import annotations
 
 import h5py
-import numpy as np
 import pytest
 
-from pipeline import store
 from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 
-from conftest import make_folder
+from conftest import assert_same_cache, make_folder
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -28,16 +26,6 @@ def cfg_for(data, cache_dir) -> ExtractConfig:
     return ExtractConfig(data=str(data), cache_dir=cache_dir, size=32, weights="random", chunk_size=4, quiet=True)
 
 
-def same(a, b) -> None:
-    ma, mb = store.read_meta(a), store.read_meta(b)
-    assert ma.splits == mb.splits and ma.split_sizes == mb.split_sizes
-    for split in ma.splits:
-        xa, ya, pa = store.load_split(a, split)
-        xb, yb, pb = store.load_split(b, split)
-        assert pa == pb and np.array_equal(ya, yb)
-        np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)
-
-
 def test_ray_shards_equal_a_single_process_and_a_failed_slice_is_retried(tmp_path):
     from pipeline.engine_ray import extract_ray
 
@@ -50,7 +38,7 @@ def test_ray_shards_equal_a_single_process_and_a_failed_slice_is_retried(tmp_pat
     with h5py.File(result.path) as f:
         assert f["train/features"].is_virtual
     single = extract(cfg_for(root, tmp_path / "single"))
-    same(result.path, single.path)
+    assert_same_cache(result.path, single.path)
     assert [p for p, _ in result.skipped["train"]] == ["train/cats/bad.png"]
     assert extract_ray(cfg_for(root, tmp_path / "c"), shards=2).hit  # nothing to do: no task runs
 
