@@ -58,7 +58,7 @@ help: ## list the targets and their options
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,track,jax,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,track,jax,ray,openvino]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras

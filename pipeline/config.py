@@ -27,7 +27,7 @@ DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep.toml"
 
 SPLITS = ("train", "validation", "test")
 DTYPES = ("float32", "float16")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # int8 (OpenVINO) is measured in bench/, not wired yet
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # int8: OpenVINO, the optional openvino extra
 COMPRESSIONS = ("none", "lzf", "gzip")
 TRAIN_ON = ("clean", "views", "both")
 
@@ -50,7 +50,7 @@ class ExtractConfig:
     batch_size: int = 32  # images per forward pass
     dtype: str = "float32"  # stored feature dtype: float32 or float16
     compression: str = "none"  # HDF5 filter for features: none, lzf, gzip (level 1)
-    precision: str = "auto"  # compute: auto (fastest this machine runs natively), float32, bfloat16, float16
+    precision: str = "auto"  # compute: auto (fastest this machine runs natively), float32, bfloat16, float16, int8
     strict: bool = False  # unreadable images are an error before any work, not a skip
     force: bool = False  # rebuild even when a matching cache exists
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # for ROOT/<class>/* and arrays

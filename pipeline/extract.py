@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, layout, registry, sources, store
+from . import backbone, images, layout, quantize, registry, sources, store
 from .config import ExtractConfig, as_dict
 from .errors import CacheError, ConfigError
+from .precision import cpu_flags
 from .provenance import versions
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ExtractResult:
     removed: int = 0  # cached files no longer in the inputs (their rows dropped)
     reused: int = 0  # rows kept from the cache without recomputing
     update: str = ""  # "2 new, 1 changed, 1 removed, 19,997 reused" (+ how new files were split)
+    int8: dict[str, Any] | None = None  # precision int8: the quantised model's summary (quantize.summary)
 
     @property
     def steady_rate(self) -> float:
@@ -121,6 +123,8 @@ def extract(
         )
     if p.cfg.strict:  # before the lock: a refused run leaves nothing behind, not even a lock file
         _check_all_readable(p.source)
+    if p.cfg.precision == "int8":
+        quantize.require_openvino()  # before any work: say how to install the optional engine
     if shard is not None:
         target = shard_path(p.path, delta.todo_hash, shard, shards)
         with store.writer_lock(target):
@@ -354,12 +358,16 @@ def _compute(
     if not any(todo.values()):
         if old is None:
             raise CacheError(f"internal: nothing to compute for {target} and no cache to reuse")
+        result.int8 = old.info.get("int8")
         return None, {}, tuple(old.feature_shape), old.weights_sha256
     import keras
     from tqdm.auto import tqdm
 
     t_build = time.perf_counter()
-    model = backbone.build(cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision=cfg.precision)
+    int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.quantize)
+    model = backbone.build(
+        cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision="float32" if int8 else cfg.precision
+    )
     log.info(
         "built %s (%s weights, %s, Keras backend %s) in %.1f s",
         model.name,
@@ -372,12 +380,17 @@ def _compute(
         from .weights import verify_weights
 
         verify_weights(model.base_weights_sha256, old.weights_sha256, str(p.path))
+    weights_sha256 = model.base_weights_sha256
+    if int8:
+        model = _int8_engine(p, model, old)
+        result.int8 = quantize.summary(model.record)
     feature_shape = tuple(int(d) for d in model.output_shape[1:])
     chunks = store.ChunkStore(
         target,
         {
             **dataclasses.asdict(p.key),
-            "weights_sha256": model.base_weights_sha256,
+            "weights_sha256": weights_sha256,
+            "int8_model_sha256": (result.int8 or {}).get("model_sha256"),
             "chunk_size": cfg.chunk_size,
             "seed": cfg.seed,
             "view_seed": delta.view_seed,
@@ -421,7 +434,36 @@ def _compute(
         if rows_todo:
             blocks[split] = chunks.blocks(split, math.ceil(len(rows_todo) / cfg.chunk_size))
     result.seconds = time.perf_counter() - t0
-    return chunks, blocks, feature_shape, model.base_weights_sha256
+    return chunks, blocks, feature_shape, weights_sha256
+
+
+def _int8_engine(p: layout.Plan, model: Any, old: store.CacheMeta | None) -> quantize.OpenVINOEngine:
+    """The quantised model of the cache: the one an existing cache recorded, else kept or new."""
+    recorded = old.info.get("int8") if old is not None else None
+    if old is not None and not recorded:
+        raise CacheError(f"{p.path} holds int8 features but does not name its quantised model; rebuild with --force")
+    assert p.cfg.size is not None
+    engine = quantize.engine_for(
+        p.path,
+        model,
+        source=p.source,
+        size=p.cfg.size,
+        seed=p.cfg.seed,
+        decode=(p.cfg.decode_threads, p.cfg.decode_processes),
+        recorded=recorded,
+        batch_size=p.cfg.batch_size,
+    )
+    note = quantize.check_isa(engine.record, sorted(cpu_flags()))
+    if note:
+        log.warning(note)
+    return engine
+
+
+def _tidy(p: layout.Plan, result: ExtractResult) -> None:
+    """Once the cache is complete: drop leftover shard files and int8 models it does not use."""
+    _cleanup_shards(p.path, keep=None)
+    if p.cfg.precision == "int8":
+        quantize.discard_unused(p.path, keep=(result.int8 or {}).get("folder"))
 
 
 def _meta(
@@ -463,6 +505,7 @@ def _meta(
             "config": as_dict(cfg),
             "compression": cfg.compression,
             "last_update": delta.describe(),
+            **({"int8": result.int8} if result.int8 else {}),
             **info,
         },
     )
@@ -498,7 +541,7 @@ def _run(
     )
     if chunks is not None:
         chunks.discard()
-    _cleanup_shards(p.path, keep=None)
+    _tidy(p, result)
     return _finish(p, delta, result)
 
 
@@ -573,6 +616,11 @@ def _merge(
     hashes = {m.weights_sha256 for _, m in metas} | ({old.weights_sha256} if old is not None else set())
     if len(hashes) > 1:
         raise CacheError(f"the shards of {p.path} were computed with different weight values; rerun them")
+    int8 = [m.info.get("int8") for _, m in metas] + ([old.info.get("int8")] if old is not None else [])
+    if p.cfg.precision == "int8":
+        if len({json.dumps(r, sort_keys=True) for r in int8}) > 1 or not all(int8):
+            raise CacheError(f"the shards of {p.path} were computed with different int8 models; rerun them")
+        result.int8 = int8[0] if int8 else None
     feature_shape = tuple(metas[0][1].feature_shape) if metas else tuple(old.feature_shape)  # type: ignore[union-attr]
     for path, meta in metas:
         with h5py_file(path) as f:
@@ -609,7 +657,7 @@ def _merge(
         old=p.path if old is not None else None,
         virtual=virtual,
     )
-    _cleanup_shards(p.path, keep=None)
+    _tidy(p, result)
     return _finish(p, delta, result)
 
 

@@ -70,6 +70,11 @@ def finetune(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
             f"finetune trains VGG's block5 from cached block4_pool maps; backbone={ecfg.backbone!r} "
             "has no such blocks (use vgg16 or vgg19)"
         )
+    if ecfg.precision == "int8":
+        raise ConfigError(
+            "finetune trains Keras layers; precision='int8' is an OpenVINO inference engine for stage one. "
+            "Use --precision float32, bfloat16 or auto"
+        )
     import keras
 
     keras.utils.set_random_seed(ft.seed)

@@ -8,8 +8,10 @@ first time on a machine, a short timed probe whose result is remembered in a sma
 memo (keyed by CPU, flags and library versions) so later runs don't repeat it.
 
 The precision changes the features (bfloat16 keeps 8 bits of mantissa), so it belongs to
-the cache's identity: ``cache_suffix`` and the ``precision`` identity field. Nothing here
-imports Keras at import time; options are checked before any model is built.
+the cache's identity: ``cache_suffix`` and the ``precision`` identity field. ``int8`` is
+never chosen by ``auto`` (it costs accuracy); asked for, it runs on OpenVINO
+(``pipeline.quantize``). Nothing here imports Keras at import time; options are checked
+before any model is built.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
 # int8 runs the float32 Keras model converted by OpenVINO and quantised by NNCF (optional extra)
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
 _SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16", "int8": "-int8"}
@@ -40,11 +41,6 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot
 ENV = "FEATCACHE_PRECISION"  # pins what ``auto`` resolves to on a machine (CI, reproducible benchmarks)
 MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
 MEMO_VERSION = 1
-OPENVINO_MISSING = (
-    "precision 'int8' runs on OpenVINO, which is not installed: "
-    "`pip install 'featcache[openvino]'` (openvino + nncf), or use --precision bfloat16 / auto"
-)
-
 Probe = Callable[[], "tuple[float, float]"]  # () -> (float32 img/s, bfloat16 img/s)
 
 
@@ -52,7 +48,7 @@ Probe = Callable[[], "tuple[float, float]"]  # () -> (float32 img/s, bfloat16 im
 class Choice:
     """The precision a run uses, and why (printed, and stored in the cache's metadata)."""
 
-    precision: str  # "float32" | "bfloat16" | "float16"
+    precision: str  # "float32" | "bfloat16" | "float16" | "int8"
     reason: str
     probed: bool = False  # True when a timing probe ran in this call (not read from the memo)
     requested: str = "auto"
@@ -378,45 +374,3 @@ def relative_error(a: Any, b: Any) -> float:
     ref = float(np.linalg.norm(b))
     diff = float(np.linalg.norm(a - b))
     return diff / ref if ref > 0 else (0.0 if diff == 0 else float("inf"))
-
-
-# --------------------------------------------------------------------------- int8 (OpenVINO)
-
-
-def require_openvino() -> tuple[Any, Any]:
-    """(openvino, nncf), or a ConfigError saying how to install them."""
-    try:
-        import nncf
-        import openvino
-    except ImportError as e:
-        raise ConfigError(f"{OPENVINO_MISSING} ({e})") from e
-    return openvino, nncf
-
-
-class OpenVINOEngine:
-    """A Keras model run by OpenVINO: ``predict_on_batch`` like a Keras model, so
-    ``backbone.forward`` needs no change. int8 is NNCF post-training quantisation."""
-
-    def __init__(self, compiled: Any, name: str, calibration_images: int):
-        self.compiled, self.name, self.calibration_images = compiled, name, calibration_images
-        self._request = compiled.create_infer_request()
-
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._request.infer({0: x})[0], np.float32).copy()
-
-
-def openvino_engine(model: Any, calibration: np.ndarray, batch_size: int = 32) -> OpenVINOEngine:
-    """int8 engine of a float32 Keras model (input as the model takes it, e.g. uint8 pixels).
-
-    ``calibration``: a few hundred train images at most (NNCF's statistics; 64 took ~15 s on
-    2 cores at 150 px). Any batch size runs (dynamic batch dimension).
-    """
-    ov, nncf = require_openvino()
-    if calibration is None or len(calibration) == 0:
-        raise ConfigError("precision 'int8' needs calibration images (a few train images); none were given")
-    shape = [-1, *model.inputs[0].shape[1:]]
-    converted = ov.convert_model(model, input=[shape])
-    batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
-    quantized = nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(calibration))
-    compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return OpenVINOEngine(compiled, f"openvino-int8 ({ov.__version__}, nncf {nncf.__version__})", len(calibration))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, runs
+from . import backbone, images, quantize, runs
 from .config import RUNS_DIR, ExtractConfig
 from .errors import CacheError, ConfigError
 from .persist import load_head
@@ -103,8 +103,15 @@ def predict(
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
     head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
-    model = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision)
+    int8 = meta.precision == "int8"
+    if int8:  # the quantised model the features came from, kept in the run folder (checked first)
+        quantize.require_openvino()
+    model = backbone.build(
+        meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision="float32" if int8 else meta.precision
+    )
     verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
+    if int8:
+        model = _int8_model(run_dir, meta)
     decode = ExtractConfig()
     rows = _classify(
         files,
@@ -116,6 +123,17 @@ def predict(
         decode.decode_processes,
     )
     return _write(rows, root, meta.class_names, out)
+
+
+def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
+    recorded = meta.info.get("int8") or {}
+    folder = run_dir / "int8-model"
+    if not (folder / quantize.MODEL_FILES[1]).exists() or "model_sha256" not in recorded:
+        raise CacheError(
+            f"{run_dir} holds a head trained on int8 features but not the quantised model that made them "
+            f"({folder} is missing); run `make classify` again on the int8 cache"
+        )
+    return quantize.load(folder, recorded["model_sha256"])
 
 
 def _classify(

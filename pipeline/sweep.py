@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import html_report, report, search, store, tracking
+from . import html_report, quantize, report, search, store, tracking
 from .config import TRAIN_ON, SweepConfig, as_dict, load_toml
-from .errors import ConfigError
+from .errors import CacheError, ConfigError
 from .heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
@@ -477,6 +477,12 @@ def _write_run(
     report.plot_confusion_matrix(
         cm, list(meta.class_names), run.path / "confusion.png", f"winner #{best} ({rows[best]['head']}) on {split}"
     )
+    if meta.precision == "int8":  # predict runs the very model that made the features
+        try:
+            quantize.keep_with_run(cache, meta.info["int8"], run.path)
+        except (OSError, KeyError, CacheError) as e:
+            notes.append(f"predict cannot run this head: the cache's int8 model could not be kept ({e})")
+            log.warning(notes[-1])
     # --- issue 15: report.html, then MLflow (a failure there is a note, never an error)
     html_report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
     tracked = tracking.log_sweep(

@@ -132,16 +132,6 @@ def test_unknown_precision_names_value_and_choices(tmp_path, bad):
     assert repr(bad) in str(e.value) and "auto, float32, bfloat16, float16, int8" in str(e.value)
 
 
-def test_missing_openvino_engine_says_how_to_install_it(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
-    with pytest.raises(ConfigError, match=r"int8.*OpenVINO.*not installed.*featcache\[openvino\]"):
-        P.require_openvino()
-    with pytest.raises(ConfigError, match="not installed"):
-        P.openvino_engine(object(), np.zeros((1, 8, 8, 3), np.uint8))
-
-
 def test_int8_is_an_explicit_choice_never_auto(tmp_path):
     choice = P.resolve("int8", gpu=False, memo=tmp_path / "m.json", flags=BF16_CPU)
     assert (choice.precision, choice.policy, P.ENGINES["int8"]) == ("int8", "float32", "openvino")
@@ -211,28 +201,6 @@ def test_timed_probe_returns_two_rates_and_restores_policy():
     fp32, bf16 = P.timed_probe(size=32, batch=2, seconds=0.05, rounds=1)
     assert fp32 > 0 and bf16 > 0
     assert keras.mixed_precision.global_policy().name == "float32"
-
-
-def test_openvino_int8_engine_runs_uint8_pixels_close_to_float32():
-    """The engine takes what the Keras model takes (uint8 pixels, preprocessing inside) and
-    gives float32 features near the float32 model's (int8: a few percent)."""
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
-    import keras
-
-    keras.utils.set_random_seed(0)
-    pixels = keras.Input((32, 32, 3), dtype="uint8")
-    x = keras.ops.cast(pixels, "float32") / 127.5 - 1.0
-    for channels in (16, 32):
-        x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-    model = keras.Model(pixels, x)
-    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
-    engine = P.openvino_engine(model, images[:16], batch_size=8)
-    out = engine.predict_on_batch(images[16:21])  # another batch size than calibration's
-    ref = np.asarray(model.predict_on_batch(images[16:21]))
-    assert out.dtype == np.float32 and out.shape == ref.shape == (5, 8, 8, 32)
-    assert 1e-4 < P.relative_error(out, ref) < 0.1
 
 
 def test_auto_is_resolved_in_the_plan_recorded_and_named(tmp_path, monkeypatch):
