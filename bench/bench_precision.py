@@ -25,6 +25,7 @@ import numpy as np
 
 from bench._common import HED_WEIGHTS, machine, median, require_data
 from pipeline import precision as P
+from pipeline import quantize
 
 KERAS_PRECISIONS = ("float32", "bfloat16", "float16")
 
@@ -197,7 +198,7 @@ def main() -> None:
         heads = {p: runner(models[p]) for p in ("float32", "bfloat16")}
         if not args.no_openvino:
             try:
-                heads["openvino int8"] = runner(P.openvino_engine(models["float32"], x_tr[:64], args.batch))
+                heads["openvino int8"] = runner(quantize.openvino_engine(models["float32"], x_tr[:64], args.batch))
             except P.ConfigError as e:
                 print(f"  openvino int8 skipped: {e}")
         for p, run in heads.items():

