@@ -48,6 +48,11 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-prec")
     ap.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--test-every-config",
+        action="store_true",
+        help="also refit every config of the grid on each cache and compare test accuracy (like for like)",
+    )
     args = ap.parse_args()
     require_data()
     from pipeline import store
@@ -111,6 +116,20 @@ def main() -> None:
         print(f"the float32 winner's config {full['float32']} fitted on each cache, test accuracy:")
         for p, path in caches.items():
             print(f"  {p:9} {refit_test(path, *full['float32']):.4f}", flush=True)
+    if args.test_every_config and "float32" in caches:
+        from pipeline.config import load_toml
+        from pipeline.sweep import expand_grid
+
+        grid = [(n, {**q, "random_state": 0}) for n, q in expand_grid(load_toml(args.sweep))]
+        test = {p: [refit_test(path, n, q) for n, q in grid] for p, path in caches.items()}
+        print(f"\nevery config of the grid ({len(grid)}) refitted on each cache, test accuracy minus float32's:")
+        for p in caches:
+            d = 100 * (np.array(test[p]) - np.array(test["float32"]))
+            print(
+                f"  {p:9} mean {np.mean(d):+.2f}, largest |diff| {np.max(np.abs(d)):.1f}; "
+                f"mean test accuracy {np.mean(test[p]):.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,12 @@ def test_calibration_sample_is_seeded_and_capped(root):
 
 
 def test_rerun_and_resume_reuse_the_kept_model(ov, root, tmp_path, monkeypatch, calibrations):
-    cfg = _cfg(root, tmp_path / "c", chunk_size=4)
+    import keras
+
+    keras.utils.set_random_seed(3)
+    weights = tmp_path / "w.weights.h5"  # a file: SEED then changes the calibration sample, not the weights
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    cfg = _cfg(root, tmp_path / "c", chunk_size=4, weights=str(weights))
     interrupt_extract(cfg, monkeypatch, after=1)  # killed after the first chunk, model already kept
     assert len(calibrations) == 1 and len(quantize.folders(plan(cfg).path)) == 1
     result = extract(cfg)
@@ -115,7 +120,7 @@ def test_rerun_and_resume_reuse_the_kept_model(ov, root, tmp_path, monkeypatch, 
     before = {s: store.load_split(cache, s) for s in ("train", "test")}
     make_image(root / "train" / "cats" / "cats.new.png", (200, 40, 40), 32, 999)
     make_image(root / "test" / "dogs" / "dogs.new.png", (40, 40, 200), 32, 998)
-    result = extract(cfg)
+    result = extract(dataclasses.replace(cfg, seed=1))  # another sample would mean another model
     assert (result.new, result.reused, len(calibrations)) == (2, 24, 1)  # only the new files; no recalibration
     assert store.read_meta(cache).info["int8"]["model_sha256"] == sha and len(quantize.folders(cache)) == 1
     for split in ("train", "test"):
@@ -127,7 +132,7 @@ def test_rerun_and_resume_reuse_the_kept_model(ov, root, tmp_path, monkeypatch, 
         np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-6)  # new rows from the same model
 
 
-def test_changed_or_missing_model_is_refused_and_the_cache_kept(ov, root, tmp_path):
+def test_changed_or_missing_model_is_refused_and_the_cache_kept(ov, root, tmp_path, calibrations):
     cfg = _cfg(root, tmp_path / "c")
     cache = extract(cfg).path
     folder = _model_folder(cache)
@@ -138,13 +143,16 @@ def test_changed_or_missing_model_is_refused_and_the_cache_kept(ov, root, tmp_pa
     weights.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=rf"{folder.name}.*changed since.*--force"):
         extract(cfg)
-    shutil.rmtree(folder)
-    with pytest.raises(CacheError, match=rf"{folder.name}, which is missing.*--force"):
-        extract(cfg)
     assert store.read_meta(cache).split_sizes["train"] == 12  # nothing lost
-    fresh = extract(dataclasses.replace(cfg, force=True))
-    assert fresh.path == cache and store.read_meta(cache).split_sizes["train"] == 13
-    assert _model_folder(cache).exists() and len(quantize.folders(cache)) == 1
+    extract(dataclasses.replace(cfg, force=True))  # the damaged model is passed over, a new one made
+    assert len(calibrations) == 2 and store.read_meta(cache).split_sizes["train"] == 13
+    assert quantize.folders(cache) == [_model_folder(cache)]  # the damaged one is gone once the cache is complete
+    quantize.load(_model_folder(cache), store.read_meta(cache).info["int8"]["model_sha256"])
+    make_image(root / "train" / "dogs" / "dogs.new.png", (40, 40, 200), 32, 997)
+    shutil.rmtree(_model_folder(cache))
+    with pytest.raises(CacheError, match=r"openvino-\w+, which is missing.*--force"):
+        extract(cfg)
+    assert store.read_meta(cache).split_sizes["train"] == 13
 
 
 def test_shards_calibrate_once_and_merge_like_one_run(ov, root, tmp_path, calibrations):
