@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine",
         default="local",
-        choices=["local", "ray"],
-        help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster)",
+        choices=["local", "ray", "openvino"],
+        help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster); "
+        "openvino: this process, int8 on OpenVINO (the same as --precision int8)",
     )
 
     p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
@@ -276,6 +277,13 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .extract import extract
 
+    if args.engine == "openvino":  # the spelling of --precision int8
+        if args.precision not in ("auto", "int8"):
+            raise ConfigError(
+                f"--engine openvino runs int8 (--precision int8); received --precision {args.precision}. "
+                "Leave out --engine for float32, bfloat16 or float16"
+            )
+        args.precision = "int8"
     cfg = _extract_config(args)
     if args.engine == "ray":
         if args.shard is not None or args.merge:

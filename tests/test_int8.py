@@ -198,7 +198,17 @@ def test_missing_openvino_is_a_clear_error_before_any_work(root, tmp_path, monke
     code = main(["extract", *options, "--precision", "int8"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'featcache[openvino]'" in err and "Traceback" not in err
+    assert main(["extract", *options, "--engine", "openvino"]) == 2  # the same engine, named the way
+    assert "pip install 'featcache[openvino]'" in capsys.readouterr().err
     assert not list((tmp_path / "c").rglob("*.h5"))
+
+
+def test_engine_openvino_runs_only_int8(root, tmp_path, capsys):
+    options = ["--data", str(root), "--size", "32", "--weights", "random", "--cache-dir", str(tmp_path / "c")]
+    assert main(["extract", *options, "--engine", "openvino", "--precision", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine openvino runs int8" in err and "received --precision bfloat16" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_finetune_refuses_int8(root, tmp_path):

@@ -38,10 +38,10 @@ def test_the_smallest_accepted_values():
     assert ExtractConfig(size=None).size is None
 
 
-@pytest.mark.parametrize("precision", ["int8", "FLOAT32", None])
+@pytest.mark.parametrize("precision", ["int4", "FLOAT32", None])
 def test_precision_names(precision):
     assert _message(ExtractConfig, precision=precision) == (
-        f"precision must be one of ('auto', 'float32', 'bfloat16', 'float16'); received precision={precision!r}"
+        f"precision must be one of ('auto', 'float32', 'bfloat16', 'float16', 'int8'); received precision={precision!r}"
     )
 
 
