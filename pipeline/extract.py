@@ -452,6 +452,7 @@ def _int8_engine(p: layout.Plan, model: Any, old: store.CacheMeta | None) -> qua
         decode=(p.cfg.decode_threads, p.cfg.decode_processes),
         recorded=recorded,
         batch_size=p.cfg.batch_size,
+        quiet=p.cfg.quiet,
     )
     note = quantize.check_isa(engine.record, sorted(cpu_flags()))
     if note:

@@ -16,8 +16,10 @@ extra (``pip install 'featcache[openvino]'``); nothing here imports them at impo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -70,8 +72,9 @@ class OpenVINOEngine:
         return np.asarray(self._request.infer({0: x})[0], np.float32).copy()
 
 
-def _quantize(model: Any, calibration: np.ndarray, batch_size: int) -> Any:
-    """NNCF post-training quantisation of a float32 Keras model (input as it takes it, e.g. uint8)."""
+def _quantize(model: Any, calibration: np.ndarray, batch_size: int, quiet: bool = False) -> Any:
+    """NNCF post-training quantisation of a float32 Keras model (input as it takes it, e.g. uint8).
+    ``quiet``: NNCF's progress bars (rich, on stdout) are swallowed, as ``--quiet`` promises."""
     ov, nncf = require_openvino()
     if calibration is None or len(calibration) == 0:
         raise ConfigError("precision 'int8' needs calibration images (a few train images); none were given")
@@ -79,7 +82,8 @@ def _quantize(model: Any, calibration: np.ndarray, batch_size: int) -> Any:
         warnings.simplefilter("ignore", UserWarning)
         converted = ov.convert_model(model, input=[[-1, *model.inputs[0].shape[1:]]])  # any batch size
     batches = [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
-    return nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches))  # NNCF counts batches
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        return nncf.quantize(converted, nncf.Dataset(batches), subset_size=len(batches))  # NNCF counts batches
 
 
 def _compile(ov_model: Any, name: str, record: dict[str, Any] | None = None) -> OpenVINOEngine:
@@ -214,6 +218,7 @@ def engine_for(
     decode: tuple[int, int],
     recorded: dict[str, Any] | None,
     batch_size: int = 32,
+    quiet: bool = False,
 ) -> OpenVINOEngine:
     """The int8 engine for ``cache``: the one its metadata names (``recorded``), else a kept
     one made from the same weights and calibration files (a resumed run, the other shards),
@@ -246,7 +251,7 @@ def engine_for(
                     return load(folder)
             except CacheError as e:
                 log.warning("int8: ignoring %s (%s)", folder.name, e)
-        return _calibrate(cache, model, source, size, sample, decode, want, batch_size)
+        return _calibrate(cache, model, source, size, sample, decode, want, batch_size, quiet)
 
 
 def _calibrate(
@@ -258,12 +263,13 @@ def _calibrate(
     decode: tuple[int, int],
     want: dict[str, Any],
     batch_size: int,
+    quiet: bool,
 ) -> OpenVINOEngine:
     ov, _ = require_openvino()
     t0 = time.perf_counter()
     with Decoder(*decode) as decoder:
         pixels, files = _decode(source, sample, size, decoder)
-    quantized = _quantize(model, pixels, batch_size)
+    quantized = _quantize(model, pixels, batch_size, quiet)
     tmp = cache.parent / f".{cache.stem}.openvino-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
