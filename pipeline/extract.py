@@ -23,7 +23,6 @@ import numpy as np
 from . import backbone, images, layout, quantize, registry, sources, store
 from .config import ExtractConfig, as_dict
 from .errors import CacheError, ConfigError
-from .precision import cpu_flags
 from .provenance import versions
 
 log = logging.getLogger(__name__)
@@ -443,7 +442,7 @@ def _int8_engine(p: layout.Plan, model: Any, old: store.CacheMeta | None) -> qua
     if old is not None and not recorded:
         raise CacheError(f"{p.path} holds int8 features but does not name its quantised model; rebuild with --force")
     assert p.cfg.size is not None
-    engine = quantize.engine_for(
+    return quantize.engine_for(
         p.path,
         model,
         source=p.source,
@@ -454,10 +453,6 @@ def _int8_engine(p: layout.Plan, model: Any, old: store.CacheMeta | None) -> qua
         batch_size=p.cfg.batch_size,
         quiet=p.cfg.quiet,
     )
-    note = quantize.check_isa(engine.record, sorted(cpu_flags()))
-    if note:
-        log.warning(note)
-    return engine
 
 
 def _tidy(p: layout.Plan, result: ExtractResult) -> None:

@@ -103,15 +103,13 @@ def predict(
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
     head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
-    int8 = meta.precision == "int8"
-    if int8:  # the quantised model the features came from, kept in the run folder (checked first)
-        quantize.require_openvino()
-    model = backbone.build(
-        meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision="float32" if int8 else meta.precision
-    )
-    verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
-    if int8:
+    if meta.precision == "int8":  # the quantised model the features came from, kept in the run folder
         model = _int8_model(run_dir, meta)
+    else:
+        model = backbone.build(
+            meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision
+        )
+        verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
     decode = ExtractConfig()
     rows = _classify(
         files,

@@ -26,7 +26,6 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +144,9 @@ def load(folder: Path, expect_sha256: str | None = None) -> OpenVINOEngine:
                 f"int8 model {folder} has changed since {what} recorded it (SHA-256 {sha[:12]}, "
                 f"expected {want[:12]}); its features would not match. Rebuild the cache with --force"
             )
+    note = check_isa(record)
+    if note:
+        log.warning(note)
     ov_model = ov.Core().read_model(str(folder / MODEL_FILES[0]))
     return _compile(ov_model, versions_label(ov, nncf), record)
 
@@ -339,8 +341,9 @@ def keep_with_run(cache: Path, recorded: dict[str, Any], run_dir: Path) -> Path:
     return dst
 
 
-def check_isa(record: dict[str, Any], flags: Sequence[str]) -> str | None:
+def check_isa(record: dict[str, Any]) -> str | None:
     """A note when this CPU's int8 flags differ from the calibrating one's (features may differ slightly)."""
+    flags = cpu_flags()
     here = [f for f in INT8_FLAGS if f in flags]
     there = record.get("int8_flags")
     if there is not None and list(there) != here:

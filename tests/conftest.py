@@ -123,6 +123,15 @@ def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
     monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Invert one byte of ``path`` in place: damage that only a checksum or hash can see."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
 def assert_same_cache(a: Path, b: Path) -> None:
     """Two caches hold the same splits, rows (paths, labels) and features (float tolerance:
     another process or engine may sum in another order)."""

@@ -24,7 +24,7 @@ from pipeline.config import ExtractConfig
 from pipeline.extract import extract
 from pipeline.heads import HEADS, KerasModelHead
 
-from conftest import cache_from, interrupt_extract, make_folder, make_image, separable
+from conftest import cache_from, flip_byte, interrupt_extract, make_folder, make_image, separable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,11 +119,7 @@ def _labels_out_of_range(path: Path) -> None:
 def _flip_feature_bytes(path: Path) -> None:
     with h5py.File(path, "r") as f:
         offset = f["train/features"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:
-        fh.seek(offset + 16)
-        byte = fh.read(1)
-        fh.seek(offset + 16)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path, offset + 16)
 
 
 @pytest.mark.parametrize(

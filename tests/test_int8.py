@@ -25,7 +25,7 @@ from pipeline.extract import extract
 from pipeline.layout import locate, plan
 from pipeline.precision import relative_error
 
-from conftest import assert_same_cache, interrupt_extract, make_folder, make_image
+from conftest import assert_same_cache, flip_byte, interrupt_extract, make_folder, make_image
 
 
 @pytest.fixture
@@ -139,9 +139,7 @@ def test_changed_or_missing_model_is_refused_and_the_cache_kept(ov, root, tmp_pa
     folder = _model_folder(cache)
     make_image(root / "train" / "cats" / "cats.new.png", (200, 40, 40), 32, 999)
     weights = folder / "model.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    flip_byte(weights, weights.stat().st_size // 2)
     with pytest.raises(CacheError, match=rf"{folder.name}.*changed since.*--force"):
         extract(cfg)
     assert store.read_meta(cache).split_sizes["train"] == 12  # nothing lost

@@ -18,7 +18,7 @@ import pytest
 from pipeline import store
 from pipeline.errors import CacheError
 
-from conftest import cache_from, separable, synthetic_meta
+from conftest import cache_from, flip_byte, separable, synthetic_meta
 
 REBUILD = "rebuild it with `make extract FORCE=1` (same options)"
 
@@ -136,11 +136,7 @@ def test_flipped_feature_bytes_fail_the_checksum(tmp_path):
     path = cache_from(tmp_path / "c.h5", {"train": (x, y)}, ("a", "b"))
     with h5py.File(path) as f:
         offset = f["train/features"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:
-        fh.seek(offset + 5)
-        byte = fh.read(1)
-        fh.seek(offset + 5)
-        fh.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path, offset + 5)
     err = _error(store.load_split, path, "train")
     assert err.startswith(f"{path}: split 'train' failed its checksum or could not be read (")
     assert err.endswith("); the file is corrupt: rebuild it with `make extract FORCE=1`")
