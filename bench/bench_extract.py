@@ -42,9 +42,10 @@ def main() -> None:
     import numpy as np
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-    from pipeline import backbone, quantize, registry, store, weights
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features import backbone, quantize, registry, weights
+    from pipeline.features.extract import extract
 
     print(machine())
     print(

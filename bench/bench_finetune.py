@@ -34,11 +34,12 @@ def main() -> None:
     require_data()
     from bench_recipe import report_seeds, seeds_recipe
 
-    from pipeline import registry, store
-    from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
-    from pipeline.extract import extract
-    from pipeline.finetune import finetune
-    from pipeline.sweep import run_sweep
+    from pipeline.app.finetune import finetune
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+    from pipeline.features import registry
+    from pipeline.features.extract import extract
+    from pipeline.train.sweep import run_sweep
 
     weights = args.weights or (str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
     print(machine())

@@ -31,9 +31,9 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from pipeline import backbone, images, registry, sources, weights
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features import backbone, images, registry, sources, weights
+    from pipeline.features.extract import extract
 
     print(machine())
     try:
@@ -119,7 +119,7 @@ def main() -> None:
                     ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()),
                     f"of {result.seconds:.2f} s",
                 )
-            x32, _, _ = __import__("pipeline.store", fromlist=["load_split"]).load_split(result.path, "test")
+            x32, _, _ = __import__("pipeline.cache.store", fromlist=["load_split"]).load_split(result.path, "test")
             cfg32 = ExtractConfig(
                 data=str(data),
                 size=size,
@@ -129,7 +129,9 @@ def main() -> None:
                 force=True,
                 quiet=True,
             )
-            x_ref, _, _ = __import__("pipeline.store", fromlist=["load_split"]).load_split(extract(cfg32).path, "test")
+            x_ref, _, _ = __import__("pipeline.cache.store", fromlist=["load_split"]).load_split(
+                extract(cfg32).path, "test"
+            )
             rel = np.abs(x32 - x_ref).max() / np.abs(x_ref).max()
             print(f"mixed vs float32 features: max abs difference / max abs value = {rel:.2e}")
     finally:

@@ -22,11 +22,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args()
     require_data()
-    from pipeline import store
-    from pipeline.config import ExtractConfig, SweepConfig
-    from pipeline.heads import make_head
-    from pipeline.layout import locate
-    from pipeline.sweep import run_sweep
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig, SweepConfig
+    from pipeline.features.layout import locate
+    from pipeline.train.heads import make_head
+    from pipeline.train.sweep import run_sweep
 
     weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
     try:

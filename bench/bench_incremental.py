@@ -40,8 +40,8 @@ def make_images(root: Path, n: int, start: int = 0, seed: int = 0) -> list[Path]
 
 
 def run(data: Path, cache: Path, **kw):
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features.extract import extract
 
     cfg = ExtractConfig(data=str(data), cache_dir=cache, size=32, weights="random", quiet=True, batch_size=64, **kw)
     t0 = time.perf_counter()
@@ -94,8 +94,8 @@ def scale(sizes: list[int], work: Path) -> None:
 def ray_overhead(n: int, work: Path) -> None:
     import ray
 
-    from pipeline.config import ExtractConfig
-    from pipeline.engine_ray import extract_ray
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features.ray_engine import extract_ray
 
     root = work / "ray"
     make_images(root, n, seed=4)

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from bench._common import HED_WEIGHTS, machine, median, require_data
-from pipeline import precision as P
-from pipeline import quantize
+from pipeline.features import precision as P
+from pipeline.features import quantize
 
 KERAS_PRECISIONS = ("float32", "bfloat16", "float16")
 

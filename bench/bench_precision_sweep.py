@@ -3,7 +3,7 @@
 
 Every cache is made by ``extract --precision`` itself, the product's path: float32 and
 bfloat16 by Keras, int8 by OpenVINO + NNCF post-training quantisation calibrated on 300
-train images drawn with seed 0 (``pipeline.quantize``). Then the default sweep (17
+train images drawn with seed 0 (``pipeline.features.quantize``). Then the default sweep (17
 configs) runs on every cache; printed: winner, validation and test accuracy, and the
 features' relative L2 error against float32 (||f - f32|| / ||f32|| over each split).
 
@@ -30,9 +30,9 @@ from bench._common import DATA, HED_WEIGHTS, REPO, machine, require_data
 def refit_test(path: Path, name: str, params: dict) -> float:
     """Test accuracy of one config (the float32 winner's, every parameter) fitted on ``path``'s
     train rows: like-for-like across precisions, where each sweep may pick another head."""
-    from pipeline import store
-    from pipeline.heads import make_head
-    from pipeline.runs import score
+    from pipeline.cache import store
+    from pipeline.runs.folder import score
+    from pipeline.train.heads import make_head
 
     head = make_head(name, **{k: v for k, v in params.items() if k != "train_on"})
     x, y, _ = store.load_split(path, "train")
@@ -55,10 +55,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     require_data()
-    from pipeline import store
-    from pipeline.config import ExtractConfig, SweepConfig
-    from pipeline.extract import extract
-    from pipeline.sweep import run_sweep
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig, SweepConfig
+    from pipeline.features.extract import extract
+    from pipeline.train.sweep import run_sweep
 
     weights = args.weights or (str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
     print(machine())
@@ -117,8 +117,8 @@ def main() -> None:
         for p, path in caches.items():
             print(f"  {p:9} {refit_test(path, *full['float32']):.4f}", flush=True)
     if args.test_every_config and "float32" in caches:
-        from pipeline.config import load_toml
-        from pipeline.sweep import expand_grid
+        from pipeline.core.config import load_toml
+        from pipeline.train.sweep import expand_grid
 
         grid = [(n, {**q, "random_state": 0}) for n, q in expand_grid(load_toml(args.sweep))]
         test = {p: [refit_test(path, n, q) for n, q in grid] for p, path in caches.items()}

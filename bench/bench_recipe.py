@@ -121,9 +121,9 @@ def main() -> None:
         report_seeds(seeds_recipe(args.size, args.epochs, weights, args.precision), args.epochs, args.precision)
         return
 
-    from pipeline.config import ExtractConfig, SweepConfig
-    from pipeline.extract import extract
-    from pipeline.sweep import run_sweep
+    from pipeline.core.config import ExtractConfig, SweepConfig
+    from pipeline.features.extract import extract
+    from pipeline.train.sweep import run_sweep
 
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-recipe-"))
     try:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 
 def _meta(shape: tuple[int, ...], class_names: tuple[str, ...]):
-    from pipeline import store
+    from pipeline.cache import store
 
     return store.CacheMeta(
         backbone="vgg16",
@@ -58,7 +58,7 @@ def _write_streaming(out: Path, splits: dict, shape: tuple[int, ...], class_name
     in memory. A split is (x, y) or a callable returning (n, iterator of (x, y) blocks)."""
     import h5py
 
-    from pipeline import store
+    from pipeline.cache import store
 
     tmp = out.with_name(out.name + ".build")
     with h5py.File(tmp, "w") as f:
@@ -142,8 +142,8 @@ def _peak_rss_gb() -> float:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    from pipeline.config import SweepConfig
-    from pipeline.sweep import run_sweep
+    from pipeline.core.config import SweepConfig
+    from pipeline.train.sweep import run_sweep
 
     print(machine())
     if args.path == "off":  # the variable fit_all reads (FEATCACHE_WARM_PATH=0 in the environment works too)
@@ -173,10 +173,10 @@ def levers(args: argparse.Namespace) -> None:
     """One flatten logistic regression, C in {0.001, 0.01, 0.1}, by each lever, one core."""
     from threadpoolctl import threadpool_limits
 
-    from pipeline import store
-    from pipeline.heads import LogRegHead
-    from pipeline.runs import score
-    from pipeline.stream import fit_logreg_path
+    from pipeline.cache import store
+    from pipeline.runs.folder import score
+    from pipeline.train.heads import LogRegHead
+    from pipeline.train.stream import fit_logreg_path
 
     print(machine())
     x, y, _ = store.load_split(args.cache, "train")
@@ -198,9 +198,9 @@ def levers(args: argparse.Namespace) -> None:
 def mlp(args: argparse.Namespace) -> None:
     """The MLP levers side by side: one MLPHead fit per variant ("key=value,..." over the
     default grid's flatten MLP), its fit seconds, epochs run and validation accuracy."""
-    from pipeline import store
-    from pipeline.heads import MLPHead
-    from pipeline.runs import score
+    from pipeline.cache import store
+    from pipeline.runs.folder import score
+    from pipeline.train.heads import MLPHead
 
     print(machine())
     x, y, _ = store.load_split(args.cache, "train")
@@ -220,8 +220,8 @@ def mlp(args: argparse.Namespace) -> None:
 
 
 def rss(args: argparse.Namespace) -> None:
-    from pipeline.config import SweepConfig
-    from pipeline.sweep import run_sweep
+    from pipeline.core.config import SweepConfig
+    from pipeline.train.sweep import run_sweep
 
     spec = Path(tempfile.mkdtemp()) / "one.toml"
     spec.write_text(f'[[head]]\nname = "logreg"\npooling = "flatten"\nC = 0.01\nmax_iter = {args.max_iter}\n')

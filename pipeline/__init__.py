@@ -1,7 +1,9 @@
 """featcache: run a frozen ImageNet backbone once, cache its features in HDF5, and train
 light heads on the cache in seconds.
 
-    from pipeline import ExtractConfig, extract, load_split
+    from pipeline import ExtractConfig
+    from pipeline.features import extract
+    from pipeline import load_split
     result = extract(ExtractConfig(data="path/to/images", size=150))
     x_train, y_train, paths = load_split(result.path, "train")
     read_meta(result.path).class_names
@@ -17,7 +19,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 if os.environ.get("FEATCACHE_QUIET_TF") == "1":  # set by the CLI: its worker processes stay quiet too
-    from . import quiet
+    from pipeline.core import quiet
 
     quiet.install()
 
@@ -26,15 +28,15 @@ __all__ = ["CacheMeta", "ExtractConfig", "SweepConfig", "__version__", "extract"
 
 def __getattr__(name: str) -> Any:  # lazy, so `import pipeline` imports neither keras nor h5py
     if name in ("ExtractConfig", "SweepConfig"):
-        from . import config
+        from pipeline.core import config
 
         return getattr(config, name)
     if name == "extract":
-        from .extract import extract
+        from pipeline.features.extract import extract
 
         return extract
     if name in ("load_split", "read_meta", "CacheMeta"):
-        from . import store
+        from pipeline.cache import store
 
         return getattr(store, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m pipeline ...` is the `featcache` command."""
 
-from .cli import main
+from pipeline.app.cli import main
 
 raise SystemExit(main())

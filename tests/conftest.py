@@ -55,7 +55,7 @@ def separable(n_per_class: int, k: int = 2, seed: int = 0, shape=(2, 2, 8), spre
 
 def synthetic_meta(features: np.ndarray, class_names=("a", "b", "c"), **fields):
     """The description of a cache of synthetic features (no backbone behind them)."""
-    from pipeline import store
+    from pipeline.cache import store
 
     return store.CacheMeta(
         **{
@@ -76,7 +76,7 @@ def synthetic_meta(features: np.ndarray, class_names=("a", "b", "c"), **fields):
 
 def cache_from(path: Path, splits: dict, class_names=("a", "b", "c")) -> Path:
     """A complete cache file from in-memory (features, labels) per split."""
-    from pipeline import store
+    from pipeline.cache import store
 
     first = next(iter(splits.values()))[0]
     return store.write_cache(
@@ -106,7 +106,7 @@ def _no_tracking(monkeypatch):
 def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
     """Stage one interrupted after exactly ``after`` saved chunks (a raise in the main thread
     stands in for Ctrl-C or SIGKILL); the finished chunks stay in the .partial folder."""
-    from pipeline import extract as extract_mod
+    from pipeline.features import extract as extract_mod
 
     original = extract_mod.ChunkWriter.save
     calls = {"n": 0}
@@ -135,7 +135,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def assert_same_cache(a: Path, b: Path) -> None:
     """Two caches hold the same splits, rows (paths, labels) and features (float tolerance:
     another process or engine may sum in another order)."""
-    from pipeline import store
+    from pipeline.cache import store
 
     ma, mb = store.read_meta(a), store.read_meta(b)
     assert ma.splits == mb.splits and ma.split_sizes == mb.split_sizes

@@ -10,9 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import images, store
-from pipeline.config import ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
-from pipeline.extract import extract, view_split
+from pipeline.cache import store
+from pipeline.core.config import ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.features import images
+from pipeline.features.extract import extract, view_split
 
 from conftest import make_folder
 
@@ -59,7 +60,7 @@ def test_views_are_cached_deterministic_resumable_and_train_only(tmp_path):
 
 
 def test_heads_train_on_views_without_leaking_into_selection(tmp_path):
-    from pipeline.sweep import run_sweep
+    from pipeline.train.sweep import run_sweep
 
     root = make_folder(tmp_path / "imgs", {"train": 4, "validation": 3, "test": 3}, size=32)
     cache = extract(cfg_for(root, tmp_path / "c", augment=3)).path
@@ -77,7 +78,7 @@ def test_heads_train_on_views_without_leaking_into_selection(tmp_path):
 def test_block5_from_cached_block4_equals_the_full_network(tmp_path):
     import keras
 
-    from pipeline.finetune import build_block5
+    from pipeline.app.finetune import build_block5
 
     root = make_folder(tmp_path / "imgs", {"train": 3}, size=64)
     keras.utils.set_random_seed(3)
@@ -94,8 +95,8 @@ def test_block5_from_cached_block4_equals_the_full_network(tmp_path):
 
 
 def test_finetune_from_cache_lowers_training_loss_and_predicts(tmp_path):
-    from pipeline.finetune import finetune
-    from pipeline.predict import predict
+    from pipeline.app.finetune import finetune
+    from pipeline.app.predict import predict
 
     root = make_folder(tmp_path / "imgs", {"train": 12, "validation": 4, "test": 4}, size=32)
     ecfg = cfg_for(root, tmp_path / "c")
@@ -128,8 +129,8 @@ def test_finetune_from_cache_lowers_training_loss_and_predicts(tmp_path):
 
 
 def test_finetune_end_to_end_shares_the_code(tmp_path):
-    from pipeline.finetune import finetune
-    from pipeline.predict import predict
+    from pipeline.app.finetune import finetune
+    from pipeline.app.predict import predict
 
     root = make_folder(tmp_path / "imgs", {"train": 4, "validation": 2, "test": 2}, size=32)
     ft = FinetuneConfig(epochs=1, head_epochs=1, batch_size=4, end_to_end=True, runs_dir=tmp_path / "runs")
@@ -140,8 +141,8 @@ def test_finetune_end_to_end_shares_the_code(tmp_path):
 
 
 def test_finetune_warm_starts_from_a_stage_two_mlp(tmp_path):
-    from pipeline.finetune import finetune
-    from pipeline.sweep import run_sweep
+    from pipeline.app.finetune import finetune
+    from pipeline.train.sweep import run_sweep
 
     root = make_folder(tmp_path / "imgs", {"train": 8, "validation": 4, "test": 4}, size=32)
     ecfg = cfg_for(root, tmp_path / "c")

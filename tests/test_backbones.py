@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import registry, store
-from pipeline.config import ConfigError, ExtractConfig, SweepConfig
-from pipeline.extract import extract
+from pipeline.cache import store
+from pipeline.core.config import ConfigError, ExtractConfig, SweepConfig
+from pipeline.features import registry
+from pipeline.features.extract import extract
 
 from conftest import make_folder
 
@@ -61,7 +62,7 @@ def test_family_shapes_and_own_preprocessing(tmp_path, name, size, shape):
 
 
 def test_default_size_and_layer_come_from_the_backbone():
-    from pipeline.layout import resolve_options
+    from pipeline.features.layout import resolve_options
 
     cfg = resolve_options(ExtractConfig())
     assert (cfg.size, cfg.layer) == (150, "block5_pool")
@@ -75,7 +76,7 @@ def test_default_size_and_layer_come_from_the_backbone():
 
 
 def test_unknown_backbone_and_layer_name_the_alternatives(tmp_path):
-    from pipeline.layout import resolve_options
+    from pipeline.features.layout import resolve_options
 
     with pytest.raises(ConfigError, match=r"available.*resnet50"):
         resolve_options(ExtractConfig(backbone="resnet18"))
@@ -96,7 +97,7 @@ def test_unknown_backbone_and_layer_name_the_alternatives(tmp_path):
 
 
 def test_compare_two_backbones(tmp_path):
-    from pipeline.compare import compare
+    from pipeline.app.compare import compare
 
     root = make_folder(tmp_path / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)
     sweep = tmp_path / "s.toml"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import store
+from pipeline.cache import store
 
 from conftest import make_folder
 

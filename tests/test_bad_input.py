@@ -24,8 +24,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import backbone, cli, predict, sources
-from pipeline.config import ExtractConfig
+from pipeline.app import cli, predict
+from pipeline.core.config import ExtractConfig
+from pipeline.features import backbone, sources
 
 from conftest import make_folder, make_image
 

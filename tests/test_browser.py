@@ -71,13 +71,13 @@ def browser(tmp_path_factory):
 
 def _run_folder(root: Path) -> Path:
     """A run folder with a confusion matrix, two learning curves and a report of 4 rows."""
-    from pipeline import html_report, report
+    from pipeline.runs import plots, report
 
     run = root / "run"
     (run / "curves").mkdir(parents=True)
-    report.plot_confusion_matrix(np.array([[3, 1], [0, 4]]), ["cats", "dogs"], run / "confusion.png", "winner")
+    plots.plot_confusion_matrix(np.array([[3, 1], [0, 4]]), ["cats", "dogs"], run / "confusion.png", "winner")
     for i in (2, 3):
-        report.plot_learning_curves(
+        plots.plot_learning_curves(
             {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.5, 0.8]},
             run / "curves" / f"0{i}-mlp.png",
             f"#{i}",
@@ -88,7 +88,7 @@ def _run_folder(root: Path) -> Path:
         {"index": 2, "head": "mlp", "val_accuracy": 0.8, "fit_seconds": 100.0},
         {"index": 3, "head": "mlp", "val_accuracy": 0.6, "fit_seconds": 9.0},
     ]
-    html_report.sweep_report(run, rows, ["index", "head", "val_accuracy", "fit_seconds"], {"fingerprint": "x"})
+    report.sweep_report(run, rows, ["index", "head", "val_accuracy", "fit_seconds"], {"fingerprint": "x"})
     return run
 
 
@@ -136,7 +136,7 @@ def mlflow_ui(tmp_path_factory):
     """A tracked sweep's runs in a fresh SQLite store and ``mlflow ui`` serving it on
     127.0.0.1 (start bounded in time; the server's process group stopped at the end)."""
     pytest.importorskip("mlflow", reason="MLflow is not installed (the `track` extra)")
-    from pipeline import tracking
+    from pipeline.runs import tracking
 
     from conftest import separable, synthetic_meta
 

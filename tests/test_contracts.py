@@ -18,11 +18,11 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import check_no_attributes_set_in_init, check_parameters_default_constructible
 
-from pipeline import store
-from pipeline.cli import main
-from pipeline.config import ExtractConfig
-from pipeline.extract import extract
-from pipeline.heads import HEADS, KerasModelHead
+from pipeline.app.cli import main
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig
+from pipeline.features.extract import extract
+from pipeline.train.heads import HEADS, KerasModelHead
 
 from conftest import cache_from, flip_byte, interrupt_extract, make_folder, make_image, separable
 
@@ -36,7 +36,7 @@ def test_cache_hit_and_linear_sweep_never_import_tensorflow(tmp_path):
     sweep = tmp_path / "s.toml"
     sweep.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
     code = (
-        f"import sys; from pipeline.cli import main\n"
+        f"import sys; from pipeline.app.cli import main\n"
         f"a = main(['extract', *{opts!r}, '--quiet'])\n"
         f"hit = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
         f"b = main(['classify', *{opts!r}, '--sweep', {str(sweep)!r}, '--jobs', '1', "

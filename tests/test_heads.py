@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from pipeline.heads import HEADS, MLPHead, make_head
+from pipeline.train.heads import HEADS, MLPHead, make_head
 
 from conftest import separable
 
@@ -36,7 +36,7 @@ def test_non_finite_features_are_named(where):
 
 def test_mlp_says_when_it_cannot_hold_out_a_validation_set(caplog):
     x, y = separable(3)  # 6 rows: 10% is less than one row per class
-    with caplog.at_level(logging.WARNING, logger="pipeline.heads"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.heads"):
         head = MLPHead(epochs=2, units=4, validation_fraction=0.1).fit(x, y)
     assert "val_loss" not in head.history_
     assert "without early stopping" in caplog.text

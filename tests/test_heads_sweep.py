@@ -11,10 +11,10 @@ import joblib
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, ExtractConfig, SweepConfig
-from pipeline.extract import extract
-from pipeline.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
-from pipeline.sweep import expand_grid, run_sweep
+from pipeline.core.config import ConfigError, ExtractConfig, SweepConfig
+from pipeline.features.extract import extract
+from pipeline.train.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
+from pipeline.train.sweep import expand_grid, run_sweep
 
 from conftest import cache_from, make_folder, separable
 
@@ -165,7 +165,7 @@ def test_sweep_carves_validation_and_refuses_single_class(tmp_path):
 
 
 def test_classify_then_predict_end_to_end(tmp_path):
-    from pipeline.predict import predict
+    from pipeline.app.predict import predict
 
     root = make_folder(tmp_path / "imgs", {"train": 8, "validation": 4, "test": 4}, size=32)
     cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "cache", quiet=True)

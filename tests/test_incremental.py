@@ -11,10 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import backbone, store
-from pipeline.config import ExtractConfig
-from pipeline.errors import CacheError
-from pipeline.extract import extract, view_split
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import CacheError
+from pipeline.features import backbone
+from pipeline.features.extract import extract, view_split
 
 from conftest import make_folder, make_image
 
@@ -160,7 +161,7 @@ def test_a_missing_shard_file_is_refused_not_read_as_zeros(tmp_path):
 
 
 def test_shard_options_are_checked(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
     with pytest.raises(ConfigError, match=r"--shard must be in 0\.\.1"):
@@ -172,7 +173,7 @@ def test_shard_options_are_checked(tmp_path):
 def test_cli_shard_options_exit_codes(tmp_path, capsys, monkeypatch):
     import sys
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
     base = [

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import images, quantize, store
-from pipeline.cli import main
-from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
-from pipeline.errors import CacheError, ConfigError
-from pipeline.extract import extract
-from pipeline.layout import locate, plan
-from pipeline.precision import relative_error
+from pipeline.app.cli import main
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features import images, quantize
+from pipeline.features.extract import extract
+from pipeline.features.layout import locate, plan
+from pipeline.features.precision import relative_error
 
 from conftest import assert_same_cache, flip_byte, interrupt_extract, make_folder, make_image
 
@@ -165,9 +166,9 @@ def test_shards_calibrate_once_and_merge_like_one_run(ov, root, tmp_path, calibr
 
 
 def test_predict_runs_the_model_the_head_was_trained_on(ov, root, tmp_path):
-    from pipeline.persist import load_head
-    from pipeline.predict import predict
-    from pipeline.sweep import run_sweep
+    from pipeline.app.predict import predict
+    from pipeline.train.persist import load_head
+    from pipeline.train.sweep import run_sweep
 
     cache = extract(_cfg(root, tmp_path / "c")).path
     sweep = tmp_path / "s.toml"
@@ -211,7 +212,7 @@ def test_engine_openvino_runs_only_int8(root, tmp_path, capsys):
 
 
 def test_finetune_refuses_int8(root, tmp_path):
-    from pipeline.finetune import finetune
+    from pipeline.app.finetune import finetune
 
     with pytest.raises(ConfigError, match=r"int8.*OpenVINO.*float32, bfloat16 or auto"):
         finetune(FinetuneConfig(), _cfg(root, tmp_path / "c"))

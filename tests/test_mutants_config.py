@@ -1,4 +1,4 @@
-"""pipeline.config without TensorFlow: every refused value is named with what was received,
+"""pipeline.core.config without TensorFlow: every refused value is named with what was received,
 and the boundaries of each check hold (issue 16: `make mutate` runs this file; TESTING.md)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
-from pipeline.config import ExtractConfig, FinetuneConfig, SweepConfig
-from pipeline.errors import ConfigError
+from pipeline.core import config
+from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.errors import ConfigError
 
 
 def _message(fn, *args, **kw) -> str:

@@ -1,4 +1,4 @@
-"""pipeline.heads without TensorFlow: pooling, the checks of fit and predict, the scikit-learn
+"""pipeline.train.heads without TensorFlow: pooling, the checks of fit and predict, the scikit-learn
 heads' models and the sweep file's head tables, each checked exactly (issue 16: `make mutate`
 runs this file; TESTING.md). The Keras MLP is tested in test_heads*.py (needs TensorFlow)."""
 
@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from pipeline import heads
-from pipeline.errors import ConfigError
-from pipeline.heads import LogRegHead, SVMHead, make_head, pool_features
+from pipeline.core.errors import ConfigError
+from pipeline.train import heads
+from pipeline.train.heads import LogRegHead, SVMHead, make_head, pool_features
 
 from conftest import separable
 
@@ -348,7 +348,7 @@ def test_fit_holds_out_a_stratified_share_for_early_stopping(fake):
 @pytest.mark.parametrize("settings", [{"validation_fraction": 0.0}, {"patience": 0}])
 def test_fit_without_hold_out_trains_on_every_row(fake, settings, caplog):
     x, y = separable(10, 3)
-    with caplog.at_level("WARNING", logger="pipeline.heads"):
+    with caplog.at_level("WARNING", logger="pipeline.train.heads"):
         heads.MLPHead(**settings).fit(x, y)
     [(_, fit_x, fit_y, kw)] = fake.named("fit")
     assert len(fit_x) == 30 and fit_y.tolist() == y.tolist()
@@ -371,7 +371,7 @@ def test_hold_out_with_patience_one_is_seeded(fake):
 
 def test_fit_too_small_to_hold_out_warns_and_trains_on_every_row(fake, caplog):
     x, y = separable(3, 2)
-    with caplog.at_level("WARNING", logger="pipeline.heads"):
+    with caplog.at_level("WARNING", logger="pipeline.train.heads"):
         heads.MLPHead(epochs=7, validation_fraction=0.1).fit(x, y)
     [(_, fit_x, _, kw)] = fake.named("fit")
     assert len(fit_x) == 6 and kw["validation_data"] is None and kw["callbacks"] == []
@@ -395,10 +395,10 @@ def test_probabilities_from_one_sigmoid_or_k_softmax_columns(fake):
 
 
 def test_a_fitted_head_pickles_its_model_as_bytes(fake, monkeypatch, tmp_path):
-    import pipeline.backbone
+    import pipeline.features.backbone
 
     registered = []
-    monkeypatch.setattr(pipeline.backbone, "preprocess_layer_class", lambda: registered.append(True))
+    monkeypatch.setattr(pipeline.features.backbone, "preprocess_layer_class", lambda: registered.append(True))
     monkeypatch.chdir(tmp_path)
     head = heads.MLPHead(units=3)
     assert head.__getstate__()["units"] == 3 and "model_" not in head.__getstate__()

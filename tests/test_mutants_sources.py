@@ -1,4 +1,4 @@
-"""pipeline.sources without TensorFlow: the .npz errors, array sources (digits, a stubbed
+"""pipeline.features.sources without TensorFlow: the .npz errors, array sources (digits, a stubbed
 cifar10), content keys and the hashed split, each checked exactly (issue 16: `make mutate`
 runs this file; TESTING.md)."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import sources
-from pipeline.config import ExtractConfig
-from pipeline.errors import ConfigError
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import ConfigError
+from pipeline.features import sources
 
 from conftest import make_image
 
@@ -509,7 +509,7 @@ def test_a_folder_source_lists_items_in_class_then_file_order(tmp_path, caplog):
     (root / "test" / ".cache").mkdir()
     make_image(root / "train" / "cats" / ".thumbs" / "0.png", (1, 2, 3), 4, 0)  # hidden: never an item
     make_image(root / "train" / "cats" / ".2.png", (1, 2, 3), 4, 0)
-    with caplog.at_level("DEBUG", logger="pipeline.sources"):
+    with caplog.at_level("DEBUG", logger="pipeline.features.sources"):
         src = _resolve(root)
     assert (src.name, src.kind, src.root, src.class_names) == ("My Images", "folder", root.resolve(), ["cats", "dogs"])
     digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]

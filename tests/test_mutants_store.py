@@ -1,4 +1,4 @@
-"""pipeline.store without TensorFlow: every refusal of a bad cache names the file and what
+"""pipeline.cache.store without TensorFlow: every refusal of a bad cache names the file and what
 is wrong, the HDF5 layout (chunks, checksums, filters, text dtypes), reuse of rows, shard
 caches as virtual datasets, partial chunks and the writer lock (issue 16: `make mutate`
 runs this file; TESTING.md)."""
@@ -15,8 +15,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.errors import CacheError
+from pipeline.cache import store
+from pipeline.core.errors import CacheError
 
 from conftest import cache_from, flip_byte, separable, synthetic_meta
 
@@ -543,7 +543,7 @@ def test_partial_work_for_other_inputs_is_discarded_with_a_warning(tmp_path, cap
     final = tmp_path / "new" / "folder" / "c.h5"  # the cache folder need not exist yet
     chunks = store.ChunkStore(final, {"k": 1})
     assert chunks.dir.is_dir()
-    with caplog.at_level("WARNING", logger="pipeline.store"):
+    with caplog.at_level("WARNING", logger="pipeline.cache.store"):
         store.ChunkStore(final, {"k": 1})
         assert caplog.records == []
         store.ChunkStore(final, {"k": 2})

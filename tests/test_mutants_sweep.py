@@ -1,4 +1,4 @@
-"""pipeline.sweep without TensorFlow: the grid, what the heads are trained and scored on, how
+"""pipeline.train.sweep without TensorFlow: the grid, what the heads are trained and scored on, how
 configs are grouped and spread over workers, and what a run writes, each checked exactly
 (issue 16: `make mutate` runs this file; TESTING.md). Only scikit-learn heads, n_jobs=1."""
 
@@ -14,10 +14,11 @@ import joblib
 import numpy as np
 import pytest
 
-from pipeline import store, sweep
-from pipeline.config import SweepConfig
-from pipeline.errors import CacheError, ConfigError
-from pipeline.runs import score
+from pipeline.cache import store
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.runs.folder import score
+from pipeline.train import sweep
 
 from conftest import cache_from, separable, synthetic_meta
 
@@ -261,7 +262,7 @@ def test_fit_one_without_views_says_how_to_make_them():
 
 
 def test_a_c_path_gives_each_config_its_own_row_and_head(monkeypatch):
-    from pipeline import stream
+    from pipeline.train import stream
 
     paths = []
     real = stream.fit_logreg_path
@@ -503,14 +504,14 @@ def test_show_varying_params_per_head_with_three_heads():
 
 
 def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
-    from pipeline import html_report, report, tracking
-    from pipeline.heads import LogRegHead
-    from pipeline.runs import RunFolder
+    from pipeline.runs import plots, report, tracking
+    from pipeline.runs.folder import RunFolder
+    from pipeline.train.heads import LogRegHead
 
     calls: dict = {"curves": []}
-    monkeypatch.setattr(report, "plot_learning_curves", lambda *a: calls["curves"].append(a))
-    monkeypatch.setattr(report, "plot_confusion_matrix", lambda *a: calls.update(cm=a))
-    monkeypatch.setattr(html_report, "sweep_report", lambda *a: calls.update(html=a))
+    monkeypatch.setattr(plots, "plot_learning_curves", lambda *a: calls["curves"].append(a))
+    monkeypatch.setattr(plots, "plot_confusion_matrix", lambda *a: calls.update(cm=a))
+    monkeypatch.setattr(report, "sweep_report", lambda *a: calls.update(html=a))
     monkeypatch.setattr(tracking, "log_sweep", lambda tracker, *a: calls.update(track=(tracker, a)) or {"runs": 3})
     x, y = separable(5, 2)
     winner = LogRegHead(pooling="avg").fit(x, y)
@@ -568,7 +569,7 @@ def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
 
 
 def config_dict(cfg):
-    from pipeline.config import as_dict
+    from pipeline.core.config import as_dict
 
     return as_dict(cfg)
 
@@ -600,10 +601,10 @@ def test_run_sweep_logs_what_it_does_and_marks_the_winner(tmp_path, caplog):
     toml = tmp_path / "s.toml"
     toml.write_text('[[head]]\nname = "logreg"\npooling = "avg"\ntrain_on = ["clean", "views"]\n')
     t0 = time.perf_counter()
-    with caplog.at_level("INFO", logger="pipeline.sweep"):
+    with caplog.at_level("INFO", logger="pipeline.train.sweep"):
         result = sweep.run_sweep(SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False), path)
     elapsed = time.perf_counter() - t0
-    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.sweep"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.train.sweep"]
     assert messages[0].startswith("train held in memory")
     assert messages[1] == "sweeping 2 configs on c.h5 (train 16 + 16 view rows, validation 16) with 1 worker(s)"
     assert [r["train_on"] for r in result.rows] == ["clean", "views"]
@@ -625,10 +626,10 @@ def test_a_bad_grid_is_named_by_its_file(tmp_path):
 
 
 def test_the_winner_without_test_split_is_scored_on_validation(tmp_path, monkeypatch):
-    from pipeline import report
+    from pipeline.runs import plots
 
     titles = []
-    monkeypatch.setattr(report, "plot_confusion_matrix", lambda cm, names, path, title: titles.append(title))
+    monkeypatch.setattr(plots, "plot_confusion_matrix", lambda cm, names, path, title: titles.append(title))
     path = cache_from(tmp_path / "c.h5", {"train": separable(10, 2), "validation": separable(6, 2, seed=1)})
     toml = tmp_path / "s.toml"
     toml.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
@@ -648,7 +649,7 @@ def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, caplog, n_jobs, co
     toml = tmp_path / "s.toml"
     toml.write_text('search = "tpe"\ntrials = 3\n[[head]]\nname = "logreg"\npooling = ["avg", "max"]\n')
     cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=n_jobs, track=False, seed=6)
-    with caplog.at_level("INFO", logger="pipeline.sweep"):
+    with caplog.at_level("INFO", logger="pipeline.train.sweep"):
         result = sweep.run_sweep(cfg, path)
     assert seen == batches
     assert any(r.getMessage().startswith("sweeping 3 tpe trials on c.h5") for r in caplog.records)
@@ -701,7 +702,7 @@ def test_a_search_is_seeded_and_logged(tmp_path, caplog):
         cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "r", n_jobs=1, track=False, seed=seed)
         return [(r["pooling"], json.loads(r["params"]).get("C")) for r in sweep.run_sweep(cfg, path).rows]
 
-    with caplog.at_level("INFO", logger="pipeline.sweep"):
+    with caplog.at_level("INFO", logger="pipeline.train.sweep"):
         first = run(4)
     assert "sweeping 3 random trials on c.h5 (train 16, validation 16) with 1 worker(s)" in [
         r.getMessage() for r in caplog.records

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.config import ExtractConfig, SweepConfig
-from pipeline.extract import extract
+from pipeline.app import cli
+from pipeline.core.config import ExtractConfig, SweepConfig
+from pipeline.features.extract import extract
 
 from conftest import cache_from, make_folder, separable
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Images, a real cache of them, a classify run, a synthetic cache, and bad files of every kind."""
-    from pipeline.sweep import run_sweep
+    from pipeline.train.sweep import run_sweep
 
     t = tmp_path_factory.mktemp("battery")
     root = make_folder(t / "imgs", {"train": 4, "validation": 2, "test": 2}, size=32)

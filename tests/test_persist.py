@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import skops.io as sio
 
-from pipeline import persist
-from pipeline.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead
-from pipeline.provenance import versions
-from pipeline.store import CacheError
+from pipeline.cache.store import CacheError
+from pipeline.core.provenance import versions
+from pipeline.train import persist
+from pipeline.train.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead
 
 from conftest import separable
 
@@ -96,7 +96,7 @@ def test_end_to_end_keras_head_round_trip(tmp_path):
     """A fine-tuned end-to-end model holds the registered preprocessing layer."""
     import keras
 
-    from pipeline.backbone import preprocess_layer_class
+    from pipeline.features.backbone import preprocess_layer_class
 
     inputs = keras.Input((6, 6, 3))
     z = preprocess_layer_class()("vgg16", dtype="float32", name="vgg16_preprocess")(inputs)
@@ -230,12 +230,12 @@ def test_major_version_difference_warns_only(tmp_path, data, caplog):
     (x, y), _ = data
     persist.save_head(LogRegHead().fit(x, y), tmp_path)
     now = versions()
-    with caplog.at_level(logging.WARNING, logger="pipeline.persist"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.persist"):
         persist.load_head(tmp_path, versions={**now, "scikit-learn": "0.24.2"})
     assert "scikit-learn 0.24.2 (saved)" in caplog.text and "numpy" not in caplog.text
     caplog.clear()
     same_major = {k: v.split(".")[0] + ".999" for k, v in now.items()}
-    with caplog.at_level(logging.WARNING, logger="pipeline.persist"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.persist"):
         persist.load_head(tmp_path, versions=same_major)
         persist.load_head(tmp_path, versions={})
     assert caplog.text == ""

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import precision as P
-from pipeline.config import ConfigError
+from pipeline.core.config import ConfigError
+from pipeline.features import precision as P
 
 BF16_CPU = {"fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
 PLAIN_CPU = {"fpu", "avx2", "fma"}
@@ -206,10 +206,10 @@ def test_timed_probe_returns_two_rates_and_restores_policy():
 def test_auto_is_resolved_in_the_plan_recorded_and_named(tmp_path, monkeypatch):
     """auto becomes a concrete precision before any work; it names the cache file and is
     stored in its key, so bfloat16 and float32 features never answer each other."""
-    from pipeline import store
-    from pipeline.config import ExtractConfig
-    from pipeline.extract import extract
-    from pipeline.layout import locate, plan
+    from pipeline.cache import store
+    from pipeline.core.config import ExtractConfig
+    from pipeline.features.extract import extract
+    from pipeline.features.layout import locate, plan
 
     from conftest import make_folder
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import ExtractConfig, SweepConfig
-from pipeline.extract import extract
+from pipeline.app.cli import main
+from pipeline.core.config import ExtractConfig, SweepConfig
+from pipeline.features.extract import extract
 
 from conftest import make_folder
 
@@ -27,7 +27,7 @@ def _weights_file(path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from pipeline.sweep import run_sweep
+    from pipeline.train.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("predict")
     root = make_folder(tmp / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.cli import main
-from pipeline.config import ExtractConfig
-from pipeline.errors import CacheError
-from pipeline.extract import extract, view_split
+from pipeline.app.cli import main
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import CacheError
+from pipeline.features.extract import extract, view_split
 
 from conftest import interrupt_extract, make_folder, make_image
 
@@ -141,8 +141,8 @@ def _views_cache(path: Path, views: int) -> Path:
 
 
 def test_views_n_uses_the_first_n_views(tmp_path, capsys):
-    from pipeline.config import SweepConfig
-    from pipeline.sweep import load_data
+    from pipeline.core.config import SweepConfig
+    from pipeline.train.sweep import load_data
 
     cache = _views_cache(tmp_path / "c.h5", 3)
     meta = store.read_meta(cache)

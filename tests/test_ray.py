@@ -6,8 +6,8 @@ from __future__ import annotations
 import h5py
 import pytest
 
-from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.core.config import ExtractConfig
+from pipeline.features.extract import extract
 
 from conftest import assert_same_cache, make_folder
 
@@ -27,7 +27,7 @@ def cfg_for(data, cache_dir) -> ExtractConfig:
 
 
 def test_ray_shards_equal_a_single_process_and_a_failed_slice_is_retried(tmp_path):
-    from pipeline.engine_ray import extract_ray
+    from pipeline.features.ray_engine import extract_ray
 
     root = make_folder(tmp_path / "imgs", {"train": 6, "test": 3}, size=32)
     (root / "train" / "cats" / "bad.png").write_bytes(b"junk")
@@ -44,7 +44,7 @@ def test_ray_shards_equal_a_single_process_and_a_failed_slice_is_retried(tmp_pat
 
 
 def test_without_retries_the_failure_is_reported_and_no_cache_appears(tmp_path):
-    from pipeline.engine_ray import extract_ray
+    from pipeline.features.ray_engine import extract_ray
 
     root = make_folder(tmp_path / "imgs", {"train": 2}, size=32)
     markers = tmp_path / "markers"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ExtractConfig
-from pipeline.extract import extract
+from pipeline.core.config import ExtractConfig
+from pipeline.features.extract import extract
 
 from conftest import assert_same_cache, make_folder
 

@@ -7,10 +7,10 @@ import re
 
 import numpy as np
 
-from pipeline import html_report
-from pipeline.config import SweepConfig
-from pipeline.report import plot_confusion_matrix
-from pipeline.sweep import run_sweep
+from pipeline.core.config import SweepConfig
+from pipeline.runs import report
+from pipeline.runs.plots import plot_confusion_matrix
+from pipeline.train.sweep import run_sweep
 
 from conftest import cache_from, separable
 
@@ -45,10 +45,10 @@ def test_a_sweep_writes_a_self_contained_report(tmp_path):
 
 def test_values_from_users_are_escaped(tmp_path):
     rows = [{"index": 0, "head": "<script>alert(1)</script>", "winner": True}]
-    page = html_report.write_report(
+    page = report.write_report(
         tmp_path / "report.html",
         "a & b",
-        [("t", html_report.table(rows, ["head"]))],
+        [("t", report.table(rows, ["head"]))],
         notes=["<b>note</b>"],
         meta={"class_names": ["<img src=x>"]},
     ).read_text()
@@ -62,7 +62,7 @@ def test_values_from_users_are_escaped(tmp_path):
 def test_compare_and_finetune_pages_inline_their_charts(tmp_path):
     plot_confusion_matrix(np.eye(2, dtype=int), ["a", "b"], tmp_path / "compare.png", "chart")
     rows = [{"backbone": "vgg16", "val_accuracy": 0.9}, {"backbone": "resnet50", "val_accuracy": 0.95}]
-    page = html_report.table_report(
+    page = report.table_report(
         tmp_path, "compare", rows, ["backbone", "val_accuracy"], ["compare.png", "missing.png"]
     ).read_text()
     assert [s[:22] for s in _sources(page)] == ["data:image/png;base64,"]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images, store
+from pipeline.cache import store
+from pipeline.features import images
 
 from conftest import make_folder
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import stream
-from pipeline.config import SweepConfig
-from pipeline.errors import ConfigError
-from pipeline.heads import LogRegHead, make_head
-from pipeline.runs import score
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import ConfigError
+from pipeline.runs.folder import score
+from pipeline.train import stream
+from pipeline.train.heads import LogRegHead, make_head
 
 from conftest import cache_from, separable
 
@@ -57,8 +57,8 @@ def _sweep_file(tmp_path: Path, body: str) -> Path:
 
 
 def test_sweep_with_warm_path_equals_sweep_without(tmp_path: Path) -> None:
-    from pipeline import store
-    from pipeline.sweep import expand_grid, fit_all, load_data
+    from pipeline.cache import store
+    from pipeline.train.sweep import expand_grid, fit_all, load_data
 
     x, y = _noisy(50, 0)
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": _noisy(30, 1)})
@@ -77,7 +77,7 @@ def test_sweep_with_warm_path_equals_sweep_without(tmp_path: Path) -> None:
     for (a, _, _), (b, _, _) in zip(warm, cold, strict=True):
         assert (a["head"], a["pooling"], a["params"]) == (b["head"], b["pooling"], b["params"])
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.02)
-    from pipeline.sweep import select
+    from pipeline.train.sweep import select
 
     assert select([r for r, _, _ in warm]) == select([r for r, _, _ in cold])
 
@@ -130,7 +130,7 @@ def test_budget_parsing_and_errors() -> None:
 
 
 def test_budget_below_data_forces_streaming(tmp_path: Path) -> None:
-    from pipeline.sweep import run_sweep
+    from pipeline.train.sweep import run_sweep
 
     x, y = _noisy(60, 0)
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y), "validation": _noisy(30, 1), "test": _noisy(30, 2)})
@@ -151,7 +151,7 @@ def test_budget_below_data_forces_streaming(tmp_path: Path) -> None:
     )
     assert "--stream off" in forced_off.table
     # the streamed winner is a saved, reloadable head like any other
-    from pipeline.persist import load_head
+    from pipeline.train.persist import load_head
 
     head = load_head(small.run_dir)
     assert getattr(head, "streamed_", False) is True
@@ -159,7 +159,7 @@ def test_budget_below_data_forces_streaming(tmp_path: Path) -> None:
 
 
 def test_streaming_refuses_a_cache_without_validation(tmp_path: Path) -> None:
-    from pipeline.sweep import run_sweep
+    from pipeline.train.sweep import run_sweep
 
     cache = cache_from(tmp_path / "c.h5", {"train": _noisy(30, 0)})
     sweep = _sweep_file(tmp_path, '[[head]]\nname = "logreg"\n')

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipeline.config import SweepConfig
-from pipeline.errors import ConfigError
-from pipeline.search import check, is_search, run_search
-from pipeline.sweep import run_sweep, select
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import ConfigError
+from pipeline.train.search import check, is_search, run_search
+from pipeline.train.sweep import run_sweep, select
 
 from conftest import cache_from, separable
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.config import ConfigError, SweepConfig
-from pipeline.sweep import expand_grid, run_sweep
+from pipeline.core.config import ConfigError, SweepConfig
+from pipeline.train.sweep import expand_grid, run_sweep
 
 from conftest import cache_from, separable
 
@@ -58,8 +58,8 @@ def test_parent_loads_keras_only_for_an_mlp_winner(tmp_path):
     sweep.write_text('[[head]]\nname = "logreg"\n[[head]]\nname = "mlp"\nepochs = 1\nunits = 2\nlearning_rate = 1e-6\n')
     cache = cache_from(tmp_path / "c.h5", {"train": separable(10), "validation": separable(5, seed=1)})
     code = (
-        "import sys; from pathlib import Path; from pipeline.config import SweepConfig; "
-        "from pipeline.sweep import run_sweep; "
+        "import sys; from pathlib import Path; from pipeline.core.config import SweepConfig; "
+        "from pipeline.train.sweep import run_sweep; "
         f"r = run_sweep(SweepConfig(sweep_file=Path({str(sweep)!r}), "
         f"runs_dir=Path({str(tmp_path / 'runs')!r}), n_jobs=2), "
         f"Path({str(cache)!r})); print(r.winner['head'], 'tensorflow' in sys.modules)"

@@ -11,9 +11,9 @@ from conftest import cache_from, separable
 
 pytest.importorskip("mlflow", reason="MLflow is not installed (the `track` extra: pip install -e '.[track]')")
 
-from pipeline import tracking
-from pipeline.config import SweepConfig
-from pipeline.sweep import run_sweep
+from pipeline.core.config import SweepConfig
+from pipeline.runs import tracking
+from pipeline.train.sweep import run_sweep
 
 SWEEP = """
 [[head]]
@@ -180,7 +180,7 @@ def test_track_env_and_flag(monkeypatch, env, flag, on):
 
 
 def test_default_store_is_sqlite_in_the_project_unless_the_uri_is_set(monkeypatch):
-    from pipeline.config import REPO_ROOT
+    from pipeline.core.config import REPO_ROOT
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.default_uri() == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
@@ -191,7 +191,7 @@ def test_default_store_is_sqlite_in_the_project_unless_the_uri_is_set(monkeypatc
 
 
 def test_no_track_reaches_the_sweep_config():
-    from pipeline.cli import _sweep_config, build_parser
+    from pipeline.app.cli import _sweep_config, build_parser
 
     args = build_parser().parse_args(["classify", "--no-track"])
     assert _sweep_config(args).track is False

@@ -10,9 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import sources, store
-from pipeline.config import ExtractConfig, SweepConfig
-from pipeline.errors import CacheError, ConfigError
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig, SweepConfig
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features import sources
 
 from conftest import cache_from, make_image, separable, synthetic_meta
 
@@ -236,7 +237,7 @@ def test_features_are_chunked_along_n_with_checksums(tmp_path):
 
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_every_linear_head_pools_as_asked(name):
-    from pipeline.heads import make_head, pool_features
+    from pipeline.train.heads import make_head, pool_features
 
     x, y = separable(10, shape=(2, 3, 4))
     sizes = {p: make_head(name, pooling=p).fit(x, y).n_features_in_ for p in ("flatten", "avg", "max")}
@@ -250,7 +251,7 @@ def test_every_linear_head_pools_as_asked(name):
 
 
 def test_select_prefers_accuracy_then_log_loss_then_order():
-    from pipeline.sweep import select
+    from pipeline.train.sweep import select
 
     rows = [
         {"val_accuracy": 0.8, "val_log_loss": 0.1},
@@ -264,7 +265,7 @@ def test_select_prefers_accuracy_then_log_loss_then_order():
 
 
 def test_training_rows_follow_train_on():
-    from pipeline.sweep import training_rows
+    from pipeline.train.sweep import training_rows
 
     train = (np.zeros((3, 1)), np.array([0, 1, 0]))
     views = (np.ones((6, 1)), np.array([0, 1, 0, 0, 1, 0]))

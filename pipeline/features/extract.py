@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, layout, quantize, registry, sources, store
-from .config import ExtractConfig, as_dict
-from .errors import CacheError, ConfigError
-from .provenance import versions
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig, as_dict
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.provenance import versions
+from pipeline.features import backbone, images, layout, quantize, registry, sources
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def extract(
     new and changed files go through the backbone, removed files are dropped.
 
     ``shard=I`` (with ``shards=N``) computes only slice I of that work into its own shard file;
-    ``merge=True`` then presents the N shards as the cache (``pipeline.engine_ray`` does both).
+    ``merge=True`` then presents the N shards as the cache (``pipeline.features.ray_engine`` does both).
     ``progress`` is called with the number of images done after each batch.
     """
     if not isinstance(shards, int) or shards < 1:
@@ -363,7 +364,7 @@ def _compute(
     from tqdm.auto import tqdm
 
     t_build = time.perf_counter()
-    int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.quantize)
+    int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.features.quantize)
     model = backbone.build(
         cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision="float32" if int8 else cfg.precision
     )
@@ -376,7 +377,7 @@ def _compute(
         time.perf_counter() - t_build,
     )
     if old is not None:  # the rows we add must come from the same weights as the rows we keep
-        from .weights import verify_weights
+        from pipeline.features.weights import verify_weights
 
         verify_weights(model.base_weights_sha256, old.weights_sha256, str(p.path))
     weights_sha256 = model.base_weights_sha256

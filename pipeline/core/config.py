@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,7 @@ class ExtractConfig:
     size: int | None = None  # square input size; None -> the backbone's (VGG16: 150 -> (4,4,512)), set by the plan
     weights: str = "imagenet"  # "imagenet", "random" (seeded initialisation) or a weights file
     layer: str | None = None  # layer whose output is cached; None -> the backbone's (VGG16: block5_pool)
-    backbone: str = "vgg16"  # a name in pipeline.backbone.BACKBONES
+    backbone: str = "vgg16"  # a name in pipeline.features.backbone.BACKBONES
     batch_size: int = 32  # images per forward pass
     dtype: str = "float32"  # stored feature dtype: float32 or float16
     compression: str = "none"  # HDF5 filter for features: none, lzf, gzip (level 1)
@@ -108,10 +108,10 @@ class SweepConfig:
     runs_dir: Path = RUNS_DIR  # where run folders go
     stream: str = "auto"  # train from the HDF5 file in chunks: auto (over memory_budget), on, off
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
-    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 in the environment also turns it off
+    track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 in the environment also turns it off
 
     def __post_init__(self) -> None:
-        from .stream import STREAM_MODES, parse_budget
+        from pipeline.train.stream import STREAM_MODES, parse_budget
 
         if self.stream not in STREAM_MODES:
             raise ConfigError(f"stream must be one of {STREAM_MODES}; received stream={self.stream!r}")
@@ -145,7 +145,7 @@ class FinetuneConfig:
     name: str = "finetune"
     runs_dir: Path = RUNS_DIR
     verbose: bool = False
-    track: bool = True  # log to MLflow (pipeline.tracking); TRACK=0 also turns it off
+    track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 also turns it off
 
     def __post_init__(self) -> None:
         if self.train_on not in TRAIN_ON:

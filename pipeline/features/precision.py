@@ -10,7 +10,7 @@ memo (keyed by CPU, flags and library versions) so later runs don't repeat it.
 The precision changes the features (bfloat16 keeps 8 bits of mantissa), so it belongs to
 the cache's identity: ``cache_suffix`` and the ``precision`` identity field. ``int8`` is
 never chosen by ``auto`` (it costs accuracy); asked for, it runs on OpenVINO
-(``pipeline.quantize``). Nothing here imports Keras at import time; options are checked
+(``pipeline.features.quantize``). Nothing here imports Keras at import time; options are checked
 before any model is built.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PRECISIONS, ConfigError
+from pipeline.core.config import PRECISIONS, ConfigError
 
 log = logging.getLogger(__name__)
 

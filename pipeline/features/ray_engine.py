@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ExtractConfig
-from .errors import ConfigError
-from .extract import ExtractResult, extract
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import ExtractResult, extract
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def extract_ray(
     ray = _ray()
     from tqdm.auto import tqdm
 
-    from .extract import plan_work
+    from pipeline.features.extract import plan_work
 
     p, delta = plan_work(cfg)  # every option and input checked before Ray starts
     if delta is None or delta.n_todo == 0:  # a hit, or only removals: no backbone needed
@@ -138,7 +138,7 @@ def _shard_task(
     cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any, fail_once: str | None
 ) -> ExtractResult:
     """One slice in a Ray worker: ``extract(cfg, shards=N, shard=I)``."""
-    from .quiet import install
+    from pipeline.core.quiet import install
 
     install()
     progress.reset.remote(shard)

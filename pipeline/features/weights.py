@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheError, ConfigError
+from pipeline.core.errors import CacheError, ConfigError
 
 RANDOM = "random"
 IMAGENET = "imagenet"

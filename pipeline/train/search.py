@@ -24,9 +24,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import TRAIN_ON
-from .errors import ConfigError
-from .heads import head_tables, make_head
+from pipeline.core.config import TRAIN_ON
+from pipeline.core.errors import ConfigError
+from pipeline.train.heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .config import REPO_ROOT
+from pipeline.core.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -311,12 +311,12 @@ def ui_command(port: int = 5000, host: str = "127.0.0.1", uri: str | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.tracking ui [--port N]``: print the address, then run the UI."""
+    """``python -m pipeline.runs.tracking ui [--port N]``: print the address, then run the UI."""
     import argparse
     import subprocess
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runs.tracking")
     parser.add_argument("command", choices=["ui"])
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--host", default="127.0.0.1")

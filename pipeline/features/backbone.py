@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .precision import keras_policy
-from .registry import spec, unknown_layer
-from .weights import IMAGENET, Weights, keras_models_dir, values_sha256
+from pipeline.core.errors import ConfigError
+from pipeline.features.precision import keras_policy
+from pipeline.features.registry import spec, unknown_layer
+from pipeline.features.weights import IMAGENET, Weights, keras_models_dir, values_sha256
 
 
 def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, precision: str = "float32") -> Any:

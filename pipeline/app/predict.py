@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, quantize, runs
-from .config import RUNS_DIR, ExtractConfig
-from .errors import CacheError, ConfigError
-from .persist import load_head
-from .store import CacheKey, CacheMeta
-from .weights import Weights, check_file_unchanged, verify_weights, weights_id
+from pipeline.cache.store import CacheKey, CacheMeta
+from pipeline.core.config import RUNS_DIR, ExtractConfig
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features import backbone, images, quantize
+from pipeline.features.weights import Weights, check_file_unchanged, verify_weights, weights_id
+from pipeline.runs import folder
+from pipeline.train.persist import load_head
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def check_request(meta: CacheMeta, request: dict[str, Any]) -> None:
     if "size" in asked:
         asked["size"] = int(asked["size"])
     if asked.get("precision") == "auto":
-        from .precision import resolve
+        from pipeline.features.precision import resolve
 
         asked["precision"] = resolve("auto").precision
     if "weights" in asked:
@@ -90,7 +91,7 @@ def predict(
     files that cannot be decoded get an ``error`` instead (and are listed in the log).
     """
     run_dir = Path(run_dir) if run_dir else latest_run(runs_dir)
-    info = runs.read_run(run_dir)
+    info = folder.read_run(run_dir)
     meta = CacheMeta.from_dict(info["cache_meta"])
     check_request(meta, request or {})
     root, files = _image_files(Path(target))

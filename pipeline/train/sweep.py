@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from . import html_report, quantize, report, search, store, tracking
-from .config import TRAIN_ON, SweepConfig, as_dict, load_toml
-from .errors import CacheError, ConfigError
-from .heads import head_tables, make_head
+from pipeline.cache import store
+from pipeline.core.config import TRAIN_ON, SweepConfig, as_dict, load_toml
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features import quantize
+from pipeline.runs import plots, report, tracking
+from pipeline.train import search
+from pipeline.train.heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     """Read the splits; carve validation from train when the cache has none; check classes."""
     from sklearn.model_selection import train_test_split
 
-    from . import stream
+    from pipeline.train import stream
 
     notes = []
     if "train" not in meta.splits:
@@ -195,7 +198,7 @@ def _streaming_data(
     cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str], notes: list[str]
 ) -> SweepData:
     """Train stays in the file (labels only in memory); validation and test are loaded."""
-    from . import stream
+    from pipeline.train import stream
 
     if "validation" not in meta.splits:
         raise ConfigError(
@@ -238,7 +241,7 @@ def fit_one(
     head = make_head(name, **{"random_state": seed, **params})
     t0 = time.perf_counter()
     if data.streams is not None:
-        from .stream import fit_streaming
+        from pipeline.train.stream import fit_streaming
 
         if train_on not in data.streams:
             training_rows(data.train, None, train_on)  # the ConfigError that says how to make views
@@ -266,7 +269,7 @@ def _scored(
 
     import joblib
 
-    from .runs import score
+    from pipeline.runs.folder import score
 
     val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
     row = {
@@ -295,7 +298,7 @@ def fit_path(
     pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
     and its ``fit_seconds`` is its own warm-started fit (the shared standardisation is
     counted in the first one)."""
-    from .stream import fit_logreg_path
+    from pipeline.train.stream import fit_logreg_path
 
     _tf_threads(threads)
     if len(indices) == 1 or data.streams is not None:
@@ -317,7 +320,7 @@ def fit_path(
 def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path: bool) -> list[list[int]]:
     """Configs grouped into warm-startable C paths (one task each), longest tasks first so
     the last worker to finish is not the one that started a flatten fit late."""
-    from .stream import path_key
+    from pipeline.train.stream import path_key
 
     groups: dict[str, list[int]] = {}
     tasks: list[list[int]] = []
@@ -369,7 +372,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
 
     import joblib
 
-    from .runs import RunFolder, score, text_table
+    from pipeline.runs.folder import RunFolder, score, text_table
 
     cache = Path(cache_path)
     meta = store.read_meta(cache)
@@ -459,7 +462,7 @@ def _write_run(
     report.html, and the MLflow runs (issue 15)."""
     from sklearn.metrics import confusion_matrix
 
-    from .persist import save_head
+    from pipeline.train.persist import save_head
 
     best = next(i for i, r in enumerate(rows) if r.get("winner"))
     run.write_results(rows, COLUMNS)
@@ -467,14 +470,14 @@ def _write_run(
     for row, history in zip(rows, histories, strict=True):
         if history:
             (run.path / "curves").mkdir(exist_ok=True)
-            report.plot_learning_curves(
+            plots.plot_learning_curves(
                 history,
                 run.path / "curves" / f"{row['index']:02d}-{row['head']}.png",
                 f"#{row['index']} {row['head']} {row['pooling']} {row['params']}",
             )
     split, y_eval, proba = evaluation
     cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
-    report.plot_confusion_matrix(
+    plots.plot_confusion_matrix(
         cm, list(meta.class_names), run.path / "confusion.png", f"winner #{best} ({rows[best]['head']}) on {split}"
     )
     if meta.precision == "int8":  # predict runs the very model that made the features
@@ -484,7 +487,7 @@ def _write_run(
             notes.append(f"predict cannot run this head: the cache's int8 model could not be kept ({e})")
             log.warning(notes[-1])
     # --- issue 15: report.html, then MLflow (a failure there is a note, never an error)
-    html_report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
+    report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
     tracked = tracking.log_sweep(
         tracking.Tracker(track=cfg.track),
         run.path,

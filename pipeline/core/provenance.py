@@ -11,7 +11,7 @@ LIBRARIES = ("numpy", "h5py", "scikit-learn", "joblib", "skops", "keras", "tenso
 
 def versions() -> dict[str, str]:
     """featcache, Python and every installed library of ``LIBRARIES``."""
-    from . import __version__
+    from pipeline import __version__
 
     out = {"featcache": __version__, "python": sys.version.split()[0]}
     for name in LIBRARIES:

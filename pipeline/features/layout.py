@@ -14,11 +14,12 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import precision, registry, sources, store, weights
-from .config import ExtractConfig
-from .errors import CacheError, ConfigError
-from .images import printable
-from .store import CacheKey
+from pipeline.cache import store
+from pipeline.cache.store import CacheKey
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features import precision, registry, sources, weights
+from pipeline.features.images import printable
 
 log = logging.getLogger(__name__)
 

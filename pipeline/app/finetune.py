@@ -20,14 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, html_report, images, layout, registry, report, runs, store, tracking
-from .config import ExtractConfig, FinetuneConfig, as_dict
-from .errors import ConfigError
-from .heads import KerasModelHead, MLPHead, compile_for, seeds_head
-from .persist import load_head, save_head
-from .store import CacheMeta
-from .sweep import load_views, training_rows
-from .weights import check_file_unchanged, values_sha256, verify_weights
+from pipeline.cache import store
+from pipeline.cache.store import CacheMeta
+from pipeline.core.config import ExtractConfig, FinetuneConfig, as_dict
+from pipeline.core.errors import ConfigError
+from pipeline.features import backbone, images, layout, registry
+from pipeline.features.weights import check_file_unchanged, values_sha256, verify_weights
+from pipeline.runs import folder, plots, report, tracking
+from pipeline.train.heads import KerasModelHead, MLPHead, compile_for, seeds_head
+from pipeline.train.persist import load_head, save_head
+from pipeline.train.sweep import load_views, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def _warm_head(
     (its cache must be block5_pool of the same images, weights and size), else trained
     here on frozen block5 features of the training rows."""
     if ft.head_run is not None:
-        run = runs.read_run(ft.head_run)
+        run = folder.read_run(ft.head_run)
         m5 = CacheMeta.from_dict(run["cache_meta"])
         wanted = dataclasses.replace(meta4.key(), layer="block5_pool")
         diffs = m5.key().diff(wanted, fields=("fingerprint", "weights", "size", "backbone", "precision", "layer"))
@@ -221,7 +223,7 @@ def _scores(
     row: dict[str, Any] = {"stage": stage, "seconds": seconds, "cost": cost}
     for split in ("validation", "test"):
         if split in data:
-            row[f"{split}_accuracy"], row[f"{split}_log_loss"] = runs.score(
+            row[f"{split}_accuracy"], row[f"{split}_log_loss"] = folder.score(
                 proba_fn(xs[split]), data[split][1], classes
             )
     return row
@@ -241,12 +243,12 @@ def _save(
     notes: list[str],
     model_input: str,
 ) -> FinetuneResult:
-    run = runs.RunFolder(ft.runs_dir, ft.name)
+    run = folder.RunFolder(ft.runs_dir, ft.name)
     save_head(tuned, run.path)  # winner.skops + winner.keras (the whole fine-tuned model, plain Keras)
-    report.plot_learning_curves(history, run.path / "curves.png", "block5 + head, fine-tuned")
+    plots.plot_learning_curves(history, run.path / "curves.png", "block5 + head, fine-tuned")
     run.write_results(rows, COLUMNS)
     # --- issue 15: report.html and MLflow (one child per stage, the curves as metric history)
-    html_report.table_report(run.path, "finetune", rows, COLUMNS, ["curves.png"], meta.to_dict(), notes)
+    report.table_report(run.path, "finetune", rows, COLUMNS, ["curves.png"], meta.to_dict(), notes)
     tracked = tracking.log_table_run(
         tracking.Tracker(track=ft.track),
         run.path,
@@ -272,7 +274,7 @@ def _save(
             "tracking": tracked,
         }
     )
-    return FinetuneResult(run.path, rows, "\n".join([runs.text_table(rows, COLUMNS), *notes]))
+    return FinetuneResult(run.path, rows, "\n".join([folder.text_table(rows, COLUMNS), *notes]))
 
 
 def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:

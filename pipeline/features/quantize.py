@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheError, ConfigError
-from .images import Decoder
-from .precision import cpu_flags, cpu_name
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.features.images import Decoder
+from pipeline.features.precision import cpu_flags, cpu_name
 
 log = logging.getLogger(__name__)
 

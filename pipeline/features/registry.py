@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 _CAFFE = (
     "keras.applications.{module}.preprocess_input (caffe mode): RGB->BGR, "

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class StreamSource:
         the block order and the rows within each block (an epoch sees every row once)."""
         import h5py
 
-        from .store import CacheError
+        from pipeline.cache.store import CacheError
 
         plan, offset = [], 0
         with h5py.File(self.cache, "r") as f:
@@ -184,7 +184,7 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .heads import _check_finite, pool_features
+    from pipeline.train.heads import _check_finite, pool_features
 
     if not heads:
         return
@@ -233,7 +233,7 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
     """Fit ``head`` from the file in chunks: standardisation by ``partial_fit`` in one pass,
     then a linear head by SGD ``partial_fit`` (log loss for logreg; hinge for svm, its
     probabilities a softmax of margins) for ``epochs`` passes, or the MLP through Keras."""
-    from .heads import LogRegHead, MLPHead, SVMHead
+    from pipeline.train.heads import LogRegHead, MLPHead, SVMHead
 
     head._validate_params()
     classes = np.unique(source.labels)
@@ -249,7 +249,7 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
 def _pooled_blocks(
     head: Any, source: StreamSource, rng: np.random.Generator | None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from .heads import _check_finite, pool_features
+    from pipeline.train.heads import _check_finite, pool_features
 
     for x, y, _ in source.blocks(rng):
         z = pool_features(x, head.pooling)
@@ -262,7 +262,7 @@ def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, 
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .heads import LogRegHead
+    from pipeline.train.heads import LogRegHead
 
     scaler = StandardScaler()
     for z, _ in _pooled_blocks(head, source, None):
@@ -299,7 +299,7 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
     of the rows (at most 5,000, kept in memory) that are never trained on."""
     import keras
 
-    from .heads import pool_features
+    from pipeline.train.heads import pool_features
 
     keras.utils.set_random_seed(head.random_state)
     rng = np.random.default_rng(head.random_state)

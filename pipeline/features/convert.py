@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 # VGG16 conv layers, in order: convs per block
 _VGG16_CONVS = (2, 2, 3, 3, 3)

@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class _KerasHead:
         if isinstance(state.get("model_"), bytes):
             import keras
 
-            from .backbone import preprocess_layer_class
+            from pipeline.features.backbone import preprocess_layer_class
 
             preprocess_layer_class()  # end-to-end models hold it; register before loading
             with tempfile.TemporaryDirectory() as d:

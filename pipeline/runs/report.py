@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .runs import fmt
+from pipeline.runs.folder import fmt
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

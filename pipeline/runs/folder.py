@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheError, ConfigError
-from .provenance import versions
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.provenance import versions
 
 
 def fmt(value: Any) -> str:
@@ -54,7 +54,7 @@ class RunFolder:
     its results fails before any compute) and never an existing folder."""
 
     def __init__(self, runs_dir: str | Path, name: str):
-        from .layout import check_writable
+        from pipeline.features.layout import check_writable
 
         check_writable(Path(runs_dir), "runs folder")
         base = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"

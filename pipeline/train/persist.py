@@ -24,9 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError
-from .heads import KerasModelHead, LogRegHead, MLPHead, SVMHead, _KerasHead
-from .provenance import versions
+from pipeline.core.errors import CacheError
+from pipeline.core.provenance import versions
+from pipeline.train.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead, _KerasHead
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _load_skops(path: Path) -> Any:
 def _load_keras(path: Path) -> Any:
     import keras
 
-    from .backbone import preprocess_layer_class
+    from pipeline.features.backbone import preprocess_layer_class
 
     if _version_tuple(keras.__version__) < MIN_SAFE_KERAS:
         raise CacheError(

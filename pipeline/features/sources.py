@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import images
-from .config import SPLITS, ConfigError, ExtractConfig
-from .images import printable
+from pipeline.core.config import SPLITS, ConfigError, ExtractConfig
+from pipeline.features import images
+from pipeline.features.images import printable
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from . import html_report, store, tracking
-from .config import ExtractConfig, SweepConfig, as_dict
-from .errors import ConfigError
-from .extract import extract
-from .layout import resolve_options
-from .report import pyplot
-from .runs import RunFolder, text_table
-from .sweep import run_sweep
-from .weights import IMAGENET, RANDOM
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig, SweepConfig, as_dict
+from pipeline.core.errors import ConfigError
+from pipeline.features.extract import extract
+from pipeline.features.layout import resolve_options
+from pipeline.features.weights import IMAGENET, RANDOM
+from pipeline.runs import report, tracking
+from pipeline.runs.folder import RunFolder, text_table
+from pipeline.runs.plots import pyplot
+from pipeline.train.sweep import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
     csv_path, chart = run.write_results(rows, COLUMNS, "compare.csv"), run.path / "compare.png"
     _bar_chart(rows, chart)
     # --- issue 15: report.html and MLflow (one child per backbone; each sweep is its own parent run too)
-    html_report.table_report(run.path, "compare", rows, COLUMNS, ["compare.png"])
+    report.table_report(run.path, "compare", rows, COLUMNS, ["compare.png"])
     tracked = tracking.log_table_run(
         tracking.Tracker(track=sweep_cfg.track),
         run.path,
