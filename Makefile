@@ -111,6 +111,7 @@ lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/,
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(BIN)/featcache ## apply ruff's fixes and formatter
 	$(BIN)/ruff check --fix pipeline tests bench

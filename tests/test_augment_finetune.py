@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from pipeline.cache import store
-from pipeline.core.config import ConfigError, ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.vocab import view_split
 from pipeline.features import images
-from pipeline.features.extract import extract, view_split
+from pipeline.features.extract import extract
 
 from conftest import make_folder
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cache import store
-from pipeline.core.config import ConfigError, ExtractConfig, SweepConfig
+from pipeline.core.config import ExtractConfig, SweepConfig
+from pipeline.core.errors import ConfigError
 from pipeline.features import registry
 from pipeline.features.extract import extract
 

@@ -15,7 +15,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pipeline.core.config import ConfigError  # noqa: E402
+from pipeline.core.errors import ConfigError  # noqa: E402
 from pipeline.features import convert  # noqa: E402
 
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cache import store
-from pipeline.core.config import ConfigError, ExtractConfig
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import ConfigError
 from pipeline.features import backbone, registry, weights
 from pipeline.features.extract import extract
 from pipeline.features.layout import locate

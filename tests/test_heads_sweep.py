@@ -11,7 +11,8 @@ import joblib
 import numpy as np
 import pytest
 
-from pipeline.core.config import ConfigError, ExtractConfig, SweepConfig
+from pipeline.core.config import ExtractConfig, SweepConfig
+from pipeline.core.errors import ConfigError
 from pipeline.features.extract import extract
 from pipeline.train.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
 from pipeline.train.sweep import expand_grid, run_sweep

@@ -14,8 +14,9 @@ import pytest
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
+from pipeline.core.vocab import view_split
 from pipeline.features import backbone
-from pipeline.features.extract import extract, view_split
+from pipeline.features.extract import extract
 
 from conftest import make_folder, make_image
 
@@ -161,7 +162,7 @@ def test_a_missing_shard_file_is_refused_not_read_as_zeros(tmp_path):
 
 
 def test_shard_options_are_checked(tmp_path):
-    from pipeline.core.config import ConfigError
+    from pipeline.core.errors import ConfigError
 
     root = make_folder(tmp_path / "imgs", {"train": 1}, size=32)
     with pytest.raises(ConfigError, match=r"--shard must be in 0\.\.1"):

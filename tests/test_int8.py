@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline.app.cli import main
-from pipeline.cache import store
+from pipeline.cache import models, store
 from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.features import images, quantize
@@ -81,10 +81,8 @@ def test_int8_cache_is_its_own_file_and_records_its_calibrated_model(ov, root, t
         "precision: cache has 'int8', asked for 'float32'"
     ]
     summary, folder = meta.info["int8"], _model_folder(int8)
-    assert quantize.model_sha256(folder) == summary["model_sha256"] and folder.name.endswith(
-        summary["model_sha256"][:12]
-    )
-    record = json.loads((folder / quantize.RECORD).read_text())
+    assert models.model_sha256(folder) == summary["model_sha256"] and folder.name.endswith(summary["model_sha256"][:12])
+    record = json.loads((folder / models.RECORD).read_text())
     train_paths = store.load_split(f32, "train")[2]
     cal = record["calibration"]
     assert (cal["split"], cal["seed"], cal["count"], cal["requested"]) == ("train", 0, 12, quantize.CALIBRATION_IMAGES)

@@ -111,7 +111,7 @@ def test_extract_defaults_are_the_documented_ones():
         ({"memory_budget": "lots"}, "memory budget 'lots' is not a size; give e.g. 4GB, 512MB or auto"),
         ({"carve_fraction": 0}, "carve_fraction must be in (0, 1); received 0"),
         ({"carve_fraction": 1}, "carve_fraction must be in (0, 1); received 1"),
-        ({"train_on": "all"}, "train_on must be one of ('clean', 'views', 'both'); received 'all'"),
+        ({"train_on": "all"}, "train_on must be one of ('clean', 'views', 'both'); received train_on='all'"),
         ({"views": 0}, "views must be a positive integer; received views=0"),
         ({"views": "2"}, "views must be a positive integer; received views='2'"),
         ({"n_jobs": 0}, "n_jobs must be a non-zero integer; received n_jobs=0"),
@@ -129,7 +129,8 @@ def test_sweep_boundaries_that_are_accepted():
     d = SweepConfig()
     assert (d.name, d.seed, d.n_jobs, d.carve_fraction, d.train_on, d.views) == ("sweep", 0, 2, 0.2, "clean", None)
     assert (d.stream, d.memory_budget, d.track, d.cache) == ("auto", "auto", True, None)
-    assert d.sweep_file == config.REPO_ROOT / "configs" / "sweep.toml"
+    assert d.sweep_file == Path(config.paths.default_sweep()) and d.sweep_file.name == "default_sweep.toml"
+    assert d.sweep_file.is_file() and "[[head]]" in d.sweep_file.read_text()
 
 
 # ----------------------------------------------------------------------------- FinetuneConfig
@@ -138,7 +139,7 @@ def test_sweep_boundaries_that_are_accepted():
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"train_on": "none"}, "train_on must be one of ('clean', 'views', 'both'); received 'none'"),
+        ({"train_on": "none"}, "train_on must be one of ('clean', 'views', 'both'); received train_on='none'"),
         ({"epochs": 0}, "epochs must be a positive integer; received epochs=0"),
         ({"head_epochs": 1.0}, "head_epochs must be a positive integer; received head_epochs=1.0"),
         ({"batch_size": -2}, "batch_size must be a positive integer; received batch_size=-2"),

@@ -70,7 +70,7 @@ def test_expand_grid_names_each_problem_with_its_source():
     )
     spec = {"head": [{"name": "svm", "train_on": ["clean", "all"]}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
-        "s.toml: train_on must be one of ('clean', 'views', 'both'); received 'all'"
+        "s.toml: train_on must be one of ('clean', 'views', 'both'); received train_on='all'"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "gamma": 1}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (

@@ -96,7 +96,7 @@ def test_end_to_end_keras_head_round_trip(tmp_path):
     """A fine-tuned end-to-end model holds the registered preprocessing layer."""
     import keras
 
-    from pipeline.features.backbone import preprocess_layer_class
+    from pipeline.core.layers import preprocess_layer_class
 
     inputs = keras.Input((6, 6, 3))
     z = preprocess_layer_class()("vgg16", dtype="float32", name="vgg16_preprocess")(inputs)

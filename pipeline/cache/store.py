@@ -48,13 +48,13 @@ import h5py
 import numpy as np
 
 from pipeline.core.errors import CacheError
+from pipeline.core.vocab import SPLITS
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # 3: per-row keys (incremental), unsplit folders split by path hash, shards as virtual datasets
 # 2: typed identity (size, precision), weights_sha256 = hash of weight values, checksums
 FEATURE_CHUNK_ROWS = 64  # HDF5 chunk length along N: small enough to stream, large enough to read fast
-SPLIT_ORDER = ("train", "validation", "test")
 
 
 # --------------------------------------------------------------------------- the cache description
@@ -193,7 +193,7 @@ def read_meta(path: str | Path) -> CacheMeta:
             attrs = {
                 k: _decode_attr(v, k in json_keys) for k, v in f.attrs.items() if k not in ("json_attrs", "complete")
             }
-            splits = [s for s in SPLIT_ORDER if s in f] + sorted((s for s in f if s not in SPLIT_ORDER), key=_natural)
+            splits = [s for s in SPLITS if s in f] + sorted((s for s in f if s not in SPLITS), key=_natural)
             meta = CacheMeta.from_dict(
                 {
                     **attrs,

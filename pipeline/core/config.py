@@ -1,4 +1,4 @@
-"""Frozen configuration per stage and the repository's paths.
+"""Frozen configuration per stage.
 
 Everything a run depends on lives in one of these dataclasses; the CLI and the Makefile
 only override fields. Importing this module has no side effects.
@@ -13,23 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import paths
 from pipeline.core.errors import ConfigError
+from pipeline.core.memory import parse_budget
+from pipeline.core.vocab import COMPRESSIONS, DTYPES, PRECISIONS, STREAM_MODES, TRAIN_ON, check_choice
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_DIR = Path(os.environ.get("FEATCACHE_CACHE_DIR", REPO_ROOT / "cache"))
-RUNS_DIR = Path(os.environ.get("FEATCACHE_RUNS_DIR", REPO_ROOT / "runs"))
-DEFAULT_SWEEP = REPO_ROOT / "configs" / "sweep.toml"
-
-SPLITS = ("train", "validation", "test")
-DTYPES = ("float32", "float16")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # int8: OpenVINO, the optional openvino extra
-COMPRESSIONS = ("none", "lzf", "gzip")
-TRAIN_ON = ("clean", "views", "both")
 
 
 def _default_decode_processes() -> int:
@@ -59,7 +51,7 @@ class ExtractConfig:
     augment: int = 0  # K augmented views of every train image (seed 003's flip/rotation/zoom), cached once
     decode_threads: int = 2  # threads decoding images ahead of the model (when decode_processes is 0)
     decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
-    cache_dir: Path = CACHE_DIR  # where cache folders go
+    cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)  # ./cache or $FEATCACHE_HOME/cache
     quiet: bool = False  # no progress bars
     content_hash: bool = False  # key rows by a SHA-256 of each file's bytes instead of (size, mtime)
 
@@ -67,8 +59,7 @@ class ExtractConfig:
         """Checks what needs no registry; size and layer are resolved by ``layout.plan``."""
         if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1):
             raise ConfigError(f"size must be a positive integer (pixels); received size={self.size!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}; received precision={self.precision!r}")
+        check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")
         if not isinstance(self.augment, int) or self.augment < 0:
@@ -79,10 +70,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; received {name}={value!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}; received dtype={self.dtype!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(f"compression must be one of {COMPRESSIONS}; received compression={self.compression!r}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("compression", self.compression, COMPRESSIONS)
         fractions = tuple(float(f) for f in self.split)
         if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(
@@ -98,28 +87,24 @@ class SweepConfig:
     """Stage two: which cache, which grid of heads, where the run folder goes."""
 
     cache: Path | None = None  # cache file; None -> the one the extract options name (CLI)
-    sweep_file: Path = DEFAULT_SWEEP  # TOML grid of heads
+    sweep_file: Path = dataclasses.field(default_factory=paths.default_sweep)  # TOML grid of heads
     name: str = "sweep"  # run folder suffix
     seed: int = 0  # every random number generator
     n_jobs: int = 2  # configs fitted in parallel (joblib processes)
     carve_fraction: float = 0.2  # of train, held out for selection when the cache has no validation split
     train_on: str = "clean"  # clean features, cached augmented views, or both (a sweep file may vary it)
     views: int | None = None  # use the first N cached views (None: all)
-    runs_dir: Path = RUNS_DIR  # where run folders go
+    runs_dir: Path = dataclasses.field(default_factory=paths.runs_dir)  # ./runs or $FEATCACHE_HOME/runs
     stream: str = "auto"  # train from the HDF5 file in chunks: auto (over memory_budget), on, off
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 in the environment also turns it off
 
     def __post_init__(self) -> None:
-        from pipeline.train.stream import STREAM_MODES, parse_budget
-
-        if self.stream not in STREAM_MODES:
-            raise ConfigError(f"stream must be one of {STREAM_MODES}; received stream={self.stream!r}")
+        check_choice("stream", self.stream, STREAM_MODES)
         parse_budget(self.memory_budget)  # ConfigError naming the value when it is not a size
         if not 0 < self.carve_fraction < 1:
             raise ConfigError(f"carve_fraction must be in (0, 1); received {self.carve_fraction!r}")
-        if self.train_on not in TRAIN_ON:
-            raise ConfigError(f"train_on must be one of {TRAIN_ON}; received {self.train_on!r}")
+        check_choice("train_on", self.train_on, TRAIN_ON)
         if self.views is not None and (not isinstance(self.views, int) or self.views < 1):
             raise ConfigError(f"views must be a positive integer; received views={self.views!r}")
         if not isinstance(self.n_jobs, int) or self.n_jobs == 0:
@@ -143,13 +128,12 @@ class FinetuneConfig:
     end_to_end: bool = False  # the seeds' recipe on images instead (GPU-sized work)
     seed: int = 0
     name: str = "finetune"
-    runs_dir: Path = RUNS_DIR
+    runs_dir: Path = dataclasses.field(default_factory=paths.runs_dir)
     verbose: bool = False
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 also turns it off
 
     def __post_init__(self) -> None:
-        if self.train_on not in TRAIN_ON:
-            raise ConfigError(f"train_on must be one of {TRAIN_ON}; received {self.train_on!r}")
+        check_choice("train_on", self.train_on, TRAIN_ON)
         for name in ("epochs", "head_epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -189,18 +173,4 @@ def as_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = [
-    "CACHE_DIR",
-    "DEFAULT_SWEEP",
-    "PRECISIONS",
-    "REPO_ROOT",
-    "RUNS_DIR",
-    "SPLITS",
-    "ConfigError",
-    "ExtractConfig",
-    "FinetuneConfig",
-    "SweepConfig",
-    "as_dict",
-    "load_toml",
-    "replace",
-]
+__all__ = ["ExtractConfig", "FinetuneConfig", "SweepConfig", "as_dict", "load_toml", "replace"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from pipeline.core.version import __version__
+
 LIBRARIES = ("numpy", "h5py", "scikit-learn", "joblib", "skops", "keras", "tensorflow", "jax", "torch", "pillow")
 
 
 def versions() -> dict[str, str]:
     """featcache, Python and every installed library of ``LIBRARIES``."""
-    from pipeline import __version__
-
     out = {"featcache": __version__, "python": sys.version.split()[0]}
     for name in LIBRARIES:
         try:

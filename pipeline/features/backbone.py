@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import ConfigError
-from pipeline.features.precision import keras_policy
+from pipeline.core.layers import preprocess_layer_class
+from pipeline.features.precision import policy_scope
 from pipeline.features.registry import spec, unknown_layer
 from pipeline.features.weights import IMAGENET, Weights, keras_models_dir, values_sha256
 
@@ -34,9 +35,7 @@ def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, preci
         )
     if weights.source is None:
         keras.utils.set_random_seed(weights.seed)  # random weights must be the same on resume
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(keras_policy(precision))
-    try:  # layers keep the policy they were built with; the global one is restored after
+    with policy_scope(precision):  # layers keep the policy they were built with
         base = _construct(family.constructor, size, weights)
         base.trainable = False
         full_sha = values_sha256(base)  # of every layer, whatever the cut: pins random initialisations
@@ -49,8 +48,6 @@ def build(name: str = "vgg16", *, size: int, layer: str, weights: Weights, preci
         model = keras.Model(pixels, features, name=trunk.name)
         model.base_weights_sha256 = full_sha
         return model
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def _construct(constructor: str, size: int, weights: Weights) -> Any:
@@ -73,34 +70,6 @@ def _construct(constructor: str, size: int, weights: Weights) -> Any:
             f"weights file {weights.source} does not fit {constructor} (include_top=False): "
             f"{type(e).__name__}: {str(e)[:300]}"
         ) from e
-
-
-_PREPROCESS_CLASS: Any = None
-
-
-def preprocess_layer_class() -> Any:
-    """The layer that runs ``keras.applications.<module>.preprocess_input`` in float32
-    (also under mixed precision): each family's own preprocessing, never VGG16's.
-    Registered with Keras so a saved end-to-end model loads again; created on first use
-    because this module does not import Keras at import time."""
-    global _PREPROCESS_CLASS
-    if _PREPROCESS_CLASS is None:
-        import keras
-
-        @keras.saving.register_keras_serializable(package="featcache")
-        class Preprocess(keras.layers.Layer):
-            def __init__(self, module: str = "vgg16", **kwargs: Any):
-                super().__init__(**kwargs)
-                self.module = module
-
-            def call(self, x: Any) -> Any:
-                return getattr(keras.applications, self.module).preprocess_input(keras.ops.cast(x, "float32"))
-
-            def get_config(self) -> dict[str, Any]:
-                return {**super().get_config(), "module": self.module}
-
-        _PREPROCESS_CLASS = Preprocess
-    return _PREPROCESS_CLASS
 
 
 def preprocess_layer(module: str) -> Any:

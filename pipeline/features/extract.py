@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import store
+from pipeline.core import paths
 from pipeline.core.config import ExtractConfig, as_dict
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.provenance import versions
+from pipeline.core.vocab import is_view, view_split
 from pipeline.features import backbone, images, layout, quantize, registry, sources
+from pipeline.features.weights import verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class ExtractResult:
         if n_skipped:
             lines.append(f"  {n_skipped} file(s) skipped (recorded in the cache under <split>/skipped):")
             lines += [
-                f"    {images.printable(p)}" + (f" (view {split})" if "@" in split else "") + f": {reason}"
+                f"    {images.printable(p)}" + (f" (view {split})" if is_view(split) else "") + f": {reason}"
                 for split, items in self.skipped.items()
                 for p, reason in items
             ]
@@ -142,7 +145,7 @@ def _prepare(
     p = layout.plan(cfg)
     for note in p.source.notes:
         log.info(note)
-    layout.check_writable(p.path.parent, "cache folder")
+    paths.check_writable(p.path.parent, "cache folder")
     old: store.CacheMeta | None = None
     index: store.RowIndex | None = None
     have = 0
@@ -192,11 +195,6 @@ def _check_all_readable(source: sources.Source) -> None:
             f"--strict: {len(bad)} file(s) under {source.root} cannot be used; nothing was written. "
             f"Fix or remove them, or run without --strict to skip them:\n{listing}"
         )
-
-
-def view_split(k: int) -> str:
-    """Name of the split holding the k-th augmented view (1-based) of every train image."""
-    return f"train@aug{k}"
 
 
 # --------------------------------------------------------------------------- what to compute
@@ -251,7 +249,7 @@ class Delta:
         text = f"{self.new:,} new, {self.changed:,} changed, {self.removed:,} removed, {self.reused:,} reused"
         if self.new_by_split and (self.new or self.changed):
             text += " (new and changed files: " + ", ".join(f"{n} {s}" for s, n in self.new_by_split.items()) + ")"
-        views = sum(len(v) for s, v in self.todo.items() if "@" in s)
+        views = sum(len(v) for s, v in self.todo.items() if is_view(s))
         if views:
             text += f"; {views:,} augmented view(s) to compute"
         return text
@@ -263,10 +261,10 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
     old_skip: dict[str, tuple[str, str]] = {}
     if index is not None:
         for split, rows in index.rows.items():
-            if "@" not in split:
+            if not is_view(split):
                 old_rows.update({path: (split, r, k) for path, (r, k) in rows.items()})
         for split, sk in index.skipped.items():
-            if "@" not in split:
+            if not is_view(split):
                 old_skip.update(sk)
     delta = Delta({}, {}, {}, views, view_seed)
     seen: set[str] = set()
@@ -377,8 +375,6 @@ def _compute(
         time.perf_counter() - t_build,
     )
     if old is not None:  # the rows we add must come from the same weights as the rows we keep
-        from pipeline.features.weights import verify_weights
-
         verify_weights(model.base_weights_sha256, old.weights_sha256, str(p.path))
     weights_sha256 = model.base_weights_sha256
     if int8:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 from pipeline.cache import store
 from pipeline.cache.store import CacheKey
 from pipeline.core.config import ExtractConfig
-from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.errors import CacheError
+from pipeline.core.vocab import is_view
 from pipeline.features import precision, registry, sources, weights
 from pipeline.features.images import printable
 
@@ -69,18 +69,6 @@ def cache_path(cache_dir: Path, source: sources.Source, key: CacheKey) -> Path:
     name = f"{key.backbone}-{key.weights}-{key.layer}-{key.size}{precision.cache_suffix(key.precision)}"
     name += "-float16" if key.dtype == "float16" else ""
     return Path(cache_dir) / source.key / f"{name}.h5"
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Refuse, before any compute, a folder that cannot be created or written."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{what} {folder}: {existing} is a file, not a folder; choose another {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {folder}: {existing} is not writable; choose another {what} or fix its permissions")
 
 
 def plan(cfg: ExtractConfig) -> Plan:
@@ -140,7 +128,7 @@ def stale_files(path: Path, source: sources.Source, show: int = 3) -> str:
     groups = {
         "new": sorted(p for sp, p in now.keys() - cached.keys()),
         "changed": sorted(p for sp, p in now.keys() & cached.keys() if now[sp, p] != cached[sp, p]),
-        "removed": sorted(p for sp, p in cached.keys() - now.keys() if "@" not in sp),
+        "removed": sorted(p for sp, p in cached.keys() - now.keys() if not is_view(sp)),
     }
     parts = [
         f"{len(names)} {what} ({', '.join(printable(n) for n in names[:show])}{', ...' if len(names) > show else ''})"

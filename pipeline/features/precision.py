@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import PRECISIONS, ConfigError
+from pipeline.core.vocab import PRECISIONS, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ class Choice:
 
 def check(precision: str) -> str:
     """``precision`` if it is one of PRECISIONS, else a ConfigError naming it and the choices."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return precision
+    return check_choice("precision", precision, PRECISIONS)
 
 
 def keras_policy(precision: str) -> str:

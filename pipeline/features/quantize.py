@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cache.models import MODEL_FILES, RECORD, model_sha256
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.features.images import Decoder
 from pipeline.features.precision import cpu_flags, cpu_name
@@ -38,8 +39,6 @@ from pipeline.features.precision import cpu_flags, cpu_name
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; 288 in the issue's measurement
-MODEL_FILES = ("model.xml", "model.bin")
-RECORD = "calibration.json"
 INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx2")  # what OpenVINO's kernels depend on
 OPENVINO_MISSING = (
     "precision 'int8' runs on OpenVINO, which is not installed: "
@@ -106,16 +105,6 @@ def versions_label(ov: Any, nncf: Any) -> str:
 
 
 # --------------------------------------------------------------------------- kept beside the cache
-
-
-def model_sha256(folder: Path) -> str:
-    """SHA-256 over the model's files (xml, then bin): the identity of the quantised model."""
-    h = hashlib.sha256()
-    for name in MODEL_FILES:
-        with open(folder / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
@@ -321,24 +310,6 @@ def discard_unused(cache: Path, keep: str | None) -> None:
     for folder in folders(cache):
         if folder.name != keep:
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def keep_with_run(cache: Path, recorded: dict[str, Any], run_dir: Path) -> Path:
-    """Hard-link (or copy) the cache's int8 model into ``run_dir``/int8-model, so predict runs
-    the same model even after the cache is rebuilt or deleted."""
-    src = Path(cache).parent / recorded["folder"]
-    dst = Path(run_dir) / "int8-model"
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (*MODEL_FILES, RECORD):
-        target = dst / name
-        target.unlink(missing_ok=True)
-        try:
-            os.link(src / name, target)
-        except OSError:
-            shutil.copy2(src / name, target)
-    if model_sha256(dst) != recorded["model_sha256"]:
-        raise CacheError(f"int8 model {src} does not match what {cache} recorded; rebuild the cache with --force")
-    return dst
 
 
 def check_isa(record: dict[str, Any]) -> str | None:

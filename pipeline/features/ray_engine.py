@@ -21,7 +21,8 @@ from typing import Any
 
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import ConfigError
-from pipeline.features.extract import ExtractResult, extract
+from pipeline.core.quiet import install
+from pipeline.features.extract import ExtractResult, extract, plan_work
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def extract_ray(
     finds its own marker file there, so the retry path is exercised."""
     ray = _ray()
     from tqdm.auto import tqdm
-
-    from pipeline.features.extract import plan_work
 
     p, delta = plan_work(cfg)  # every option and input checked before Ray starts
     if delta is None or delta.n_todo == 0:  # a hit, or only removals: no backbone needed
@@ -138,7 +137,6 @@ def _shard_task(
     cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any, fail_once: str | None
 ) -> ExtractResult:
     """One slice in a Ray worker: ``extract(cfg, shards=N, shard=I)``."""
-    from pipeline.core.quiet import install
 
     install()
     progress.reset.remote(shard)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.config import SPLITS, ConfigError, ExtractConfig
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import ConfigError
+from pipeline.core.vocab import SPLITS
 from pipeline.features import images
 from pipeline.features.images import printable
 

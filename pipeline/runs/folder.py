@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.provenance import versions
+from pipeline.core.paths import check_writable
 
 
 def fmt(value: Any) -> str:
@@ -54,7 +55,6 @@ class RunFolder:
     its results fails before any compute) and never an existing folder."""
 
     def __init__(self, runs_dir: str | Path, name: str):
-        from pipeline.features.layout import check_writable
 
         check_writable(Path(runs_dir), "runs folder")
         base = Path(runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"

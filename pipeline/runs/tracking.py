@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pipeline.core.config import REPO_ROOT
+from pipeline.core import paths
+
+
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,9 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value (8000 in current relea
 
 
 def default_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///<home>/mlflow.db`` (``paths.home``: the working
+    folder or ``$FEATCACHE_HOME``)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.home().resolve() / 'mlflow.db'}"
 
 
 def enabled(track: bool = True) -> bool:

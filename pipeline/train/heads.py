@@ -20,6 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.core import layers
 from pipeline.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -204,16 +205,11 @@ class _KerasHead:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state.get("model_"), bytes):
-            import keras
-
-            from pipeline.features.backbone import preprocess_layer_class
-
-            preprocess_layer_class()  # end-to-end models hold it; register before loading
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "head.keras")
                 with open(path, "wb") as f:
                     f.write(state["model_"])
-                state["model_"] = keras.saving.load_model(path, safe_mode=True)  # never Lambda bytecode
+                state["model_"] = layers.load_model_safely(path)  # never Lambda bytecode
         self.__dict__.update(state)
 
 

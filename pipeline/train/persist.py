@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import layers
 from pipeline.core.errors import CacheError
 from pipeline.core.provenance import versions
 from pipeline.train.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead, _KerasHead
@@ -45,7 +45,6 @@ TRUSTED_TYPES: list[str] = sorted(
 
 # Keras releases before this let a crafted .keras file run code even in safe mode
 # (CVE-2025-1550, CVE-2025-8747/9906, CVE-2026-1462 via TFSMLayer, fixed in 3.14).
-MIN_SAFE_KERAS = (3, 14)
 
 CHECKED_LIBRARIES = ("numpy", "scikit-learn", "keras")
 
@@ -161,32 +160,6 @@ def _load_skops(path: Path) -> Any:
     return head
 
 
-def _load_keras(path: Path) -> Any:
-    import keras
-
-    from pipeline.features.backbone import preprocess_layer_class
-
-    if _version_tuple(keras.__version__) < MIN_SAFE_KERAS:
-        raise CacheError(
-            f"refusing to open {path} with Keras {keras.__version__}: releases before "
-            f"{'.'.join(map(str, MIN_SAFE_KERAS))} can run code from a crafted .keras file even in "
-            f"safe mode; upgrade (pip install -U 'keras>={'.'.join(map(str, MIN_SAFE_KERAS))}')"
-        )
-    preprocess_layer_class()  # end-to-end models hold it; registered before loading
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as e:  # safe mode refusing a Lambda, a damaged zip, an unknown layer
-        raise CacheError(
-            f"cannot load the Keras model {path} in safe mode ({type(e).__name__}: {e}); "
-            "the run folder is damaged or holds code featcache does not load"
-        ) from e
-
-
-def _version_tuple(version: str) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", version)
-    return (int(m[1]), int(m[2])) if m else (0, 0)
-
-
 def load_head(
     folder: str | Path, stem: str = "winner", trust_pickle: bool = False, versions: dict[str, Any] | None = None
 ) -> Any:
@@ -221,5 +194,5 @@ def load_head(
                 f"{skops_path} is a Keras head ({type(head).__name__}) but {keras_path.name} is "
                 "missing from the folder; copy the whole run folder"
             )
-        head.model_ = _load_keras(keras_path)
+        head.model_ = layers.load_model_safely(keras_path)
     return head

@@ -24,8 +24,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipeline.core.config import TRAIN_ON
 from pipeline.core.errors import ConfigError
+from pipeline.core.vocab import TRAIN_ON, check_choice
 from pipeline.train.heads import head_tables, make_head
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ def check(spec: dict[str, Any], source: str = "sweep file") -> tuple[str, int, l
             elif isinstance(value, list) and not value:
                 raise ConfigError(f"{where} has an empty list for {key!r}; give at least one value")
         for train_on in _choices(table.get("train_on", "clean")):
-            if train_on not in TRAIN_ON:
-                raise ConfigError(f"{where}: train_on must be one of {TRAIN_ON}; received {train_on!r}")
+            check_choice("train_on", train_on, TRAIN_ON, where)
         for corner in ("low", "high"):  # the ends of every range and each listed value must make a head
             fixed = {
                 k: (v[corner] if _is_range(v) else v[0] if isinstance(v, list) else v)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,64 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.memory import auto_budget, gb
+from pipeline.core.vocab import STREAM_MODES, check_choice
+from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, _check_finite, pool_features
 
 log = logging.getLogger(__name__)
 
-STREAM_MODES = ("auto", "on", "off")
 # in-memory training holds the features about three times: the loaded split, the standardised
 # copy, and joblib's memory-mapped copy for the worker processes
 IN_MEMORY_FACTOR = 3
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 2**10,
-    "KB": 2**10,
-    "M": 2**20,
-    "MB": 2**20,
-    "G": 2**30,
-    "GB": 2**30,
-    "T": 2**40,
-    "TB": 2**40,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_budget(text: str | int | None) -> int | None:
-    """Bytes from "4GB", "512MB", "1.5G" or a plain number; None for "auto"/None (see ``auto_budget``)."""
-    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
-        return None
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-        if not m or m.group(2).upper() not in _UNITS:
-            raise ConfigError(f"memory budget {text!r} is not a size; give e.g. 4GB, 512MB or auto")
-        value, unit = float(m.group(1)), m.group(2).upper()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"memory budget must be positive; received {text!r}")
-    return size
-
-
-def physical_memory() -> int:
-    """Bytes of RAM on this machine (0 when the OS will not say)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 0
-
-
-def auto_budget() -> int:
-    """Half the machine's RAM: stable between runs (unlike free memory), and room for the rest."""
-    return physical_memory() // 2 or 4 * 2**30
-
-
-def gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 @dataclass(frozen=True)
@@ -95,8 +45,6 @@ class StreamSource:
         """(features, labels, row numbers) blocks of ``chunk_rows`` rows; a generator shuffles
         the block order and the rows within each block (an epoch sees every row once)."""
         import h5py
-
-        from pipeline.cache.store import CacheError
 
         plan, offset = [], 0
         with h5py.File(self.cache, "r") as f:
@@ -135,8 +83,7 @@ def plan_training(
     budget: int | None,
 ) -> tuple[bool, str]:
     """Whether to stream, and a sentence for the run saying which and why."""
-    if mode not in STREAM_MODES:
-        raise ConfigError(f"stream must be one of {STREAM_MODES}; received {mode!r}")
+    check_choice("stream", mode, STREAM_MODES)
     rows = sum(sizes[s] for s in splits)
     need = rows * int(np.prod(feature_shape)) * 4 * IN_MEMORY_FACTOR
     limit = budget if budget is not None else auto_budget()
@@ -183,8 +130,6 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from pipeline.train.heads import _check_finite, pool_features
 
     if not heads:
         return
@@ -233,7 +178,6 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
     """Fit ``head`` from the file in chunks: standardisation by ``partial_fit`` in one pass,
     then a linear head by SGD ``partial_fit`` (log loss for logreg; hinge for svm, its
     probabilities a softmax of margins) for ``epochs`` passes, or the MLP through Keras."""
-    from pipeline.train.heads import LogRegHead, MLPHead, SVMHead
 
     head._validate_params()
     classes = np.unique(source.labels)
@@ -249,7 +193,6 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
 def _pooled_blocks(
     head: Any, source: StreamSource, rng: np.random.Generator | None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from pipeline.train.heads import _check_finite, pool_features
 
     for x, y, _ in source.blocks(rng):
         z = pool_features(x, head.pooling)
@@ -261,8 +204,6 @@ def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, 
     from sklearn.linear_model import SGDClassifier
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from pipeline.train.heads import LogRegHead
 
     scaler = StandardScaler()
     for z, _ in _pooled_blocks(head, source, None):
@@ -298,8 +239,6 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
     rows shuffled within a chunk); early stopping holds out a random ``validation_fraction``
     of the rows (at most 5,000, kept in memory) that are never trained on."""
     import keras
-
-    from pipeline.train.heads import pool_features
 
     keras.utils.set_random_seed(head.random_state)
     rng = np.random.default_rng(head.random_state)

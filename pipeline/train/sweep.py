@@ -22,13 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import store
-from pipeline.core.config import TRAIN_ON, SweepConfig, as_dict, load_toml
+from pipeline.cache import models, store
+from pipeline.core.config import SweepConfig, as_dict, load_toml
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.features import quantize
+from pipeline.core.memory import parse_budget
+from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
-from pipeline.train import search
+from pipeline.runs.folder import RunFolder, score, text_table
+from pipeline.train import search, stream
 from pipeline.train.heads import head_tables, make_head
+from pipeline.train.persist import save_head
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,7 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
         for params in ParameterGrid(grid):
             params = dict(params)
             head_params = {k: v for k, v in params.items() if k != "train_on"}
-            if params.get("train_on", "clean") not in TRAIN_ON:
-                raise ConfigError(f"{source}: train_on must be one of {TRAIN_ON}; received {params['train_on']!r}")
+            check_choice("train_on", params.get("train_on", "clean"), TRAIN_ON, str(source))
             try:
                 make_head(name, **head_params)  # raises ConfigError naming a bad parameter or value
             except ConfigError as e:
@@ -150,8 +152,6 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     """Read the splits; carve validation from train when the cache has none; check classes."""
     from sklearn.model_selection import train_test_split
 
-    from pipeline.train import stream
-
     notes = []
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
@@ -162,12 +162,12 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
         meta.split_sizes,
         meta.feature_shape,
         cfg.stream,
-        stream.parse_budget(cfg.memory_budget),
+        parse_budget(cfg.memory_budget),
     )
     notes.append(why)
     if streaming:
         return _streaming_data(cfg, cache, meta, views_used, notes)
-    data = {s: store.load_split(cache, s)[:2] for s in ("train", "validation", "test") if s in meta.splits}
+    data = {s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits}
     if "validation" not in data:
         x, y = data["train"]
         try:
@@ -198,7 +198,6 @@ def _streaming_data(
     cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str], notes: list[str]
 ) -> SweepData:
     """Train stays in the file (labels only in memory); validation and test are loaded."""
-    from pipeline.train import stream
 
     if "validation" not in meta.splits:
         raise ConfigError(
@@ -241,12 +240,10 @@ def fit_one(
     head = make_head(name, **{"random_state": seed, **params})
     t0 = time.perf_counter()
     if data.streams is not None:
-        from pipeline.train.stream import fit_streaming
-
         if train_on not in data.streams:
             training_rows(data.train, None, train_on)  # the ConfigError that says how to make views
         y_fit = data.streams[train_on].labels
-        fit_streaming(head, data.streams[train_on])
+        stream.fit_streaming(head, data.streams[train_on])
     else:
         x_fit, y_fit = data.training_rows(train_on)
         head.fit(x_fit, y_fit)
@@ -268,8 +265,6 @@ def _scored(
     import io
 
     import joblib
-
-    from pipeline.runs.folder import score
 
     val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
     row = {
@@ -298,7 +293,6 @@ def fit_path(
     pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
     and its ``fit_seconds`` is its own warm-started fit (the shared standardisation is
     counted in the first one)."""
-    from pipeline.train.stream import fit_logreg_path
 
     _tf_threads(threads)
     if len(indices) == 1 or data.streams is not None:
@@ -310,7 +304,7 @@ def fit_path(
         entries.append((i, params, train_on, make_head(configs[i][0], **{"random_state": seed, **params})))
     x_fit, y_fit = data.training_rows(entries[0][2])
     times: dict[int, float] = {}
-    fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
+    stream.fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
     return [
         _scored(i, configs[i][0], params, train_on, head, y_fit, times[id(head)], data)
         for i, params, train_on, head in entries
@@ -320,12 +314,11 @@ def fit_path(
 def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path: bool) -> list[list[int]]:
     """Configs grouped into warm-startable C paths (one task each), longest tasks first so
     the last worker to finish is not the one that started a flatten fit late."""
-    from pipeline.train.stream import path_key
 
     groups: dict[str, list[int]] = {}
     tasks: list[list[int]] = []
     for i, (name, params) in enumerate(configs):
-        key = path_key(name, {"train_on": data.default_train_on, **params}) if warm_path else None
+        key = stream.path_key(name, {"train_on": data.default_train_on, **params}) if warm_path else None
         if key is None:
             tasks.append([i])
         else:
@@ -371,8 +364,6 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     import io
 
     import joblib
-
-    from pipeline.runs.folder import RunFolder, score, text_table
 
     cache = Path(cache_path)
     meta = store.read_meta(cache)
@@ -462,8 +453,6 @@ def _write_run(
     report.html, and the MLflow runs (issue 15)."""
     from sklearn.metrics import confusion_matrix
 
-    from pipeline.train.persist import save_head
-
     best = next(i for i, r in enumerate(rows) if r.get("winner"))
     run.write_results(rows, COLUMNS)
     save_head(winner, run.path)
@@ -482,7 +471,7 @@ def _write_run(
     )
     if meta.precision == "int8":  # predict runs the very model that made the features
         try:
-            quantize.keep_with_run(cache, meta.info["int8"], run.path)
+            models.keep_with_run(cache, meta.info["int8"], run.path)
         except (OSError, KeyError, CacheError) as e:
             notes.append(f"predict cannot run this head: the cache's int8 model could not be kept ({e})")
             log.warning(notes[-1])

@@ -1,0 +1,66 @@
+"""The allowed values of every option, and the names of splits: one home each.
+
+Configs validate against these, the CLI offers them as choices, the cache format and the
+sweep use the same split names. A leaf module: it imports only ``errors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.core.errors import ConfigError
+
+SPLITS = ("train", "validation", "test")  # in this order everywhere: files, tables, reports
+DTYPES = ("float32", "float16")  # stored feature dtype
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # compute; int8: OpenVINO (the openvino extra)
+COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filter for features
+TRAIN_ON = ("clean", "views", "both")  # stage two: clean rows, cached augmented views, or both
+STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in chunks
+ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
+POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
+
+_VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any], where: str | None = None) -> Any:
+    """``value`` when it is one of ``allowed``, else a ConfigError naming the option, the value
+    received and the choices (prefixed by ``where``, e.g. a sweep file, when given)."""
+    if value not in allowed:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{name} must be one of {tuple(allowed)}; received {name}={value!r}")
+    return value
+
+
+def view_split(k: int) -> str:
+    """Name of the split holding the k-th (1-based) augmented view of every train image."""
+    return f"train{_VIEW}{k}"
+
+
+def is_view(split: str) -> bool:
+    """True for a cached augmented view (``train@aug<k>``), False for train/validation/test."""
+    return _VIEW in split
+
+
+def view_index(split: str) -> int:
+    """k of ``train@aug<k>``; a ValueError for anything else."""
+    _, sep, k = split.partition(_VIEW)
+    if not sep or not k.isdigit():
+        raise ValueError(f"{split!r} is not a view split (train{_VIEW}<k>)")
+    return int(k)
+
+
+__all__ = [
+    "COMPRESSIONS",
+    "DTYPES",
+    "ENGINES",
+    "POOLINGS",
+    "PRECISIONS",
+    "SPLITS",
+    "STREAM_MODES",
+    "TRAIN_ON",
+    "check_choice",
+    "is_view",
+    "view_index",
+    "view_split",
+]
