@@ -16,7 +16,7 @@ BACKBONES ?= vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0
 DTYPE   ?= float32
 PRECISION ?= auto
 BATCH   ?= 32
-SWEEP   ?= configs/sweep.toml
+SWEEP   ?=
 JOBS    ?= 2
 SEED    ?= 0
 CACHE   ?=
@@ -39,7 +39,7 @@ CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
                 $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
 TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
-SWEEP_OPTS := --sweep "$(SWEEP)" --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
+SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
@@ -51,7 +51,7 @@ help: ## list the targets and their options
 	@echo
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) (imagenet|random|<file>) DTYPE=$(DTYPE) PRECISION=$(PRECISION)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
-	@echo "  BATCH=$(BATCH) SWEEP=$(SWEEP) JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
+	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
 	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT)"
 
