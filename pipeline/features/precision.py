@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 # int8 runs the float32 Keras model converted by OpenVINO and quantised by NNCF (optional extra)
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16", "int8": "float32"}
 _SUFFIXES = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16", "int8": "-int8"}
-ENGINES = {"float32": "keras", "bfloat16": "keras", "float16": "keras", "int8": "openvino"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either one: the CPU has bfloat16 dot products
 ENV = "FEATCACHE_PRECISION"  # pins what ``auto`` resolves to on a machine (CI, reproducible benchmarks)
 MARGIN = 1.15  # auto keeps bfloat16 only when the probe finds it at least this much faster
