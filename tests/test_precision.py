@@ -235,7 +235,7 @@ def test_auto_on_a_cpu_without_gpu_device_files_never_imports_tensorflow():
     import sys
 
     code = (
-        "import sys; from pipeline import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
+        "import sys; from pipeline.features import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
         "c = P.resolve('auto', flags=set()); print(c.precision, 'tensorflow' in sys.modules)"
     )
     out = subprocess.run(
