@@ -163,10 +163,11 @@ def test_logreg_reports_its_solver_iterations():
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # max_iter set low on purpose
 def test_svm_reports_the_slowest_fold_or_its_only_fit():
-    x, y = separable(10)
-    head = SVMHead().fit(x, y)
+    x, y = separable(10, 3, spread=3.0)
+    head = SVMHead(C=1.0).fit(x, y)
     folds = [c.estimator.n_iter_ for c in head.model_[-1].calibrated_classifiers_]
-    assert len(folds) == 3 and head.n_iter_ == max(folds) and type(head.n_iter_) is int
+    assert len(folds) == 3 and len(set(folds)) > 1  # folds that differ, so the slowest one is told apart
+    assert head.n_iter_ == max(folds) and type(head.n_iter_) is int
     one_each = SVMHead(max_iter=2).fit(*separable(1, 3))  # too few rows to calibrate: one LinearSVC
     assert one_each.n_iter_ == one_each.model_[-1].n_iter_ <= 2
 
@@ -175,6 +176,17 @@ def test_mlp_reports_the_epochs_it_ran():
     x, y = separable(5)
     head = MLPHead(units=4, epochs=2, patience=0).fit(x, y)
     assert head.n_iter_ == 2 == len(head.history_["loss"])
+    x, _ = separable(20)
+    noise = np.random.default_rng(0).permutation(np.repeat([0, 1], 20))  # nothing to learn: val_loss rises
+    stopped = MLPHead(units=16, epochs=40, learning_rate=0.05, patience=1, validation_fraction=0.25).fit(x, noise)
+    assert stopped.n_iter_ == len(stopped.history_["val_loss"]) < 40  # early stopping ended it sooner
+
+
+def test_streamed_mlp_reports_the_epochs_it_ran(tmp_path):
+    x, y = separable(10)
+    source = stream.source_for(cache_from(tmp_path / "c.h5", {"train": (x, y)}), ["train"], x.shape[1:])
+    head = stream.fit_streaming(MLPHead(units=4, epochs=3, patience=0), source)
+    assert head.n_iter_ == 3 == len(head.history_["loss"])
 
 
 # ----------------------------------------------------------------------------- class_weight by label
