@@ -2,7 +2,7 @@
 its own test, with the one expected failure named and explained; then the errors and
 attributes those checks ask for, pinned exactly. scikit-learn's checks pass flat (N,D)
 tables, which the heads take as features that are already pooled; the cached maps
-(N,h,w,C) keep their own checks and messages (test_mutants_heads.py)."""
+(N,h,w,C) keep their own checks and messages (the head recipe tests)."""
 
 from __future__ import annotations
 
