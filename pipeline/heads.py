@@ -68,7 +68,15 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
     def _pooled(self, X: Any, reset: bool) -> np.ndarray:
         """Maps (rank 3 and up) are pooled as they are; anything else is checked as a flat
         (N,D) table by scikit-learn (sparse, complex, 1-D and width errors, feature names)."""
-        if np.asarray(X).ndim < 3:  # sparse input is a 0-d object array here: checked below
+        A = np.asarray(X)
+        if A.ndim < 3:  # sparse input is a 0-d object array here: checked below
+            shape = getattr(X, "shape", A.shape)
+            if not reset and len(shape) == 2 and shape[1] != self.n_features_in_:  # scikit-learn's words, and ours
+                raise ValueError(
+                    f"X has {shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} "
+                    f"features as input: the head was fitted on {self.n_features_in_} (another layer, pooling "
+                    "or input size?)"
+                )
             X = validate_data(self, X, reset=reset, ensure_all_finite=False, ensure_min_samples=2 if reset else 1)
         elif reset and hasattr(self, "feature_names_in_"):
             del self.feature_names_in_  # refitted on maps: names from an earlier table no longer apply

@@ -70,12 +70,18 @@ def test_flat_input_is_taken_as_already_pooled(head):
 def test_flat_input_of_another_width_is_named():
     x, y = _blobs(d=4)
     head = LogRegHead().fit(x, y)
-    with pytest.raises(ValueError, match=r"^X has 3 features, but LogRegHead is expecting 4 features as input"):
+    with pytest.raises(ValueError) as info:
         head.predict(x[:, :3])
+    assert str(info.value) == (
+        "X has 3 features, but LogRegHead is expecting 4 features as input: the head was fitted on 4 "
+        "(another layer, pooling or input size?)"
+    )
     maps, labels = separable(5)  # fitted on maps: a flat table is checked against the pooled width
     head = SVMHead(pooling="avg").fit(maps, labels)
-    with pytest.raises(ValueError, match=r"^X has 32 features, but SVMHead is expecting 8 features as input"):
+    with pytest.raises(ValueError, match=r"^X has 32 features, but SVMHead is expecting 8 features as input: "):
         head.predict(maps.reshape(len(maps), -1))
+    with pytest.raises(ValueError, match=r"^X has 32 features, but SVMHead is expecting 8 features as input: "):
+        head.predict(maps.reshape(len(maps), -1).tolist())  # a list of rows: the same check
 
 
 @pytest.mark.parametrize("make", [scipy.sparse.csr_matrix, scipy.sparse.csr_array])
