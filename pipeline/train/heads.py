@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import Tags
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from pipeline.core import layers
 from pipeline.core.errors import ConfigError
@@ -54,12 +56,42 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {"pooling": [StrOptions(set(POOLINGS))]}
 
+    def __sklearn_tags__(self) -> Tags:
+        """Dense, finite, numeric features and 1-D class labels; the maps' ranks (N,h,w,C)
+        have no tag, so scikit-learn's checks see the flat (N,D) form."""
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # cached maps are dense: sparse X is refused by name
+        tags.input_tags.allow_nan = False  # a NaN means a damaged cache: refused (_check_finite)
+        tags.target_tags.required = True
+        tags.classifier_tags.multi_label = False
+        return tags
+
+    def _pooled(self, X: Any, reset: bool) -> np.ndarray:
+        """Maps (rank 3 and up) are pooled as they are; anything else is checked as a flat
+        (N,D) table by scikit-learn (sparse, complex, 1-D and width errors, feature names)."""
+        A = np.asarray(X)
+        if A.ndim < 3:  # sparse input is a 0-d object array here: checked below
+            shape = getattr(X, "shape", A.shape)
+            if not reset and len(shape) == 2 and shape[1] != self.n_features_in_:  # scikit-learn's words, and ours
+                raise ValueError(
+                    f"X has {shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} "
+                    f"features as input: the head was fitted on {self.n_features_in_} (another layer, pooling "
+                    "or input size?)"
+                )
+            X = validate_data(self, X, reset=reset, ensure_all_finite=False, ensure_min_samples=2 if reset else 1)
+        elif reset and hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_  # refitted on maps: names from an earlier table no longer apply
+        return pool_features(X, self.pooling)
+
     def fit(self, X: np.ndarray, y: np.ndarray) -> _PooledHead:
         self._validate_params()
-        Z = pool_features(X, self.pooling)
-        y = np.asarray(y)
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        Z = self._pooled(X, reset=True)
+        y = column_or_1d(y, warn=True)
         if len(Z) != len(y):
             raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
+        check_classification_targets(y)  # continuous or multi-output y: "Unknown label type"
         _check_finite(Z)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
@@ -73,7 +105,7 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities, columns in ``classes_`` order."""
         check_is_fitted(self, "classes_")
-        Z = pool_features(X, self.pooling)
+        Z = self._pooled(X, reset=False)
         if Z.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {Z.shape[1]} features after {self.pooling} pooling; the head was fitted on "
@@ -88,6 +120,21 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
 
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _class_weight_by_index(self, classes: np.ndarray) -> Any:
+        """``class_weight`` keyed by class label (scikit-learn's contract) re-keyed by the
+        class index the inner model trains on; "balanced" and None pass through."""
+        weights = getattr(self, "class_weight", None)
+        if not isinstance(weights, dict):
+            return weights
+        index = {c: i for i, c in enumerate(classes.tolist())}
+        unknown = [k for k in weights if k not in index]
+        if unknown:
+            raise ValueError(
+                f"class_weight names class(es) {unknown} that the training labels do not hold "
+                f"({classes.tolist()}); key it by label"
+            )
+        return {index[k]: w for k, w in weights.items()}
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         return self.model_.predict_proba(Z)
@@ -129,10 +176,14 @@ class LogRegHead(_PooledHead):
         self.model_ = make_pipeline(
             StandardScaler(),
             LogisticRegression(
-                C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+                C=self.C,
+                class_weight=self._class_weight_by_index(self.classes_),
+                max_iter=self.max_iter,
+                random_state=self.random_state,
             ),
         )
         self.model_.fit(Z, y)
+        self.n_iter_ = int(np.max(self.model_[-1].n_iter_))
 
 
 class SVMHead(_PooledHead):
@@ -161,11 +212,17 @@ class SVMHead(_PooledHead):
         from sklearn.svm import LinearSVC
 
         svm = LinearSVC(
-            C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
+            C=self.C,
+            class_weight=self._class_weight_by_index(self.classes_),
+            max_iter=self.max_iter,
+            random_state=self.random_state,
         )
         folds = int(min(3, np.bincount(y).min()))
         self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=folds) if folds >= 2 else svm)
         self.model_.fit(Z, y)
+        fitted = self.model_[-1]
+        svms = [c.estimator for c in fitted.calibrated_classifiers_] if folds >= 2 else [fitted]
+        self.n_iter_ = max(int(s.n_iter_) for s in svms)  # the slowest fold
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         if hasattr(self.model_, "predict_proba"):
@@ -326,6 +383,7 @@ class MLPHead(_KerasHead, _PooledHead):
             shuffle=True,
         )
         self.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
+        self.n_iter_ = len(next(iter(self.history_.values()), []))  # epochs run (early stopping may end sooner)
         self.model_ = model
 
 

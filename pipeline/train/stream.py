@@ -153,7 +153,7 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
     Zs = scaler.fit_transform(Z)  # float32 in, float32 out: one copy for the whole path
     lr = LogisticRegression(
         C=first.C,
-        class_weight=first.class_weight,
+        class_weight=first._class_weight_by_index(classes),
         max_iter=first.max_iter,
         random_state=first.random_state,
         warm_start=True,
@@ -164,7 +164,7 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
         model = copy.deepcopy(lr)
         model.set_params(warm_start=False)  # the saved head is what an independent fit would describe
         h.model_ = Pipeline([("standardscaler", scaler), ("logisticregression", model)])
-        h.classes_, h.n_features_in_ = classes, Z.shape[1]
+        h.classes_, h.n_features_in_, h.n_iter_ = classes, Z.shape[1], int(np.max(model.n_iter_))
         now = time.perf_counter()
         if times is not None:
             times[id(h)] = now - t0
@@ -211,7 +211,7 @@ def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, 
     n = source.rows
     # LogisticRegression minimises C * sum(loss) + |w|^2 / 2; SGD minimises mean(loss) + alpha |w|^2 / 2
     alpha = 1.0 / (head.C * n)
-    class_weight = head.class_weight
+    class_weight = head._class_weight_by_index(classes)
     if class_weight == "balanced":
         counts = np.bincount(np.searchsorted(classes, source.labels), minlength=len(classes))
         class_weight = {i: n / (len(classes) * c) for i, c in enumerate(counts)}
@@ -229,7 +229,7 @@ def _fit_linear_streaming(head: Any, source: StreamSource, classes: np.ndarray, 
         for z, y in _pooled_blocks(head, source, rng):
             sgd.partial_fit(scaler.transform(z), np.searchsorted(classes, y), classes=labels)
     head.model_ = Pipeline([("standardscaler", scaler), ("sgd", sgd)])
-    head.classes_, head.n_features_in_ = classes, int(scaler.n_features_in_)
+    head.classes_, head.n_features_in_, head.n_iter_ = classes, int(scaler.n_features_in_), epochs
     head.streamed_ = True
     return head
 
@@ -277,5 +277,6 @@ def _fit_mlp_streaming(head: Any, source: StreamSource, classes: np.ndarray) -> 
     )
     head.history_ = {key: [float(v) for v in values] for key, values in history.history.items()}
     head.model_, head.classes_, head.n_features_in_ = model, classes, width
+    head.n_iter_ = len(next(iter(head.history_.values()), []))
     head.streamed_ = True
     return head
