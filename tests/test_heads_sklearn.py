@@ -12,8 +12,8 @@ import scipy.sparse
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline import stream
-from pipeline.heads import LogRegHead, MLPHead, SVMHead, pool_features
+from pipeline.train import stream
+from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, pool_features
 
 from conftest import cache_from, separable
 
