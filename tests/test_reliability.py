@@ -229,6 +229,25 @@ def test_a_lock_file_removed_by_its_last_holder_is_not_taken(tmp_path):
     assert not lock_path.exists()
 
 
+def test_the_lock_file_is_removed_before_the_lock_is_released(tmp_path, monkeypatch):
+    """Removed after release, a waiter could lock the file between the two and keep it after
+    its removal, while a third writer creates and locks a new one: two writers."""
+    import filelock
+
+    at_release = []
+    original = filelock.FileLock.release
+
+    def release(self, *args, **kw):
+        at_release.append((Path(self.lock_file).exists(), self.is_locked))
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(filelock.FileLock, "release", release)
+    with store.writer_lock(tmp_path / "c.h5"):
+        assert Path(f"{tmp_path / 'c.h5'}.lock").exists()
+    assert at_release[0] == (False, True)  # gone from the path while still held
+    assert not Path(f"{tmp_path / 'c.h5'}.lock").exists()
+
+
 def test_the_lock_still_excludes_under_contention(tmp_path):
     """Three processes take and release the lock of one cache many times at once: never two inside."""
     final, inside = tmp_path / "c.h5", tmp_path / "inside"
