@@ -92,6 +92,9 @@ def test_a_worker_node_killed_mid_run_is_survived_and_a_node_that_joins_is_used(
             and f"attempt 1 on node {doomed.node_id} was lost" in m
             for m in retries
         ), retries
-    single = extract(ExtractConfig(data=str(root), cache_dir=tmp_path / "single", size=32, weights="random", quiet=True))
+    assert result.resumed_chunks >= 1  # the retries reused chunks their killed attempts had finished
+    single = extract(
+        ExtractConfig(data=str(root), cache_dir=tmp_path / "single", size=32, weights="random", quiet=True)
+    )
     assert_same_cache(result.path, single.path)
     assert not [p.name for p in result.path.parent.iterdir() if p.name.endswith(".lock")]  # no lock file left
