@@ -91,8 +91,9 @@ def extract_ray(
         n = shards or max(1, gpus or int(resources.get("CPU", 1)))
         n = max(1, min(n, delta.n_todo))
         expect = delta.todo_hash
-        # on the driver's node: the bar and the retry log survive the loss of any worker node
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # on the driver's node, strictly (soft affinity placed it on a worker node under load):
+        # the bar and the retry log survive the loss of any worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
         task = ray.remote(_shard_task).options(
             num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_retries=max_retries, retry_exceptions=True

@@ -34,13 +34,13 @@ def _wait_for(condition, seconds: float, what: str) -> None:
 
 @pytest.fixture
 def cluster():
-    """A head with no CPUs (it holds the driver and the progress actor only) and quick node-death
-    detection, so a killed node is noticed in about a second rather than Ray's default 30 s."""
+    """A head with no CPUs (it holds the driver and the progress actor only) and quicker
+    node-death detection: a killed node is noticed in about 3 s rather than Ray's default 30 s."""
     head = {
         "num_cpus": 0,
         "include_dashboard": False,
         "object_store_memory": 100_000_000,
-        "_system_config": {"health_check_period_ms": 200, "health_check_failure_threshold": 3},
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 5},
     }
     c = cluster_utils.Cluster(initialize_head=True, head_node_args=head)
     ray.init(
@@ -74,12 +74,18 @@ def test_a_worker_node_killed_mid_run_is_survived_and_a_node_that_joins_is_used(
             out["error"] = e
 
     with caplog.at_level(logging.WARNING, logger="pipeline.engine_ray"):
-        driver = threading.Thread(target=run)
+        driver = threading.Thread(target=run, daemon=True)
         driver.start()
-        _wait_for(lambda: {p.name for p in hold.iterdir()} >= {"running-0", "running-1"}, 150, "both shards to run")
-        cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL: the node dies with both shards on it
-        joined = cluster.add_node(num_cpus=2, object_store_memory=100_000_000)
-        (hold / "go").touch()  # the retries run through; the killed attempts are gone already
+        try:  # while the workers start: the single-process cache to compare with
+            single = extract(
+                ExtractConfig(data=str(root), cache_dir=tmp_path / "single", size=32, weights="random", quiet=True)
+            )
+            running = {"running-0", "running-1"}
+            _wait_for(lambda: {p.name for p in hold.iterdir()} >= running, 150, "both shards to run")
+            cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL: the node dies with both shards on it
+            joined = cluster.add_node(num_cpus=2, object_store_memory=100_000_000)
+        finally:
+            (hold / "go").touch()  # the retries run through; the killed attempts are gone already
         driver.join(timeout=240)
     assert not driver.is_alive(), "the extraction did not finish after the node loss"
     assert "error" not in out, out.get("error")
@@ -93,8 +99,5 @@ def test_a_worker_node_killed_mid_run_is_survived_and_a_node_that_joins_is_used(
             for m in retries
         ), retries
     assert result.resumed_chunks >= 1  # the retries reused chunks their killed attempts had finished
-    single = extract(
-        ExtractConfig(data=str(root), cache_dir=tmp_path / "single", size=32, weights="random", quiet=True)
-    )
     assert_same_cache(result.path, single.path)
     assert not [p.name for p in result.path.parent.iterdir() if p.name.endswith(".lock")]  # no lock file left
