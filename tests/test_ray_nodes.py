@@ -82,8 +82,8 @@ def test_a_worker_node_killed_mid_run_is_survived_and_a_node_that_joins_is_used(
             )
             running = {"running-0", "running-1"}
             _wait_for(lambda: {p.name for p in hold.iterdir()} >= running, 150, "both shards to run")
+            joined = cluster.add_node(num_cpus=2, object_store_memory=100_000_000)  # joins after the shards began
             cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL: the node dies with both shards on it
-            joined = cluster.add_node(num_cpus=2, object_store_memory=100_000_000)
         finally:
             (hold / "go").touch()  # the retries run through; the killed attempts are gone already
         driver.join(timeout=240)
