@@ -39,10 +39,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
@@ -628,26 +628,52 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class _StaleLockFile(Exception):
+    """The lock file this process locked had been removed by its previous holder."""
+
+
+def _same_file(lock_path: Path, held: list[os.stat_result]) -> Callable[[int], None]:
+    """``on_acquired`` check: the locked file must still be the one at ``lock_path``. A holder
+    removes its lock file before releasing it, so a process that opened the file just before
+    then locks a removed file; it must let go and lock the file now at the path instead."""
+
+    def check(fd: int) -> None:
+        locked = os.fstat(fd)
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            raise _StaleLockFile(lock_path) from None
+        if not os.path.samestat(locked, current):
+            raise _StaleLockFile(lock_path)
+        held[:] = [locked]
+
+    return check
+
+
 @contextlib.contextmanager
 def writer_lock(final_path: Path) -> Iterator[None]:
     """One writer per cache file. The OS drops the lock when its holder dies, so a killed
-    run never blocks the next one; a live holder is named in the error."""
+    run never blocks the next one; a live holder is named in the error. The lock file is
+    removed on release (while still held: see ``_same_file``), so none is left beside the cache."""
     from filelock import FileLock, Timeout
 
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final_path.with_name(final_path.name + ".lock")
     info_path = final_path.with_name(final_path.name + ".lock.json")
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    held: list[os.stat_result] = []
+    lock = FileLock(str(lock_path), on_acquired=_same_file(lock_path, held))
+    for _attempt in range(5):  # a lock file removed under us by a holder that finished: lock the new one
         try:
-            holder = json.loads(info_path.read_text())
-            who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
-        except (OSError, ValueError, KeyError):
-            who = "another process"
-        raise CacheError(f"{final_path} is being written by {who} (lock {lock_path}); wait for it to finish") from None
+            lock.acquire(timeout=0)
+            break
+        except _StaleLockFile:
+            continue
+        except Timeout:
+            if lock_path.exists():
+                _raise_locked(final_path, lock_path, info_path)
+    else:
+        _raise_locked(final_path, lock_path, info_path)
     try:
         _atomic_write_bytes(
             info_path,
@@ -659,4 +685,16 @@ def writer_lock(final_path: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             info_path.unlink()
+        with contextlib.suppress(OSError):  # ours while we hold it: nobody else removes or replaces it
+            if held and os.path.samestat(os.stat(lock_path), held[0]):
+                lock_path.unlink()
         lock.release()
+
+
+def _raise_locked(final_path: Path, lock_path: Path, info_path: Path) -> NoReturn:
+    try:
+        holder = json.loads(info_path.read_text())
+        who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+    except (OSError, ValueError, KeyError):
+        who = "another process"
+    raise CacheError(f"{final_path} is being written by {who} (lock {lock_path}); wait for it to finish") from None

@@ -145,7 +145,6 @@ def _prepare(
     p = layout.plan(cfg)
     for note in p.source.notes:
         log.info(note)
-    paths.check_writable(p.path.parent, "cache folder")
     old: store.CacheMeta | None = None
     index: store.RowIndex | None = None
     have = 0
@@ -159,18 +158,29 @@ def _prepare(
                 "only once the new one is complete"
             )
         have = (meta.augment or {}).get("views", 0)
-        if have and p.cfg.augment > have and meta.augment and meta.augment.get("seed") != p.cfg.seed:
-            raise CacheError(
-                f"{p.path} holds {have} views made with seed {meta.augment['seed']}; more views "
-                f"with seed {p.cfg.seed} would mix two policies. Use SEED={meta.augment['seed']}, "
-                "or rebuild with --force"
-            )
+        if have and p.cfg.augment:
+            _check_view_seed(p, have, (meta.augment or {}).get("seed"))
         if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and not for_shard:
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return p, meta, None, None, hit
         old, index = meta, store.read_index(p.path)
+    paths.check_writable(p.path.parent, "cache folder")  # only here: a hit reads, so a read-only cache serves it
     view_seed = int((old.augment or {}).get("seed", p.cfg.seed)) if old is not None and have else p.cfg.seed
     return p, old, index, _delta(p, index, max(p.cfg.augment, have), view_seed), None
+
+
+def _check_view_seed(p: layout.Plan, have: int, made_with: Any) -> None:
+    """One rule for views of another seed, whether as many or more are asked: refused, since a
+    hit would serve the cached seed's views and an update would mix two seeds in one cache."""
+    if made_with == p.cfg.seed:
+        return
+    raise CacheError(
+        f"{p.path} holds {have} augmented view(s) per train image made with seed {made_with}; "
+        f"AUGMENT={p.cfg.augment} with SEED={p.cfg.seed} asks for views made with seed {p.cfg.seed}, and a cache "
+        f"holds the views of one seed only. Use SEED={made_with} to use (or add to) the cached views, or rebuild "
+        f"with FORCE=1 (--force) to make them with seed {p.cfg.seed}: the old file is replaced only once the new "
+        "one is complete"
+    )
 
 
 def plan_work(cfg: ExtractConfig) -> tuple[layout.Plan, Delta | None]:

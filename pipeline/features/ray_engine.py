@@ -3,8 +3,10 @@
 Each task is ``extract(cfg, shards=N, shard=I)`` in a Ray worker process: it builds its
 own backbone, writes its own shard file (HDF5 allows one writer per file) under its own
 lock, and resumes from its own chunks if a previous attempt died. A failed task is retried
-by Ray (``max_retries``); the driver shows one progress bar fed by a small actor, and
-merges the shards into the cache at the end (virtual datasets, no feature bytes copied).
+by Ray (``max_retries``), on any live node, also when its node died (a node that joins
+later is used like any other); each retry is logged as a warning naming the nodes. The
+driver shows one progress bar fed by a small actor on its own node, and merges the shards
+into the cache at the end (virtual datasets, no feature bytes copied).
 
 Ray is an optional extra (``pip install 'featcache[ray]'``). A local Ray is started unless
 ``RAY_ADDRESS`` names a cluster; with GPUs, each task asks for one.
@@ -16,6 +18,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +41,21 @@ def _ray() -> Any:
 
 
 def extract_ray(
-    cfg: ExtractConfig, shards: int | None = None, max_retries: int = 2, fail_once: Path | None = None
+    cfg: ExtractConfig,
+    shards: int | None = None,
+    max_retries: int = 2,
+    fail_once: Path | None = None,
+    hold: Path | None = None,
 ) -> ExtractResult:
     """Extract with ``shards`` Ray tasks (default: one per GPU Ray sees, else one per CPU)
     and merge. Joins ``RAY_ADDRESS`` when set, else starts a local Ray for this call.
 
     ``fail_once`` (tests): a folder; each task raises once, after its first batch, unless it
-    finds its own marker file there, so the retry path is exercised."""
+    finds its own marker file there, so the retry path is exercised. ``hold`` (tests): a
+    folder; each task, after its first batch, writes ``running-<shard>`` there and waits for
+    ``go``, so a test can kill a node while every shard is mid-run."""
     ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
 
     p, delta = plan_work(cfg)  # every option and input checked before Ray starts
@@ -80,14 +90,19 @@ def extract_ray(
         n = shards or max(1, gpus or int(resources.get("CPU", 1)))
         n = max(1, min(n, delta.n_todo))
         expect = delta.todo_hash
-        progress = ray.remote(num_cpus=0)(_Progress).remote()
+        # on the driver's node, strictly (soft affinity placed it on a worker node under load):
+        # the bar and the retry log survive the loss of any worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
         task = ray.remote(_shard_task).options(
             num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_retries=max_retries, retry_exceptions=True
         )
         shard_cfg = dataclasses.replace(p.cfg, quiet=True)
-        refs = [task.remote(shard_cfg, n, i, expect, progress, str(fail_once) if fail_once else None) for i in range(n)]
+        tests = (str(fail_once) if fail_once else None, str(hold) if hold else None)
+        refs = [task.remote(shard_cfg, n, i, expect, progress, *tests) for i in range(n)]
         log.info("%s: %s; %d Ray task(s)", p.path.name, delta.describe(), n)
         pending = list(refs)
+        logged: dict[int, int] = {}
         with tqdm(
             total=delta.n_todo,
             desc=f"{p.source.name} (ray x{n})",
@@ -99,6 +114,8 @@ def extract_ray(
             while pending:
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
                 bar.update(ray.get(progress.total.remote()) - bar.n)
+                _log_retries(ray.get(progress.attempts.remote()), logged, n)
+        _log_retries(ray.get(progress.attempts.remote()), logged, n)
         parts = ray.get(refs)  # raises the task's error once its retries are spent
         result = extract(cfg, shards=n, merge=True, expect_todo=expect)
         result.images = sum(r.images for r in parts)
@@ -117,14 +134,37 @@ def _pythonpath() -> str:
     return os.pathsep.join([here, rest]) if rest else here
 
 
+def _log_retries(attempts: dict[int, list[str]], logged: dict[int, int], shards: int) -> None:
+    """A warning for each attempt of a shard after its first, once: where it runs now and where the
+    attempt before it was lost (its node died, or the task failed and Ray retried it)."""
+    for shard, nodes in sorted(attempts.items()):
+        for k in range(max(1, logged.get(shard, 1)), len(nodes)):
+            log.warning(
+                "shard %d of %d: attempt %d started on node %s; attempt %d on node %s was lost (node died or task "
+                "failed), Ray retried it (finished chunks are reused)",
+                shard,
+                shards,
+                k + 1,
+                nodes[k],
+                k,
+                nodes[k - 1],
+            )
+        logged[shard] = max(logged.get(shard, 1), len(nodes))
+
+
 class _Progress:
-    """Images done per shard; a retried shard starts its count again."""
+    """Images done per shard (a retried shard starts its count again), and the node of each attempt."""
 
     def __init__(self) -> None:
         self.done: dict[int, int] = {}
+        self.nodes: dict[int, list[str]] = {}
 
-    def reset(self, shard: int) -> None:
+    def reset(self, shard: int, node: str = "?") -> None:
         self.done[shard] = 0
+        self.nodes.setdefault(shard, []).append(node)
+
+    def attempts(self) -> dict[int, list[str]]:
+        return self.nodes
 
     def add(self, shard: int, n: int) -> None:
         self.done[shard] = self.done.get(shard, 0) + n
@@ -134,12 +174,19 @@ class _Progress:
 
 
 def _shard_task(
-    cfg: ExtractConfig, shards: int, shard: int, expect: str, progress: Any, fail_once: str | None
+    cfg: ExtractConfig,
+    shards: int,
+    shard: int,
+    expect: str,
+    progress: Any,
+    fail_once: str | None,
+    hold: str | None = None,
 ) -> ExtractResult:
     """One slice in a Ray worker: ``extract(cfg, shards=N, shard=I)``."""
+    import ray
 
     install()
-    progress.reset.remote(shard)
+    progress.reset.remote(shard, ray.get_runtime_context().get_node_id())
     marker = Path(fail_once) / f"shard-{shard}" if fail_once else None
 
     def report(n: int) -> None:
@@ -147,5 +194,9 @@ def _shard_task(
         if marker is not None and not marker.exists():
             marker.touch()
             raise RuntimeError(f"injected failure in shard {shard} (test)")
+        if hold is not None:
+            (Path(hold) / f"running-{shard}").touch()
+            while not (Path(hold) / "go").exists():
+                time.sleep(0.05)
 
     return extract(cfg, shards=shards, shard=shard, progress=report, expect_todo=expect)
