@@ -371,10 +371,11 @@ def _fit_all(monkeypatch, configs, n_jobs, cores=8, warm=None, env=None):
     tasks = []
     real = sweep.fit_path
 
-    def recorded(t, configs, seed, threads, data):
+    def recorded(t, configs, seed, threads, data, keras):
         tasks.append(t)
         _Sequential.seen.setdefault("threads", set()).add(threads)
-        return real(t, configs, seed, threads, data)
+        _Sequential.seen.setdefault("keras", set()).add(keras)
+        return real(t, configs, seed, threads, data, keras)
 
     monkeypatch.setattr(sweep, "fit_path", recorded)
     if env is not None:
@@ -390,7 +391,12 @@ def test_fit_all_shares_the_cores_and_keeps_config_order(monkeypatch):
     results, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=4)
     assert [r[0]["index"] for r in results] == [0, 1, 2]
     assert tasks == [[0, 2], [1]]
-    assert seen == {"n_jobs": 2, "config": {"backend": "loky", "inner_max_num_threads": 4}, "threads": {4}}
+    assert seen == {
+        "n_jobs": 2,
+        "config": {"backend": "loky", "inner_max_num_threads": 4},
+        "threads": {4},
+        "keras": {False},  # no Keras head: workers do not import it
+    }
     _, _, seen = _fit_all(monkeypatch, configs, n_jobs=2, cores=3)
     assert seen["threads"] == {1} and type(seen["config"]["inner_max_num_threads"]) is int
     _, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=-1, cores=3, env="0")
