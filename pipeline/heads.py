@@ -135,7 +135,7 @@ class LogRegHead(_PooledHead):
 
 
 class SVMHead(_PooledHead):
-    """Standardisation + linear SVM, probabilities by sigmoid calibration (3-fold)."""
+    """Standardisation + linear SVM, probabilities by sigmoid calibration on a held-out third."""
 
     _parameter_constraints = _LINEAR_CONSTRAINTS
 
@@ -155,6 +155,7 @@ class SVMHead(_PooledHead):
 
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
         from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.model_selection import StratifiedShuffleSplit
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
@@ -162,8 +163,12 @@ class SVMHead(_PooledHead):
         svm = LinearSVC(
             C=self.C, class_weight=self.class_weight, max_iter=self.max_iter, random_state=self.random_state
         )
-        folds = int(min(3, np.bincount(y).min()))
-        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=folds) if folds >= 2 else svm)
+        fewest = int(np.bincount(y).min())
+        # issue 29: one stratified held-out third calibrates once every class has 3 rows; 3-fold
+        # calibration fitted the one-vs-rest SVM three times (classes x 3 liblinear fits), about
+        # 3x the cost for 0.2-0.5 point of validation accuracy (BENCHMARKS.md section 8)
+        cv: Any = StratifiedShuffleSplit(1, test_size=1 / 3, random_state=self.random_state) if fewest >= 3 else fewest
+        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=cv) if fewest >= 2 else svm)
         self.model_.fit(Z, y)
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
