@@ -647,7 +647,9 @@ def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, caplog, n_jobs, co
     seen = []
     real = sweep.fit_all
     monkeypatch.setattr(
-        sweep, "fit_all", lambda batch, data, seed, jobs: seen.append(len(batch)) or real(batch, data, seed, 1)
+        sweep,
+        "fit_all",
+        lambda batch, data, seed, jobs, keras: seen.append(len(batch)) or real(batch, data, seed, 1, keras=keras),
     )
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: cores)
     path = cache_from(tmp_path / "c.h5", {"train": separable(8, 2), "validation": separable(8, 2, seed=1)})
