@@ -15,6 +15,7 @@ Usage (always under the shared lock on a shared machine):
     flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py sweep --cache c.h5 [--jobs 2] [--path off]
     flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py levers --cache c.h5
     flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py rss --cache c.h5 --stream on|off
+    flock /tmp/featcache-bench.lock python bench/bench_sweep_scale.py svm --cache c.h5  # 3 folds vs a third
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def levers(args: argparse.Namespace) -> None:
     from threadpoolctl import threadpool_limits
 
     from pipeline.cache import store
-    from pipeline.runs.folder import score
+    from pipeline.runs.folder.folder import score
     from pipeline.train.heads import LogRegHead
     from pipeline.train.stream import fit_logreg_path
 
@@ -199,7 +200,7 @@ def mlp(args: argparse.Namespace) -> None:
     """The MLP levers side by side: one MLPHead fit per variant ("key=value,..." over the
     default grid's flatten MLP), its fit seconds, epochs run and validation accuracy."""
     from pipeline.cache import store
-    from pipeline.runs.folder import score
+    from pipeline.runs.folder.folder import score
     from pipeline.train.heads import MLPHead
 
     print(machine())
@@ -217,6 +218,43 @@ def mlp(args: argparse.Namespace) -> None:
         acc = score(head.predict_proba(xv), yv, head.classes_)[0]
         epochs = len(head.history_["loss"])
         print(f"mlp {variant or 'default'}: {seconds:.1f} s fit, {epochs} epochs, val {acc:.4f}", flush=True)
+
+
+def svm(args: argparse.Namespace) -> None:
+    """The SVM calibration lever (issue 29): CalibratedClassifierCV(LinearSVC) on 3 folds (the
+    old head) against one stratified held-out third (SVMHead now), one core, per pooling and C:
+    wall and CPU seconds (CPU is the measure on a shared machine), validation accuracy and log-loss."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedShuffleSplit
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.cache import store
+    from pipeline.runs.folder import score
+    from pipeline.train.heads import pool_features
+
+    print(machine(), f"load {os.getloadavg()[0]:.1f}")
+    x, y, _ = store.load_split(args.cache, "train")
+    xv, yv, _ = store.load_split(args.cache, "validation")
+    with threadpool_limits(1):
+        for pooling in ("avg", "max"):
+            scaler = StandardScaler().fit(pool_features(x, pooling))
+            z, zv = scaler.transform(pool_features(x, pooling)), scaler.transform(pool_features(xv, pooling))
+            for c in (0.01, 0.1):
+                for label, cv in (
+                    ("3 folds", 3),
+                    ("one third", StratifiedShuffleSplit(1, test_size=1 / 3, random_state=0)),
+                ):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    model = CalibratedClassifierCV(LinearSVC(C=c, max_iter=5000, random_state=0), cv=cv).fit(z, y)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    acc, loss = score(model.predict_proba(zv), yv, model.classes_)
+                    print(
+                        f"svm {pooling} C={c} {label}: wall {wall:.1f} s, cpu {cpu:.1f} s, "
+                        f"val {acc:.4f}, log-loss {loss:.4f}",
+                        flush=True,
+                    )
 
 
 def rss(args: argparse.Namespace) -> None:
@@ -258,12 +296,14 @@ def main() -> None:
     ml.add_argument("--cache", required=True)
     ml.add_argument("--pooling", default="flatten")
     ml.add_argument("variants", nargs="*", default=[""], help='e.g. "" "batch_size=256,learning_rate=6e-4"')
+    sv = sub.add_parser("svm")
+    sv.add_argument("--cache", required=True)
     r = sub.add_parser("rss")
     r.add_argument("--cache", required=True)
     r.add_argument("--stream", default="auto", choices=["auto", "on", "off"])
     r.add_argument("--max-iter", type=int, default=1000)
     args = p.parse_args()
-    {"make-cache": make_cache, "sweep": sweep, "levers": levers, "mlp": mlp, "rss": rss}[args.command](args)
+    {"make-cache": make_cache, "sweep": sweep, "levers": levers, "mlp": mlp, "svm": svm, "rss": rss}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
@@ -113,12 +114,14 @@ def test_logreg_is_a_standardised_logistic_regression_with_its_settings():
     assert (d.pooling, d.C, d.class_weight, d.max_iter, d.random_state) == ("flatten", 1.0, None, 1000, 0)
 
 
-def test_svm_calibrates_with_up_to_three_folds():
+def test_svm_calibrates_on_one_held_out_third():
     x, y = separable(10)
     head = SVMHead(C=0.2, class_weight="balanced", max_iter=77, random_state=3).fit(x, y)
     scaler, model = (step for _, step in head.model_.steps)
     assert isinstance(scaler, StandardScaler) and isinstance(model, CalibratedClassifierCV)
-    assert model.cv == 3
+    assert isinstance(model.cv, StratifiedShuffleSplit) and len(model.calibrated_classifiers_) == 1
+    assert (model.cv.n_splits, model.cv.test_size, model.cv.random_state) == (1, 1 / 3, 3)
+    assert SVMHead().fit(*separable(3, 3)).model_.steps[-1][1].cv.n_splits == 1  # three rows per class suffice
     svm = model.estimator
     assert isinstance(svm, LinearSVC)
     assert (svm.C, svm.class_weight, svm.max_iter, svm.random_state) == (0.2, "balanced", 77, 3)

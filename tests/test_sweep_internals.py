@@ -17,7 +17,7 @@ import pytest
 from pipeline.cache import store
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.runs.folder import score
+from pipeline.runs.folder.folder import score
 from pipeline.train import sweep
 
 from conftest import cache_from, separable, synthetic_meta
@@ -372,10 +372,11 @@ def _fit_all(monkeypatch, configs, n_jobs, cores=8, warm=None, env=None):
     tasks = []
     real = sweep.fit_path
 
-    def recorded(t, configs, seed, threads, data):
+    def recorded(t, configs, seed, threads, data, keras):
         tasks.append(t)
         _Sequential.seen.setdefault("threads", set()).add(threads)
-        return real(t, configs, seed, threads, data)
+        _Sequential.seen.setdefault("keras", set()).add(keras)
+        return real(t, configs, seed, threads, data, keras)
 
     monkeypatch.setattr(sweep, "fit_path", recorded)
     if env is not None:
@@ -391,7 +392,12 @@ def test_fit_all_shares_the_cores_and_keeps_config_order(monkeypatch):
     results, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=4)
     assert [r[0]["index"] for r in results] == [0, 1, 2]
     assert tasks == [[0, 2], [1]]
-    assert seen == {"n_jobs": 2, "config": {"backend": "loky", "inner_max_num_threads": 4}, "threads": {4}}
+    assert seen == {
+        "n_jobs": 2,
+        "config": {"backend": "loky", "inner_max_num_threads": 4},
+        "threads": {4},
+        "keras": {False},  # no Keras head: workers do not import it
+    }
     _, _, seen = _fit_all(monkeypatch, configs, n_jobs=2, cores=3)
     assert seen["threads"] == {1} and type(seen["config"]["inner_max_num_threads"]) is int
     _, tasks, seen = _fit_all(monkeypatch, configs, n_jobs=-1, cores=3, env="0")
@@ -504,8 +510,8 @@ def test_show_varying_params_per_head_with_three_heads():
 
 
 def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
-    from pipeline.runs import plots, report, tracking
-    from pipeline.runs.folder import RunFolder
+    from pipeline.runs.folder import plots, report, tracking
+    from pipeline.runs.folder.folder import RunFolder
     from pipeline.train.heads import LogRegHead
 
     calls: dict = {"curves": []}
@@ -626,7 +632,7 @@ def test_a_bad_grid_is_named_by_its_file(tmp_path):
 
 
 def test_the_winner_without_test_split_is_scored_on_validation(tmp_path, monkeypatch):
-    from pipeline.runs import plots
+    from pipeline.runs.folder import plots
 
     titles = []
     monkeypatch.setattr(plots, "plot_confusion_matrix", lambda cm, names, path, title: titles.append(title))
@@ -642,7 +648,9 @@ def test_tpe_asks_one_batch_per_worker(tmp_path, monkeypatch, caplog, n_jobs, co
     seen = []
     real = sweep.fit_all
     monkeypatch.setattr(
-        sweep, "fit_all", lambda batch, data, seed, jobs: seen.append(len(batch)) or real(batch, data, seed, 1)
+        sweep,
+        "fit_all",
+        lambda batch, data, seed, jobs, keras: seen.append(len(batch)) or real(batch, data, seed, 1, keras=keras),
     )
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: cores)
     path = cache_from(tmp_path / "c.h5", {"train": separable(8, 2), "validation": separable(8, 2, seed=1)})

@@ -187,7 +187,7 @@ class LogRegHead(_PooledHead):
 
 
 class SVMHead(_PooledHead):
-    """Standardisation + linear SVM, probabilities by sigmoid calibration (3-fold)."""
+    """Standardisation + linear SVM, probabilities by sigmoid calibration on a held-out third."""
 
     _parameter_constraints = _LINEAR_CONSTRAINTS
 
@@ -207,6 +207,7 @@ class SVMHead(_PooledHead):
 
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
         from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.model_selection import StratifiedShuffleSplit
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
@@ -217,12 +218,16 @@ class SVMHead(_PooledHead):
             max_iter=self.max_iter,
             random_state=self.random_state,
         )
-        folds = int(min(3, np.bincount(y).min()))
-        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=folds) if folds >= 2 else svm)
+        fewest = int(np.bincount(y).min())
+        # issue 29: one stratified held-out third calibrates once every class has 3 rows; 3-fold
+        # calibration fitted the one-vs-rest SVM three times (classes x 3 liblinear fits), about
+        # 3x the cost for 0.2-0.5 point of validation accuracy (BENCHMARKS.md section 8)
+        cv: Any = StratifiedShuffleSplit(1, test_size=1 / 3, random_state=self.random_state) if fewest >= 3 else fewest
+        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=cv) if fewest >= 2 else svm)
         self.model_.fit(Z, y)
         fitted = self.model_[-1]
-        svms = [c.estimator for c in fitted.calibrated_classifiers_] if folds >= 2 else [fitted]
-        self.n_iter_ = max(int(s.n_iter_) for s in svms)  # the slowest fold
+        svms = [c.estimator for c in fitted.calibrated_classifiers_] if fewest >= 2 else [fitted]
+        self.n_iter_ = max(int(s.n_iter_) for s in svms)  # the slowest calibration fit
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         if hasattr(self.model_, "predict_proba"):

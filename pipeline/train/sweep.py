@@ -30,7 +30,7 @@ from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
 from pipeline.train import search, stream
-from pipeline.train.heads import head_tables, make_head
+from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
 from pipeline.train.persist import save_head
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,25 @@ def _scored(
     return row, getattr(head, "history_", None), buffer.getvalue()
 
 
+def _keras_first(keras: bool) -> None:
+    """Import Keras at the start of every task of a sweep that has a Keras head, so that a
+    worker's first task already holds TensorFlow. loky measures a worker's memory after its
+    first task and replaces the worker once it grows 300 MB past that, warning "A worker
+    stopped while some jobs were given to the executor ... memory leak". Importing TensorFlow
+    (about 800 MB) in a worker whose first task was a scikit-learn head tripped it: not a leak
+    (a Keras fit adds about 10 MB), but the worker was killed and the next MLP paid the
+    import again in a fresh one. A no-op once imported."""
+    if keras:
+        import keras as _  # noqa: F401
+
+
 def fit_path(
-    indices: list[int], configs: list[tuple[str, dict[str, Any]]], seed: int, threads: int | None, data: SweepData
+    indices: list[int],
+    configs: list[tuple[str, dict[str, Any]]],
+    seed: int,
+    threads: int | None,
+    data: SweepData,
+    keras: bool = False,
 ) -> list[tuple[dict[str, Any], Any, bytes]]:
     """Logistic regressions that differ only in C, fitted as one warm-started path on data
     pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
@@ -295,6 +312,7 @@ def fit_path(
     counted in the first one)."""
 
     _tf_threads(threads)
+    _keras_first(keras)
     if len(indices) == 1 or data.streams is not None:
         return [fit_one(i, *configs[i], seed, threads, data) for i in indices]
     entries = []
@@ -334,24 +352,38 @@ def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path
 
 
 def fit_all(
-    configs: list[tuple[str, dict[str, Any]]], data: SweepData, seed: int, n_jobs: int, warm_path: bool | None = None
+    configs: list[tuple[str, dict[str, Any]]],
+    data: SweepData,
+    seed: int,
+    n_jobs: int,
+    warm_path: bool | None = None,
+    keras: bool | None = None,
 ) -> list[tuple[dict[str, Any], Any, bytes]]:
     """Every config in parallel, each worker with its share of the cores; logistic
     regressions differing only in C go as one warm-started path (``warm_path``; default on,
-    FEATCACHE_WARM_PATH=0 turns it off for comparisons). Results come back in config order."""
+    FEATCACHE_WARM_PATH=0 turns it off for comparisons). Workers import Keras first when
+    ``keras`` (default: when a config is a Keras head; ``_keras_first`` says why). Results
+    come back in config order."""
     import joblib
 
     if warm_path is None:
         warm_path = os.environ.get("FEATCACHE_WARM_PATH", "1") != "0"
+    if keras is None:
+        keras = uses_keras(name for name, _ in configs)
     tasks = _tasks(configs, data, warm_path)
     n_jobs = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), len(tasks))
     threads = max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
     with joblib.parallel_config(backend="loky", inner_max_num_threads=threads):
         done = joblib.Parallel(n_jobs=n_jobs)(
-            joblib.delayed(fit_path)(task, configs, seed, threads, data) for task in tasks
+            joblib.delayed(fit_path)(task, configs, seed, threads, data, keras) for task in tasks
         )
     by_index = {r[0]["index"]: r for results in done for r in results}
     return [by_index[i] for i in range(len(configs))]
+
+
+def uses_keras(names: Any) -> bool:
+    """Whether any of these head names is fitted by Keras."""
+    return any(issubclass(HEADS[name], _KerasHead) for name in names)
 
 
 def select(rows: list[dict[str, Any]]) -> int:
@@ -395,7 +427,9 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         configs, results = search.run_search(
             spec,
             str(cfg.sweep_file),
-            lambda batch: fit_all(batch, data, cfg.seed, cfg.n_jobs),
+            lambda batch: fit_all(
+                batch, data, cfg.seed, cfg.n_jobs, keras=uses_keras(n for _, n, _ in head_tables(spec, ""))
+            ),
             cfg.seed,
             cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1),
         )
