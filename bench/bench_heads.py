@@ -18,7 +18,7 @@ from _common import DATA, HED_WEIGHTS, REPO, Timer, machine, require_data
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=150)
-    p.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
+    p.add_argument("--sweep", type=Path, default=REPO / "pipeline" / "train" / "default_sweep.toml")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args()
     require_data()

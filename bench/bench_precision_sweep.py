@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made)")
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16", "int8"])
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-prec")
-    ap.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
+    ap.add_argument("--sweep", type=Path, default=REPO / "pipeline" / "train" / "default_sweep.toml")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument(
         "--test-every-config",

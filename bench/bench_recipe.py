@@ -108,7 +108,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=180)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--sweep", type=Path, default=REPO / "configs" / "sweep.toml")
+    p.add_argument("--sweep", type=Path, default=REPO / "pipeline" / "train" / "default_sweep.toml")
     p.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seeds-only", action="store_true", help="run only the seeds' recipe")

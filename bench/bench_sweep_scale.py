@@ -175,7 +175,7 @@ def levers(args: argparse.Namespace) -> None:
     from threadpoolctl import threadpool_limits
 
     from pipeline.cache import store
-    from pipeline.runs.folder.folder import score
+    from pipeline.runs.folder import score
     from pipeline.train.heads import LogRegHead
     from pipeline.train.stream import fit_logreg_path
 
@@ -200,7 +200,7 @@ def mlp(args: argparse.Namespace) -> None:
     """The MLP levers side by side: one MLPHead fit per variant ("key=value,..." over the
     default grid's flatten MLP), its fit seconds, epochs run and validation accuracy."""
     from pipeline.cache import store
-    from pipeline.runs.folder.folder import score
+    from pipeline.runs.folder import score
     from pipeline.train.heads import MLPHead
 
     print(machine())
@@ -286,7 +286,7 @@ def main() -> None:
     m.add_argument("--classes", type=int, default=6)
     s = sub.add_parser("sweep")
     s.add_argument("--cache", required=True)
-    s.add_argument("--sweep", default=str(REPO / "configs" / "sweep.toml"))
+    s.add_argument("--sweep", default=str(REPO / "pipeline" / "train" / "default_sweep.toml"))
     s.add_argument("--jobs", type=int, default=2)
     s.add_argument("--path", default="on", choices=["on", "off"], help="warm-started C paths (off: one fit per C)")
     v = sub.add_parser("levers")

@@ -253,8 +253,8 @@ def test_the_lock_still_excludes_under_contention(tmp_path):
     """Three processes take and release the lock of one cache many times at once: never two inside."""
     final, inside = tmp_path / "c.h5", tmp_path / "inside"
     code = (
-        "import os, sys, time; from pathlib import Path; from pipeline.cache import store; from pipeline.core.errors import"
-        " CacheError\n"
+        "import os, sys, time; from pathlib import Path; from pipeline.cache import store\n"
+        "from pipeline.core.errors import CacheError\n"
         f"final, inside = Path({str(final)!r}), Path({str(inside)!r}); got = 0\n"
         "while got < 150:\n"
         "    try:\n"

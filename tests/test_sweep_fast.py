@@ -17,6 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from pipeline.core import paths
 from pipeline.core.config import SweepConfig
 from pipeline.runs.folder import score
 from pipeline.train import sweep
@@ -88,7 +89,7 @@ def test_the_default_grid_picks_the_plain_fits_winner(tmp_path):
     """The default grid's scikit-learn heads (the MLPs need TensorFlow and did not change),
     swept with the fast paths, against every config fitted plainly: same winner, its
     validation accuracy within the issue's 0.5 point."""
-    spec = tomllib.loads((REPO / "configs" / "sweep.toml").read_text())
+    spec = tomllib.loads(paths.default_sweep().read_text())
     heads = [h for h in spec["head"] if h["name"] != "mlp"]
     grid = tmp_path / "grid.toml"
     grid.write_text(

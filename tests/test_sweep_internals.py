@@ -17,7 +17,7 @@ import pytest
 from pipeline.cache import store
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.runs.folder.folder import score
+from pipeline.runs.folder import score
 from pipeline.train import sweep
 
 from conftest import cache_from, separable, synthetic_meta
@@ -510,8 +510,8 @@ def test_show_varying_params_per_head_with_three_heads():
 
 
 def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
-    from pipeline.runs.folder import plots, report, tracking
-    from pipeline.runs.folder.folder import RunFolder
+    from pipeline.runs import plots, report, tracking
+    from pipeline.runs.folder import RunFolder
     from pipeline.train.heads import LogRegHead
 
     calls: dict = {"curves": []}
@@ -632,7 +632,7 @@ def test_a_bad_grid_is_named_by_its_file(tmp_path):
 
 
 def test_the_winner_without_test_split_is_scored_on_validation(tmp_path, monkeypatch):
-    from pipeline.runs.folder import plots
+    from pipeline.runs import plots
 
     titles = []
     monkeypatch.setattr(plots, "plot_confusion_matrix", lambda cm, names, path, title: titles.append(title))
