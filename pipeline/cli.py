@@ -14,7 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CACHE_DIR, DEFAULT_SWEEP, PRECISIONS, RUNS_DIR, ExtractConfig, FinetuneConfig, SweepConfig
+from .config import (
+    CACHE_DIR,
+    DECODERS,
+    DEFAULT_SWEEP,
+    PRECISIONS,
+    RUNS_DIR,
+    ExtractConfig,
+    FinetuneConfig,
+    SweepConfig,
+)
 from .errors import CacheError, ConfigError
 from .registry import BACKBONES
 
@@ -55,6 +64,13 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         default=d.precision,
         choices=list(PRECISIONS),
         help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
+    )
+    p.add_argument(
+        "--decoder",
+        default=d.decoder,
+        choices=list(DECODERS),
+        help="JPEG decoding: cpu (Pillow), gpu (nvJPEG on a CUDA device, needs torchvision), auto: gpu where "
+        "usable (default: %(default)s); part of the cache's identity",
     )
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
     p.add_argument(
@@ -251,6 +267,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "quiet",
         "augment",
         "content_hash",
+        "decoder",
     ):
         if hasattr(args, name):
             fields[name] = getattr(args, name)

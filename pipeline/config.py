@@ -30,6 +30,7 @@ DTYPES = ("float32", "float16")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # int8: OpenVINO, the optional openvino extra
 COMPRESSIONS = ("none", "lzf", "gzip")
 TRAIN_ON = ("clean", "views", "both")
+DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding: gpu = pipeline.gpu_decode (torchvision + CUDA)
 
 
 def _default_decode_processes() -> int:
@@ -62,11 +63,14 @@ class ExtractConfig:
     cache_dir: Path = CACHE_DIR  # where cache folders go
     quiet: bool = False  # no progress bars
     content_hash: bool = False  # key rows by a SHA-256 of each file's bytes instead of (size, mtime)
+    decoder: str = "auto"  # cpu (Pillow), gpu (nvJPEG on CUDA), auto: gpu where usable; part of the identity
 
     def __post_init__(self) -> None:
         """Checks what needs no registry; size and layer are resolved by ``layout.plan``."""
         if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1):
             raise ConfigError(f"size must be a positive integer (pixels); received size={self.size!r}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {DECODERS}; received decoder={self.decoder!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}; received precision={self.precision!r}")
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
@@ -191,6 +195,7 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 __all__ = [
     "CACHE_DIR",
+    "DECODERS",
     "DEFAULT_SWEEP",
     "PRECISIONS",
     "REPO_ROOT",

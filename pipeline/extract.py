@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone, images, layout, quantize, registry, sources, store
+from . import backbone, gpu_decode, images, layout, quantize, registry, sources, store
 from .config import ExtractConfig, as_dict
 from .errors import CacheError, ConfigError
 from .provenance import versions
@@ -50,6 +50,7 @@ class ExtractResult:
     reused: int = 0  # rows kept from the cache without recomputing
     update: str = ""  # "2 new, 1 changed, 1 removed, 19,997 reused" (+ how new files were split)
     int8: dict[str, Any] | None = None  # precision int8: the quantised model's summary (quantize.summary)
+    decode: dict[str, Any] | None = None  # decoder gpu: images decoded on the device / by the CPU fallback
 
     @property
     def steady_rate(self) -> float:
@@ -401,7 +402,8 @@ def _compute(
     )
     blocks: dict[str, list[store.Block]] = {}
     t0 = time.perf_counter()
-    decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
     writer = ChunkWriter(chunks)
     total = sum(len(v) for v in todo.values())
     with (
@@ -433,6 +435,8 @@ def _compute(
         if rows_todo:
             blocks[split] = chunks.blocks(split, math.ceil(len(rows_todo) / cfg.chunk_size))
     result.seconds = time.perf_counter() - t0
+    if isinstance(decoder, gpu_decode.GpuDecoder):
+        result.decode = {"decoder": "gpu", **decoder.counts, "fallbacks": decoder.fallbacks[:100]}
     return chunks, blocks, feature_shape, weights_sha256
 
 
@@ -502,6 +506,7 @@ def _meta(
             "compression": cfg.compression,
             "last_update": delta.describe(),
             **({"int8": result.int8} if result.int8 else {}),
+            **({"decode": result.decode} if result.decode else {}),
             **info,
         },
     )
@@ -666,7 +671,7 @@ def h5py_file(path: Path) -> Any:
 def _run_split(
     cfg: ExtractConfig,
     model: Any,
-    decoder: images.Decoder,
+    decoder: images.Decoder | gpu_decode.GpuDecoder,
     items: Any,
     split: str,
     rows: list[int],
@@ -694,7 +699,7 @@ def _run_split(
         if batch is None:
             break
         if len(batch.rows):
-            feats = backbone.forward(model, batch.images, cfg.batch_size)
+            feats = gpu_decode.forward(model, batch.images, cfg.batch_size)  # backbone.forward for numpy
             if not result.warmup_images:
                 result.warmup_seconds, result.warmup_images = time.perf_counter() - t1, len(batch.rows)
             else:
