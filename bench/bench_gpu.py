@@ -104,7 +104,7 @@ def decode_alone(files: list[str], size: int, batch: int) -> None:
         print(f"  decode+resize alone, {label:38s}: {len(files) / t.seconds:8.0f} img/s; {use}{extra}", flush=True)
 
 
-def forward_alone(size: int, batch: int, precision: str) -> float:
+def forward_alone(size: int, batch: int, precision: str, images: int = 8192) -> float:
     """Images/s of the model alone: uint8 batches from host memory, and already on the device."""
     import keras
     import numpy as np
@@ -114,7 +114,7 @@ def forward_alone(size: int, batch: int, precision: str) -> float:
     gflop = registry.flops_per_image(size, "block5_pool") / 1e9
     model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve("random"), precision=precision)
     x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    steps = max(4, math.ceil(8192 / batch))
+    steps = max(4, math.ceil(images / batch))
     rates = {}
     inputs: list[tuple[str, Any]] = [("host uint8", x)]
     if gpu_decode.unavailable_reason() is None:
@@ -236,6 +236,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[150, 180])
     p.add_argument("--precisions", nargs="+", default=["float16", "float32"])
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--forward-images", type=int, default=8192, help="images per timed forward-alone repeat")
     p.add_argument("--sections", nargs="+", default=["decode", "forward", "extract", "quality", "mlp"])
     p.add_argument("--budget", type=float, default=1e9, help="seconds after which no new section starts")
     args = p.parse_args()
@@ -256,6 +257,7 @@ def main() -> None:
         from pipeline import gpu_decode
 
         has_gpu = gpu_decode.unavailable_reason() is None
+        quality_done = False
         for size in args.sizes:
             print(f"\n== {size}x{size}", flush=True)
             if "decode" in args.sections and time_left(f"decode at {size}"):
@@ -264,7 +266,7 @@ def main() -> None:
             if "forward" in args.sections:
                 for precision in args.precisions:
                     if time_left(f"forward {precision} at {size}"):
-                        ceilings[precision] = forward_alone(size, args.batch, precision)
+                        ceilings[precision] = forward_alone(size, args.batch, precision, args.forward_images)
             if "extract" in args.sections:
                 made: dict[tuple[str, str], Path] = {}
                 for precision in args.precisions:
@@ -275,11 +277,12 @@ def main() -> None:
                         made[decoder, precision] = r.path
                         if precision in ceilings:
                             print(f"      = {r.steady_rate / ceilings[precision]:.0%} of the forward pass alone")
-                if "quality" in args.sections and has_gpu:
+                if "quality" in args.sections and has_gpu and not quality_done:
                     for precision in ("float32", *args.precisions):
                         if ("cpu", precision) in made and ("gpu", precision) in made and time_left("quality"):
                             print(f"  CPU- vs GPU-decoded caches, {precision}, {size} px:")
                             quality(made["cpu", precision], made["gpu", precision])
+                            quality_done = True  # once: the first size
                             break
                 for path in made.values():
                     path.unlink(missing_ok=True)
