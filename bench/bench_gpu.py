@@ -247,6 +247,16 @@ def main() -> None:
     print(f"data: {photos} ({len(files)} files)")
     cache_dir = Path(tempfile.mkdtemp(prefix="featcache-gpu-"))
 
+    def guarded(what: str, fn: Any, *a: Any) -> Any:
+        """One section; a failure is printed and the next section still runs (one device run)."""
+        try:
+            return fn(*a)
+        except Exception:
+            import traceback
+
+            print(f"FAILED {what}:\n{traceback.format_exc()}", flush=True)
+            return None
+
     def time_left(what: str) -> bool:
         if time.perf_counter() - T0 > args.budget:
             print(f"SKIPPED {what}: past --budget {args.budget:.0f} s", flush=True)
@@ -261,19 +271,23 @@ def main() -> None:
         for size in args.sizes:
             print(f"\n== {size}x{size}", flush=True)
             if "decode" in args.sections and time_left(f"decode at {size}"):
-                decode_alone(files, size, args.batch)
+                guarded(f"decode at {size}", decode_alone, files, size, args.batch)
             ceilings = {}
             if "forward" in args.sections:
                 for precision in args.precisions:
                     if time_left(f"forward {precision} at {size}"):
-                        ceilings[precision] = forward_alone(size, args.batch, precision, args.forward_images)
+                        got = guarded("forward", forward_alone, size, args.batch, precision, args.forward_images)
+                        if got:
+                            ceilings[precision] = got
             if "extract" in args.sections:
                 made: dict[tuple[str, str], Path] = {}
                 for precision in args.precisions:
                     for decoder in ("gpu", "cpu") if has_gpu else ("cpu",):
                         if not time_left(f"extract {decoder} {precision} at {size}"):
                             continue
-                        r = extract_once(photos, size, precision, decoder, args.batch, cache_dir)
+                        r = guarded("extract", extract_once, photos, size, precision, decoder, args.batch, cache_dir)
+                        if r is None:
+                            continue
                         made[decoder, precision] = r.path
                         if precision in ceilings:
                             print(f"      = {r.steady_rate / ceilings[precision]:.0%} of the forward pass alone")
@@ -281,14 +295,14 @@ def main() -> None:
                     for precision in ("float32", *args.precisions):
                         if ("cpu", precision) in made and ("gpu", precision) in made and time_left("quality"):
                             print(f"  CPU- vs GPU-decoded caches, {precision}, {size} px:")
-                            quality(made["cpu", precision], made["gpu", precision])
+                            guarded("quality", quality, made["cpu", precision], made["gpu", precision])
                             quality_done = True  # once: the first size
                             break
                 for path in made.values():
                     path.unlink(missing_ok=True)
         if "mlp" in args.sections and time_left("mlp"):
             print("\n== default sweep's MLP configs", flush=True)
-            mlp_sweep(args.mlp_data or require_data(), cache_dir)
+            guarded("mlp", mlp_sweep, args.mlp_data or require_data(), cache_dir)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"\nbench_gpu done in {time.perf_counter() - T0:.0f} s", file=sys.stderr)
