@@ -100,8 +100,81 @@ def decode_alone(files: list[str], size: int, batch: int) -> None:
             with GpuUse() as use, Timer() as t:
                 for _ in decoder.batches(files, range(len(files)), size, batch):
                     pass
-            extra = f", {decoder.counts}" if hasattr(decoder, "counts") else ""
+            extra = ""
+            if hasattr(decoder, "counts"):
+                split = ", ".join(f"{k} {v:.2f} s" for k, v in decoder.timings.items())
+                extra = f", {decoder.counts}\n      decode thread: {split}"
         print(f"  decode+resize alone, {label:38s}: {len(files) / t.seconds:8.0f} img/s; {use}{extra}", flush=True)
+
+
+def decode_profile(files: list[str], size: int) -> None:
+    """Where GPU decoding's time goes, piece by piece, on files already in memory."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline import gpu_decode
+
+    n = min(4096, len(files))
+    with Timer() as t:
+        datas = [gpu_decode._read(f) for f in files[:n]]
+    print(f"  profile: reading {n} files (page cache, one thread): {t.seconds / n * 1e6:.0f} us/file")
+    with Timer() as t:
+        for d in datas:
+            gpu_decode.jpeg_problem(d)  # type: ignore[arg-type]
+    print(f"  profile: header check: {t.seconds / n * 1e6:.1f} us/file")
+    enc = [torch.frombuffer(d, dtype=torch.uint8) for d in datas]  # type: ignore[arg-type]
+    for bs in (64, 256, 1024):
+        decode_jpeg(enc[:bs], mode=ImageReadMode.RGB, device="cuda")
+        torch.cuda.synchronize()
+        with GpuUse() as use, Timer() as t:
+            for k in range(0, n, bs):
+                decode_jpeg(enc[k : k + bs], mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.synchronize()
+        print(f"  profile: torchvision decode_jpeg on cuda, batch {bs:4d}: {n / t.seconds:7.0f} img/s; {use}")
+    decoded = decode_jpeg(enc[:256], mode=ImageReadMode.RGB, device="cuda")
+    with gpu_decode.GpuDecoder() as dec:
+        dec.resize(decoded, size)
+        torch.cuda.synchronize()
+        with Timer() as t:
+            for _ in range(10):
+                dec.resize(decoded, size)
+            torch.cuda.synchronize()
+    print(f"  profile: resize on the device (pad + 2 matmuls), batch 256: {2560 / t.seconds:7.0f} img/s")
+
+
+def hybrid(files: list[str], size: int, batch: int, gpu_share: float) -> None:
+    """What-if: the GPU decoder and the CPU processes at once, on disjoint shares of the files."""
+    from pipeline import gpu_decode, images
+    from pipeline.config import ExtractConfig
+
+    cut = int(len(files) * gpu_share)
+    done: dict[str, float] = {}
+
+    def drain(label: str, decoder: Any, part: list[str]) -> None:
+        with decoder:
+            for _ in decoder.batches(part, range(len(part)), size, batch):
+                pass
+        done[label] = time.perf_counter()
+
+    warm_gpu, warm_cpu = gpu_decode.GpuDecoder(), images.Decoder(processes=ExtractConfig().decode_processes)
+    for _ in warm_cpu.batches(files, range(256), size, batch):
+        pass
+    start = time.perf_counter()
+    threads = [
+        threading.Thread(target=drain, args=("gpu", warm_gpu, files[:cut])),
+        threading.Thread(target=drain, args=("cpu", warm_cpu, files[cut:])),
+    ]
+    with GpuUse() as use:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    wall = max(done.values()) - start
+    print(
+        f"  decode+resize alone, GPU ({gpu_share:.0%}) + CPU processes at once: {len(files) / wall:8.0f} img/s "
+        f"(GPU share done in {done['gpu'] - start:.2f} s, CPU share in {done['cpu'] - start:.2f} s); {use}",
+        flush=True,
+    )
 
 
 def forward_alone(size: int, batch: int, precision: str, images: int = 8192) -> float:
@@ -237,7 +310,10 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["float16", "float32"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--forward-images", type=int, default=8192, help="images per timed forward-alone repeat")
-    p.add_argument("--sections", nargs="+", default=["decode", "forward", "extract", "quality", "mlp"])
+    p.add_argument(
+        "--sections", nargs="+", default=["profile", "decode", "hybrid", "forward", "extract", "quality", "mlp"]
+    )
+    p.add_argument("--gpu-share", type=float, default=0.4, help="hybrid: the GPU decoder's share of the files")
     p.add_argument("--budget", type=float, default=1e9, help="seconds after which no new section starts")
     args = p.parse_args()
     photos = args.photos or require_data()
@@ -270,8 +346,12 @@ def main() -> None:
         quality_done = False
         for size in args.sizes:
             print(f"\n== {size}x{size}", flush=True)
+            if "profile" in args.sections and has_gpu and time_left(f"profile at {size}"):
+                guarded(f"profile at {size}", decode_profile, files, size)
             if "decode" in args.sections and time_left(f"decode at {size}"):
                 guarded(f"decode at {size}", decode_alone, files, size, args.batch)
+            if "hybrid" in args.sections and has_gpu and time_left(f"hybrid at {size}"):
+                guarded(f"hybrid at {size}", hybrid, files, size, args.batch, args.gpu_share)
             ceilings = {}
             if "forward" in args.sections:
                 for precision in args.precisions:

@@ -26,6 +26,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -294,6 +295,8 @@ class GpuDecoder:
         self._weights: dict[tuple[int, int, int], Any] = {}
         self._decode = decode or self._torchvision_decode
         self.counts = {"gpu": 0, "cpu fallback": 0, "failed": 0}
+        # seconds on the decode thread: where a GPU-decoded batch's time goes (bench/bench_gpu.py prints it)
+        self.timings = {"waiting for reads": 0.0, "nvJPEG decode": 0.0, "routing + resize launch": 0.0, "sync": 0.0}
         self.fallbacks: list[tuple[str, str]] = []  # (path, why it left the device), for the record
 
     def __enter__(self) -> GpuDecoder:
@@ -338,13 +341,23 @@ class GpuDecoder:
         out = torch.matmul(my.unsqueeze(1), tmp.view(n, 3, hmax, size)).add_(0.5).floor_().clamp_(0, 255)
         return out.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
-    def _batch(self, paths: list[str], rows: list[int], size: int) -> images.Batch:
-        """One batch: read, route, decode on the device, fall back one by one, resize, in row order."""
+    def _batch(self, paths: list[str], rows: list[int], size: int, reads: Iterator[bytearray | None]) -> images.Batch:
+        """One batch: read, route, decode on the device, fall back one by one, resize, in row order.
+        ``reads`` yields the files' bytes (read ahead on the reader threads)."""
         torch = self.torch
-        datas = list(self._readers.map(_read, paths))
-        decoded, host, failed, fallbacks = route_and_decode(
-            paths, rows, size, datas, lambda ds: self._decode([torch.frombuffer(d, dtype=torch.uint8) for d in ds])
-        )
+        t0 = time.perf_counter()
+        datas = list(reads)
+        t1 = time.perf_counter()
+
+        def decode(ds: list[bytearray]) -> list[Any]:
+            t = time.perf_counter()
+            try:
+                return self._decode([torch.frombuffer(d, dtype=torch.uint8) for d in ds])
+            finally:
+                self.timings["nvJPEG decode"] += time.perf_counter() - t
+
+        decoded, host, failed, fallbacks = route_and_decode(paths, rows, size, datas, decode)
+        self.timings["waiting for reads"] += t1 - t0
         self.fallbacks += fallbacks
         self.counts["gpu"] += len(decoded)
         self.counts["cpu fallback"] += len(host)
@@ -395,16 +408,32 @@ class GpuDecoder:
         def produce() -> None:
             torch = self.torch
             try:
-                for start in range(0, len(rows), batch_size):
+                starts = list(range(0, len(rows), batch_size))
+
+                def paths_of(start: int) -> list[str]:
+                    return [items[i] for i in rows[start : start + batch_size]]
+
+                reads = self._readers.map(_read, paths_of(starts[0]))
+                for j, start in enumerate(starts):
                     if stop.is_set():
                         return
                     part = rows[start : start + batch_size]
+                    current = reads
+                    if j + 1 < len(starts):  # the next batch's files are read while this one decodes
+                        reads = self._readers.map(_read, paths_of(starts[j + 1]))
+                    before = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
+                    t = time.perf_counter()
                     if self._stream is not None:
                         with torch.cuda.stream(self._stream):
-                            batch = self._batch([items[i] for i in part], part, size)
-                        self._stream.synchronize()
+                            batch = self._batch(paths_of(start), part, size, current)
                     else:
-                        batch = self._batch([items[i] for i in part], part, size)
+                        batch = self._batch(paths_of(start), part, size, current)
+                    t1 = time.perf_counter()
+                    if self._stream is not None:
+                        self._stream.synchronize()
+                    after = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
+                    self.timings["routing + resize launch"] += t1 - t - (after - before)
+                    self.timings["sync"] += time.perf_counter() - t1
                     put(("batch", batch))
                 put(("end", None))
             except BaseException as e:  # handed to the consumer, raised there
