@@ -13,6 +13,7 @@ importance and stop starting once ``--budget`` seconds have passed. Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -79,20 +80,20 @@ def files_of(root: Path) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
 
-def decode_alone(files: list[str], size: int, batch: int) -> None:
+def decode_alone(files: list[str], size: int, batch: int, gpu_workers: list[int], cpu: bool = True) -> None:
     from pipeline import gpu_decode, images
     from pipeline.config import ExtractConfig
 
     cores = os.cpu_count() or 2
-    runs: list[tuple[str, Any]] = [
-        (f"CPU, {cores} threads", lambda: images.Decoder(threads=cores)),
-        (
-            f"CPU, {ExtractConfig().decode_processes} processes",
-            lambda: images.Decoder(processes=ExtractConfig().decode_processes),
-        ),
-    ]
+    runs: list[tuple[str, Any]] = []
+    if cpu:
+        runs.append((f"CPU, {cores} threads", lambda: images.Decoder(threads=cores)))
+        processes = ExtractConfig().decode_processes
+        runs.append((f"CPU, {processes} processes", lambda: images.Decoder(processes=processes)))
     if gpu_decode.unavailable_reason() is None:
-        runs.append(("GPU (nvJPEG batched + matmul resize)", lambda: gpu_decode.GpuDecoder()))
+        for w in gpu_workers:
+            label = "GPU, decode thread" if w == 0 else f"GPU, {w} decode processes"
+            runs.append((label, functools.partial(gpu_decode.GpuDecoder, workers=w)))
     for label, make in runs:
         with make() as decoder:
             for _ in decoder.batches(files, range(min(512, len(files))), size, batch):  # start pools, warm caches
@@ -100,10 +101,10 @@ def decode_alone(files: list[str], size: int, batch: int) -> None:
             with GpuUse() as use, Timer() as t:
                 for _ in decoder.batches(files, range(len(files)), size, batch):
                     pass
-            extra = ""
-            if hasattr(decoder, "counts"):
-                split = ", ".join(f"{k} {v:.2f} s" for k, v in decoder.timings.items())
-                extra = f", {decoder.counts}\n      decode thread: {split}"
+        extra = ""
+        if hasattr(decoder, "counts"):  # read after the pool closed: its processes' counts are merged then
+            split = ", ".join(f"{k} {v:.2f} s" for k, v in decoder.timings.items())
+            extra = f", {decoder.counts}\n      decoding (summed over threads/processes): {split}"
         print(f"  decode+resize alone, {label:38s}: {len(files) / t.seconds:8.0f} img/s; {use}{extra}", flush=True)
 
 
@@ -213,10 +214,14 @@ def forward_alone(size: int, batch: int, precision: str, images: int = 8192) -> 
     return max(rates.values())
 
 
-def extract_once(data: Path, size: int, precision: str, decoder: str, batch: int, cache_dir: Path) -> Any:
+def extract_once(
+    data: Path, size: int, precision: str, decoder: str, batch: int, cache_dir: Path, workers: int = 0
+) -> Any:
+    from pipeline import gpu_decode
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract
 
+    gpu_decode.WORKERS = workers  # decode processes for --decoder gpu (0: a thread)
     cfg = ExtractConfig(
         data=str(data),
         size=size,
@@ -232,7 +237,8 @@ def extract_once(data: Path, size: int, precision: str, decoder: str, batch: int
         result = extract(cfg)
     split = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     print(
-        f"  extract end to end, decoder {decoder}, {precision:8s} batch {batch}: steady {result.steady_rate:7.0f} "
+        f"  extract end to end, decoder {decoder}{f' ({workers} processes)' if decoder == 'gpu' and workers else ''}"
+        f", {precision:8s} batch {batch}: steady {result.steady_rate:7.0f} "
         f"img/s, wall {result.images / t.seconds:6.0f} img/s ({result.images} images, {t.seconds:.1f} s incl. "
         f"build, compile, HDF5); {use}\n      time: {split}, warm-up {result.warmup_seconds:.1f} s"
         + (f"; decoded {result.decode}" if result.decode else ""),
@@ -313,6 +319,8 @@ def main() -> None:
     p.add_argument(
         "--sections", nargs="+", default=["profile", "decode", "hybrid", "forward", "extract", "quality", "mlp"]
     )
+    p.add_argument("--gpu-workers", type=int, nargs="+", default=[0], help="GPU decode processes to compare")
+    p.add_argument("--no-cpu-decode", action="store_true", help="leave out the CPU decoding rows")
     p.add_argument("--gpu-share", type=float, default=0.4, help="hybrid: the GPU decoder's share of the files")
     p.add_argument("--budget", type=float, default=1e9, help="seconds after which no new section starts")
     args = p.parse_args()
@@ -349,7 +357,9 @@ def main() -> None:
             if "profile" in args.sections and has_gpu and time_left(f"profile at {size}"):
                 guarded(f"profile at {size}", decode_profile, files, size)
             if "decode" in args.sections and time_left(f"decode at {size}"):
-                guarded(f"decode at {size}", decode_alone, files, size, args.batch)
+                guarded(
+                    f"decode at {size}", decode_alone, files, size, args.batch, args.gpu_workers, not args.no_cpu_decode
+                )
             if "hybrid" in args.sections and has_gpu and time_left(f"hybrid at {size}"):
                 guarded(f"hybrid at {size}", hybrid, files, size, args.batch, args.gpu_share)
             ceilings = {}
@@ -362,10 +372,14 @@ def main() -> None:
             if "extract" in args.sections:
                 made: dict[tuple[str, str], Path] = {}
                 for precision in args.precisions:
-                    for decoder in ("gpu", "cpu") if has_gpu else ("cpu",):
+                    variants = [("gpu", w) for w in args.gpu_workers] if has_gpu else []
+                    variants += [] if args.no_cpu_decode else [("cpu", 0)]
+                    for decoder, workers in variants:
                         if not time_left(f"extract {decoder} {precision} at {size}"):
                             continue
-                        r = guarded("extract", extract_once, photos, size, precision, decoder, args.batch, cache_dir)
+                        r = guarded(
+                            "extract", extract_once, photos, size, precision, decoder, args.batch, cache_dir, workers
+                        )
                         if r is None:
                             continue
                         made[decoder, precision] = r.path

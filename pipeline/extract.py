@@ -363,6 +363,9 @@ def _compute(
     import keras
     from tqdm.auto import tqdm
 
+    cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    # made before the model: GPU decode processes (gpu_decode.WORKERS) start while it builds
+    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
     t_build = time.perf_counter()
     int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.quantize)
     model = backbone.build(
@@ -402,8 +405,6 @@ def _compute(
     )
     blocks: dict[str, list[store.Block]] = {}
     t0 = time.perf_counter()
-    cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
-    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
     writer = ChunkWriter(chunks)
     total = sum(len(v) for v in todo.values())
     with (

@@ -22,11 +22,13 @@ tested) on machines without it.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import queue
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -267,6 +269,113 @@ def route_and_decode(
     return decoded, host, failed, fallbacks
 
 
+# decode processes per GpuDecoder: 0 decodes on a thread of the extracting process (see BENCHMARKS.md
+# section 11 for what each gave); > 0 runs that many processes, each with its own GIL and nvJPEG
+# handle, handing batches over as CUDA IPC tensors (torch.multiprocessing)
+WORKERS = 0
+
+
+def _decode_worker(factory: Any, tasks: Any, results: Any) -> None:
+    """A decode process: ``factory()`` builds its decoder; each job (index, paths, rows, size) is
+    answered with ("batch", index, images, rows, failed); "stats" with its counts; None ends it.
+    The process lives until the pool closes: the CUDA memory it sent stays valid until then."""
+    try:
+        import torch.multiprocessing  # noqa: F401  (CUDA tensors go through the queue as IPC handles)
+    except ImportError:  # a stand-in decoder (tests) sends numpy
+        pass
+    try:
+        decoder = factory()
+    except BaseException as e:
+        results.put(("error", -1, f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        job = tasks.get()
+        if job is None:
+            return
+        if job == "stats":
+            results.put(("stats", decoder.counts, decoder.fallbacks, decoder.timings))
+            continue
+        index, paths, rows, size = job
+        try:
+            batch = decoder.decode_paths(paths, rows, size)
+            results.put(("batch", index, batch.images, batch.rows, batch.failed))
+        except BaseException as e:
+            results.put(("error", index, f"{type(e).__name__}: {e}"))
+
+
+class _WorkerPool:
+    """Spawned decode processes, started at once (their start overlaps the model build), fed
+    batches round robin and read back in order, so rows keep their order."""
+
+    def __init__(self, n: int, factory: Any, depth: int = 2):
+        try:
+            import torch.multiprocessing  # noqa: F401  (receives the CUDA tensors as IPC handles)
+        except ImportError:
+            pass
+        ctx = multiprocessing.get_context("spawn")
+        self.tasks = [ctx.Queue() for _ in range(n)]
+        self.results = [ctx.Queue(maxsize=depth) for _ in range(n)]
+        self.procs = [
+            ctx.Process(target=_decode_worker, args=(factory, t, r), daemon=True, name=f"gpu-decode-{w}")
+            for w, (t, r) in enumerate(zip(self.tasks, self.results, strict=True))
+        ]
+        for proc in self.procs:
+            proc.start()
+        self.broken = self.closed = False
+
+    def _get(self, w: int) -> Any:
+        while True:
+            try:
+                return self.results[w].get(timeout=1.0)
+            except queue.Empty:
+                if not self.procs[w].is_alive():
+                    self.broken = True
+                    raise RuntimeError(f"GPU decode process {w} exited (code {self.procs[w].exitcode})") from None
+
+    def run(self, jobs: list[tuple[list[str], list[int], int]]) -> Iterator[images.Batch]:
+        if self.broken:
+            raise RuntimeError("a GPU decode process failed earlier in this run")
+        n = len(self.procs)
+        for j, (paths, rows, size) in enumerate(jobs):
+            self.tasks[j % n].put((j, paths, rows, size))
+        done = False
+        try:
+            for j in range(len(jobs)):
+                msg = self._get(j % n)
+                if msg[0] == "error":
+                    self.broken = True
+                    raise RuntimeError(f"GPU decode process failed on batch {msg[1]}: {msg[2]}")
+                _, index, imgs, rows_ok, failed = msg
+                assert index == j, (index, j)
+                yield images.Batch(imgs, rows_ok, failed)
+            done = True
+        finally:
+            if not done:  # results of this call may still arrive: the processes cannot be reused
+                self.broken = True
+
+    def close(self) -> list[tuple[dict[str, int], list[tuple[str, str]], dict[str, float]]]:
+        """Each process's counts, fallbacks and timings (when the pool is intact), then stop them."""
+        stats: list[tuple[dict[str, int], list[tuple[str, str]], dict[str, float]]] = []
+        if self.closed:
+            return stats
+        self.closed = True
+        try:
+            if not self.broken:
+                for w, tasks in enumerate(self.tasks):
+                    tasks.put("stats")
+                    msg = self._get(w)
+                    if msg[0] == "stats":
+                        stats.append((msg[1], msg[2], msg[3]))
+        finally:
+            for tasks in self.tasks:
+                tasks.put(None)
+            for proc in self.procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.terminate()
+        return stats
+
+
 class GpuDecoder:
     """Decodes file paths on a CUDA device ahead of the model; one per run, reused across splits.
 
@@ -283,10 +392,20 @@ class GpuDecoder:
         cpu: images.Decoder | None = None,
         draft: bool = True,
         decode: Any = None,
+        workers: int | None = None,
+        factory: Any = None,
     ):
         import torch
 
         self.torch = torch
+        self.workers = WORKERS if workers is None else workers
+        self._pool = (
+            _WorkerPool(self.workers, factory or functools.partial(GpuDecoder, device, readers, None, draft, workers=0))
+            if self.workers
+            else None
+        )
+        if self._pool is not None:  # processes stop when the decoder goes away, even if never entered
+            weakref.finalize(self, self._pool.close)
         self.device = torch.device(device)
         self.draft = draft
         self.cpu = cpu or images.Decoder(threads=2)
@@ -303,6 +422,14 @@ class GpuDecoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            stats = self._pool.close()
+            for counts, fallbacks, timings in stats:
+                for name, n in counts.items():
+                    self.counts[name] += n
+                for name, seconds in timings.items():
+                    self.timings[name] += seconds
+                self.fallbacks += fallbacks
         self._readers.shutdown(cancel_futures=True)
         self.cpu.__exit__(*exc)
 
@@ -405,6 +532,28 @@ class GpuDecoder:
                 out.index_copy_(0, where, made())
         return images.Batch(out, rows_ok, failed)
 
+    def decode_paths(
+        self, paths: list[str], rows: list[int], size: int, reads: Iterator[bytearray | None] | None = None
+    ) -> images.Batch:
+        """One batch of files, complete on the device when it returns (own CUDA stream, synchronised)."""
+        torch = self.torch
+        if reads is None:
+            reads = self._readers.map(_read, paths)
+        before = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
+        t = time.perf_counter()
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                batch = self._batch(paths, rows, size, reads)
+        else:
+            batch = self._batch(paths, rows, size, reads)
+        t1 = time.perf_counter()
+        if self._stream is not None:
+            self._stream.synchronize()
+        after = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
+        self.timings["routing + resize launch"] += t1 - t - (after - before)
+        self.timings["sync"] += time.perf_counter() - t1
+        return batch
+
     def batches(
         self,
         items: Sequence[Any],
@@ -422,6 +571,10 @@ class GpuDecoder:
         if not all(isinstance(items[i], str) for i in rows):
             yield from self.cpu.batches(items, rows, size, batch_size, prefetch_batches)
             return
+        if self._pool is not None:
+            parts = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+            yield from self._pool.run([([items[i] for i in part], part, size) for part in parts])
+            return
         out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=prefetch_batches)
         stop = threading.Event()
 
@@ -434,7 +587,6 @@ class GpuDecoder:
                     continue
 
         def produce() -> None:
-            torch = self.torch
             try:
                 starts = list(range(0, len(rows), batch_size))
 
@@ -449,20 +601,7 @@ class GpuDecoder:
                     current = reads
                     if j + 1 < len(starts):  # the next batch's files are read while this one decodes
                         reads = self._readers.map(_read, paths_of(starts[j + 1]))
-                    before = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
-                    t = time.perf_counter()
-                    if self._stream is not None:
-                        with torch.cuda.stream(self._stream):
-                            batch = self._batch(paths_of(start), part, size, current)
-                    else:
-                        batch = self._batch(paths_of(start), part, size, current)
-                    t1 = time.perf_counter()
-                    if self._stream is not None:
-                        self._stream.synchronize()
-                    after = self.timings["waiting for reads"] + self.timings["nvJPEG decode"]
-                    self.timings["routing + resize launch"] += t1 - t - (after - before)
-                    self.timings["sync"] += time.perf_counter() - t1
-                    put(("batch", batch))
+                    put(("batch", self.decode_paths(paths_of(start), part, size, current)))
                 put(("end", None))
             except BaseException as e:  # handed to the consumer, raised there
                 put(("error", e))

@@ -162,6 +162,47 @@ def test_a_batch_the_device_decodes_whole_is_decoded_in_one_call(tmp_path):
     assert calls == [4] and sorted(decoded) == [0, 1, 2, 3] and not host and not failed
 
 
+class FakeDecoder:
+    """Stands in for GpuDecoder in a decode process: numpy batches, a file named 'boom' raises."""
+
+    def __init__(self):
+        self.counts = {"gpu": 0, "cpu fallback": 0, "failed": 0}
+        self.fallbacks: list = []
+        self.timings = {"nvJPEG decode": 0.5}
+
+    def decode_paths(self, paths, rows, size):
+        if "boom" in paths:
+            raise ValueError("cannot decode boom")
+        self.counts["gpu"] += len(paths)
+        return images.Batch(np.full((len(rows), size, size, 3), os.getpid() % 256, np.uint8), np.array(rows), [])
+
+
+def test_decode_processes_hand_batches_back_in_order_and_report_their_counts():
+    pool = gpu_decode._WorkerPool(3, FakeDecoder)
+    try:
+        jobs = [([f"f{j}"] * 2, [2 * j, 2 * j + 1], 4) for j in range(7)]
+        got = list(pool.run(jobs))
+        assert [b.rows.tolist() for b in got] == [[2 * j, 2 * j + 1] for j in range(7)]
+        assert len({int(b.images[0, 0, 0, 0]) for b in got}) == 3  # round robin over the three processes
+        assert len(list(pool.run(jobs[:2]))) == 2  # reused by the next split
+    finally:
+        stats = pool.close()
+    assert sum(c["gpu"] for c, _, _ in stats) == 18 and sum(t["nvJPEG decode"] for _, _, t in stats) == 1.5
+    assert not any(p.is_alive() for p in pool.procs)
+
+
+def test_a_failing_decode_process_is_an_error_not_a_hang():
+    pool = gpu_decode._WorkerPool(2, FakeDecoder)
+    try:
+        with pytest.raises(RuntimeError, match="failed on batch 1: ValueError: cannot decode boom"):
+            list(pool.run([(["a"], [0], 4), (["boom"], [1], 4), (["c"], [2], 4)]))
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            list(pool.run([(["a"], [0], 4)]))
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in pool.procs)
+
+
 # ----------------------------------------------------------------------------- choosing the decoder
 
 
