@@ -52,8 +52,8 @@ def resolve_options(cfg: ExtractConfig) -> ExtractConfig:
 def resolve_decoder(cfg: ExtractConfig, source: sources.Source) -> ExtractConfig:
     """``cfg`` with ``decoder="auto"`` resolved to cpu or gpu (``gpu_decode.resolve``)."""
     chosen = gpu_decode.resolve(cfg.decoder, has_files=source.root is not None, precision=cfg.precision)
-    if chosen != cfg.decoder:
-        log.info("decoder %s", chosen)
+    if chosen == "gpu" and cfg.decoder == "auto":  # CPU runs print nothing new
+        log.info("decoder gpu (a CUDA device and torchvision are usable; --decoder cpu to decode with Pillow)")
     return dataclasses.replace(cfg, decoder=chosen)
 
 
