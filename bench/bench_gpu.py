@@ -293,7 +293,7 @@ def mlp_sweep(data: Path, cache_dir: Path) -> None:
     result = extract_once(data, 150, "float32", "cpu", 64, cache_dir)
     xtr, ytr, _ = store.load_split(result.path, "train")
     xva, yva, _ = store.load_split(result.path, "validation")
-    print(f"  features: train {xtr.shape}, mean {xtr.mean():.6f}, std {xtr.std():.6f} (same on every machine)")
+    print(f"  features: train {xtr.shape}, mean {xtr.mean():.6f}, std {xtr.std():.6f} (random init: per backend)")
     spec = load_toml(REPO / "configs" / "sweep.toml")
     total = 0.0
     for name, params in expand_grid(spec, "configs/sweep.toml"):
