@@ -15,6 +15,7 @@ LAYER   ?=
 BACKBONES ?= vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0
 DTYPE   ?= float32
 PRECISION ?= auto
+DECODER ?= auto
 BATCH   ?= 32
 SWEEP   ?=
 JOBS    ?= 2
@@ -34,6 +35,7 @@ UI_PORT ?= 5000
 
 # Every value a user passes is quoted, so paths with spaces arrive as one argument.
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
+             --decoder "$(DECODER)" \
              $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \

@@ -22,7 +22,7 @@ from pipeline.core import paths, quiet
 from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.version import __version__
-from pipeline.core.vocab import COMPRESSIONS, DTYPES, ENGINES, PRECISIONS, STREAM_MODES, TRAIN_ON
+from pipeline.core.vocab import COMPRESSIONS, DECODERS, DTYPES, ENGINES, PRECISIONS, STREAM_MODES, TRAIN_ON
 from pipeline.features.registry import BACKBONES
 
 log = logging.getLogger("featcache")
@@ -62,6 +62,13 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         default=d.precision,
         choices=PRECISIONS,
         help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
+    )
+    p.add_argument(
+        "--decoder",
+        default=d.decoder,
+        choices=DECODERS,
+        help="JPEG decoding: cpu (Pillow), gpu (nvJPEG on a CUDA device, needs torchvision), auto: gpu where "
+        "usable (default: %(default)s); part of the cache's identity",
     )
     p.add_argument("--split", type=_split, default=d.split, help="train,validation,test fractions for unsplit data")
     p.add_argument(
@@ -267,6 +274,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "quiet",
         "augment",
         "content_hash",
+        "decoder",
     ):
         if hasattr(args, name):
             fields[name] = getattr(args, name)

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.core import paths
 from pipeline.core.errors import ConfigError
 from pipeline.core.memory import parse_budget
-from pipeline.core.vocab import COMPRESSIONS, DTYPES, PRECISIONS, STREAM_MODES, TRAIN_ON, check_choice
+from pipeline.core.vocab import COMPRESSIONS, DECODERS, DTYPES, PRECISIONS, STREAM_MODES, TRAIN_ON, check_choice
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,11 +54,13 @@ class ExtractConfig:
     cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)  # ./cache or $FEATCACHE_HOME/cache
     quiet: bool = False  # no progress bars
     content_hash: bool = False  # key rows by a SHA-256 of each file's bytes instead of (size, mtime)
+    decoder: str = "auto"  # cpu (Pillow), gpu (nvJPEG on CUDA), auto: gpu where usable; part of the identity
 
     def __post_init__(self) -> None:
         """Checks what needs no registry; size and layer are resolved by ``layout.plan``."""
         if self.size is not None and (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1):
             raise ConfigError(f"size must be a positive integer (pixels); received size={self.size!r}")
+        check_choice("decoder", self.decoder, DECODERS)
         check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.decode_processes, int) or self.decode_processes < 0:
             raise ConfigError(f"decode_processes must be an integer >= 0; received {self.decode_processes!r}")

@@ -18,6 +18,7 @@ COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filter for features
 TRAIN_ON = ("clean", "views", "both")  # stage two: clean rows, cached augmented views, or both
 STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in chunks
 ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
+DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding; gpu: features.gpu_decode (torchvision + CUDA)
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
 
 _VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
@@ -52,6 +53,7 @@ def view_index(split: str) -> int:
 
 __all__ = [
     "COMPRESSIONS",
+    "DECODERS",
     "DTYPES",
     "ENGINES",
     "POOLINGS",

@@ -26,7 +26,7 @@ from pipeline.core.config import ExtractConfig, as_dict
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.provenance import versions
 from pipeline.core.vocab import is_view, view_split
-from pipeline.features import backbone, images, layout, quantize, registry, sources
+from pipeline.features import backbone, gpu_decode, images, layout, quantize, registry, sources
 from pipeline.features.weights import verify_weights
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ExtractResult:
     reused: int = 0  # rows kept from the cache without recomputing
     update: str = ""  # "2 new, 1 changed, 1 removed, 19,997 reused" (+ how new files were split)
     int8: dict[str, Any] | None = None  # precision int8: the quantised model's summary (quantize.summary)
+    decode: dict[str, Any] | None = None  # decoder gpu: images decoded on the device / by the CPU fallback
 
     @property
     def steady_rate(self) -> float:
@@ -371,6 +372,9 @@ def _compute(
     import keras
     from tqdm.auto import tqdm
 
+    cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    # made before the model: GPU decode processes (gpu_decode.WORKERS) start while it builds
+    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
     t_build = time.perf_counter()
     int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.features.quantize)
     model = backbone.build(
@@ -408,7 +412,6 @@ def _compute(
     )
     blocks: dict[str, list[store.Block]] = {}
     t0 = time.perf_counter()
-    decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
     writer = ChunkWriter(chunks)
     total = sum(len(v) for v in todo.values())
     with (
@@ -440,6 +443,8 @@ def _compute(
         if rows_todo:
             blocks[split] = chunks.blocks(split, math.ceil(len(rows_todo) / cfg.chunk_size))
     result.seconds = time.perf_counter() - t0
+    if isinstance(decoder, gpu_decode.GpuDecoder):
+        result.decode = {"decoder": "gpu", **decoder.counts, "fallbacks": decoder.fallbacks[:100]}
     return chunks, blocks, feature_shape, weights_sha256
 
 
@@ -509,6 +514,7 @@ def _meta(
             "compression": cfg.compression,
             "last_update": delta.describe(),
             **({"int8": result.int8} if result.int8 else {}),
+            **({"decode": result.decode} if result.decode else {}),
             **info,
         },
     )
@@ -673,7 +679,7 @@ def h5py_file(path: Path) -> Any:
 def _run_split(
     cfg: ExtractConfig,
     model: Any,
-    decoder: images.Decoder,
+    decoder: images.Decoder | gpu_decode.GpuDecoder,
     items: Any,
     split: str,
     rows: list[int],
@@ -701,7 +707,7 @@ def _run_split(
         if batch is None:
             break
         if len(batch.rows):
-            feats = backbone.forward(model, batch.images, cfg.batch_size)
+            feats = gpu_decode.forward(model, batch.images, cfg.batch_size)  # backbone.forward for numpy
             if not result.warmup_images:
                 result.warmup_seconds, result.warmup_images = time.perf_counter() - t1, len(batch.rows)
             else:

@@ -18,7 +18,7 @@ from pipeline.cache.store import CacheKey
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
 from pipeline.core.vocab import is_view
-from pipeline.features import precision, registry, sources, weights
+from pipeline.features import gpu_decode, precision, registry, sources, weights
 from pipeline.features.images import printable
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,21 @@ def resolve_options(cfg: ExtractConfig) -> ExtractConfig:
     return dataclasses.replace(cfg, size=size, layer=layer, precision=chosen)
 
 
+def resolve_decoder(cfg: ExtractConfig, source: sources.Source) -> ExtractConfig:
+    """``cfg`` with ``decoder="auto"`` resolved to cpu or gpu (``gpu_decode.resolve``)."""
+    chosen = gpu_decode.resolve(cfg.decoder, has_files=source.root is not None, precision=cfg.precision)
+    if chosen == "gpu" and cfg.decoder == "auto":  # CPU runs print nothing new
+        log.info("decoder gpu (a CUDA device and torchvision are usable; --decoder cpu to decode with Pillow)")
+    return dataclasses.replace(cfg, decoder=chosen)
+
+
 def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> CacheKey:
+    """A GPU-decoded cache says so in its preprocessing (and file name): it never answers a
+    request for CPU-decoded features, nor takes rows from one (CPU caches are unchanged)."""
     assert cfg.size is not None and cfg.layer is not None, "resolve_options first"
+    preprocessing = registry.spec(cfg.backbone).preprocessing
+    if cfg.decoder == "gpu":
+        preprocessing += f"; {gpu_decode.GPU_IDENTITY}"
     return CacheKey(
         backbone=cfg.backbone,
         weights=weights_id,
@@ -59,7 +72,7 @@ def cache_key(cfg: ExtractConfig, source: sources.Source, weights_id: str) -> Ca
         size=cfg.size,
         dtype=cfg.dtype,
         precision=cfg.precision,
-        preprocessing=registry.spec(cfg.backbone).preprocessing,
+        preprocessing=preprocessing,
         fingerprint=source.fingerprint,
     )
 
@@ -68,6 +81,7 @@ def cache_path(cache_dir: Path, source: sources.Source, key: CacheKey) -> Path:
     """One file per (data source, backbone, weights, layer, size, dtype, precision)."""
     name = f"{key.backbone}-{key.weights}-{key.layer}-{key.size}{precision.cache_suffix(key.precision)}"
     name += "-float16" if key.dtype == "float16" else ""
+    name += gpu_decode.CACHE_SUFFIX if key.preprocessing.endswith(gpu_decode.GPU_IDENTITY) else ""
     return Path(cache_dir) / source.key / f"{name}.h5"
 
 
@@ -75,6 +89,7 @@ def plan(cfg: ExtractConfig) -> Plan:
     """Check every option and input before any work; no model is built."""
     cfg = resolve_options(cfg)
     source = sources.resolve(cfg)
+    cfg = resolve_decoder(cfg, source)
     pinned = weights.resolve(cfg.weights, cfg.backbone, cfg.seed)
     key = cache_key(cfg, source, pinned.id)
     return Plan(cfg, source, pinned, key, cache_path(cfg.cache_dir, source, key))
@@ -92,6 +107,7 @@ def extract_command(cfg: ExtractConfig) -> str:
     parts += [
         f"{name.upper()}={getattr(cfg, name)}" for name in ("dtype", "precision") if getattr(cfg, name) != "float32"
     ]
+    parts += ["DECODER=gpu"] if cfg.decoder == "gpu" else []
     return "make extract " + " ".join(parts)
 
 
@@ -100,6 +116,7 @@ def locate(cfg: ExtractConfig) -> Path:
     no download. Stage two uses it to find what stage one made."""
     cfg = resolve_options(cfg)
     source = sources.resolve(cfg)
+    cfg = resolve_decoder(cfg, source)
     key = cache_key(cfg, source, weights.weights_id(cfg.weights, cfg.seed))
     path = cache_path(cfg.cache_dir, source, key)
     if not path.exists():
