@@ -19,6 +19,7 @@ TRAIN_ON = ("clean", "views", "both")  # stage two: clean rows, cached augmented
 STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in chunks
 ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
+MAPS = ("pca", "umap")  # inspect's 2-D map of the embedding; umap: the `inspect` extra
 
 _VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
 
@@ -54,6 +55,7 @@ __all__ = [
     "COMPRESSIONS",
     "DTYPES",
     "ENGINES",
+    "MAPS",
     "POOLINGS",
     "PRECISIONS",
     "SPLITS",
