@@ -274,3 +274,4 @@ def test_a_cache_without_train_is_refused(clean_splits, tmp_path, capsys):
     cache = write(tmp_path / "vt.h5", {s: clean_splits[s] for s in ("validation", "test")})
     code, err = _cli(["inspect", "--cache", str(cache), "--runs-dir", str(tmp_path)], capsys)
     assert code == 3 and "has no train split" in err
+    assert not list(tmp_path.glob("*-inspect*"))  # refused before a run folder is made

@@ -102,6 +102,8 @@ def load_embedding(cache: Path, meta: store.CacheMeta, pooling: str) -> Embeddin
                 labels.append(y)
                 split_ids.append(np.full(len(y), k, np.int8))
             paths += [p for p, _ in sorted(index.rows[split].items(), key=lambda item: item[1][0])]
+            if len(paths) != sum(len(y) for y in labels):
+                raise CacheError(f"{cache}: split {split!r} lists a path twice; rebuild it with `make extract FORCE=1`")
     except OSError as e:  # a Fletcher-32 mismatch surfaces here: the bytes on disk changed
         raise CacheError(
             f"{cache} could not be read or failed its checksum ({e}); rebuild it with `make extract FORCE=1`"
@@ -228,11 +230,25 @@ def label_issue_rows(emb: Embedding, proba: np.ndarray) -> list[dict[str, Any]]:
 
 def _nearest_of_class(emb: Embedding, rows: np.ndarray, classes: np.ndarray) -> list[int | None]:
     """Each row's most similar train row of the given class (the picture shown beside it)."""
+    out: list[int | None] = [None] * len(rows)
+    for c in np.unique(classes):
+        mine = np.flatnonzero(classes == c)
+        for k, partner in zip(mine, nearest(emb, rows[mine], emb.train & (emb.labels == c)), strict=True):
+            out[k] = partner
+    return out
+
+
+def nearest(emb: Embedding, rows: np.ndarray, among: np.ndarray, block: int = 256) -> list[int | None]:
+    """For each of ``rows``, its most similar row where ``among`` is True (never itself),
+    by matrix products over blocks of ``rows``."""
+    pool = np.flatnonzero(among)
     out: list[int | None] = []
-    for i, c in zip(rows, classes, strict=True):
-        pool = np.flatnonzero(emb.train & (emb.labels == c))
-        pool = pool[pool != i]
-        out.append(int(pool[np.argmax(emb.z[pool] @ emb.z[i])]) if len(pool) else None)
+    for a in range(0, len(rows), block):
+        queries = rows[a : a + block]
+        s = emb.z[queries] @ emb.z[pool].T
+        s[pool[None, :] == queries[:, None]] = -np.inf
+        best = s.argmax(axis=1) if len(pool) else np.zeros(len(queries), np.int64)
+        out += [int(pool[b]) if len(pool) and np.isfinite(s[q, b]) else None for q, b in enumerate(best)]
     return out
 
 
@@ -249,13 +265,8 @@ def outlier_rows(emb: Embedding, knn_similarity: np.ndarray, mad_limit: float) -
     robust = (distance - median) / mad
     flagged = np.flatnonzero(robust > mad_limit)
     flagged = flagged[np.argsort(-robust[flagged], kind="stable")]
-    train_idx = np.flatnonzero(emb.train)
-    rows = []
-    for i in flagged:
-        sims = emb.z[train_idx] @ emb.z[i]
-        sims[train_idx == i] = -np.inf
-        rows.append(_row(emb, int(i), float(robust[i]), int(train_idx[np.argmax(sims)])))
-    return rows
+    partners = nearest(emb, flagged, emb.train)
+    return [_row(emb, int(i), float(robust[i]), p) for i, p in zip(flagged, partners, strict=True)]
 
 
 # --------------------------------------------------------------------------- the map
@@ -284,6 +295,8 @@ def inspect_cache(cache: str | Path, cfg: InspectConfig) -> InspectResult:
     cache's features; write the run folder and return what was found."""
     cache = Path(cache)
     meta = store.read_meta(cache)
+    if "train" not in meta.splits:
+        raise CacheError(f"{cache} has no train split (it has {list(meta.splits)}); inspect needs one")
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
     t0 = time.perf_counter()
     emb = load_embedding(cache, meta, cfg.pooling)
