@@ -89,6 +89,17 @@ def test_planted_label_errors_rank_in_the_top_5_percent(planted, tmp_path):
     assert len(caught) >= 0.8 * len(flipped), (sorted(flipped - caught), top)
     scores = [r["score"] for r in result.findings["label_issues"]]
     assert scores == sorted(scores, reverse=True)  # most suspicious first
+    # and in the ranking of every train row by self-confidence, flagged or not
+    from pipeline.app.inspection import label_probabilities, load_embedding
+    from pipeline.cache import store
+    from pipeline.core.config import InspectConfig
+
+    emb = load_embedding(cache, store.read_meta(cache), "avg")
+    proba, _ = label_probabilities(emb, InspectConfig())
+    rows = np.flatnonzero(emb.train)
+    confidence = proba[rows, emb.labels[rows]]
+    ranked = [emb.paths[i] for i in rows[np.argsort(confidence, kind="stable")]]
+    assert len(flipped & set(ranked[: len(top)])) >= 0.8 * len(flipped)
     # the CSV says the same, one row per flagged image, with the columns the README promises
     rows = list(csv.DictReader(open(result.csvs["label_issues"])))
     assert list(rows[0])[:5] == ["path", "split", "class", "score", "partner"]
