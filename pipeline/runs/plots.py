@@ -61,7 +61,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
 
 MARKS = {  # finding -> (marker, colour, label) on inspect's map
     "leakage": ("o", "red", "leakage (near-copy in another split)"),
-    "duplicates": ("s", "orange", "near-duplicate within a split"),
+    "duplicates": ("s", "darkgreen", "near-duplicate within a split"),
     "label_issues": ("x", "black", "likely label error"),
     "outliers": ("^", "magenta", "outlier"),
 }
