@@ -33,7 +33,7 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def cats(jobs: int, compare_cleanlab: bool) -> None:
+def cats(jobs: int, compare_cleanlab: bool, sweeps: bool = True) -> None:
     require_data()
     from pipeline.app.inspection import inspect_cache
     from pipeline.cache import store
@@ -72,12 +72,12 @@ def cats(jobs: int, compare_cleanlab: bool) -> None:
     if compare_cleanlab:
         _cleanlab(cache, result)
 
-    sweep = {}
+    if not sweeps:
+        return
     for label, exclude in (("all train rows", None), ("without flagged_train.csv", result.csvs["flagged_train"])):
         t = time.perf_counter()
         run = run_sweep(SweepConfig(runs_dir=runs, n_jobs=jobs, track=False, exclude=exclude), cache)
         w = run.winner
-        sweep[label] = w
         print(
             f"default sweep, {label}: winner {w['head']} {w['pooling']} {w['params']} on {w['train_rows']} train rows, "
             f"validation {w['val_accuracy']:.4f}, test {w['test_accuracy']:.4f} ({time.perf_counter() - t:.1f} s)"
@@ -183,11 +183,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=0, help="synthetic rows instead of the cats-vs-dogs cache")
     p.add_argument("--jobs", type=int, default=2, help="sweep workers (default: %(default)s)")
     p.add_argument("--no-cleanlab", action="store_true", help="skip the comparison with cleanlab's filters")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweeps with and without the flagged rows")
     args = p.parse_args()
     if args.rows:
         synthetic(args.rows)
     else:
-        cats(args.jobs, not args.no_cleanlab)
+        cats(args.jobs, not args.no_cleanlab, not args.no_sweep)
 
 
 if __name__ == "__main__":
