@@ -41,10 +41,11 @@ CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
                 $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
 TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
-SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS)
+SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS) \
+              $(if $(EXCLUDE),--exclude "$(EXCLUDE)")
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify compare finetune predict hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
+.PHONY: help install demo extract classify inspect compare finetune predict hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -55,7 +56,7 @@ help: ## list the targets and their options
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
-	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT)"
+	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
 
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,9 @@ extract: $(BIN)/featcache ## stage one: cache backbone features of DATA under ca
 
 classify: $(BIN)/featcache ## stage two: sweep the heads in SWEEP on the cache that the same options name
 	$(FC) classify $(CACHE_OPTS) $(SWEEP_OPTS)
+
+inspect: $(BIN)/featcache ## near-duplicates (leakage across splits), likely label errors, outliers, a map: runs/*-inspect/inspect.html
+	$(FC) inspect $(CACHE_OPTS) $(if $(CACHE),--cache "$(CACHE)")
 
 compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one table, CSV and bar chart
 	$(FC) compare --backbones "$(BACKBONES)" $(DATA_OPTS) $(SWEEP_OPTS)

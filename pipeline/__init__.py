@@ -27,8 +27,8 @@ if os.environ.get("FEATCACHE_QUIET_TF") == "1":  # set by the CLI: its worker pr
 
     quiet.install()
 
-API: tuple[str, ...] = ("CacheMeta", "ExtractConfig", "ExtractResult", "SweepConfig", "SweepResult")
-API += ("classify", "extract", "load_split", "predict", "read_meta")
+API: tuple[str, ...] = ("CacheMeta", "ExtractConfig", "ExtractResult", "InspectConfig", "InspectResult")
+API += ("SweepConfig", "SweepResult", "classify", "extract", "inspect", "load_split", "predict", "read_meta")
 __all__ = [*API, "__version__"]
 
 

@@ -122,6 +122,55 @@ def test_report_sorts_on_a_header_click_and_shows_every_image(browser, tmp_path)
     assert loaded == [True, True, True]
 
 
+# --------------------------------------------------------------------------- inspect.html from disk
+
+
+def test_inspect_page_shows_each_flagged_image_beside_its_partner(browser, tmp_path):
+    """featcache inspect on a cache whose images are on disk: two planted copies across splits
+    and a relabelled row; every thumbnail and the map load in the browser from the page alone,
+    and the tables sort."""
+    from test_inspect import blobs, write
+
+    import pipeline as fc
+
+    from conftest import make_image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 0.5, (2, 256))
+    splits = {}
+    for k, (split, n) in enumerate((("train", 80), ("validation", 20))):
+        x, y = blobs(n, centres, rng)
+        paths = [f"{split}/{'ab'[c]}/{i}.png" for i, c in enumerate(y)]
+        for i, p in enumerate(paths):
+            make_image(root / p, (200, 40, 40) if y[i] else (40, 40, 200), 40, seed=1000 * k + i)
+        splits[split] = (x, y, paths)
+    (xt, yt, pt), (xv, yv, pv) = splits["train"], splits["validation"]
+    yt[5] = 1 - yt[5]  # a label error
+    splits["validation"] = (np.concatenate([xv, xt[:2]]), np.r_[yv, yt[:2]], [*pv, pt[0], pt[1]])  # two leaks
+    result = fc.inspect(write(tmp_path / "c.h5", splits, ("a", "b"), data=str(root)), runs_dir=tmp_path / "runs")
+    assert result.counts["leakage"] == 2 and pt[5] in {r["path"] for r in result.findings["label_issues"]}
+
+    browser.get(result.html.as_uri())
+    cards = browser.find_elements(By.CSS_SELECTOR, 'div.pair[data-finding="leakage"]')
+    assert len(cards) == 2 and all(len(c.find_elements(By.TAG_NAME, "img")) == 2 for c in cards)
+    assert browser.find_elements(By.CSS_SELECTOR, 'div.pair[data-finding="label_issues"] img')
+    loaded = browser.execute_script(
+        "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0);"
+    )
+    thumbs = sum(1 + bool(r.get("partner")) for rows in result.findings.values() for r in rows[:30])
+    assert loaded == [True] * (thumbs + 1)  # every thumbnail, and the map
+    tables = browser.find_elements(By.CSS_SELECTOR, "table.sortable")
+    leak = next(t for t in tables if t.find_elements(By.TAG_NAME, "th")[0].text == "path" and "validation" in t.text)
+    score = next(th for th in leak.find_elements(By.TAG_NAME, "th") if th.text == "score")
+    col = [th.text for th in leak.find_elements(By.TAG_NAME, "th")].index("score")
+    score.click()
+    values = [
+        float(tr.find_elements(By.TAG_NAME, "td")[col].text) for tr in leak.find_elements(By.CSS_SELECTOR, "tbody tr")
+    ]
+    assert values == sorted(values)
+
+
 # --------------------------------------------------------------------------- the MLflow UI
 
 

@@ -6,6 +6,7 @@
     run = fc.classify(cache.path)                              # stage two: the default sweep
     x, y, paths = fc.load_split(cache.path, "validation")      # the cached arrays themselves
     fc.read_meta(cache.path).class_names
+    found = fc.inspect(cache.path)                             # duplicates, label errors, outliers
     csv = fc.predict("new/images", run=run.run_dir)            # the winner on new images
 
 Each function takes a config object or its fields as keywords (unknown keywords are a
@@ -18,9 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.app.inspection import InspectResult, inspect_cache
 from pipeline.app.predict import predict as _predict
 from pipeline.cache.store import CacheMeta, load_split, read_meta
-from pipeline.core.config import ExtractConfig, SweepConfig, replace
+from pipeline.core.config import ExtractConfig, InspectConfig, SweepConfig, replace
 from pipeline.core.errors import ConfigError
 from pipeline.features.extract import ExtractResult
 from pipeline.features.extract import extract as _extract
@@ -57,6 +59,26 @@ def classify(
     return run_sweep(cfg, path)
 
 
+def inspect(
+    cache: str | Path | ExtractConfig | None = None, config: InspectConfig | None = None, **options: Any
+) -> InspectResult:
+    """Look at a cache's data through its features: near-duplicates (leakage when they cross
+    splits), likely label errors, outliers, a 2-D map; writes a run folder with inspect.html
+    and one CSV per finding (``classify(..., exclude=<csv>)`` trains without those rows).
+
+    ``cache`` as for ``classify``; ``options`` are InspectConfig fields."""
+    cfg = replace(config or InspectConfig(), **options)
+    if isinstance(cache, ExtractConfig):
+        path = locate(cache)
+    elif cache is not None:
+        path = Path(cache)
+    elif cfg.cache is not None:
+        path = Path(cfg.cache)
+    else:
+        raise ConfigError("inspect needs a cache: a cache file, or the ExtractConfig that made it")
+    return inspect_cache(path, cfg)
+
+
 def predict(images: str | Path, run: str | Path | None = None, **options: Any) -> Path:
     """Classify an image or a folder with a run's winning head (default: the newest run under
     ``./runs``); writes and returns a CSV of path, class, probability and one column per class.
@@ -68,10 +90,13 @@ __all__ = [
     "CacheMeta",
     "ExtractConfig",
     "ExtractResult",
+    "InspectConfig",
+    "InspectResult",
     "SweepConfig",
     "SweepResult",
     "classify",
     "extract",
+    "inspect",
     "load_split",
     "predict",
     "read_meta",

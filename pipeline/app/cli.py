@@ -19,10 +19,20 @@ import sys
 from pathlib import Path
 
 from pipeline.core import paths, quiet
-from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.config import ExtractConfig, FinetuneConfig, InspectConfig, SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.version import __version__
-from pipeline.core.vocab import COMPRESSIONS, DECODERS, DTYPES, ENGINES, PRECISIONS, STREAM_MODES, TRAIN_ON
+from pipeline.core.vocab import (
+    COMPRESSIONS,
+    DECODERS,
+    DTYPES,
+    ENGINES,
+    MAPS,
+    POOLINGS,
+    PRECISIONS,
+    STREAM_MODES,
+    TRAIN_ON,
+)
 from pipeline.features.registry import BACKBONES
 
 log = logging.getLogger("featcache")
@@ -139,6 +149,12 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
         default=d.memory_budget,
         help="memory for in-memory training, e.g. 4GB; auto: half of RAM (default: %(default)s)",
     )
+    p.add_argument(
+        "--exclude",
+        type=Path,
+        default=None,
+        help="CSV with a 'path' column (e.g. from `featcache inspect`): those train rows are not trained on",
+    )
     _add_track_option(p)
 
 
@@ -149,6 +165,35 @@ def _add_track_option(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not log to MLflow (also TRACK=0); the store is $MLFLOW_TRACKING_URI or ./mlflow.db",
     )
+
+
+def _add_inspect_options(p: argparse.ArgumentParser) -> None:
+    d = InspectConfig()
+    p.add_argument("--cache", type=Path, default=None, help="cache file (default: the one the cache options name)")
+    p.add_argument("--pooling", default=d.pooling, choices=POOLINGS, help="maps to vectors (default: %(default)s)")
+    p.add_argument(
+        "--duplicate-similarity",
+        type=float,
+        default=d.duplicate_similarity,
+        help="cosine at or above which two images are near-duplicates (default: %(default)s)",
+    )
+    p.add_argument(
+        "--neighbours", type=int, default=d.neighbours, help="nearest neighbours per row (default: %(default)s)"
+    )
+    p.add_argument(
+        "--folds", type=int, default=d.folds, help="folds of the out-of-fold probabilities (default: %(default)s)"
+    )
+    p.add_argument(
+        "--outlier-mad", type=float, default=d.outlier_mad, help="outlier limit in scaled MADs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--map", default=d.map, choices=MAPS, help="2-D map; umap needs the inspect extra (default: %(default)s)"
+    )
+    p.add_argument(
+        "--show", type=int, default=d.show, help="thumbnail pairs per finding in inspect.html (default: %(default)s)"
+    )
+    p.add_argument("--name", default=d.name, help="run folder suffix")
+    p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
     _add_cache_options(p)
     _add_sweep_options(p)
+
+    p = sub.add_parser("inspect", help="near-duplicates (leakage), likely label errors, outliers, a map of a cache")
+    _add_cache_options(p)
+    _add_inspect_options(p)
 
     p = sub.add_parser("demo", help="extract + classify on the embedded digits data, offline")
     _add_cache_options(p)
@@ -295,6 +344,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         stream=args.stream,
         memory_budget=args.memory_budget,
         track=args.track,
+        exclude=args.exclude,
     )
 
 
@@ -337,6 +387,30 @@ def cmd_classify(args: argparse.Namespace, cache: Path | None = None) -> int:
     print(result.table)
     print(f"run folder: {result.run_dir}")
     print(f"report: {(result.run_dir / 'report.html').as_uri()}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.app.inspection import inspect_cache
+    from pipeline.features.layout import locate
+
+    cfg = InspectConfig(
+        cache=args.cache,
+        pooling=args.pooling,
+        duplicate_similarity=args.duplicate_similarity,
+        neighbours=args.neighbours,
+        folds=args.folds,
+        outlier_mad=args.outlier_mad,
+        map=args.map,
+        show=args.show,
+        seed=args.seed,
+        name=args.name,
+        runs_dir=args.runs_dir or paths.runs_dir(),
+    )
+    result = inspect_cache(cfg.cache or locate(_extract_config(args)), cfg)
+    print(result.table)
+    print(f"run folder: {result.run_dir}")
+    print(f"page: {result.html.as_uri()}")
     return 0
 
 
@@ -462,6 +536,7 @@ def cmd_pretrained_weights(args: argparse.Namespace) -> int:
 COMMANDS = {
     "extract": cmd_extract,
     "classify": cmd_classify,
+    "inspect": cmd_inspect,
     "demo": cmd_demo,
     "compare": cmd_compare,
     "finetune": cmd_finetune,

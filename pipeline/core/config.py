@@ -16,7 +16,17 @@ from typing import Any
 from pipeline.core import paths
 from pipeline.core.errors import ConfigError
 from pipeline.core.memory import parse_budget
-from pipeline.core.vocab import COMPRESSIONS, DECODERS, DTYPES, PRECISIONS, STREAM_MODES, TRAIN_ON, check_choice
+from pipeline.core.vocab import (
+    COMPRESSIONS,
+    DECODERS,
+    DTYPES,
+    MAPS,
+    POOLINGS,
+    PRECISIONS,
+    STREAM_MODES,
+    TRAIN_ON,
+    check_choice,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,6 +110,7 @@ class SweepConfig:
     stream: str = "auto"  # train from the HDF5 file in chunks: auto (over memory_budget), on, off
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 in the environment also turns it off
+    exclude: Path | None = None  # CSV with a ``path`` column (e.g. inspect's): those train rows are not trained on
 
     def __post_init__(self) -> None:
         check_choice("stream", self.stream, STREAM_MODES)
@@ -145,6 +156,42 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be > 0; received {name}={getattr(self, name)!r}")
 
 
+@dataclass(frozen=True)
+class InspectConfig:
+    """``featcache inspect``: what counts as a near-duplicate, a likely label error and an
+    outlier in a cache's pooled features, and where the run folder goes."""
+
+    cache: Path | None = None  # cache file; None -> the one the extract options name (CLI)
+    pooling: str = "avg"  # (h, w, C) maps -> vectors before L2 normalisation: avg (C), max (C) or flatten
+    duplicate_similarity: float = 0.95  # cosine at or above which two rows are near-duplicates (leakage across splits)
+    neighbours: int = 10  # nearest neighbours searched per row (duplicates) and averaged over (outliers)
+    folds: int = 5  # cross-validation folds for the out-of-fold probabilities of train rows
+    C: float = 1.0  # inverse regularisation of the logistic regression on standardised features
+    outlier_mad: float = 6.0  # outlier: mean k-NN distance this many scaled MADs above train's median
+    map: str = "pca"  # the 2-D map: pca, or umap (the `inspect` extra)
+    show: int = 30  # rows per finding shown with thumbnails in inspect.html (the CSVs hold all)
+    memory_mb: int = 256  # working memory of one block of the neighbour search (bounds its peak)
+    seed: int = 0
+    name: str = "inspect"  # run folder suffix
+    runs_dir: Path = dataclasses.field(default_factory=paths.runs_dir)
+
+    def __post_init__(self) -> None:
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("map", self.map, MAPS)
+        if not 0 < self.duplicate_similarity <= 1:
+            raise ConfigError(
+                f"duplicate_similarity must be a cosine in (0, 1]; received {self.duplicate_similarity!r}"
+            )
+        for name, low in (("neighbours", 1), ("folds", 2), ("show", 0), ("memory_mb", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}; received {name}={value!r}")
+        for name in ("C", "outlier_mad"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0; received {name}={getattr(self, name)!r}")
+        object.__setattr__(self, "runs_dir", Path(self.runs_dir))
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, naming the file in any error."""
     path = Path(path)
@@ -175,4 +222,4 @@ def as_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ExtractConfig", "FinetuneConfig", "SweepConfig", "as_dict", "load_toml", "replace"]
+__all__ = ["ExtractConfig", "FinetuneConfig", "InspectConfig", "SweepConfig", "as_dict", "load_toml", "replace"]

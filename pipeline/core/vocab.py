@@ -20,6 +20,7 @@ STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in c
 ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
 DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding; gpu: features.gpu_decode (torchvision + CUDA)
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
+MAPS = ("pca", "umap")  # inspect's 2-D map of the embedding; umap: the `inspect` extra
 
 _VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
 
@@ -56,6 +57,7 @@ __all__ = [
     "DECODERS",
     "DTYPES",
     "ENGINES",
+    "MAPS",
     "POOLINGS",
     "PRECISIONS",
     "SPLITS",

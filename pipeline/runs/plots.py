@@ -1,4 +1,4 @@
-"""The pictures a run shows people: learning curves and a confusion matrix (PNG).
+"""The pictures a run shows people: learning curves, a confusion matrix, inspect's map (PNG).
 matplotlib is imported inside the functions, Agg backend. Tables and files: ``runs``.
 """
 
@@ -54,6 +54,46 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
                 j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
             )
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+MARKS = {  # finding -> (marker, colour, label) on inspect's map
+    "leakage": ("o", "red", "leakage (near-copy in another split)"),
+    "duplicates": ("s", "darkgreen", "near-duplicate within a split"),
+    "label_issues": ("x", "black", "likely label error"),
+    "outliers": ("^", "magenta", "outlier"),
+}
+
+
+def plot_embedding_map(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    marks: dict[str, np.ndarray],
+    path: str | Path,
+    title: str,
+) -> None:
+    """inspect's 2-D map: one colour per class, each finding's rows (indices in ``marks``)
+    drawn over them with its own marker."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 7))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    size = 6 if len(xy) > 5000 else 12
+    for c, name in enumerate(class_names):
+        pts = xy[labels == c]
+        if len(pts):
+            ax.scatter(pts[:, 0], pts[:, 1], s=size, color=cmap(c % cmap.N), alpha=0.5, linewidths=0, label=name)
+    for finding, rows in marks.items():
+        if len(rows) and finding in MARKS:
+            marker, colour, label = MARKS[finding]
+            style = {"color": colour} if marker == "x" else {"facecolors": "none", "edgecolors": colour}
+            ax.scatter(
+                xy[rows, 0], xy[rows, 1], s=60, marker=marker, linewidths=1.2, label=f"{label} ({len(rows)})", **style
+            )
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8, markerscale=1.0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,7 +29,7 @@ from pipeline.core.memory import parse_budget
 from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
-from pipeline.train import search, stream
+from pipeline.train import exclude, search, stream
 from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
 from pipeline.train.persist import save_head
 
@@ -84,6 +84,7 @@ class SweepData:
     default_train_on: str
     notes: list[str]
     streams: dict[str, Any] | None = None  # train_on -> stream.StreamSource when train is read in chunks
+    excluded: dict[str, Any] | None = None  # --exclude: the file and the train rows it dropped (run.json)
 
     def training_rows(self, train_on: str) -> tuple[np.ndarray, np.ndarray]:
         return training_rows(self.train, self.views, train_on)
@@ -122,12 +123,15 @@ def training_rows(
     return np.concatenate([train[0], views[0]]), np.concatenate([train[1], views[1]])
 
 
-def load_views(cache: Path, meta: store.CacheMeta, limit: int | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first ``limit`` (all when None) cached augmented views of train, stacked."""
+def load_views(
+    cache: Path, meta: store.CacheMeta, limit: int | None, listed: frozenset[str] = frozenset()
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first ``limit`` (all when None) cached augmented views of train, stacked (without
+    the views of ``listed`` paths: --exclude)."""
     names = meta.view_splits[:limit]
     if not names:
         return None
-    parts = [store.load_split(cache, name)[:2] for name in names]
+    parts = [_without(store.load_split(cache, name), listed)[0] for name in names]
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
@@ -166,8 +170,21 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     )
     notes.append(why)
     if streaming:
+        if cfg.exclude is not None:
+            raise ConfigError(
+                f"--exclude needs train in memory, and {cache} would be streamed: pass --stream off "
+                "(or a larger --memory-budget)"
+            )
         return _streaming_data(cfg, cache, meta, views_used, notes)
-    data = {s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits}
+    data = {s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits and s != "train"}
+    listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
+    data["train"], dropped = _without(store.load_split(cache, "train"), listed)
+    excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
+    if excluded is not None:
+        notes.append(
+            f"--exclude {cfg.exclude}: {len(dropped)} of its {len(listed)} listed path(s) were train rows, "
+            f"left out of training ({len(data['train'][1])} train rows remain); validation and test keep every row"
+        )
     if "validation" not in data:
         x, y = data["train"]
         try:
@@ -185,13 +202,24 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     check_classes(cache, meta, {s: y for s, (_, y) in data.items()})
-    views = load_views(cache, meta, cfg.views) if wants_views else None
+    views = load_views(cache, meta, cfg.views, listed) if wants_views else None
     if views is not None and "validation" not in meta.splits:
         raise ConfigError(
             f"{cache}: training on views needs a validation split in the cache (a validation set "
             "carved from train would hold images whose views are trained on)"
         )
-    return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes)
+    return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes, excluded=excluded)
+
+
+def _without(
+    split: tuple[np.ndarray, np.ndarray, list[str]], listed: frozenset[str]
+) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+    """(features, labels) of a loaded split less the rows whose path is ``listed``, and those paths."""
+    x, y, paths = split
+    if not listed:
+        return (x, y), []
+    keep = exclude.keep_mask(paths, listed)
+    return (x[keep], y[keep]), [p for p, k in zip(paths, keep, strict=True) if not k]
 
 
 def _streaming_data(
@@ -459,6 +487,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         (eval_split, y_eval, proba),
         data.notes,
         seconds,
+        data.excluded,
     )
     summary = (
         f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
@@ -482,6 +511,7 @@ def _write_run(
     evaluation: tuple[str, np.ndarray, np.ndarray],
     notes: list[str],
     seconds: float,
+    excluded: dict[str, Any] | None = None,
 ) -> None:
     """results.csv, run.json, the winner, its confusion matrix, every MLP's curves,
     report.html, and the MLflow runs (issue 15)."""
@@ -532,6 +562,7 @@ def _write_run(
             "sweep_seconds": seconds,
             "winner": {**rows[best], "params": full_params[best]},
             "tracking": tracked,
+            "exclude": excluded,
         }
     )
 
