@@ -177,7 +177,7 @@ def levers(args: argparse.Namespace) -> None:
     from pipeline.cache import store
     from pipeline.runs.folder import score
     from pipeline.train.heads import LogRegHead
-    from pipeline.train.stream import fit_logreg_path
+    from pipeline.train.regpath import fit_logreg_path
 
     print(machine())
     x, y, _ = store.load_split(args.cache, "train")

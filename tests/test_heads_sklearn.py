@@ -12,7 +12,7 @@ import scipy.sparse
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.train import stream
+from pipeline.train import regpath, stream
 from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, pool_features
 
 from conftest import cache_from, separable
@@ -223,14 +223,14 @@ def test_warm_path_keys_class_weight_by_label_and_reports_iterations():
     x, y = separable(10, 3)
     names = np.array(["a", "b", "c"])[y]
     path = [LogRegHead(C=c, class_weight={"a": 3.0, "b": 1.0, "c": 1.0}) for c in (0.1, 1.0)]
-    stream.fit_logreg_path(path, x, names)
+    regpath.fit_logreg_path(path, x, names)
     for h in path:
         solo = LogRegHead(C=h.C, class_weight={0: 3.0, 1: 1.0, 2: 1.0}).fit(x, y)
         np.testing.assert_allclose(h.predict_proba(x), solo.predict_proba(x), atol=1e-2)
         assert h.model_[-1].class_weight == {0: 3.0, 1: 1.0, 2: 1.0}
         assert type(h.n_iter_) is int and h.n_iter_ == int(h.model_[-1].n_iter_[0]) >= 1
     with pytest.raises(ValueError, match=r"class\(es\) \['z'\] that the training labels do not hold"):
-        stream.fit_logreg_path([LogRegHead(class_weight={"z": 1.0})], x, names)
+        regpath.fit_logreg_path([LogRegHead(class_weight={"z": 1.0})], x, names)
 
 
 @pytest.mark.parametrize("name", ["logreg", "svm"])

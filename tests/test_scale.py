@@ -12,7 +12,7 @@ from pipeline.core.config import SweepConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.memory import parse_budget
 from pipeline.runs.folder import score
-from pipeline.train import stream
+from pipeline.train import regpath, stream
 from pipeline.train.heads import LogRegHead, make_head
 
 from conftest import cache_from, separable
@@ -29,7 +29,7 @@ def test_warm_path_matches_independent_fits_and_picks_same_winner() -> None:
     xv, yv = _noisy(40, 1)
     cs = [0.001, 0.01, 0.1, 1.0]
     path = [LogRegHead(pooling="flatten", C=c) for c in reversed(cs)]  # any order in, fitted by increasing C
-    stream.fit_logreg_path(path, x, y)
+    regpath.fit_logreg_path(path, x, y)
     by_c = {h.C: h for h in path}
     val_path, val_solo = [], []
     for c in cs:
@@ -48,7 +48,7 @@ def test_warm_path_matches_independent_fits_and_picks_same_winner() -> None:
 def test_warm_path_rejects_heads_differing_beyond_c() -> None:
     x, y = _noisy(10, 0)
     with pytest.raises(ValueError, match="differ only in C"):
-        stream.fit_logreg_path([LogRegHead(pooling="flatten"), LogRegHead(pooling="avg")], x, y)
+        regpath.fit_logreg_path([LogRegHead(pooling="flatten"), LogRegHead(pooling="avg")], x, y)
 
 
 def _sweep_file(tmp_path: Path, body: str) -> Path:

@@ -22,7 +22,7 @@ from pipeline.core.config import SweepConfig
 from pipeline.runs.folder import score
 from pipeline.train import sweep
 from pipeline.train.heads import LogRegHead, SVMHead, pool_features
-from pipeline.train.stream import fit_logreg_path
+from pipeline.train.regpath import fit_logreg_path
 
 from conftest import cache_from
 

@@ -262,11 +262,11 @@ def test_fit_one_without_views_says_how_to_make_them():
 
 
 def test_a_c_path_gives_each_config_its_own_row_and_head(monkeypatch):
-    from pipeline.train import stream
+    from pipeline.train import regpath
 
     paths = []
-    real = stream.fit_logreg_path
-    monkeypatch.setattr(stream, "fit_logreg_path", lambda hs, *a, **k: paths.append(len(hs)) or real(hs, *a, **k))
+    real = regpath.fit_logreg_path
+    monkeypatch.setattr(regpath, "fit_logreg_path", lambda hs, *a, **k: paths.append(len(hs)) or real(hs, *a, **k))
     data = _data()
     path = {"pooling": "avg", "train_on": "views"}
     configs = [("logreg", {"C": 0.01, **path}), ("svm", {}), ("logreg", {"C": 1.0, **path})]

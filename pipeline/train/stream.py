@@ -1,16 +1,14 @@
-"""Stage two at scale: a warm-started C path for logistic regression, and heads that train
-from the HDF5 file in chunks when the training features do not fit a memory budget.
+"""Stage two at scale: heads that train from the HDF5 file in chunks when the training
+features do not fit a memory budget (the warm-started C path is ``regpath``).
 
-Both keep the heads' estimator contract: what comes out is an ordinary fitted ``LogRegHead``
+They keep the heads' estimator contract: what comes out is an ordinary fitted ``LogRegHead``
 / ``SVMHead`` / ``MLPHead`` (``model_`` a scikit-learn pipeline or a Keras model), so the
 sweep scores, persists and predicts with it as with any other head.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,68 +105,6 @@ def source_for(cache: Path, splits: Sequence[str], feature_shape: Sequence[int])
     with h5py.File(cache, "r") as f:
         labels = np.concatenate([f[s]["labels"][()].astype(np.int64) for s in splits])
     return StreamSource(cache, tuple(splits), len(labels), tuple(feature_shape), labels=labels)
-
-
-# --------------------------------------------------------------------------- warm-started C path
-
-
-def path_key(name: str, params: dict[str, Any]) -> str | None:
-    """Configs with the same key differ only in C and can share one warm-started path."""
-    import json
-
-    if name != "logreg" or "C" not in params:
-        return None
-    return json.dumps({"name": name, **{k: v for k, v in params.items() if k != "C"}}, sort_keys=True, default=str)
-
-
-def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: dict[int, float] | None = None) -> None:
-    """Fit LogRegHeads that differ only in C as one regularisation path: pool and
-    standardise once (float32), then fit in order of increasing C, each fit starting from
-    the previous solution (lbfgs with ``warm_start``). Each head gets its own fitted model,
-    the same optimum an independent fit reaches (within the solver's tolerance). ``times``
-    receives each head's seconds by ``id(head)`` (pooling and scaling counted in the first)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if not heads:
-        return
-    t0 = time.perf_counter()
-    first = heads[0]
-    for h in heads:
-        h._validate_params()
-        other = {k: v for k, v in h.get_params().items() if k != "C"}
-        if other != {k: v for k, v in first.get_params().items() if k != "C"}:
-            raise ValueError("a C path needs heads that differ only in C")
-    Z = pool_features(X, first.pooling)
-    y = np.asarray(y)
-    if len(Z) != len(y):
-        raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
-    _check_finite(Z)
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
-    yi = np.searchsorted(classes, y)
-    scaler = StandardScaler()
-    Zs = scaler.fit_transform(Z)  # float32 in, float32 out: one copy for the whole path
-    lr = LogisticRegression(
-        C=first.C,
-        class_weight=first._class_weight_by_index(classes),
-        max_iter=first.max_iter,
-        random_state=first.random_state,
-        warm_start=True,
-    )
-    for h in sorted(heads, key=lambda h: h.C):
-        lr.set_params(C=h.C)
-        lr.fit(Zs, yi)
-        model = copy.deepcopy(lr)
-        model.set_params(warm_start=False)  # the saved head is what an independent fit would describe
-        h.model_ = Pipeline([("standardscaler", scaler), ("logisticregression", model)])
-        h.classes_, h.n_features_in_, h.n_iter_ = classes, Z.shape[1], int(np.max(model.n_iter_))
-        now = time.perf_counter()
-        if times is not None:
-            times[id(h)] = now - t0
-        t0 = now
 
 
 # --------------------------------------------------------------------------- streaming heads

@@ -29,7 +29,7 @@ from pipeline.core.memory import parse_budget
 from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
-from pipeline.train import exclude, search, stream
+from pipeline.train import exclude, regpath, search, stream
 from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
 from pipeline.train.persist import save_head
 
@@ -335,7 +335,7 @@ def fit_path(
     keras: bool = False,
 ) -> list[tuple[dict[str, Any], Any, bytes]]:
     """Logistic regressions that differ only in C, fitted as one warm-started path on data
-    pooled and standardised once (``stream.fit_logreg_path``); each keeps its own row and head,
+    pooled and standardised once (``regpath.fit_logreg_path``); each keeps its own row and head,
     and its ``fit_seconds`` is its own warm-started fit (the shared standardisation is
     counted in the first one)."""
 
@@ -350,7 +350,7 @@ def fit_path(
         entries.append((i, params, train_on, make_head(configs[i][0], **{"random_state": seed, **params})))
     x_fit, y_fit = data.training_rows(entries[0][2])
     times: dict[int, float] = {}
-    stream.fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
+    regpath.fit_logreg_path([h for *_, h in entries], x_fit, y_fit, times=times)
     return [
         _scored(i, configs[i][0], params, train_on, head, y_fit, times[id(head)], data)
         for i, params, train_on, head in entries
@@ -364,7 +364,7 @@ def _tasks(configs: list[tuple[str, dict[str, Any]]], data: SweepData, warm_path
     groups: dict[str, list[int]] = {}
     tasks: list[list[int]] = []
     for i, (name, params) in enumerate(configs):
-        key = stream.path_key(name, {"train_on": data.default_train_on, **params}) if warm_path else None
+        key = regpath.path_key(name, {"train_on": data.default_train_on, **params}) if warm_path else None
         if key is None:
             tasks.append([i])
         else:
