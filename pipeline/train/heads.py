@@ -43,6 +43,23 @@ def pool_features(X: np.ndarray, pooling: str) -> np.ndarray:
     return reduce(X.astype(np.float32, copy=False), axis=(1, 2))
 
 
+def check_rows(Z: np.ndarray, y: np.ndarray) -> None:
+    """Pooled training rows and their labels line up and hold only finite values (every fit
+    path: in memory, the warm-started C path)."""
+    if len(Z) != len(y):
+        raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
+    _check_finite(Z)
+
+
+def training_classes(y: np.ndarray) -> np.ndarray:
+    """The sorted classes of the training labels; a ValueError naming them when fewer than two
+    (every fit path: in memory, the C path, streaming)."""
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
+    return classes
+
+
 def _check_finite(Z: np.ndarray) -> None:
     if not np.isfinite(Z).all():
         raise ValueError(
@@ -92,12 +109,8 @@ class _PooledHead(ClassifierMixin, BaseEstimator):
         if len(Z) != len(y):
             raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
         check_classification_targets(y)  # continuous or multi-output y: "Unknown label type"
-        _check_finite(Z)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"training labels hold a single class ({self.classes_.tolist()}); a classifier needs two or more"
-            )
+        check_rows(Z, y)
+        self.classes_ = training_classes(y)
         self.n_features_in_ = Z.shape[1]
         self._fit(Z, np.searchsorted(self.classes_, y))
         return self

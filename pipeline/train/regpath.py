@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.train.heads import _check_finite, pool_features
+from pipeline.train.heads import check_rows, pool_features, training_classes
 
 
 def path_key(name: str, params: dict[str, Any]) -> str | None:
@@ -47,12 +47,8 @@ def fit_logreg_path(heads: Sequence[Any], X: np.ndarray, y: np.ndarray, times: d
             raise ValueError("a C path needs heads that differ only in C")
     Z = pool_features(X, first.pooling)
     y = np.asarray(y)
-    if len(Z) != len(y):
-        raise ValueError(f"X has {len(Z)} rows but y has {len(y)}")
-    _check_finite(Z)
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
+    check_rows(Z, y)
+    classes = training_classes(y)
     yi = np.searchsorted(classes, y)
     scaler = StandardScaler()
     Zs = scaler.fit_transform(Z)  # float32 in, float32 out: one copy for the whole path

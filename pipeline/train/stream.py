@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.memory import auto_budget, gb
 from pipeline.core.vocab import STREAM_MODES, check_choice
-from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, _check_finite, pool_features
+from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, _check_finite, pool_features, training_classes
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ def fit_streaming(head: Any, source: StreamSource, epochs: int = 5) -> Any:
     probabilities a softmax of margins) for ``epochs`` passes, or the MLP through Keras."""
 
     head._validate_params()
-    classes = np.unique(source.labels)
-    if len(classes) < 2:
-        raise ValueError(f"training labels hold a single class ({classes.tolist()}); a classifier needs two or more")
+    classes = training_classes(source.labels)
     if isinstance(head, MLPHead):
         return _fit_mlp_streaming(head, source, classes)
     if not isinstance(head, LogRegHead | SVMHead):
