@@ -56,7 +56,7 @@ help: ## list the targets and their options
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
-	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
+	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) DECODER=$(DECODER) (auto|cpu|gpu: JPEG decoding) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
 
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -113,7 +113,7 @@ mutate: $(BIN)/featcache ## mutation testing (mutmut, 1 process, MUTATE_MINUTES=
 test-jax: $(BIN)/featcache ## the backend-agnostic tests again under KERAS_BACKEND=jax (slow: ~5 min more; not in CI)
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -q tests/test_extract.py tests/test_backbones.py tests/test_augment_finetune.py $(PYTEST_ARGS)
 
-lint: $(BIN)/featcache ## ruff (lint + format check) on pipeline/ tests/ bench/, mypy on pipeline/ (settings in pyproject.toml)
+lint: $(BIN)/featcache ## ruff (lint + format) on pipeline/ tests/ bench/, mypy, import-linter (the layers; pyproject.toml)
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/ruff format --check pipeline tests bench
 	$(BIN)/mypy
