@@ -48,15 +48,7 @@ def classify(
     ``cache`` is a cache file, or the ExtractConfig that names one (as ``make classify``
     finds it); ``options`` are SweepConfig fields (``sweep_file``, ``n_jobs``, ``track``, ...)."""
     cfg = replace(config or SweepConfig(), **options)
-    if isinstance(cache, ExtractConfig):
-        path = locate(cache)
-    elif cache is not None:
-        path = Path(cache)
-    elif cfg.cache is not None:
-        path = Path(cfg.cache)
-    else:
-        raise ConfigError("classify needs a cache: a cache file, or the ExtractConfig that made it")
-    return run_sweep(cfg, path)
+    return run_sweep(cfg, _cache_path(cache, cfg.cache, "classify"))
 
 
 def inspect(
@@ -68,15 +60,19 @@ def inspect(
 
     ``cache`` as for ``classify``; ``options`` are InspectConfig fields."""
     cfg = replace(config or InspectConfig(), **options)
+    return inspect_cache(_cache_path(cache, cfg.cache, "inspect"), cfg)
+
+
+def _cache_path(cache: str | Path | ExtractConfig | None, configured: Path | None, what: str) -> Path:
+    """The cache file a stage-two call names: a path, the ExtractConfig that made it, or the
+    config's own ``cache`` field."""
     if isinstance(cache, ExtractConfig):
-        path = locate(cache)
-    elif cache is not None:
-        path = Path(cache)
-    elif cfg.cache is not None:
-        path = Path(cfg.cache)
-    else:
-        raise ConfigError("inspect needs a cache: a cache file, or the ExtractConfig that made it")
-    return inspect_cache(path, cfg)
+        return locate(cache)
+    if cache is not None:
+        return Path(cache)
+    if configured is not None:
+        return Path(configured)
+    raise ConfigError(f"{what} needs a cache: a cache file, or the ExtractConfig that made it")
 
 
 def predict(images: str | Path, run: str | Path | None = None, **options: Any) -> Path:
