@@ -129,7 +129,7 @@ def extract_ray(
 
 def _pythonpath() -> str:
     """Workers import ``pipeline`` from where the driver found it (a checkout or site-packages)."""
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parents[2])  # the folder holding the package pipeline/
     rest = os.environ.get("PYTHONPATH", "")
     return os.pathsep.join([here, rest]) if rest else here
 

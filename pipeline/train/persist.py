@@ -40,6 +40,7 @@ TRUSTED_TYPES: list[str] = sorted(
         *(f"{t.__module__}.{t.__qualname__}" for t in HEAD_TYPES),
         "sklearn.calibration._CalibratedClassifier",  # SVMHead's CalibratedClassifierCV internals
         "sklearn.calibration._SigmoidCalibration",
+        "sklearn.model_selection._split.StratifiedShuffleSplit",  # SVMHead's one calibration split (issue 29)
     ]
 )
 
