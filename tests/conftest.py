@@ -53,6 +53,33 @@ def separable(n_per_class: int, k: int = 2, seed: int = 0, shape=(2, 2, 8), spre
     return x[order], y[order]
 
 
+def vgg16_weights_file(path: Path, seed: int) -> Path:
+    """A VGG16 conv weights file (32 px) with seeded random values: a weights file keeps the seed
+    out of the cache's name, and the same path can be rewritten with other values."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
+    return path
+
+
+def flipped_test_splits(n: int = 60, seed: int = 0):
+    """(train, validation, test) where test is validation with its labels flipped, so every
+    ranking reverses on it: flatten (clean signal) wins validation, max pooling (the signal
+    drowned in a noisy position) would win test. Selection that peeks at test picks max."""
+    rng = np.random.default_rng(seed)
+
+    def split():
+        y = np.repeat([0, 1], n)
+        x = np.zeros((2 * n, 1, 2, 1), np.float32)
+        x[:, 0, 0, 0] = rng.normal(0, 1, 2 * n) + np.where(y == 1, 3.0, -3.0)
+        x[:, 0, 1, 0] = rng.normal(0, 8, 2 * n)
+        return x, y
+
+    train, (xv, yv) = split(), split()
+    return train, (xv, yv), (xv, 1 - yv)
+
+
 def synthetic_meta(features: np.ndarray, class_names=("a", "b", "c"), **fields):
     """The description of a cache of synthetic features (no backbone behind them)."""
     from pipeline.cache import store

@@ -17,7 +17,7 @@ from pipeline.features.extract import extract
 from pipeline.train.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
 from pipeline.train.sweep import expand_grid, run_sweep
 
-from conftest import cache_from, make_folder, separable
+from conftest import cache_from, flipped_test_splits, make_folder, separable
 
 FAST = {"logreg": {}, "svm": {}, "mlp": {"epochs": 40, "learning_rate": 1e-2, "batch_size": 16, "patience": 40}}
 
@@ -98,17 +98,8 @@ def test_sweep_selects_on_validation_only(tmp_path):
     """The test split is the validation split with its labels flipped, so every ranking
     reverses on it: flatten (clean signal) wins validation, max pooling (signal drowned in
     a noisy position) would win test. A sweep that peeked at test would pick max."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = np.repeat([0, 1], n)
-        x = np.zeros((2 * n, 1, 2, 1), np.float32)
-        x[:, 0, 0, 0] = rng.normal(0, 1, 2 * n) + np.where(y == 1, 3.0, -3.0)
-        x[:, 0, 1, 0] = rng.normal(0, 8, 2 * n)
-        return x, y
-
-    train, (xv, yv) = split(60), split(60)
-    cache = cache_from(tmp_path / "c.h5", {"train": train, "validation": (xv, yv), "test": (xv, 1 - yv)})
+    train, (xv, yv), test = flipped_test_splits()
+    cache = cache_from(tmp_path / "c.h5", {"train": train, "validation": (xv, yv), "test": test})
     sweep = write_toml(tmp_path / "s.toml", '[[head]]\nname = "logreg"\npooling = ["max", "flatten"]\n')
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1), cache)
     rows = {r["pooling"]: r for r in csv.DictReader(open(result.run_dir / "results.csv"))}

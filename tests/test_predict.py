@@ -12,17 +12,9 @@ from pipeline.app.cli import main
 from pipeline.core.config import ExtractConfig, SweepConfig
 from pipeline.features.extract import extract
 
-from conftest import make_folder
+from conftest import make_folder, vgg16_weights_file
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _weights_file(path: Path, seed: int) -> Path:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("predict")
     root = make_folder(tmp / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)
-    weights = _weights_file(tmp / "w.weights.h5", 1)
+    weights = vgg16_weights_file(tmp / "w.weights.h5", 1)
     cache = extract(
         ExtractConfig(data=str(root), size=32, weights=str(weights), cache_dir=tmp / "cache", quiet=True)
     ).path
@@ -100,7 +92,7 @@ def test_predict_refuses_a_weights_file_whose_bytes_changed(trained, capsys):
     tmp, root, weights, run = trained
     original = weights.read_bytes()
     try:
-        _weights_file(weights, 2)  # same name, other values
+        vgg16_weights_file(weights, 2)  # same name, other values
         code = main(["predict", str(root / "test"), "--run", str(run), "--out", str(tmp / "changed.csv")])
         err = capsys.readouterr().err
         assert code == 2 and "weights_file_sha256" in err and str(weights) in err and "Traceback" not in err

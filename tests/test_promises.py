@@ -20,21 +20,13 @@ from pipeline.core.errors import CacheError
 from pipeline.core.vocab import view_split
 from pipeline.features.extract import extract
 
-from conftest import interrupt_extract, make_folder, make_image
+from conftest import interrupt_extract, make_folder, make_image, vgg16_weights_file
 
 
 def _cfg(root: Path, cache_dir: Path, **kw) -> ExtractConfig:
     kw.setdefault("size", 32)
     kw.setdefault("weights", "random")
     return ExtractConfig(data=str(root), cache_dir=cache_dir, quiet=True, chunk_size=4, batch_size=4, **kw)
-
-
-def _weights_file(path: Path, seed: int) -> Path:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    return path
 
 
 def _row(path: Path, split: str, name: str) -> np.ndarray:
@@ -84,11 +76,11 @@ def test_an_image_overwritten_in_place_is_never_served_from_its_old_features(tmp
 
 def test_partial_work_from_another_weights_file_of_the_same_name_is_not_reused(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"train": 4}, size=32)
-    weights = _weights_file(tmp_path / "w.weights.h5", 1)
+    weights = vgg16_weights_file(tmp_path / "w.weights.h5", 1)
     cfg = _cfg(root, tmp_path / "c", weights=str(weights))
     interrupt_extract(cfg, monkeypatch)
     assert list((tmp_path / "c").rglob(".*.partial/train-000000.npz"))
-    _weights_file(weights, 2)  # same path and name, other values
+    vgg16_weights_file(weights, 2)  # same path and name, other values
     result = extract(cfg)
     assert result.resumed_chunks == 0
     fresh = extract(_cfg(root, tmp_path / "fresh", weights=str(weights))).path
@@ -107,7 +99,7 @@ def test_force_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, monke
 def test_views_made_with_another_seed_are_never_added_to_a_cache(tmp_path):
     """A weights file keeps the cache key free of the seed, so only the views' seed differs."""
     root = make_folder(tmp_path / "imgs", {"train": 2, "validation": 1}, size=32)
-    weights = _weights_file(tmp_path / "w.weights.h5", 1)
+    weights = vgg16_weights_file(tmp_path / "w.weights.h5", 1)
     first = extract(_cfg(root, tmp_path / "c", weights=str(weights), augment=1, seed=0))
     before = first.path.read_bytes()
     with pytest.raises(CacheError, match="seed 0") as e:

@@ -29,7 +29,7 @@ from pipeline.core.errors import CacheError
 from pipeline.core.vocab import view_split
 from pipeline.features.extract import extract
 
-from conftest import cache_from, make_folder, make_image
+from conftest import cache_from, flipped_test_splits, make_folder, make_image, vgg16_weights_file
 
 REPO = Path(__file__).resolve().parent.parent
 # As root, chmod alone does not stop writes: setpriv drops the capabilities that bypass permission bits.
@@ -123,20 +123,12 @@ def test_work_that_must_write_to_a_read_only_cache_is_refused_with_exit_2(read_o
 # ----------------------------------------------------------------------------- views of another seed
 
 
-def _weights_file(path: Path, seed: int) -> Path:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def views_seed0(tmp_path_factory):
     """A weights file keeps the seed out of the cache's name: only the views' seed can differ."""
     tmp = tmp_path_factory.mktemp("views")
     root = make_folder(tmp / "imgs", {"train": 2, "validation": 1}, size=32)
-    weights = _weights_file(tmp / "w.weights.h5", 1)
+    weights = vgg16_weights_file(tmp / "w.weights.h5", 1)
     first = extract(_cfg(root, tmp / "c", weights=str(weights), augment=1, seed=0))
     return root, weights, tmp / "c", first.path
 
@@ -332,17 +324,8 @@ def test_a_search_picks_its_winner_on_validation_scores(tmp_path):
     from pipeline.train.heads import make_head
     from pipeline.train.sweep import run_sweep
 
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        y = np.repeat([0, 1], n)
-        x = np.zeros((2 * n, 1, 2, 1), np.float32)
-        x[:, 0, 0, 0] = rng.normal(0, 1, 2 * n) + np.where(y == 1, 3.0, -3.0)
-        x[:, 0, 1, 0] = rng.normal(0, 8, 2 * n)
-        return x, y
-
-    train, (xv, yv) = split(60), split(60)
-    cache = cache_from(tmp_path / "c.h5", {"train": train, "validation": (xv, yv), "test": (xv, 1 - yv)})
+    train, (xv, yv), test = flipped_test_splits()
+    cache = cache_from(tmp_path / "c.h5", {"train": train, "validation": (xv, yv), "test": test})
     sweep = tmp_path / "s.toml"
     sweep.write_text(SEARCH)
     result = run_sweep(SweepConfig(sweep_file=sweep, runs_dir=tmp_path / "runs", n_jobs=1, seed=0), cache)

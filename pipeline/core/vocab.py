@@ -44,14 +44,6 @@ def is_view(split: str) -> bool:
     return _VIEW in split
 
 
-def view_index(split: str) -> int:
-    """k of ``train@aug<k>``; a ValueError for anything else."""
-    _, sep, k = split.partition(_VIEW)
-    if not sep or not k.isdigit():
-        raise ValueError(f"{split!r} is not a view split (train{_VIEW}<k>)")
-    return int(k)
-
-
 __all__ = [
     "COMPRESSIONS",
     "DECODERS",
@@ -65,6 +57,5 @@ __all__ = [
     "TRAIN_ON",
     "check_choice",
     "is_view",
-    "view_index",
     "view_split",
 ]

@@ -24,10 +24,9 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from pipeline.core import layers
 from pipeline.core.errors import ConfigError
+from pipeline.core.vocab import POOLINGS
 
 log = logging.getLogger(__name__)
-
-POOLINGS = ("flatten", "avg", "max")
 
 
 def pool_features(X: np.ndarray, pooling: str) -> np.ndarray:
