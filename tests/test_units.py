@@ -237,7 +237,8 @@ def test_features_are_chunked_along_n_with_checksums(tmp_path):
 
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_every_linear_head_pools_as_asked(name):
-    from pipeline.train.heads import make_head, pool_features
+    from pipeline.train.heads import pool_features
+    from pipeline.train.sweep_file import make_head
 
     x, y = separable(10, shape=(2, 3, 4))
     sizes = {p: make_head(name, pooling=p).fit(x, y).n_features_in_ for p in ("flatten", "avg", "max")}

@@ -28,8 +28,9 @@ from pipeline.core.vocab import SPLITS
 from pipeline.features import backbone, images, layout, registry
 from pipeline.features.weights import check_file_unchanged, values_sha256, verify_weights
 from pipeline.runs import folder, plots, report, tracking
-from pipeline.train.heads import KerasModelHead, MLPHead, compile_for, seeds_head
+from pipeline.train.heads import KerasModelHead, MLPHead
 from pipeline.train.persist import load_head, save_head
+from pipeline.train.seeds_recipe import compile_for, seeds_head
 from pipeline.train.sweep import load_views, training_rows
 
 log = logging.getLogger(__name__)

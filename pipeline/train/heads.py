@@ -5,6 +5,8 @@ per head, checked by scikit-learn's own machinery) and returns ``self``, learned
 attributes end in ``_``. X is the cached map (N,h,w,C) or already flat (N,D); ``pooling``
 turns the map into a vector first: ``flatten`` (h*w*C, 8192 at 150 px), ``avg`` or ``max``
 (C). The Keras MLP is imported lazily, so a scikit-learn-only sweep never loads TensorFlow.
+Estimators only: the Keras recipe the MLP shares with finetune is ``seeds_recipe``, heads by
+name from a sweep file are ``sweep_file``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from pipeline.core import layers
-from pipeline.core.errors import ConfigError
 from pipeline.core.vocab import POOLINGS
+from pipeline.train.seeds_recipe import compile_for, seeds_head
 
 log = logging.getLogger(__name__)
 
@@ -287,29 +289,6 @@ class _KerasHead:
         self.__dict__.update(state)
 
 
-def seeds_head(x: Any, n_classes: int, units: int = 256, dropout: float = 0.5) -> Any:
-    """The seeds' classifier on a Keras tensor: Dense(units, relu), Dropout, then
-    Dense(1, sigmoid) for two classes or Dense(K, softmax)."""
-    import keras
-
-    x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    if n_classes == 2:
-        return keras.layers.Dense(1, activation="sigmoid", name="head_out")(x)
-    return keras.layers.Dense(n_classes, activation="softmax", name="head_out")(x)
-
-
-def compile_for(model: Any, n_classes: int, learning_rate: float) -> None:
-    """RMSprop and the seeds' loss for two or more classes."""
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
-        loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-
-
 class MLPHead(_KerasHead, _PooledHead):
     """The seeds' Keras head: Dense(units, relu) -> Dropout -> Dense(1, sigmoid) or
     Dense(K, softmax), RMSprop. Early stopping on a stratified ``validation_fraction`` of
@@ -432,38 +411,3 @@ class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
 
 
 HEADS: dict[str, type[_PooledHead]] = {"logreg": LogRegHead, "mlp": MLPHead, "svm": SVMHead}
-
-
-def make_head(name: str, **params: Any) -> _PooledHead:
-    """A head by name; unknown names, parameters and out-of-range values are ConfigErrors."""
-    if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; available: {sorted(HEADS)}")
-    head = HEADS[name]()
-    allowed = sorted(head.get_params())
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ConfigError(f"head {name!r} has no parameter(s) {unknown}; allowed: {allowed}")
-    head.set_params(**params)
-    try:
-        head._validate_params()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"head {name!r}: {e}") from e
-    return head
-
-
-def head_tables(spec: dict[str, Any], source: str) -> list[tuple[int, str, dict[str, Any]]]:
-    """The sweep file's ``[[head]]`` tables as (number, head name, the other keys), checked:
-    shared by the grid and by the Optuna search."""
-    heads = spec.get("head")
-    if not heads or not isinstance(heads, list):
-        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
-    out = []
-    for number, table in enumerate(heads, 1):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
-        rest = dict(table)
-        name = rest.pop("name", None)
-        if name not in HEADS:
-            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
-        out.append((number, name, rest))
-    return out

@@ -30,8 +30,9 @@ from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
 from pipeline.train import exclude, regpath, search, stream
-from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
+from pipeline.train.heads import HEADS, _KerasHead
 from pipeline.train.persist import save_head
+from pipeline.train.sweep_file import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
