@@ -157,6 +157,22 @@ def test_softmax_is_stable_for_large_margins():
     np.testing.assert_allclose(head._predict_proba(np.zeros((2, 1))), [[0.0, 1.0], [1.0, 0.0]])
 
 
+def test_svm_class_weight_reaches_the_calibration_and_weights_the_svm_once():
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(n_samples=300, centers=2, random_state=0, cluster_std=20)  # classes overlap
+    plain = SVMHead().fit(x, y)
+    weighted = SVMHead(class_weight={0: 1000.0, 1: 0.0001}).fit(x, y)
+    assert (plain.predict(x) == 0).mean() < 0.7  # an unweighted sigmoid puts the threshold back
+    assert (weighted.predict(x) == 0).mean() > 0.87  # (the bar of check_class_weight_classifiers)
+    z = weighted.model_[0].transform(x)
+    train, _ = next(StratifiedShuffleSplit(1, test_size=1 / 3, random_state=0).split(z, y))
+    once = LinearSVC(C=0.1, class_weight={0: 1000.0, 1: 0.0001}, max_iter=5000, random_state=0).fit(z[train], y[train])
+    (fitted,) = weighted.model_[-1].calibrated_classifiers_
+    np.testing.assert_allclose(fitted.estimator.coef_, once.coef_, rtol=1e-3)  # class_weight, not squared
+    assert "_metadata_request" not in vars(fitted.estimator)  # nothing beyond plain scikit-learn parts is saved
+
+
 # ----------------------------------------------------------------------------- make_head and head tables
 
 

@@ -226,22 +226,21 @@ class SVMHead(_PooledHead):
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
 
-        svm = LinearSVC(
-            C=self.C,
-            class_weight=self._class_weight_by_index(self.classes_),
-            max_iter=self.max_iter,
-            random_state=self.random_state,
-        )
+        class_weight = self._class_weight_by_index(self.classes_)
+        svm = LinearSVC(C=self.C, class_weight=class_weight, max_iter=self.max_iter, random_state=self.random_state)
         fewest = int(np.bincount(y).min())
+        if fewest < 2:  # too few rows to calibrate: one SVM, probabilities from its margins
+            self.model_ = make_pipeline(StandardScaler(), svm).fit(Z, y)
+            self.n_iter_ = int(svm.n_iter_)
+            return
         # issue 29: one stratified held-out third calibrates once every class has 3 rows; 3-fold
         # calibration fitted the one-vs-rest SVM three times (classes x 3 liblinear fits), about
         # 3x the cost for 0.2-0.5 point of validation accuracy (BENCHMARKS.md section 8)
         cv: Any = StratifiedShuffleSplit(1, test_size=1 / 3, random_state=self.random_state) if fewest >= 3 else fewest
-        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=cv) if fewest >= 2 else svm)
-        self.model_.fit(Z, y)
-        fitted = self.model_[-1]
-        svms = [c.estimator for c in fitted.calibrated_classifiers_] if fewest >= 2 else [fitted]
-        self.n_iter_ = max(int(s.n_iter_) for s in svms)  # the slowest calibration fit
+        scaler, calibrated = StandardScaler(), CalibratedClassifierCV(svm, cv=cv)
+        _fit_weighted_calibration(calibrated, scaler.fit_transform(Z), y, class_weight)
+        self.model_ = make_pipeline(scaler, calibrated)
+        self.n_iter_ = max(int(c.estimator.n_iter_) for c in calibrated.calibrated_classifiers_)  # the slowest fit
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         if hasattr(self.model_, "predict_proba"):
@@ -250,6 +249,28 @@ class SVMHead(_PooledHead):
         scores = np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
         e = np.exp(scores - scores.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+
+
+def _fit_weighted_calibration(calibrated: Any, Z: np.ndarray, y: np.ndarray, class_weight: Any) -> None:
+    """Fit ``calibrated`` (a CalibratedClassifierCV over a class-weighted LinearSVC) with the
+    sigmoid fitted on held-out rows weighted by ``class_weight`` too: an unweighted sigmoid
+    moves the decision threshold back to where the class frequencies put it, undoing
+    class_weight. The SVM keeps its own class_weight and is given no sample weights (they
+    would weight it twice): scikit-learn's metadata routing sends them to the calibration only."""
+    if class_weight is None:
+        calibrated.fit(Z, y)
+        return
+    from sklearn import config_context
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    svm = calibrated.estimator
+    with config_context(enable_metadata_routing=True):
+        svm.set_fit_request(sample_weight=False)
+        try:
+            calibrated.fit(Z, y, sample_weight=compute_sample_weight(class_weight, y))
+        finally:  # the request is a fitting detail: a saved head holds plain scikit-learn parts (persist)
+            for est in [svm, *(c.estimator for c in getattr(calibrated, "calibrated_classifiers_", []))]:
+                vars(est).pop("_metadata_request", None)
 
 
 class _KerasHead:
