@@ -266,7 +266,7 @@ def test_select_prefers_accuracy_then_log_loss_then_order():
 
 
 def test_training_rows_follow_train_on():
-    from pipeline.train.sweep import training_rows
+    from pipeline.train.splits import training_rows
 
     train = (np.zeros((3, 1)), np.array([0, 1, 0]))
     views = (np.ones((6, 1)), np.array([0, 1, 0, 0, 1, 0]))

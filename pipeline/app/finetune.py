@@ -31,7 +31,7 @@ from pipeline.runs import folder, plots, report, tracking
 from pipeline.train.heads import KerasModelHead, MLPHead
 from pipeline.train.persist import load_head, save_head
 from pipeline.train.seeds_recipe import compile_for, seeds_head
-from pipeline.train.sweep import load_views, training_rows
+from pipeline.train.splits import load_splits, load_views, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,7 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
 
     cache = layout.locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
     meta = store.read_meta(cache)
-    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits
-    }
+    data = load_splits(cache, meta, SPLITS)
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
     views = load_views(cache, meta, ft.views) if ft.train_on != "clean" else None
