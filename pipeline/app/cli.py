@@ -30,6 +30,7 @@ from pipeline.core.vocab import (
     MAPS,
     POOLINGS,
     PRECISIONS,
+    RUNTIMES,
     STREAM_MODES,
     TRAIN_ON,
 )
@@ -38,6 +39,9 @@ from pipeline.features.registry import BACKBONES
 log = logging.getLogger("featcache")
 
 EXIT_CONFIG, EXIT_CACHE, EXIT_INTERRUPTED = 2, 3, 130
+
+# --engine values that named something else before --runtime had its own name: still taken, with a note
+DEPRECATED_ENGINES = {"openvino": "--runtime openvino"}
 
 
 def _split(text: str) -> tuple[float, float, float]:
@@ -72,6 +76,13 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         default=d.precision,
         choices=PRECISIONS,
         help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
+    )
+    p.add_argument(
+        "--runtime",
+        default=None,
+        choices=RUNTIMES,
+        help="what runs the forward pass: keras, or openvino (int8 only: the same as --precision int8); "
+        "default: the one the precision needs",
     )
     p.add_argument(
         "--decoder",
@@ -213,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine",
         default="local",
-        choices=ENGINES,
-        help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster); "
-        "openvino: this process, int8 on OpenVINO (the same as --precision int8)",
+        choices=(*ENGINES, *DEPRECATED_ENGINES),
+        help="where extract runs: local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a "
+        "cluster); openvino: deprecated spelling of --runtime openvino",
     )
 
     p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
@@ -299,6 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _precision(args: argparse.Namespace) -> str:
+    """``--precision``, squared with ``--runtime``: OpenVINO runs int8 only and Keras everything else."""
+    runtime = getattr(args, "runtime", None)
+    if runtime is None:
+        return str(args.precision)
+    given = getattr(args, "runtime_given_as", f"--runtime {runtime}")  # the spelling the user typed
+    if runtime == "openvino":
+        if args.precision not in ("auto", "int8"):
+            raise ConfigError(
+                f"{given} runs int8 (--precision int8); received --precision {args.precision}. "
+                f"Leave out {given.split()[0]} for float32, bfloat16 or float16"
+            )
+        return "int8"
+    if args.precision == "int8":
+        raise ConfigError(
+            f"--precision int8 runs on OpenVINO (--runtime openvino); received --runtime {runtime}. "
+            "Give --runtime openvino, or leave out --runtime"
+        )
+    return str(args.precision)
+
+
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
     fields = {
         "data": args.data,
@@ -307,7 +339,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "weights": args.weights,
         "layer": args.layer,
         "dtype": args.dtype,
-        "precision": args.precision,
+        "precision": _precision(args),
         "split": args.split,
         "seed": args.seed,
         "cache_dir": args.cache_dir or paths.cache_dir(),
@@ -352,13 +384,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.features.extract import extract
     from pipeline.features.ray_engine import extract_ray
 
-    if args.engine == "openvino":  # the issue's spelling of --precision int8
-        if args.precision not in ("auto", "int8"):
-            raise ConfigError(
-                f"--engine openvino runs int8 (--precision int8); received --precision {args.precision}. "
-                "Leave out --engine for float32, bfloat16 or float16"
-            )
-        args.precision = "int8"
+    if args.engine in DEPRECATED_ENGINES:  # --engine says where extract runs; the runtime has its own option
+        now = DEPRECATED_ENGINES[args.engine]
+        log.warning("--engine %s is deprecated and will be removed: use %s (--engine: local or ray)", args.engine, now)
+        args.runtime_given_as = f"--engine {args.engine}"
+        args.engine, args.runtime = "local", now.split()[1]
     cfg = _extract_config(args)
     if args.engine == "ray":
         if args.shard is not None or args.merge:
