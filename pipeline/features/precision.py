@@ -242,9 +242,8 @@ def resolve(
     entry = _read_memo(memo).get("machines", {}).get(key)
     probed = False
     if not _valid_entry(entry):
-        t0 = time.perf_counter()
         try:
-            fp32, bf16 = (probe or timed_probe)()
+            entry = _probe_entry(probe or timed_probe)
         except Exception as e:  # bfloat16 kernels missing or broken here: float32 is always safe
             return Choice(
                 "float32",
@@ -252,17 +251,27 @@ def resolve(
                 True,
                 "auto",
             )
-        entry = {
-            "float32_img_s": round(float(fp32), 2),
-            "bfloat16_img_s": round(float(bf16), 2),
-            "probe_seconds": round(time.perf_counter() - t0, 2),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
         _write_memo(memo, key, entry)
         probed = True
+    return _choose_from_probe(entry, bf16_cpu, "probed now" if probed else f"probe remembered in {memo}", probed)
+
+
+def _probe_entry(probe: Probe) -> dict[str, Any]:
+    """Run the timed probe once: what the memo keeps for this machine."""
+    t0 = time.perf_counter()
+    fp32, bf16 = probe()
+    return {
+        "float32_img_s": round(float(fp32), 2),
+        "bfloat16_img_s": round(float(bf16), 2),
+        "probe_seconds": round(time.perf_counter() - t0, 2),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _choose_from_probe(entry: dict[str, Any], bf16_cpu: list[str], how: str, probed: bool) -> Choice:
+    """bfloat16 when the probe found it at least MARGIN faster than float32, else float32."""
     fp32, bf16 = entry["float32_img_s"], entry["bfloat16_img_s"]
     speedup = bf16 / fp32 if fp32 > 0 else 0.0
-    how = "probed now" if probed else f"probe remembered in {memo}"
     measured = (
         f"{', '.join(bf16_cpu)} present; bfloat16 {speedup:.2f}x float32 "
         f"({bf16:.1f} vs {fp32:.1f} img/s, small VGG-like stack, {how})"
