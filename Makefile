@@ -26,6 +26,7 @@ IMAGES  ?=
 FORCE   ?=
 STRICT  ?=
 ENGINE  ?=
+RUNTIME ?=
 SHARDS  ?=
 AUGMENT ?=
 TRAIN_ON ?= clean
@@ -36,7 +37,7 @@ UI_PORT ?= 5000
 # Every value a user passes is quoted, so paths with spaces arrive as one argument.
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
              --decoder "$(DECODER)" \
-             $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
+             $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)") $(if $(RUNTIME),--runtime "$(RUNTIME)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
                 $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
@@ -56,6 +57,7 @@ help: ## list the targets and their options
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
+	@echo "  ENGINE=<local|ray: where extract runs> RUNTIME=<keras|openvino: openvino is PRECISION=int8>"
 	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) DECODER=$(DECODER) (auto|cpu|gpu: JPEG decoding) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
 
 $(BIN)/featcache: pyproject.toml

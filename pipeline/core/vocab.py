@@ -17,7 +17,8 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # compute; int8
 COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filter for features
 TRAIN_ON = ("clean", "views", "both")  # stage two: clean rows, cached augmented views, or both
 STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in chunks
-ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
+ENGINES = ("local", "ray")  # where extract runs: this process, or Ray tasks
+RUNTIMES = ("keras", "openvino")  # what runs the forward pass; openvino runs int8 only (--precision int8)
 DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding; gpu: features.gpu_decode (torchvision + CUDA)
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
 MAPS = ("pca", "umap")  # inspect's 2-D map of the embedding; umap: the `inspect` extra
@@ -52,6 +53,7 @@ __all__ = [
     "MAPS",
     "POOLINGS",
     "PRECISIONS",
+    "RUNTIMES",
     "SPLITS",
     "STREAM_MODES",
     "TRAIN_ON",

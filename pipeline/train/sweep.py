@@ -30,8 +30,10 @@ from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
 from pipeline.train import exclude, regpath, search, stream
-from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
+from pipeline.train.heads import HEADS, _KerasHead
 from pipeline.train.persist import save_head
+from pipeline.train.splits import load_splits, load_views, training_rows, without
+from pipeline.train.sweep_file import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
@@ -107,34 +109,6 @@ COLUMNS = (
 )
 
 
-def training_rows(
-    train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None, train_on: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clean train rows, the cached augmented views, or both stacked."""
-    if train_on == "clean":
-        return train
-    if views is None:
-        raise ConfigError(
-            f"train_on={train_on!r} needs augmented views in the cache; make them with "
-            "`make extract AUGMENT=K` (same options)"
-        )
-    if train_on == "views":
-        return views
-    return np.concatenate([train[0], views[0]]), np.concatenate([train[1], views[1]])
-
-
-def load_views(
-    cache: Path, meta: store.CacheMeta, limit: int | None, listed: frozenset[str] = frozenset()
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first ``limit`` (all when None) cached augmented views of train, stacked (without
-    the views of ``listed`` paths: --exclude)."""
-    names = meta.view_splits[:limit]
-    if not names:
-        return None
-    parts = [_without(store.load_split(cache, name), listed)[0] for name in names]
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
-
-
 def check_classes(cache: Path, meta: store.CacheMeta, labels: dict[str, np.ndarray]) -> None:
     """Every split holds two or more classes, and none that train lacks (``labels["train"]``)."""
     known = set(np.unique(labels["train"]).tolist())
@@ -176,9 +150,9 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
                 "(or a larger --memory-budget)"
             )
         return _streaming_data(cfg, cache, meta, views_used, notes)
-    data = {s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits and s != "train"}
+    data = load_splits(cache, meta, [s for s in SPLITS if s != "train"])
     listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
-    data["train"], dropped = _without(store.load_split(cache, "train"), listed)
+    data["train"], dropped = without(store.load_split(cache, "train"), listed)
     excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
     if excluded is not None:
         notes.append(
@@ -211,17 +185,6 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
     return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes, excluded=excluded)
 
 
-def _without(
-    split: tuple[np.ndarray, np.ndarray, list[str]], listed: frozenset[str]
-) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
-    """(features, labels) of a loaded split less the rows whose path is ``listed``, and those paths."""
-    x, y, paths = split
-    if not listed:
-        return (x, y), []
-    keep = exclude.keep_mask(paths, listed)
-    return (x[keep], y[keep]), [p for p, k in zip(paths, keep, strict=True) if not k]
-
-
 def _streaming_data(
     cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str], notes: list[str]
 ) -> SweepData:
@@ -238,9 +201,7 @@ def _streaming_data(
         sources["both"] = stream.source_for(cache, ["train", *views_used], meta.feature_shape)
     train = (np.empty((0, *meta.feature_shape), np.float32), sources["clean"].labels)
     views = (np.empty((0, *meta.feature_shape), np.float32), sources["views"].labels) if views_used else None
-    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits
-    }
+    data = load_splits(cache, meta, ("validation", "test"))
     check_classes(cache, meta, {"train": train[1], **{s: y for s, (_, y) in data.items()}})
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
