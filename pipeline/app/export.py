@@ -284,9 +284,19 @@ def _built_in_preprocess(model: Any, module: str) -> Any:
     return keras.models.clone_model(model, clone_function=swap)
 
 
-def build_model(meta: CacheMeta, head: Any, info: dict[str, Any], precision: str) -> Any:
+def pinned_backbone(meta: CacheMeta, precision: str) -> Any:
+    """backbone.build's model from the run's pins: the weights file unchanged, values checked."""
+    source = meta.weights_source
+    check_file_unchanged(source, meta.weights_file_sha256, f"the run's cache ({meta.path or 'see run.json'})")
+    pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
+    full = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=precision)
+    verify_weights(full.base_weights_sha256, meta.weights_sha256, "the run's cache")
+    return full
+
+
+def build_model(meta: CacheMeta, head: Any, info: dict[str, Any], full: Any = None) -> Any:
     """uint8 (B, S, S, 3) RGB -> (B, classes) float32: preprocessing, the frozen base at the
-    cached layer (the cache's weights, checked), and the head as Keras layers."""
+    cached layer (``full``: :func:`pinned_backbone`'s model), and the head as Keras layers."""
     import keras
 
     name = f"featcache_{meta.backbone}_{type(head).__name__.lower()}"
@@ -295,11 +305,6 @@ def build_model(meta: CacheMeta, head: Any, info: dict[str, Any], precision: str
         p = model.outputs[0]
         out = _two_columns(p, "head") if p.shape[-1] == 1 else p
         return keras.Model(model.inputs, out, name=name)
-    source = meta.weights_source
-    check_file_unchanged(source, meta.weights_file_sha256, f"the run's cache ({meta.path or 'see run.json'})")
-    pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
-    full = backbone.build(meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=precision)
-    verify_weights(full.base_weights_sha256, meta.weights_sha256, "the run's cache")
     trunk = full.get_layer(full.name)  # the truncated base inside build's model (no custom layer)
     pixels = keras.Input((meta.size, meta.size, 3), dtype="uint8", name="pixels")
     x = pixels
@@ -434,7 +439,10 @@ def export(cfg: ExportConfig) -> ExportResult:
         )
     tolerance = cfg.tolerance if cfg.tolerance is not None else TOLERANCES[precision]
     head = load_head(cfg.run, trust_pickle=cfg.trust_pickle, versions=info.get("versions"))
-    proba_fn, _ = reference(cfg.run, info, meta, cfg.batch_size, cfg.trust_pickle)
+    floating = meta.precision != "int8" and info.get("model_input") != "images"
+    full = pinned_backbone(meta, precision) if floating else None
+    same = full if precision == meta.precision else None  # predict's backbone too: built once
+    proba_fn, _ = reference(cfg.run, info, meta, cfg.batch_size, cfg.trust_pickle, model=same)
     batch, names = check_images(meta, cfg.check_images)
     expected = np.asarray(proba_fn(batch), np.float64)
 
@@ -448,7 +456,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         if meta.precision == "int8":
             files, diffs = _write_int8(cfg.run, meta, head, tmp, batch, expected, tolerance, names)
         else:
-            model = build_model(meta, head, info, precision)
+            model = build_model(meta, head, info, full)
             for fmt in cfg.formats:
                 path = tmp / FORMAT_FILES[fmt]
                 path.parent.mkdir(parents=True, exist_ok=True)

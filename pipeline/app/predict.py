@@ -114,11 +114,17 @@ def predict(
 
 
 def reference(
-    run_dir: Path, info: dict[str, Any], meta: CacheMeta, batch_size: int = 32, trust_pickle: bool = False
+    run_dir: Path,
+    info: dict[str, Any],
+    meta: CacheMeta,
+    batch_size: int = 32,
+    trust_pickle: bool = False,
+    model: Any = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
     """predict's own way from a batch of uint8 images to probabilities (columns in the head's
     ``classes_`` order), and the head: the pinned backbone (weights checked) and the saved
-    head. ``featcache export`` checks its model against this very function."""
+    head. ``featcache export`` checks its model against this very function (passing the
+    backbone ``model`` it built and checked from the same pins, to build it once)."""
     if info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
         head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
         return head.predict_proba, head
@@ -128,7 +134,7 @@ def reference(
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
     if meta.precision == "int8":  # the quantised model the features came from, kept in the run folder
         model = _int8_model(run_dir, meta)
-    else:
+    elif model is None:
         model = backbone.build(
             meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision
         )
