@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,7 +378,9 @@ def _runner(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
     if fmt == "litert":
         import tensorflow as tf
 
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+        with warnings.catch_warnings():  # "deprecated, use ai_edge_litert": still shipped and working in TF 2.21
+            warnings.simplefilter("ignore", UserWarning)
+            interpreter = tf.lite.Interpreter(model_path=str(path))
 
         def run(x: np.ndarray) -> np.ndarray:
             index = interpreter.get_input_details()[0]["index"]
