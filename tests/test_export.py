@@ -136,6 +136,7 @@ def _onnx_available() -> str | None:
     return f"{', '.join(missing)} not installed (pip install 'featcache[export]')" if missing else None
 
 
+@pytest.mark.slow  # a fresh Python with TensorFlow: ~70 s with the module's fixture on 2 busy cores
 def test_each_winner_kind_exports_and_answers_as_predict_in_a_process_without_featcache(runs, tmp_path):
     _tmp, data, run = runs
     onnx_skip = _onnx_available()
