@@ -119,12 +119,15 @@ def main() -> None:
             out = tmp / f"{k}.csv"
             with Timer() as t:
                 predict(test, out=out, batch_size=args.batch, **kw)
-            if k:  # the class of every image against predict --run's
-                same = sum(r["class"] == first[p]["class"] for p, r in _csv(out).items()) / n_test
-                label += f" (same class as --run: {same:.1%})"
+            if k:  # the class and probabilities of every image against predict --run's
+                rows = _csv(out)
+                same = sum(r["class"] == first[q]["class"] for q, r in rows.items()) / n_test
+                cols = [c for c in next(iter(rows.values())) if c.startswith("p_")]
+                diff = max(abs(float(r[c]) - float(first[q][c])) for q, r in rows.items() for c in cols)
+                label += f" (same class as --run: {same:.1%}, max |p diff| {diff:.1e})"
             else:
                 first = _csv(out)
-            print(f"  {label:45s} {n_test / t.seconds:7.1f} images/s ({t.seconds:.1f} s)")
+            print(f"  {label:45s} {n_test / t.seconds:7.1f} images/s ({t.seconds:.1f} s)", flush=True)
 
         # ---- model only: the same decoded uint8 batches through each
         paths = sorted(str(f) for f in test.rglob("*.jpg"))

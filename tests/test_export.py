@@ -23,8 +23,9 @@ from pipeline.core.config import ExportConfig, ExtractConfig, FinetuneConfig, Sw
 from pipeline.core.errors import ConfigError
 from pipeline.features import images
 from pipeline.features.extract import extract
+from pipeline.train.heads import LogRegHead, MLPHead, SVMHead
 
-from conftest import CLASS_COLOURS, make_folder, vgg16_weights_file
+from conftest import CLASS_COLOURS, make_folder, separable, vgg16_weights_file
 
 THREE = {**CLASS_COLOURS, "frogs": (40, 200, 40)}
 TOL = 1e-4 + 1e-6  # the float32 promise, plus predict's CSV rounding (6 decimals)
@@ -297,6 +298,64 @@ def test_unknown_format_unavailable_runtime_and_bad_targets_are_exit_2(runs, tmp
     err = capsys.readouterr().err
     assert "tf2onnx" in err and "featcache[export]" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "taken"]
+
+
+@pytest.mark.parametrize(
+    ("make", "k", "per_class"),
+    [
+        (lambda: LogRegHead(pooling="flatten"), 2, 20),
+        (lambda: LogRegHead(pooling="max", C=0.05), 3, 20),
+        (lambda: SVMHead(pooling="avg"), 2, 20),  # one calibration split
+        (lambda: SVMHead(pooling="flatten", C=1.0), 4, 20),  # K sigmoids, normalised
+        (lambda: SVMHead(pooling="avg"), 3, 2),  # 2 rows per class: 2-fold calibration, averaged
+        (lambda: SVMHead(pooling="avg"), 2, 1),  # 1 row per class: no calibration, softmax of margins
+        (lambda: MLPHead(pooling="flatten", units=6, epochs=2, patience=0), 2, 10),
+        (lambda: MLPHead(pooling="avg", units=6, epochs=2, patience=0), 3, 10),
+    ],
+)
+def test_each_head_conversion_equals_its_predict_proba(make, k, per_class):
+    """The conversions alone, on cached-like maps: every branch (two and more classes, each
+    calibration case, each pooling) gives the head's own probabilities, columns in order."""
+    import keras
+
+    x, y = separable(per_class, k=k, shape=(2, 2, 8), spread=2.0)
+    head = make().fit(x, y)
+    features = keras.Input(x.shape[1:])
+    model = keras.Model(features, export_mod.convert_head(head, features))
+    probe, _ = separable(5, k=k, shape=(2, 2, 8), spread=4.0, seed=1)
+    np.testing.assert_allclose(model.predict(probe, verbose=0), head.predict_proba(probe), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # NNCF calibration: ~20 s on 2 cores
+def test_an_int8_winner_exports_its_openvino_model_plus_the_head(tmp_path, capsys):
+    pytest.importorskip("openvino", reason="int8 needs the openvino extra")
+    pytest.importorskip("nncf", reason="int8 needs the openvino extra")
+    import openvino as ov
+
+    root = make_folder(tmp_path / "imgs", {"train": 6, "validation": 3, "test": 3}, size=32)
+    cfg = ExtractConfig(
+        data=str(root), size=32, weights="random", precision="int8", cache_dir=tmp_path / "c", quiet=True
+    )
+    run = _sweep(tmp_path, extract(cfg).path, "int8", 'name = "logreg"\npooling = "avg"')
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "no")]) == 2
+    assert "int8 run" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    out = tmp_path / "int8-export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "export.json").read_text())
+    assert record["precision"] == "int8" and record["files"] == {"keras": "head.keras", "openvino": "int8/model.xml"}
+    assert record["check"]["max_abs_diff"]["keras"] <= 1e-4
+    # the two files alone (OpenVINO + Keras, no featcache) answer as predict --run
+    want = _predict_csv(root / "test", tmp_path / "p.csv", "--run", str(run))
+    paths, x = _decoded(root / "test", 32)
+    engine = ov.Core().compile_model(str(out / "int8" / "model.xml"), "CPU")
+    import keras
+
+    head = keras.saving.load_model(out / "head.keras", safe_mode=True)
+    got = head.predict(np.asarray(engine(x)[0]), verbose=0)
+    expected = np.array([[float(want[p][f"p_{c}"]) for c in record["labels"]] for p in paths])
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+    assert main(["predict", str(root / "test"), "--model", str(out)]) == 2  # a Keras-only reader: says why
+    assert "int8 export" in capsys.readouterr().err
 
 
 def test_export_config_refuses_bad_values_by_name():
