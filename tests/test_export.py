@@ -303,14 +303,15 @@ def test_unknown_format_unavailable_runtime_and_bad_targets_are_exit_2(runs, tmp
 @pytest.mark.parametrize(
     ("make", "k", "per_class"),
     [
-        (lambda: LogRegHead(pooling="flatten"), 2, 20),
-        (lambda: LogRegHead(pooling="max", C=0.05), 3, 20),
-        (lambda: SVMHead(pooling="avg"), 2, 20),  # one calibration split
-        (lambda: SVMHead(pooling="flatten", C=1.0), 4, 20),  # K sigmoids, normalised
-        (lambda: SVMHead(pooling="avg"), 3, 2),  # 2 rows per class: 2-fold calibration, averaged
-        (lambda: SVMHead(pooling="avg"), 2, 1),  # 1 row per class: no calibration, softmax of margins
-        (lambda: MLPHead(pooling="flatten", units=6, epochs=2, patience=0), 2, 10),
-        (lambda: MLPHead(pooling="avg", units=6, epochs=2, patience=0), 3, 10),
+        pytest.param(lambda: LogRegHead(pooling="flatten"), 2, 20, id="logreg-2-flatten"),
+        pytest.param(lambda: LogRegHead(pooling="max", C=0.05), 3, 20, id="logreg-3-max"),
+        pytest.param(lambda: SVMHead(pooling="avg"), 2, 20, id="svm-2-split"),  # one calibration split
+        pytest.param(lambda: SVMHead(pooling="flatten", C=1.0), 4, 20, id="svm-4-flatten"),  # K sigmoids, normalised
+        # 2 rows per class: 2-fold calibration, averaged; 1 row per class: no calibration, softmax of margins
+        pytest.param(lambda: SVMHead(pooling="avg"), 3, 2, id="svm-3-2fold"),
+        pytest.param(lambda: SVMHead(pooling="avg"), 2, 1, id="svm-2-uncalibrated"),
+        pytest.param(lambda: MLPHead(pooling="flatten", units=6, epochs=2, patience=0), 2, 10, id="mlp-2"),
+        pytest.param(lambda: MLPHead(pooling="avg", units=6, epochs=2, patience=0), 3, 10, id="mlp-3"),
     ],
 )
 def test_each_head_conversion_equals_its_predict_proba(make, k, per_class):
