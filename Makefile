@@ -46,7 +46,7 @@ SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(T
               $(if $(EXCLUDE),--exclude "$(EXCLUDE)")
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo extract classify inspect compare finetune predict hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
+.PHONY: help install demo extract classify inspect compare finetune predict export hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
 
 help: ## list the targets and their options
 	@echo "featcache: cache frozen-VGG16 features once, train heads on them in seconds"
@@ -63,7 +63,7 @@ help: ## list the targets and their options
 $(BIN)/featcache: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,track,jax,ray,openvino]'
+	$(BIN)/pip install --quiet -e '.[dev,track,jax,ray,openvino,export]'
 	@touch $@
 
 install: $(BIN)/featcache ## create .venv and install featcache with its test extras
@@ -93,6 +93,12 @@ PREDICT_OPTS = $(foreach v,BACKBONE SIZE LAYER WEIGHTS PRECISION,$(if $(call giv
 predict: $(BIN)/featcache ## classify IMAGES=dir with the newest run's winner (or RUN=runs/...); options given must match its cache
 	@test -n "$(IMAGES)" || { echo "make predict needs IMAGES=<folder or image>"; exit 2; }
 	$(FC) predict "$(IMAGES)" $(if $(RUN),--run "$(RUN)") $(PREDICT_OPTS) $(if $(TRUST_PICKLE),--trust-pickle)
+
+FORMAT  ?= keras
+EXPORT_PRECISION ?= cache
+export: $(BIN)/featcache ## RUN=<run folder> as one model, uint8 pixels -> class probabilities (FORMAT=keras,tf_saved_model,onnx,litert,openvino OUT=<new dir>), checked against predict
+	@test -n "$(RUN)" || { echo "make export needs RUN=<run folder> (made by make classify or make finetune)"; exit 2; }
+	$(FC) export "$(RUN)" --format "$(FORMAT)" --precision "$(EXPORT_PRECISION)" $(if $(OUT),--out "$(OUT)")
 
 ui: $(BIN)/featcache ## MLflow UI on http://127.0.0.1:UI_PORT for the runs in ./mlflow.db (or MLFLOW_TRACKING_URI)
 	@$(BIN)/python -m pipeline.runs.tracking ui --port "$(UI_PORT)"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import paths, quiet
-from pipeline.core.config import ExtractConfig, FinetuneConfig, InspectConfig, SweepConfig
+from pipeline.core.config import ExportConfig, ExtractConfig, FinetuneConfig, InspectConfig, SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.version import __version__
 from pipeline.core.vocab import (
@@ -28,6 +28,8 @@ from pipeline.core.vocab import (
     DECODERS,
     DTYPES,
     ENGINES,
+    EXPORT_FORMATS,
+    EXPORT_PRECISIONS,
     MAPS,
     POOLINGS,
     PRECISIONS,
@@ -302,6 +304,36 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size)
     p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="an export folder (featcache export): run it alone, no cache, weights file or run folder",
+    )
+
+    p = sub.add_parser("export", help="the run's winner as one model from uint8 pixels to class probabilities")
+    p.add_argument("run", type=Path, help="run folder (made by classify or finetune)")
+    p.add_argument(
+        "--format",
+        default="keras",
+        help=f"comma-separated, of {', '.join(EXPORT_FORMATS)} (model.keras is always written; default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="new folder to write (default: <run>/export; never overwritten)"
+    )
+    p.add_argument(
+        "--precision",
+        default="cache",
+        choices=EXPORT_PRECISIONS,
+        help="compute of the backbone: the cache's, float32 or bfloat16 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-images", type=int, default=ExportConfig.check_images, help="validation images compared with predict"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="max |p - predict| (default: 1e-4 float32; see README)"
+    )
+    p.add_argument("--trust-pickle", action="store_true", help="load an old pickle-format run folder (yours only)")
 
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
@@ -557,8 +589,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         request=request,
         batch_size=args.batch_size,
         trust_pickle=args.trust_pickle,
+        model_dir=args.model,
     )
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.app.export import export
+
+    cfg = ExportConfig(
+        run=args.run,
+        formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
+        out=args.out,
+        precision=args.precision,
+        check_images=args.check_images,
+        tolerance=args.tolerance,
+        batch_size=ExportConfig.batch_size,
+        trust_pickle=args.trust_pickle,
+    )
+    print(export(cfg).summary())
     return 0
 
 
@@ -601,6 +651,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "finetune": cmd_finetune,
     "predict": cmd_predict,
+    "export": cmd_export,
     "info": cmd_info,
     "hed-weights": cmd_hed_weights,
     "pretrained-weights": cmd_pretrained_weights,

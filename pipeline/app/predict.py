@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pipeline.cache.store import CacheKey, CacheMeta
 from pipeline.core import paths
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError, ConfigError
+from pipeline.core.layers import load_model_safely
 from pipeline.features import backbone, images, quantize
 from pipeline.features.precision import resolve
 from pipeline.features.weights import Weights, check_file_unchanged, verify_weights, weights_id
@@ -85,44 +87,111 @@ def predict(
     request: dict[str, Any] | None = None,
     batch_size: int = 32,
     trust_pickle: bool = False,
+    model_dir: str | Path | None = None,
 ) -> Path:
     """Classify ``target`` (an image or a folder, recursive); returns the CSV written.
 
     Columns: path, class, probability (of that class), then one probability per class;
     files that cannot be decoded get an ``error`` instead (and are listed in the log).
+    ``model_dir``: a folder written by ``featcache export``, run alone (no cache, no weights
+    file, no run folder).
     """
+    if model_dir is not None:
+        if run_dir is not None:
+            raise ConfigError("give either --run or --model (an export folder), not both")
+        return _predict_export(Path(model_dir), Path(target), out, request or {}, batch_size)
     run_dir = Path(run_dir) if run_dir else latest_run(runs_dir or paths.runs_dir())
     info = folder.read_run(run_dir)
     meta = CacheMeta.from_dict(info["cache_meta"])
     check_request(meta, request or {})
     root, files = _image_files(Path(target))
     out = Path(out) if out else run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    proba_fn, head = reference(run_dir, info, meta, batch_size, trust_pickle)
+    labels = [meta.class_names[c] for c in head.classes_]
+    decode = ExtractConfig()
+    rows = _classify(files, proba_fn, labels, meta.size, batch_size, decode.decode_threads, decode.decode_processes)
+    return _write(rows, root, meta.class_names, out)
+
+
+def reference(
+    run_dir: Path,
+    info: dict[str, Any],
+    meta: CacheMeta,
+    batch_size: int = 32,
+    trust_pickle: bool = False,
+    model: Any = None,
+) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
+    """predict's own way from a batch of uint8 images to probabilities (columns in the head's
+    ``classes_`` order), and the head: the pinned backbone (weights checked) and the saved
+    head. ``featcache export`` checks its model against this very function (passing the
+    backbone ``model`` it built and checked from the same pins, to build it once)."""
     if info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
         head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
-        return _write(_classify(files, head.predict_proba, head, meta, batch_size), root, meta.class_names, out)
-
+        return head.predict_proba, head
     source = meta.weights_source
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
     head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
     if meta.precision == "int8":  # the quantised model the features came from, kept in the run folder
         model = _int8_model(run_dir, meta)
-    else:
+    elif model is None:
         model = backbone.build(
             meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision
         )
         verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
-    decode = ExtractConfig()
-    rows = _classify(
-        files,
-        lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size)),
-        head,
-        meta,
-        batch_size,
-        decode.decode_threads,
-        decode.decode_processes,
-    )
-    return _write(rows, root, meta.class_names, out)
+    return (lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size))), head
+
+
+def _predict_export(
+    model_dir: Path, target: Path, out: str | Path | None, request: dict[str, Any], batch_size: int
+) -> Path:
+    """``predict --model EXPORT``: the exported model.keras alone (loaded in safe mode)."""
+    record = read_export(model_dir)
+    asked = {k: v for k, v in request.items() if v is not None}
+    if asked:
+        raise ConfigError(
+            f"--model {model_dir} runs the exported model as it is; leave out {sorted(asked)} "
+            "(the export pins backbone, size, layer, weights and precision)"
+        )
+    root, files = _image_files(target)
+    out = (
+        Path(out) if out else Path.cwd() / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    )  # never into the export
+    model = load_model_safely(model_dir / record["files"]["keras"])
+
+    def proba(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict_on_batch(batch), np.float64)
+
+    rows = _classify(files, proba, record["labels"], int(record["input_size"]), batch_size)
+    return _write(rows, root, record["class_names"], out)
+
+
+EXPORT_RECORD = "export.json"
+
+
+def read_export(model_dir: Path) -> dict[str, Any]:
+    """An export folder's export.json, checked for the fields predict needs."""
+    model_dir = Path(model_dir)
+    record_file = model_dir / EXPORT_RECORD
+    if not model_dir.is_dir() or not record_file.is_file():
+        raise ConfigError(
+            f"--model {str(model_dir)!r} is not an export folder (no {EXPORT_RECORD}); give a folder made by "
+            "`featcache export` (make export RUN=...)"
+        )
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{record_file} is not readable JSON ({e}); the export folder is damaged") from e
+    needed = ("labels", "class_names", "input_size", "files", "precision")
+    missing = [k for k in needed if not isinstance(record, dict) or k not in record]
+    if missing or "keras" not in record.get("files", {}):
+        raise CacheError(f"{record_file} lacks {missing or ['files.keras']}; export the run again")
+    if record["precision"] == "int8":
+        raise ConfigError(
+            f"{model_dir} is an int8 export (OpenVINO model + head); predict --model runs Keras exports: "
+            "use --run with the run folder, or load int8/model.xml with OpenVINO"
+        )
+    return record
 
 
 def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
@@ -137,23 +206,29 @@ def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
 
 
 def _classify(
-    files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batch_size: int, threads: int = 2, processes: int = 0
+    files: list[Path],
+    proba_fn: Callable[[np.ndarray], np.ndarray],
+    labels: Sequence[str],
+    size: int,
+    batch_size: int,
+    threads: int = 2,
+    processes: int = 0,
 ) -> list[dict[str, Any]]:
-    """Rows of path, class, probability (+ one per class) or the decoding error."""
-    class_names = meta.class_names
+    """Rows of path, class, probability (+ one per class) or the decoding error; ``labels``
+    names the columns ``proba_fn`` returns."""
     rows: list[dict[str, Any]] = []
     paths = [str(f) for f in files]
-    for batch in images.batches(paths, range(len(paths)), meta.size, batch_size, threads, processes):
+    for batch in images.batches(paths, range(len(paths)), size, batch_size, threads, processes):
         if len(batch.rows):
             for i, p in zip(batch.rows, proba_fn(batch.images), strict=True):
                 k = int(np.argmax(p))
                 rows.append(
                     {
                         "path": paths[i],
-                        "class": class_names[head.classes_[k]],
+                        "class": labels[k],
                         "probability": f"{p[k]:.6f}",
                         "error": "",
-                        **{f"p_{class_names[c]}": f"{v:.6f}" for c, v in zip(head.classes_, p, strict=True)},
+                        **{f"p_{name}": f"{v:.6f}" for name, v in zip(labels, p, strict=True)},
                     }
                 )
         rows += [{"path": paths[i], "class": "", "probability": "", "error": reason} for i, reason in batch.failed]

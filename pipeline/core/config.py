@@ -20,6 +20,8 @@ from pipeline.core.vocab import (
     COMPRESSIONS,
     DECODERS,
     DTYPES,
+    EXPORT_FORMATS,
+    EXPORT_PRECISIONS,
     MAPS,
     POOLINGS,
     PRECISIONS,
@@ -192,6 +194,37 @@ class InspectConfig:
         object.__setattr__(self, "runs_dir", Path(self.runs_dir))
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """``featcache export``: one run folder's winner as a model from uint8 pixels to class
+    probabilities, in the formats asked for, checked against ``predict`` before it is kept."""
+
+    run: Path  # the run folder (classify or finetune) whose winner is exported
+    formats: tuple[str, ...] = ("keras",)  # model.keras is always written (predict --model reads it)
+    out: Path | None = None  # None -> <run>/export; never an existing path
+    precision: str = "cache"  # compute of the backbone: the cache's, or float32 / bfloat16
+    check_images: int = 8  # validation images of the run checked against predict's probabilities
+    tolerance: float | None = None  # max |p_export - p_predict|; None -> TOLERANCES[precision]
+    batch_size: int = 32
+    trust_pickle: bool = False  # an old pickle-format run folder (only folders you made)
+
+    def __post_init__(self) -> None:
+        formats = tuple(dict.fromkeys(("keras", *self.formats)))  # keras first, no repeats
+        for f in formats:
+            check_choice("format", f, EXPORT_FORMATS)
+        object.__setattr__(self, "formats", formats)
+        check_choice("precision", self.precision, EXPORT_PRECISIONS)
+        object.__setattr__(self, "run", Path(self.run))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        for name in ("check_images", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer; received {name}={value!r}")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ConfigError(f"tolerance must be > 0; received tolerance={self.tolerance!r}")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, naming the file in any error."""
     path = Path(path)
@@ -222,4 +255,13 @@ def as_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ExtractConfig", "FinetuneConfig", "InspectConfig", "SweepConfig", "as_dict", "load_toml", "replace"]
+__all__ = [
+    "ExportConfig",
+    "ExtractConfig",
+    "FinetuneConfig",
+    "InspectConfig",
+    "SweepConfig",
+    "as_dict",
+    "load_toml",
+    "replace",
+]

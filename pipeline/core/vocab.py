@@ -22,6 +22,8 @@ RUNTIMES = ("keras", "openvino")  # what runs the forward pass; openvino runs in
 DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding; gpu: features.gpu_decode (torchvision + CUDA)
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
 MAPS = ("pca", "umap")  # inspect's 2-D map of the embedding; umap: the `inspect` extra
+EXPORT_FORMATS = ("keras", "tf_saved_model", "onnx", "litert", "openvino")  # `featcache export`; keras always written
+EXPORT_PRECISIONS = ("cache", "float32", "bfloat16")  # export compute; cache: the precision the features had
 
 _VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
 
@@ -50,6 +52,8 @@ __all__ = [
     "DECODERS",
     "DTYPES",
     "ENGINES",
+    "EXPORT_FORMATS",
+    "EXPORT_PRECISIONS",
     "MAPS",
     "POOLINGS",
     "PRECISIONS",
