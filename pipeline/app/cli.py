@@ -104,6 +104,13 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
         default=d.augment,
         help="also cache K augmented views of every train image (default: %(default)s)",
     )
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=d.tta,
+        help="also cache N test-time views of every image of every split: 1 the mirror, then augmented views "
+        "(default: %(default)s)",
+    )
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
     p.add_argument(
         "--decode-processes",
@@ -322,6 +329,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "decode_processes",
         "quiet",
         "augment",
+        "tta",
         "content_hash",
         "decoder",
     ):

@@ -26,7 +26,7 @@ from pipeline.core.config import ExtractConfig, as_dict
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.provenance import versions
 from pipeline.core.vocab import is_view, view_split
-from pipeline.features import backbone, gpu_decode, images, layout, quantize, registry, sources
+from pipeline.features import backbone, gpu_decode, images, layout, quantize, registry, sources, tta_views
 from pipeline.features.weights import verify_weights
 
 log = logging.getLogger(__name__)
@@ -161,23 +161,37 @@ def _prepare(
         have = (meta.augment or {}).get("views", 0)
         if have and p.cfg.augment:
             _check_view_seed(p, have, (meta.augment or {}).get("seed"))
-        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and not for_shard:
+        have_tta = (meta.info.get("tta") or {}).get("views", 0)
+        if have_tta and p.cfg.tta:
+            _check_view_seed(p, have_tta, (meta.info.get("tta") or {}).get("seed"), "test-time", f"TTA={p.cfg.tta}")
+        if (
+            meta.fingerprint == p.key.fingerprint
+            and have >= p.cfg.augment
+            and have_tta >= p.cfg.tta
+            and not for_shard
+        ):
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return p, meta, None, None, hit
         old, index = meta, store.read_index(p.path)
     paths.check_writable(p.path.parent, "cache folder")  # only here: a hit reads, so a read-only cache serves it
     view_seed = int((old.augment or {}).get("seed", p.cfg.seed)) if old is not None and have else p.cfg.seed
-    return p, old, index, _delta(p, index, max(p.cfg.augment, have), view_seed), None
+    have_tta = (old.info.get("tta") or {}).get("views", 0) if old is not None else 0
+    tta_seed = int((old.info.get("tta") or {}).get("seed", p.cfg.seed)) if have_tta else p.cfg.seed
+    delta = _delta(p, index, max(p.cfg.augment, have), view_seed, max(p.cfg.tta, have_tta), tta_seed)
+    return p, old, index, delta, None
 
 
-def _check_view_seed(p: layout.Plan, have: int, made_with: Any) -> None:
+def _check_view_seed(
+    p: layout.Plan, have: int, made_with: Any, kind: str = "augmented", asked: str | None = None
+) -> None:
     """One rule for views of another seed, whether as many or more are asked: refused, since a
     hit would serve the cached seed's views and an update would mix two seeds in one cache."""
     if made_with == p.cfg.seed:
         return
     raise CacheError(
-        f"{p.path} holds {have} augmented view(s) per train image made with seed {made_with}; "
-        f"AUGMENT={p.cfg.augment} with SEED={p.cfg.seed} asks for views made with seed {p.cfg.seed}, and a cache "
+        f"{p.path} holds {have} {kind} view(s) per {'train ' if kind == 'augmented' else ''}image made with seed "
+        f"{made_with}; {asked or f'AUGMENT={p.cfg.augment}'} with SEED={p.cfg.seed} asks for views made with seed "
+        f"{p.cfg.seed}, and a cache "
         f"holds the views of one seed only. Use SEED={made_with} to use (or add to) the cached views, or rebuild "
         f"with FORCE=1 (--force) to make them with seed {p.cfg.seed}: the old file is replaced only once the new "
         "one is complete"
@@ -221,6 +235,8 @@ class Delta:
     todo: dict[str, list[int]]  # items to compute, per split (views included)
     views: int
     view_seed: int
+    tta: int = 0  # test-time views per image of every split (features.views)
+    tta_seed: int = 0
     new: int = 0
     changed: int = 0
     removed: int = 0
@@ -262,11 +278,13 @@ class Delta:
             text += " (new and changed files: " + ", ".join(f"{n} {s}" for s, n in self.new_by_split.items()) + ")"
         views = sum(len(v) for s, v in self.todo.items() if is_view(s))
         if views:
-            text += f"; {views:,} augmented view(s) to compute"
+            text += f"; {views:,} view(s) to compute"
         return text
 
 
-def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: int) -> Delta:
+def _delta(
+    p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: int, tta: int = 0, tta_seed: int = 0
+) -> Delta:
     source = p.source
     old_rows: dict[str, tuple[str, int, str]] = {}
     old_skip: dict[str, tuple[str, str]] = {}
@@ -277,7 +295,7 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
         for split, sk in index.skipped.items():
             if not is_view(split):
                 old_skip.update(sk)
-    delta = Delta({}, {}, {}, views, view_seed)
+    delta = Delta({}, {}, {}, views, view_seed, tta, tta_seed)
     seen: set[str] = set()
     for split, items in source.splits.items():
         plan = store.SplitPlan(items.paths, items.labels, items.keys or [""] * len(items), {}, {}, [])
@@ -320,6 +338,8 @@ def _delta(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: 
                 (item, (view_seed, k, sources.path_hash(path)))
                 for item, path in zip(train_items, train.paths, strict=True)
             ]
+    for split, (plan, split_items, todo) in tta_views.plans(source, index, tta, tta_seed).items():  # test-time views
+        delta.plans[split], delta.items[split], delta.todo[split] = plan, split_items, todo
     return delta
 
 
@@ -405,6 +425,7 @@ def _compute(
             "seed": cfg.seed,
             "view_seed": delta.view_seed,
             "augment_policy": images.AUGMENT_POLICY,
+            **({"tta_seed": delta.tta_seed, "tta_policy": tta_views.POLICY} if delta.tta else {}),
             "todo": hashlib.sha256(json.dumps(todo).encode()).hexdigest(),
             "work": delta.todo_hash,
             "fingerprint": p.key.fingerprint,
@@ -515,6 +536,7 @@ def _meta(
             "last_update": delta.describe(),
             **({"int8": result.int8} if result.int8 else {}),
             **({"decode": result.decode} if result.decode else {}),
+            **({"tta": tta_views.record(delta.tta, delta.tta_seed, list(source.splits))} if delta.tta else {}),
             **info,
         },
     )
