@@ -116,8 +116,8 @@ class SweepConfig:
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 in the environment also turns it off
     exclude: Path | None = None  # CSV with a ``path`` column (e.g. inspect's): those train rows are not trained on
-    tta: bool = False  # average each head's probabilities over the cached test-time views (or the sweep file's `tta`)
-    ensemble: int | None = None  # score the mean of the top-k configs as one more row; None: the sweep file's `ensemble`
+    tta: bool = False  # score heads on the mean over cached test-time views (or the sweep file's `tta`)
+    ensemble: int | None = None  # the mean of the top-k configs is one more row; None: the sweep file's `ensemble`
 
     def __post_init__(self) -> None:
         check_choice("stream", self.stream, STREAM_MODES)

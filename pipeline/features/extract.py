@@ -164,19 +164,15 @@ def _prepare(
         have_tta = (meta.info.get("tta") or {}).get("views", 0)
         if have_tta and p.cfg.tta:
             _check_view_seed(p, have_tta, (meta.info.get("tta") or {}).get("seed"), "test-time", f"TTA={p.cfg.tta}")
-        if (
-            meta.fingerprint == p.key.fingerprint
-            and have >= p.cfg.augment
-            and have_tta >= p.cfg.tta
-            and not for_shard
-        ):
+        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and have_tta >= p.cfg.tta and not for_shard:
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return p, meta, None, None, hit
         old, index = meta, store.read_index(p.path)
     paths.check_writable(p.path.parent, "cache folder")  # only here: a hit reads, so a read-only cache serves it
     view_seed = int((old.augment or {}).get("seed", p.cfg.seed)) if old is not None and have else p.cfg.seed
-    have_tta = (old.info.get("tta") or {}).get("views", 0) if old is not None else 0
-    tta_seed = int((old.info.get("tta") or {}).get("seed", p.cfg.seed)) if have_tta else p.cfg.seed
+    old_tta = (old.info.get("tta") or {}) if old is not None else {}
+    have_tta = old_tta.get("views", 0)
+    tta_seed = int(old_tta.get("seed", p.cfg.seed)) if have_tta else p.cfg.seed
     delta = _delta(p, index, max(p.cfg.augment, have), view_seed, max(p.cfg.tta, have_tta), tta_seed)
     return p, old, index, delta, None
 
