@@ -23,11 +23,11 @@ from pipeline.cache.store import CacheKey, CacheMeta
 from pipeline.core import paths
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError, ConfigError
-from pipeline.features import backbone, images, quantize
+from pipeline.features import backbone, images, quantize, tta_views
 from pipeline.features.precision import resolve
 from pipeline.features.weights import Weights, check_file_unchanged, verify_weights, weights_id
 from pipeline.runs import folder
-from pipeline.train.persist import load_head
+from pipeline.train.persist import load_head, load_winner
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ def predict(
 
     Columns: path, class, probability (of that class), then one probability per class;
     files that cannot be decoded get an ``error`` instead (and are listed in the log).
+
+    A run scored with test-time views (run.json ``tta``) predicts the mean over each image and
+    the same views; augmented views are seeded by the image's path relative to ``target``, so
+    predicting on the data root reproduces the sweep's figures on its images exactly. A run
+    whose ensemble won averages its members (``persist.load_winner``).
     """
     run_dir = Path(run_dir) if run_dir else latest_run(runs_dir or paths.runs_dir())
     info = folder.read_run(run_dir)
@@ -99,11 +104,16 @@ def predict(
     out = Path(out) if out else run_dir / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     if info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
         head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
-        return _write(_classify(files, head.predict_proba, head, meta, batch_size), root, meta.class_names, out)
+        return _write(
+            _classify(files, lambda batch, _: head.predict_proba(batch), head, meta, batch_size, root=root),
+            root,
+            meta.class_names,
+            out,
+        )
 
     source = meta.weights_source
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
-    head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
+    head = load_winner(run_dir, info, trust_pickle=trust_pickle)
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
     if meta.precision == "int8":  # the quantised model the features came from, kept in the run folder
         model = _int8_model(run_dir, meta)
@@ -113,15 +123,13 @@ def predict(
         )
         verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
     decode = ExtractConfig()
-    rows = _classify(
-        files,
-        lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size)),
-        head,
-        meta,
-        batch_size,
-        decode.decode_threads,
-        decode.decode_processes,
-    )
+    tta = info.get("tta") or {}
+
+    def proba(batch: np.ndarray, rel_paths: list[str]) -> np.ndarray:
+        views = tta_views.of_images(batch, rel_paths, int(tta["views"]), int(tta["seed"])) if tta else []
+        return np.mean([head.predict_proba(backbone.forward(model, b, batch_size)) for b in (batch, *views)], axis=0)
+
+    rows = _classify(files, proba, head, meta, batch_size, decode.decode_threads, decode.decode_processes, root=root)
     return _write(rows, root, meta.class_names, out)
 
 
@@ -137,15 +145,24 @@ def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
 
 
 def _classify(
-    files: list[Path], proba_fn: Any, head: Any, meta: CacheMeta, batch_size: int, threads: int = 2, processes: int = 0
+    files: list[Path],
+    proba_fn: Any,
+    head: Any,
+    meta: CacheMeta,
+    batch_size: int,
+    threads: int = 2,
+    processes: int = 0,
+    root: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of path, class, probability (+ one per class) or the decoding error."""
+    """Rows of path, class, probability (+ one per class) or the decoding error.
+    ``proba_fn(images, paths relative to root)`` gives the class probabilities."""
     class_names = meta.class_names
     rows: list[dict[str, Any]] = []
     paths = [str(f) for f in files]
     for batch in images.batches(paths, range(len(paths)), meta.size, batch_size, threads, processes):
         if len(batch.rows):
-            for i, p in zip(batch.rows, proba_fn(batch.images), strict=True):
+            rel = [os.path.relpath(paths[i], root) if root is not None else paths[i] for i in batch.rows]
+            for i, p in zip(batch.rows, proba_fn(batch.images, rel), strict=True):
                 k = int(np.argmax(p))
                 rows.append(
                     {
