@@ -21,7 +21,7 @@ from conftest import make_folder
 
 def test_predict_with_tta_and_ensemble_equals_the_sweeps_scoring(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "imgs", {"train": 4, "validation": 3, "test": 3}, size=32)
-    cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True, tta=2)
+    cfg = ExtractConfig(data=str(root), size=32, weights="random", cache_dir=tmp_path / "c", quiet=True, tta_views=2)
     cache = extract(cfg).path
     (tmp_path / "s.toml").write_text(
         'tta = true\nensemble = 2\n[[head]]\nname = "logreg"\npooling = ["avg", "max"]\nC = 0.1\n'

@@ -31,7 +31,7 @@ def test_views_of_every_split_are_cached_and_view_one_is_the_mirror(root, tmp_pa
     from pipeline.features import backbone
     from pipeline.features.weights import resolve
 
-    cache = extract(cfg_for(root, tmp_path / "a", tta=2)).path
+    cache = extract(cfg_for(root, tmp_path / "a", tta_views=2)).path
     meta = store.read_meta(cache)
     for split in ("train", "validation", "test"):
         assert meta.tta_splits(split) == [tta_split(split, 1), tta_split(split, 2)]
@@ -48,9 +48,9 @@ def test_views_of_every_split_are_cached_and_view_one_is_the_mirror(root, tmp_pa
 
 
 def test_views_are_seeded_and_identical_across_runs_and_resumes(root, tmp_path, monkeypatch):
-    first = extract(cfg_for(root, tmp_path / "a", tta=2)).path
-    interrupt_extract(cfg_for(root, tmp_path / "b", tta=2), monkeypatch, after=3)
-    resumed = extract(cfg_for(root, tmp_path / "b", tta=2))
+    first = extract(cfg_for(root, tmp_path / "a", tta_views=2)).path
+    interrupt_extract(cfg_for(root, tmp_path / "b", tta_views=2), monkeypatch, after=3)
+    resumed = extract(cfg_for(root, tmp_path / "b", tta_views=2))
     assert resumed.resumed_chunks >= 3
     for split in ("validation", "test"):
         for view in store.read_meta(first).tta_splits(split):
@@ -67,9 +67,9 @@ def test_views_are_seeded_and_identical_across_runs_and_resumes(root, tmp_path, 
 def test_adding_views_computes_only_them_and_another_seed_is_refused(root, tmp_path):
     weights = str(vgg16_weights_file(tmp_path / "w.weights.h5", 0))  # a file: the seed is not in the cache name
     plain = extract(cfg_for(root, tmp_path / "a", weights=weights))
-    more = extract(cfg_for(root, tmp_path / "a", weights=weights, tta=1))
+    more = extract(cfg_for(root, tmp_path / "a", weights=weights, tta_views=1))
     assert more.path == plain.path and more.images == 14  # one view of each of the 14 images
-    assert extract(cfg_for(root, tmp_path / "a", weights=weights, tta=1)).hit
+    assert extract(cfg_for(root, tmp_path / "a", weights=weights, tta_views=1)).hit
     assert extract(cfg_for(root, tmp_path / "a", weights=weights)).hit  # views kept: a plain request is a hit
     with pytest.raises(CacheError, match="test-time view"):
-        extract(cfg_for(root, tmp_path / "a", weights=weights, tta=1, seed=3))
+        extract(cfg_for(root, tmp_path / "a", weights=weights, tta_views=1, seed=3))

@@ -105,9 +105,9 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
         help="also cache K augmented views of every train image (default: %(default)s)",
     )
     p.add_argument(
-        "--tta",
+        "--tta-views",
         type=int,
-        default=d.tta,
+        default=d.tta_views,
         help="also cache N test-time views of every image of every split: 1 the mirror, then augmented views "
         "(default: %(default)s)",
     )
@@ -144,6 +144,19 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
         help="train heads on clean features, cached augmented views, or both (default: %(default)s)",
     )
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="score heads on the mean of their probabilities over each image and its cached test-time views "
+        "(extract --tta-views N); predict then does the same (default: the sweep file's `tta`)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        help="also score the mean of the top-K configs by validation as one candidate (default: the sweep "
+        "file's `ensemble`, else none)",
+    )
     p.add_argument(
         "--stream",
         default=d.stream,
@@ -248,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
         help="comma-separated backbone names (default: %(default)s)",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated input sizes, each run with every backbone, e.g. 150,180,224 (default: --size, "
+        "else each backbone's own)",
+    )
     p.set_defaults(name="compare")
 
     p = sub.add_parser("finetune", help="train VGG block5 + head on cached block4_pool features")
@@ -329,7 +348,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "decode_processes",
         "quiet",
         "augment",
-        "tta",
+        "tta_views",
         "content_hash",
         "decoder",
     ):
@@ -353,6 +372,8 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         memory_budget=args.memory_budget,
         track=args.track,
         exclude=args.exclude,
+        tta=args.tta,
+        ensemble=args.ensemble,
     )
 
 
@@ -458,7 +479,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.app.compare import compare
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    result = compare(names, _extract_config(args), _sweep_config(args))
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes must be comma-separated integers (pixels); received {args.sizes!r}") from None
+    result = compare(names, _extract_config(args), _sweep_config(args), sizes=sizes)
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
     print(f"report: {(result.csv.parent / 'report.html').as_uri()}")

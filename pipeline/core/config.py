@@ -59,7 +59,9 @@ class ExtractConfig:
     seed: int = 0  # split shuffling and random weights
     chunk_size: int = 256  # images per resumable chunk
     augment: int = 0  # K augmented views of every train image (seed 003's flip/rotation/zoom), cached once
-    tta: int = 0  # N test-time views of every image of every split (1: the mirror; then policy views), cached once
+    tta_views: int = (
+        0  # N test-time views of every image of every split (1: the mirror; then policy views), cached once
+    )
     decode_threads: int = 2  # threads decoding images ahead of the model (when decode_processes is 0)
     decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
     cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)  # ./cache or $FEATCACHE_HOME/cache
@@ -79,9 +81,10 @@ class ExtractConfig:
             raise ConfigError(
                 f"augment must be an integer >= 0 (views per train image); received augment={self.augment!r}"
             )
-        if not isinstance(self.tta, int) or isinstance(self.tta, bool) or self.tta < 0:
+        if not isinstance(self.tta_views, int) or isinstance(self.tta_views, bool) or self.tta_views < 0:
             raise ConfigError(
-                f"tta must be an integer >= 0 (test-time views per image; 1 is the mirror); received tta={self.tta!r}"
+                "tta_views must be an integer >= 0 (test-time views per image; 1 is the mirror); "
+                f"received tta_views={self.tta_views!r}"
             )
         for name in ("batch_size", "chunk_size", "decode_threads"):
             value = getattr(self, name)

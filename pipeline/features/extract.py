@@ -162,9 +162,16 @@ def _prepare(
         if have and p.cfg.augment:
             _check_view_seed(p, have, (meta.augment or {}).get("seed"))
         have_tta = (meta.info.get("tta") or {}).get("views", 0)
-        if have_tta and p.cfg.tta:
-            _check_view_seed(p, have_tta, (meta.info.get("tta") or {}).get("seed"), "test-time", f"TTA={p.cfg.tta}")
-        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and have_tta >= p.cfg.tta and not for_shard:
+        if have_tta and p.cfg.tta_views:
+            _check_view_seed(
+                p, have_tta, (meta.info.get("tta") or {}).get("seed"), "test-time", f"TTA_VIEWS={p.cfg.tta_views}"
+            )
+        if (
+            meta.fingerprint == p.key.fingerprint
+            and have >= p.cfg.augment
+            and have_tta >= p.cfg.tta_views
+            and not for_shard
+        ):
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return p, meta, None, None, hit
         old, index = meta, store.read_index(p.path)
@@ -173,7 +180,7 @@ def _prepare(
     old_tta = (old.info.get("tta") or {}) if old is not None else {}
     have_tta = old_tta.get("views", 0)
     tta_seed = int(old_tta.get("seed", p.cfg.seed)) if have_tta else p.cfg.seed
-    delta = _delta(p, index, max(p.cfg.augment, have), view_seed, max(p.cfg.tta, have_tta), tta_seed)
+    delta = _delta(p, index, max(p.cfg.augment, have), view_seed, max(p.cfg.tta_views, have_tta), tta_seed)
     return p, old, index, delta, None
 
 
