@@ -70,9 +70,7 @@ def compare(
         raise ConfigError(f"compare needs one or more distinct sizes; received sizes={sizes!r}")
     size_list: list[int | None] = list(sizes) if sizes else [base.size]
     cfgs = [  # all checked before any work
-        resolve_options(dataclasses.replace(base, backbone=name, size=size))
-        for name in backbones
-        for size in size_list
+        resolve_options(dataclasses.replace(base, backbone=name, size=size)) for name in backbones for size in size_list
     ]
     if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
         raise ConfigError(
