@@ -51,7 +51,7 @@ def main() -> int:
         print(f"SKIP: weights file {args.weights} not found (make pretrained-weights writes it)")
         return 0
     os.environ.setdefault("TRACK", "0")
-    from pipeline.core import compute
+    from pipeline.core import accounting
     from pipeline.core.config import ExtractConfig, SweepConfig
     from pipeline.features.extract import extract
     from pipeline.train.sweep import run_sweep
@@ -96,7 +96,7 @@ def main() -> int:
                     "val_log_loss": w["val_log_loss"],
                     "test": w.get("test_accuracy"),
                     "passes": w.get("passes"),
-                    "share": compute.recipe_share(w.get("passes")),
+                    "share": accounting.recipe_share(w.get("passes")),
                     "seconds": time.perf_counter() - t0,
                     "load": os.getloadavg()[0],
                     "run": sweep.run_dir.name,
@@ -123,7 +123,7 @@ def main() -> int:
     print(
         f"\npicked on validation alone over all rows: {best['size']} px, {best['sweep']}: {best['winner']}; "
         f"validation {best['val']:.4f}, test {best['test']:.4f}, {best['share']:.1%} of the recipe's compute "
-        f"({best['passes']:,.0f} of {compute.RECIPE_PASSES:,} passes)"
+        f"({best['passes']:,.0f} of {accounting.RECIPE_PASSES:,} passes)"
     )
     print(f"load after: {os.getloadavg()}")
     return 0

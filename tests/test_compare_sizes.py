@@ -9,7 +9,7 @@ import csv
 import pytest
 
 from pipeline.app.compare import compare
-from pipeline.core import compute
+from pipeline.core import accounting
 from pipeline.core.config import ExtractConfig, SweepConfig
 from pipeline.core.errors import ConfigError
 from pipeline.features.registry import flops_per_image
@@ -30,7 +30,7 @@ def test_compare_two_sizes_makes_two_caches_and_one_table(tmp_path):
     assert [(r["backbone"], r["size"]) for r in rows] == [("vgg16", "32"), ("vgg16", "64")]
     for r, size in zip(result.rows, (32, 64), strict=True):
         # the winner scored 10 train + 6 validation + 6 test images at this size's FLOPs
-        expected = compute.recipe_passes(22, flops_per_image(size, "block5_pool"))
+        expected = accounting.recipe_passes(22, flops_per_image(size, "block5_pool"))
         assert r["passes"] == pytest.approx(expected) and r["recipe_share"] == pytest.approx(expected / 150_000)
     winners = [r for r in result.rows if r["winner"]]
     assert len(winners) == 1 and winners[0]["val_accuracy"] == max(r["val_accuracy"] for r in result.rows)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import store
-from pipeline.core import compute
+from pipeline.core import accounting
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import ConfigError
 from pipeline.core.vocab import tta_split
@@ -75,7 +75,7 @@ def test_tta_scores_the_mean_over_views_and_counts_passes(tmp_path):
     mean_test, y_test, _ = by_hand(head, cache, "test")
     assert (row["test_accuracy"], row["test_log_loss"]) == pytest.approx(score(mean_test, y_test, head.classes_))
     # passes: 60 train rows + 40 validation and 40 test images x (1 + 2 views), at 224-px FLOPs
-    assert row["passes"] == pytest.approx((60 + 3 * 40 + 3 * 40) * FLOPS / compute.RECIPE_PASS_FLOPS)
+    assert row["passes"] == pytest.approx((60 + 3 * 40 + 3 * 40) * FLOPS / accounting.RECIPE_PASS_FLOPS)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["tta"]["views"] == 2 and info["tta"]["seed"] == 0
 
@@ -106,4 +106,4 @@ def test_train_on_tta_adds_train_views_and_without_views_tta_is_refused(tmp_path
 def test_recipe_pass_constant_matches_the_registry():
     from pipeline.features.registry import flops_per_image
 
-    assert flops_per_image(compute.RECIPE_SIZE, "block5_pool", "vgg16") == compute.RECIPE_PASS_FLOPS
+    assert flops_per_image(accounting.RECIPE_SIZE, "block5_pool", "vgg16") == accounting.RECIPE_PASS_FLOPS

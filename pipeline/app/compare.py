@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import store
-from pipeline.core import compute
+from pipeline.core import accounting
 from pipeline.core.config import ExtractConfig, SweepConfig, as_dict
 from pipeline.core.errors import ConfigError
 from pipeline.features.extract import extract
@@ -103,7 +103,7 @@ def compare(
                 "val_accuracy": w["val_accuracy"],
                 "test_accuracy": w.get("test_accuracy"),
                 "passes": w.get("passes"),
-                "recipe_share": compute.recipe_share(w.get("passes")),
+                "recipe_share": accounting.recipe_share(w.get("passes")),
                 "extract_seconds": 0.0 if result.hit else result.seconds,  # this call's: 0 on a cache hit
                 "sweep_seconds": sweep_seconds,
                 "extract_images_per_second": meta.info.get("extract_images_per_second"),
@@ -147,7 +147,7 @@ def compare(
     )
     table = text_table(rows, [c for c in COLUMNS if c not in ("run_dir", "winner")], mark="winner")
     note = f"winner (validation only): {rows[best]['backbone']} {rows[best]['size']} px; passes in seed-recipe " + (
-        f"180 px equivalents, against its {compute.RECIPE_PASSES:,}"
+        f"180 px equivalents, against its {accounting.RECIPE_PASSES:,}"
     )
     return CompareResult(rows, f"{table}\n{note}", csv_path, chart)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import models, store
-from pipeline.core import compute
+from pipeline.core import accounting
 from pipeline.core.config import SweepConfig, as_dict, load_toml
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.memory import parse_budget
@@ -129,7 +129,7 @@ class SweepData:
         scored = len(self.validation[1]) * (1 + len(self.tta.get("validation", [])))
         if self.test is not None:
             scored += len(self.test[1]) * (1 + len(self.tta.get("test", [])))
-        return compute.recipe_passes(train_rows + scored, self.flops_per_image)
+        return accounting.recipe_passes(train_rows + scored, self.flops_per_image)
 
 
 COLUMNS = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 RECIPE_PASSES = 150_000  # 50 epochs x (2,000 train + 1,000 validation) at 180 px
 RECIPE_SIZE = 180
 # VGG16 conv base to block5_pool at 180 px, multiply-adds x 2 (features.registry.flops_per_image;
-# tests/test_compute_accounting.py checks the two agree)
+# tests/test_tta_scoring.py checks the two agree)
 RECIPE_PASS_FLOPS = 19_478_255_616.0
 
 
