@@ -86,8 +86,7 @@ inspect: $(BIN)/featcache ## near-duplicates (leakage across splits), likely lab
 	$(FC) inspect $(CACHE_OPTS) $(if $(CACHE),--cache "$(CACHE)")
 
 compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES (x SIZES) on DATA; one table, CSV and bar chart
-	$(FC) compare --backbones "$(BACKBONES)" $(if $(SIZES),--sizes "$(SIZES)") $(DATA_OPTS) $(SWEEP_OPTS) \
-	  $(if $(TTA_VIEWS),--tta-views "$(TTA_VIEWS)")
+	$(FC) compare --backbones "$(BACKBONES)" $(if $(SIZES),--sizes "$(SIZES)") $(if $(TTA_VIEWS),--tta-views "$(TTA_VIEWS)") $(DATA_OPTS) $(SWEEP_OPTS)
 
 finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
 	$(FC) finetune $(CACHE_OPTS) --train-on "$(TRAIN_ON)" $(if $(EPOCHS),--epochs "$(EPOCHS)") $(if $(HEAD_RUN),--head-run "$(HEAD_RUN)") $(if $(END_TO_END),--end-to-end) $(TRACK_OPTS)
