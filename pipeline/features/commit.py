@@ -19,7 +19,7 @@ from pipeline.core.config import as_dict
 from pipeline.core.errors import CacheError
 from pipeline.core.provenance import versions
 from pipeline.core.vocab import view_split
-from pipeline.features import images, layout, quantize, registry
+from pipeline.features import images, layout, quantize, registry, tta_views
 from pipeline.features.compute import Computed
 from pipeline.features.delta import Delta
 from pipeline.features.result import ExtractResult
@@ -249,6 +249,7 @@ def cache_meta(
             "last_update": delta.describe(),
             **({"int8": result.int8} if result.int8 else {}),
             **({"decode": result.decode} if result.decode else {}),
+            **({"tta": tta_views.record(delta.tta, delta.tta_seed, list(source.splits))} if delta.tta else {}),
             **info,
         },
     )

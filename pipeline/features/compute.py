@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
-from pipeline.features import backbone, gpu_decode, images, layout, quantize
+from pipeline.features import backbone, gpu_decode, images, layout, quantize, tta_views
 from pipeline.features.delta import Delta
 from pipeline.features.result import ExtractResult
 from pipeline.features.weights import verify_weights
@@ -151,6 +151,7 @@ def _chunk_store(
             "seed": cfg.seed,
             "view_seed": delta.view_seed,
             "augment_policy": images.AUGMENT_POLICY,
+            **({"tta_seed": delta.tta_seed, "tta_policy": tta_views.POLICY} if delta.tta else {}),
             "todo": hashlib.sha256(json.dumps(todo).encode()).hexdigest(),
             "work": delta.todo_hash,
             "fingerprint": p.key.fingerprint,

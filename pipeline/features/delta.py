@@ -19,7 +19,7 @@ from pipeline.core import paths
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.vocab import is_view, view_split
-from pipeline.features import images, layout, sources
+from pipeline.features import images, layout, sources, tta_views
 from pipeline.features.result import ExtractResult
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class Delta:
     todo: dict[str, list[int]]  # items to compute, per split (views included)
     views: int
     view_seed: int
+    tta: int = 0  # test-time views per image of every split (features.tta_views)
+    tta_seed: int = 0
     new: int = 0
     changed: int = 0
     removed: int = 0
@@ -76,7 +78,7 @@ class Delta:
             text += " (new and changed files: " + ", ".join(f"{n} {s}" for s, n in self.new_by_split.items()) + ")"
         views = sum(len(v) for s, v in self.todo.items() if is_view(s))
         if views:
-            text += f"; {views:,} augmented view(s) to compute"
+            text += f"; {views:,} view(s) to compute"
         return text
 
 
@@ -111,23 +113,40 @@ def prepare(cfg: ExtractConfig, for_shard: bool = False) -> Prepared:
         have = (meta.augment or {}).get("views", 0)
         if have and p.cfg.augment:
             check_view_seed(p, have, (meta.augment or {}).get("seed"))
-        if meta.fingerprint == p.key.fingerprint and have >= p.cfg.augment and not for_shard:
+        have_tta = (meta.info.get("tta") or {}).get("views", 0)
+        if have_tta and p.cfg.tta_views:
+            check_view_seed(
+                p, have_tta, (meta.info.get("tta") or {}).get("seed"), "test-time", f"TTA_VIEWS={p.cfg.tta_views}"
+            )
+        if (
+            meta.fingerprint == p.key.fingerprint
+            and have >= p.cfg.augment
+            and have_tta >= p.cfg.tta_views
+            and not for_shard
+        ):
             hit = ExtractResult(p.path, hit=True, reused=sum(meta.split_sizes.get(s, 0) for s in p.source.splits))
             return Prepared(p, meta, None, None, hit)
         old, index = meta, store.read_index(p.path)
     paths.check_writable(p.path.parent, "cache folder")  # only here: a hit reads, so a read-only cache serves it
     view_seed = int((old.augment or {}).get("seed", p.cfg.seed)) if old is not None and have else p.cfg.seed
-    return Prepared(p, old, index, delta_for(p, index, max(p.cfg.augment, have), view_seed), None)
+    old_tta = (old.info.get("tta") or {}) if old is not None else {}
+    have_tta = old_tta.get("views", 0)
+    tta_seed = int(old_tta.get("seed", p.cfg.seed)) if have_tta else p.cfg.seed
+    delta = delta_for(p, index, max(p.cfg.augment, have), view_seed, max(p.cfg.tta_views, have_tta), tta_seed)
+    return Prepared(p, old, index, delta, None)
 
 
-def check_view_seed(p: layout.Plan, have: int, made_with: Any) -> None:
+def check_view_seed(
+    p: layout.Plan, have: int, made_with: Any, kind: str = "augmented", asked: str | None = None
+) -> None:
     """One rule for views of another seed, whether as many or more are asked: refused, since a
     hit would serve the cached seed's views and an update would mix two seeds in one cache."""
     if made_with == p.cfg.seed:
         return
     raise CacheError(
-        f"{p.path} holds {have} augmented view(s) per train image made with seed {made_with}; "
-        f"AUGMENT={p.cfg.augment} with SEED={p.cfg.seed} asks for views made with seed {p.cfg.seed}, and a cache "
+        f"{p.path} holds {have} {kind} view(s) per {'train ' if kind == 'augmented' else ''}image made with seed "
+        f"{made_with}; {asked or f'AUGMENT={p.cfg.augment}'} with SEED={p.cfg.seed} asks for views made with seed "
+        f"{p.cfg.seed}, and a cache "
         f"holds the views of one seed only. Use SEED={made_with} to use (or add to) the cached views, or rebuild "
         f"with FORCE=1 (--force) to make them with seed {p.cfg.seed}: the old file is replaced only once the new "
         "one is complete"
@@ -152,12 +171,15 @@ def check_all_readable(source: sources.Source) -> None:
         )
 
 
-def delta_for(p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: int) -> Delta:
-    """Compare every input (and ``views`` augmented views of train) with ``index``, the rows of
-    the existing cache: a (path, key) seen before is reused, anything else is to compute."""
+def delta_for(
+    p: layout.Plan, index: store.RowIndex | None, views: int, view_seed: int, tta: int = 0, tta_seed: int = 0
+) -> Delta:
+    """Compare every input (and ``views`` augmented views of train, ``tta`` test-time views of
+    every split) with ``index``, the rows of the existing cache: a (path, key) seen before is
+    reused, anything else is to compute."""
     source = p.source
     old_rows, old_skip = _clean_rows(index)
-    delta = Delta({}, {}, {}, views, view_seed)
+    delta = Delta({}, {}, {}, views, view_seed, tta, tta_seed)
     seen: set[str] = set()
     for split, items in source.splits.items():
         plan = _split_plan(items)
@@ -180,6 +202,8 @@ def delta_for(p: layout.Plan, index: store.RowIndex | None, views: int, view_see
     delta.removed = len((set(old_rows) | set(old_skip)) - seen)
     if views:
         _add_views(delta, p, index, views, view_seed)
+    for split, (plan, split_items, todo) in tta_views.plans(source, index, tta, tta_seed).items():
+        delta.plans[split], delta.items[split], delta.todo[split] = plan, split_items, todo
     return delta
 
 

@@ -46,11 +46,22 @@ def without(
 
 
 def training_rows(
-    train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None, train_on: str
+    train: tuple[np.ndarray, np.ndarray],
+    views: tuple[np.ndarray, np.ndarray] | None,
+    train_on: str,
+    tta: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Clean train rows, the cached augmented views, or both stacked."""
+    """Clean train rows, the cached augmented views, or both stacked; "tta": clean rows and
+    the train split's cached test-time views (the mirror first)."""
     if train_on == "clean":
         return train
+    if train_on == "tta":
+        if tta is None:
+            raise ConfigError(
+                "train_on='tta' needs test-time views of train in the cache; make them with "
+                "`make extract TTA_VIEWS=N` (same options)"
+            )
+        return np.concatenate([train[0], tta[0]]), np.concatenate([train[1], tta[1]])
     if views is None:
         raise ConfigError(
             f"train_on={train_on!r} needs augmented views in the cache; make them with "
