@@ -151,11 +151,12 @@ def reference(
     tta = info.get("tta") or {}
 
     def proba(batch: np.ndarray, rel_paths: Sequence[str] | None = None) -> np.ndarray:
-        views = tta_views.of_images(batch, _seeds(rel_paths, len(batch), tta), int(tta["views"]), int(tta["seed"]))
-        return np.mean(
-            [head.predict_proba(backbone.forward(model, b, batch_size)) for b in (batch, *(views if tta else []))],
-            axis=0,
+        views = (
+            tta_views.of_images(batch, _seeds(rel_paths, len(batch), tta), int(tta["views"]), int(tta["seed"]))
+            if tta
+            else []
         )
+        return np.mean([head.predict_proba(backbone.forward(model, b, batch_size)) for b in (batch, *views)], axis=0)
 
     return proba, head
 
