@@ -21,7 +21,8 @@ probabilities tensor`` with columns in ``head.classes_`` order:
   normalisation. Several calibrated fits (cross-validated calibration) are averaged.
 - the seeds' MLP: pooling -> copies of its Dense layers (Dropout is the identity at
   inference); a one-unit sigmoid output becomes two columns [1 - p, p].
-- a fine-tuned block5 (KerasModelHead): its Keras model as it is, same two-column rule.
+- a fine-tuned block5 (KerasModelHead): its Keras model as it is, same two-column rule; an
+  end-to-end fine-tune is the whole model, its Preprocess layer swapped for built-in ones.
 
 An ensemble head is ``Average`` over its members' conversions (see :func:`convert_head`).
 """
