@@ -458,7 +458,9 @@ def export(cfg: ExportConfig) -> ExportResult:
             "--format onnx of a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 convolution; "
             "export float32 for ONNX (--precision float32)"
         )
-    tolerance = cfg.tolerance if cfg.tolerance is not None else TOLERANCES[precision]
+    # predict runs the cache's precision: the looser of the two bounds the difference
+    default = max(TOLERANCES[precision], TOLERANCES.get(meta.precision, TOLERANCES["float32"]))
+    tolerance = cfg.tolerance if cfg.tolerance is not None else default
     head = load_head(cfg.run, trust_pickle=cfg.trust_pickle, versions=info.get("versions"))
     floating = meta.precision != "int8" and info.get("model_input") != "images"
     full = pinned_backbone(meta, precision) if floating else None
