@@ -290,6 +290,9 @@ def test_unknown_format_unavailable_runtime_and_bad_targets_are_exit_2(runs, tmp
     assert main(["export", str(run["logreg"]), "--out", str(taken)]) == 2
     assert "already exists" in capsys.readouterr().err and (taken / "mine.txt").read_text() == "keep me"
 
+    assert main(["export", str(run["logreg"]), "--precision", "bfloat16", "--format", "onnx"]) == 2
+    assert "bfloat16 convolution" in capsys.readouterr().err and not (run["logreg"] / "export").exists()
+
     import importlib.util
 
     real = importlib.util.find_spec

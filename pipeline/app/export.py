@@ -21,7 +21,8 @@ probabilities tensor`` with columns in ``head.classes_`` order:
   normalisation. Several calibrated fits (cross-validated calibration) are averaged.
 - the seeds' MLP: pooling -> copies of its Dense layers (Dropout is the identity at
   inference); a one-unit sigmoid output becomes two columns [1 - p, p].
-- a fine-tuned block5 (KerasModelHead): its Keras model as it is, same two-column rule.
+- a fine-tuned block5 (KerasModelHead): its Keras model as it is, same two-column rule; an
+  end-to-end fine-tune is the whole model, its Preprocess layer swapped for built-in ones.
 
 An ensemble head is ``Average`` over its members' conversions (see :func:`convert_head`).
 """
@@ -275,7 +276,9 @@ def preprocess_layers(module: str) -> list[Any]:
 
 
 def _built_in_preprocess(model: Any, module: str) -> Any:
-    """An end-to-end model with featcache's Preprocess layer replaced by built-in layers."""
+    """An end-to-end model with featcache's Preprocess layer replaced by built-in layers, and
+    its augmentation layers (RandomFlip, RandomRotation, RandomZoom: the identity at
+    inference, but random ops in a traced graph that ONNX cannot hold) by Identity."""
     import keras
 
     custom = preprocess_layer_class()
@@ -283,6 +286,8 @@ def _built_in_preprocess(model: Any, module: str) -> Any:
     def swap(layer: Any) -> Any:
         if isinstance(layer, custom):
             return keras.Sequential(preprocess_layers(layer.module)[1:] or [keras.layers.Identity()], name=layer.name)
+        if type(layer).__name__.startswith("Random") and type(layer).__module__.startswith("keras."):
+            return keras.layers.Identity(name=layer.name)
         return layer
 
     return keras.models.clone_model(model, clone_function=swap)
@@ -308,7 +313,7 @@ def build_model(meta: CacheMeta, head: Any, info: dict[str, Any], full: Any = No
         model = _built_in_preprocess(head.model_, registry.spec(meta.backbone).module)
         p = model.outputs[0]
         out = _two_columns(p, "head") if p.shape[-1] == 1 else p
-        return keras.Model(model.inputs, out, name=name)
+        return keras.Model(model.inputs[0], out, name=name)  # one input, not a list: serve(x) as for the others
     trunk = full.get_layer(full.name)  # the truncated base inside build's model (no custom layer)
     pixels = keras.Input((meta.size, meta.size, 3), dtype="uint8", name="pixels")
     x = pixels
@@ -443,7 +448,19 @@ def export(cfg: ExportConfig) -> ExportResult:
             f"{cfg.run} is an int8 run: its export is the OpenVINO model that made the features plus the head "
             f"(head.keras); --format {','.join(cfg.formats)} is for float runs"
         )
-    tolerance = cfg.tolerance if cfg.tolerance is not None else TOLERANCES[precision]
+    if info.get("model_input") == "images" and cfg.precision != "cache":
+        raise ConfigError(
+            f"{cfg.run} is an end-to-end fine-tune: its model is exported as trained ({meta.precision}); "
+            "leave out --precision"
+        )
+    if precision == "bfloat16" and "onnx" in cfg.formats:
+        raise ConfigError(
+            "--format onnx of a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 convolution; "
+            "export float32 for ONNX (--precision float32)"
+        )
+    # predict runs the cache's precision: the looser of the two bounds the difference
+    default = max(TOLERANCES[precision], TOLERANCES.get(meta.precision, TOLERANCES["float32"]))
+    tolerance = cfg.tolerance if cfg.tolerance is not None else default
     head = load_head(cfg.run, trust_pickle=cfg.trust_pickle, versions=info.get("versions"))
     floating = meta.precision != "int8" and info.get("model_input") != "images"
     full = pinned_backbone(meta, precision) if floating else None
@@ -463,6 +480,7 @@ def export(cfg: ExportConfig) -> ExportResult:
             files, diffs = _write_int8(cfg.run, meta, head, tmp, batch, expected, tolerance, names)
         else:
             model = build_model(meta, head, info, full)
+            model.predict_on_batch(batch[:1])  # called once: Model.export traces every sub-model
             for fmt in cfg.formats:
                 path = tmp / FORMAT_FILES[fmt]
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,6 +494,8 @@ def export(cfg: ExportConfig) -> ExportResult:
                 files[fmt] = FORMAT_FILES[fmt]
                 diffs[fmt] = _compare(fmt, _runner(fmt, path)(batch), expected, tolerance, names)
         record = _record(cfg, info, meta, head, precision, files, diffs, tolerance, names)
+        if meta.precision != "int8":
+            record["input"]["name"] = model.inputs[0].name  # "pixels"; an end-to-end fine-tune keeps its own
         record["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))
         if out.exists():
