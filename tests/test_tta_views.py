@@ -22,16 +22,22 @@ def cfg_for(root, cache_dir, **kw):
     return ExtractConfig(data=str(root), size=32, cache_dir=cache_dir, quiet=True, chunk_size=4, **kw)
 
 
-@pytest.fixture
-def root(tmp_path):
-    return make_folder(tmp_path / "imgs", {"train": 3, "validation": 2, "test": 2}, size=32)
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("tta") / "imgs", {"train": 3, "validation": 2, "test": 2}, size=32)
 
 
-def test_views_of_every_split_are_cached_and_view_one_is_the_mirror(root, tmp_path):
+@pytest.fixture(scope="module")
+def two_views(root, tmp_path_factory):
+    """A cache with two test-time views of every image, made once for the module."""
+    return extract(cfg_for(root, tmp_path_factory.mktemp("a"), tta_views=2)).path
+
+
+def test_views_of_every_split_are_cached_and_view_one_is_the_mirror(root, two_views):
     from pipeline.features import backbone
     from pipeline.features.weights import resolve
 
-    cache = extract(cfg_for(root, tmp_path / "a", tta_views=2)).path
+    cache = two_views
     meta = store.read_meta(cache)
     for split in ("train", "validation", "test"):
         assert meta.tta_splits(split) == [tta_split(split, 1), tta_split(split, 2)]
@@ -47,8 +53,8 @@ def test_views_of_every_split_are_cached_and_view_one_is_the_mirror(root, tmp_pa
     assert not np.allclose(aug, x, atol=1e-3) and not np.allclose(aug, mirror, atol=1e-3)
 
 
-def test_views_are_seeded_and_identical_across_runs_and_resumes(root, tmp_path, monkeypatch):
-    first = extract(cfg_for(root, tmp_path / "a", tta_views=2)).path
+def test_views_are_seeded_and_identical_across_runs_and_resumes(root, two_views, tmp_path, monkeypatch):
+    first = two_views
     interrupt_extract(cfg_for(root, tmp_path / "b", tta_views=2), monkeypatch, after=3)
     resumed = extract(cfg_for(root, tmp_path / "b", tta_views=2))
     assert resumed.resumed_chunks >= 3
