@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # max |p_export - p_predict| accepted per compute precision. float32: the promise
 # (measured: < 2e-6, every format). bfloat16 (the base in bf16, predict in float32):
-# measured up to 7e-3 on real images and 2.6e-2 with a weak 64-px head (BENCHMARKS.md
+# measured up to 1.6e-2 on 1,000 real images and 2.6e-2 with a weak 64-px head (BENCHMARKS.md
 # section 13), so 5e-2: still far below what a wrong conversion gives. int8: both sides run
 # the same OpenVINO model, only the head differs (float32 layers vs scikit-learn float64).
 TOLERANCES = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2, "int8": 1e-4}
