@@ -26,8 +26,13 @@ IMAGES  ?=
 FORCE   ?=
 STRICT  ?=
 ENGINE  ?=
+RUNTIME ?=
 SHARDS  ?=
 AUGMENT ?=
+TTA_VIEWS ?=
+TTA     ?=
+ENSEMBLE ?=
+SIZES   ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
 TRACK   ?= 1
@@ -36,13 +41,15 @@ UI_PORT ?= 5000
 # Every value a user passes is quoted, so paths with spaces arrive as one argument.
 DATA_OPTS := --data "$(DATA)" --weights "$(WEIGHTS)" --dtype "$(DTYPE)" --precision "$(PRECISION)" --seed "$(SEED)" \
              --decoder "$(DECODER)" \
-             $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)")
+             $(if $(SIZE),--size "$(SIZE)") $(if $(LAYER),--layer "$(LAYER)") $(if $(RUNTIME),--runtime "$(RUNTIME)")
 CACHE_OPTS := $(DATA_OPTS) --backbone "$(BACKBONE)"
 EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--strict) $(if $(AUGMENT),--augment "$(AUGMENT)") \
+                $(if $(TTA_VIEWS),--tta-views "$(TTA_VIEWS)") \
                 $(if $(ENGINE),--engine "$(ENGINE)") $(if $(SHARDS),--shards "$(SHARDS)")
 TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
 SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS) \
-              $(if $(EXCLUDE),--exclude "$(EXCLUDE)")
+              $(if $(EXCLUDE),--exclude "$(EXCLUDE)") $(if $(filter 1 true yes on,$(TTA)),--tta) \
+              $(if $(ENSEMBLE),--ensemble "$(ENSEMBLE)")
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo extract classify inspect compare finetune predict export hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
@@ -55,7 +62,9 @@ help: ## list the targets and their options
 	@echo "Options (defaults): DATA=$(DATA) BACKBONE=$(BACKBONE) WEIGHTS=$(WEIGHTS) (imagenet|random|<file>) DTYPE=$(DTYPE) PRECISION=$(PRECISION)"
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
-	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
+	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both|tta) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
+	@echo "  TTA_VIEWS=<N test-time views of every image: 1 the mirror> TTA=1 (score on them) ENSEMBLE=<top k> SIZES=150,180,224 (compare)"
+	@echo "  ENGINE=<local|ray: where extract runs> RUNTIME=<keras|openvino: openvino is PRECISION=int8>"
 	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) DECODER=$(DECODER) (auto|cpu|gpu: JPEG decoding) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
 
 $(BIN)/featcache: pyproject.toml
@@ -78,8 +87,8 @@ classify: $(BIN)/featcache ## stage two: sweep the heads in SWEEP on the cache t
 inspect: $(BIN)/featcache ## near-duplicates (leakage across splits), likely label errors, outliers, a map: runs/*-inspect/inspect.html
 	$(FC) inspect $(CACHE_OPTS) $(if $(CACHE),--cache "$(CACHE)")
 
-compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES on DATA; one table, CSV and bar chart
-	$(FC) compare --backbones "$(BACKBONES)" $(DATA_OPTS) $(SWEEP_OPTS)
+compare: $(BIN)/featcache ## extract + sweep with each of BACKBONES (x SIZES) on DATA; one table, CSV and bar chart
+	$(FC) compare --backbones "$(BACKBONES)" $(if $(SIZES),--sizes "$(SIZES)") $(if $(TTA_VIEWS),--tta-views "$(TTA_VIEWS)") $(DATA_OPTS) $(SWEEP_OPTS)
 
 finetune: $(BIN)/featcache ## train VGG block5 + head on the LAYER=block4_pool cache (make extract LAYER=block4_pool first)
 	$(FC) finetune $(CACHE_OPTS) --train-on "$(TRAIN_ON)" $(if $(EPOCHS),--epochs "$(EPOCHS)") $(if $(HEAD_RUN),--head-run "$(HEAD_RUN)") $(if $(END_TO_END),--end-to-end) $(TRACK_OPTS)

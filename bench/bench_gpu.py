@@ -287,8 +287,8 @@ def mlp_sweep(data: Path, cache_dir: Path) -> None:
 
     from pipeline.cache import store
     from pipeline.core.config import load_toml
-    from pipeline.train.heads import make_head
     from pipeline.train.sweep import expand_grid
+    from pipeline.train.sweep_file import make_head
 
     result = extract_once(data, 150, "float32", "cpu", 64, cache_dir)
     xtr, ytr, _ = store.load_split(result.path, "train")

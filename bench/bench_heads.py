@@ -25,8 +25,8 @@ def main() -> None:
     from pipeline.cache import store
     from pipeline.core.config import ExtractConfig, SweepConfig
     from pipeline.features.layout import locate
-    from pipeline.train.heads import make_head
     from pipeline.train.sweep import run_sweep
+    from pipeline.train.sweep_file import make_head
 
     weights = str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random"
     try:

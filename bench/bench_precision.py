@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from bench._common import HED_WEIGHTS, machine, median, require_data
+from pipeline.features import machine as hardware
 from pipeline.features import precision as P
 from pipeline.features import quantize
 
@@ -147,11 +148,11 @@ def main() -> None:
     data = require_data()
     weights = None if args.weights.lower() == "none" else args.weights
 
-    flags = P.cpu_flags()
+    flags = hardware.cpu_flags()
     shown = sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f")))
     print(machine())
     print(
-        f"CPU: {P.cpu_name()}; flags: {' '.join(shown) or '(none of amx*/avx512*)'}; "
+        f"CPU: {hardware.cpu_name()}; flags: {' '.join(shown) or '(none of amx*/avx512*)'}; "
         f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: on)')}"
     )
     print(f"weights: {weights or 'random (seed 0)'}; batch {args.batch}; {args.repeats} repeats x {args.seconds:.0f} s")

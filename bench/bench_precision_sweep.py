@@ -32,7 +32,7 @@ def refit_test(path: Path, name: str, params: dict) -> float:
     train rows: like-for-like across precisions, where each sweep may pick another head."""
     from pipeline.cache import store
     from pipeline.runs.folder import score
-    from pipeline.train.heads import make_head
+    from pipeline.train.sweep_file import make_head
 
     head = make_head(name, **{k: v for k, v in params.items() if k != "train_on"})
     x, y, _ = store.load_split(path, "train")

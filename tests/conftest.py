@@ -133,9 +133,10 @@ def _no_tracking(monkeypatch):
 def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
     """Stage one interrupted after exactly ``after`` saved chunks (a raise in the main thread
     stands in for Ctrl-C or SIGKILL); the finished chunks stay in the .partial folder."""
-    from pipeline.features import extract as extract_mod
+    from pipeline.features import compute
+    from pipeline.features.extract import extract
 
-    original = extract_mod.ChunkWriter.save
+    original = compute.ChunkWriter.save
     calls = {"n": 0}
 
     def save(self, *args, **kw):
@@ -144,10 +145,10 @@ def interrupt_extract(cfg, monkeypatch, after: int = 1) -> None:
         if calls["n"] >= after:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", save)
+    monkeypatch.setattr(compute.ChunkWriter, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        extract_mod.extract(cfg)
-    monkeypatch.setattr(extract_mod.ChunkWriter, "save", original)
+        extract(cfg)
+    monkeypatch.setattr(compute.ChunkWriter, "save", original)
 
 
 def flip_byte(path: Path, offset: int) -> None:

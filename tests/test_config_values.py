@@ -111,7 +111,7 @@ def test_extract_defaults_are_the_documented_ones():
         ({"memory_budget": "lots"}, "memory budget 'lots' is not a size; give e.g. 4GB, 512MB or auto"),
         ({"carve_fraction": 0}, "carve_fraction must be in (0, 1); received 0"),
         ({"carve_fraction": 1}, "carve_fraction must be in (0, 1); received 1"),
-        ({"train_on": "all"}, "train_on must be one of ('clean', 'views', 'both'); received train_on='all'"),
+        ({"train_on": "all"}, "train_on must be one of ('clean', 'views', 'both', 'tta'); received train_on='all'"),
         ({"views": 0}, "views must be a positive integer; received views=0"),
         ({"views": "2"}, "views must be a positive integer; received views='2'"),
         ({"n_jobs": 0}, "n_jobs must be a non-zero integer; received n_jobs=0"),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from pipeline.train.heads import HEADS, MLPHead, make_head
+from pipeline.train.heads import HEADS, MLPHead
+from pipeline.train.sweep_file import make_head
 
 from conftest import separable
 

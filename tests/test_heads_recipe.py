@@ -1,6 +1,7 @@
-"""pipeline.train.heads without TensorFlow: pooling, the checks of fit and predict, the scikit-learn
-heads' models and the sweep file's head tables, each checked exactly (issue 16: `make mutate`
-runs this file; TESTING.md). The Keras MLP is tested in test_heads*.py (needs TensorFlow)."""
+"""pipeline.train.heads, seeds_recipe and sweep_file without TensorFlow: pooling, the checks of fit
+and predict, the scikit-learn heads' models, the seeds' Keras recipe and the sweep file's head tables,
+each checked exactly (issue 16: `make mutate` runs this file; TESTING.md). The Keras MLP is tested in
+test_heads*.py (needs TensorFlow)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from pipeline.core.errors import ConfigError
-from pipeline.train import heads
-from pipeline.train.heads import LogRegHead, SVMHead, make_head, pool_features
+from pipeline.train import heads, seeds_recipe, sweep_file
+from pipeline.train.heads import LogRegHead, SVMHead, pool_features
+from pipeline.train.sweep_file import make_head
 
 from conftest import separable
 
@@ -155,6 +157,22 @@ def test_softmax_is_stable_for_large_margins():
     np.testing.assert_allclose(head._predict_proba(np.zeros((2, 1))), [[0.0, 1.0], [1.0, 0.0]])
 
 
+def test_svm_class_weight_reaches_the_calibration_and_weights_the_svm_once():
+    from sklearn.datasets import make_blobs
+
+    x, y = make_blobs(n_samples=300, centers=2, random_state=0, cluster_std=20)  # classes overlap
+    plain = SVMHead().fit(x, y)
+    weighted = SVMHead(class_weight={0: 1000.0, 1: 0.0001}).fit(x, y)
+    assert (plain.predict(x) == 0).mean() < 0.7  # an unweighted sigmoid puts the threshold back
+    assert (weighted.predict(x) == 0).mean() > 0.87  # (the bar of check_class_weight_classifiers)
+    z = weighted.model_[0].transform(x)
+    train, _ = next(StratifiedShuffleSplit(1, test_size=1 / 3, random_state=0).split(z, y))
+    once = LinearSVC(C=0.1, class_weight={0: 1000.0, 1: 0.0001}, max_iter=5000, random_state=0).fit(z[train], y[train])
+    (fitted,) = weighted.model_[-1].calibrated_classifiers_
+    np.testing.assert_allclose(fitted.estimator.coef_, once.coef_, rtol=1e-3)  # class_weight, not squared
+    assert "_metadata_request" not in vars(fitted.estimator)  # nothing beyond plain scikit-learn parts is saved
+
+
 # ----------------------------------------------------------------------------- make_head and head tables
 
 
@@ -173,21 +191,21 @@ def test_make_head_names_what_is_wrong():
 
 
 def test_head_tables_are_checked_and_numbered():
-    assert heads.head_tables({"head": [{"name": "svm", "C": 1}, {"name": "logreg"}]}, "f.toml") == [
+    assert sweep_file.head_tables({"head": [{"name": "svm", "C": 1}, {"name": "logreg"}]}, "f.toml") == [
         (1, "svm", {"C": 1}),
         (2, "logreg", {}),
     ]
     message = 'f.toml: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"'
     for spec in ({}, {"head": []}, {"head": {"name": "svm"}}):
-        assert _error(ConfigError, heads.head_tables, spec, "f.toml") == message
-    assert _error(ConfigError, heads.head_tables, {"head": [{"name": "svm"}, 3]}, "f.toml") == (
+        assert _error(ConfigError, sweep_file.head_tables, spec, "f.toml") == message
+    assert _error(ConfigError, sweep_file.head_tables, {"head": [{"name": "svm"}, 3]}, "f.toml") == (
         "f.toml: head #2 must be a [[head]] table with a name; received 3"
     )
-    assert _error(ConfigError, heads.head_tables, {"head": [{"C": 1}]}, "f.toml") == (
+    assert _error(ConfigError, sweep_file.head_tables, {"head": [{"C": 1}]}, "f.toml") == (
         "f.toml: unknown head None; available: ['logreg', 'mlp', 'svm']"
     )
     table = {"name": "svm", "C": 1}
-    heads.head_tables({"head": [table]}, "f.toml")
+    sweep_file.head_tables({"head": [table]}, "f.toml")
     assert table == {"name": "svm", "C": 1}  # the caller's table is left as it was
 
 
@@ -282,14 +300,14 @@ def _chain(units, rate, out_units, activation):
 
 def test_seeds_head_is_dense_dropout_then_sigmoid_or_softmax(fake):
     x = fake.Input((8,))
-    assert heads.seeds_head(x, 2).chain[1:] == _chain(256, 0.5, 1, "sigmoid")
-    assert heads.seeds_head(x, 3, units=7, dropout=0.25).chain[1:] == _chain(7, 0.25, 3, "softmax")
+    assert seeds_recipe.seeds_head(x, 2).chain[1:] == _chain(256, 0.5, 1, "sigmoid")
+    assert seeds_recipe.seeds_head(x, 3, units=7, dropout=0.25).chain[1:] == _chain(7, 0.25, 3, "softmax")
 
 
 @pytest.mark.parametrize(("k", "loss"), [(2, "binary_crossentropy"), (4, "sparse_categorical_crossentropy")])
 def test_compile_uses_rmsprop_and_the_seeds_loss(fake, k, loss):
     model = fake.Model(fake.Input((2,)), fake.Input((2,)))
-    heads.compile_for(model, k, 0.003)
+    seeds_recipe.compile_for(model, k, 0.003)
     assert fake.named("compile") == [
         ("compile", {"optimizer": ("RMSprop", {"learning_rate": 0.003}), "loss": loss, "metrics": ["accuracy"]})
     ]

@@ -17,16 +17,9 @@ from pipeline.train.heads import LogRegHead, MLPHead, SVMHead, pool_features
 
 from conftest import cache_from, separable
 
-# Failures that are the head's design, not a missing piece: each says why.
-EXPECTED_FAILURES: dict[str, dict[str, str]] = {
-    "SVMHead": {
-        "check_class_weight_classifiers": (
-            "SVMHead predicts from sigmoid-calibrated probabilities, and the calibration is fitted on "
-            "unweighted held-out folds: on two classes it moves the decision threshold back to where the "
-            "class frequencies put it, so class_weight shapes the hyperplane but not the binary predictions"
-        ),
-    },
-}
+# Failures that are the head's design, not a missing piece: each says why (none left: SVMHead's
+# check_class_weight_classifiers failed until its calibration was weighted by class_weight too).
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
 
 
 def _expected_failures(estimator: object) -> dict[str, str]:

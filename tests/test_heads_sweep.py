@@ -14,8 +14,9 @@ import pytest
 from pipeline.core.config import ExtractConfig, SweepConfig
 from pipeline.core.errors import ConfigError
 from pipeline.features.extract import extract
-from pipeline.train.heads import HEADS, LogRegHead, MLPHead, make_head, pool_features
+from pipeline.train.heads import HEADS, LogRegHead, MLPHead, pool_features
 from pipeline.train.sweep import expand_grid, run_sweep
+from pipeline.train.sweep_file import make_head
 
 from conftest import cache_from, flipped_test_splits, make_folder, separable
 

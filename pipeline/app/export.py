@@ -467,7 +467,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     same = full if precision == meta.precision else None  # predict's backbone too: built once
     proba_fn, _ = reference(cfg.run, info, meta, cfg.batch_size, cfg.trust_pickle, model=same)
     batch, names = check_images(meta, cfg.check_images)
-    expected = np.asarray(proba_fn(batch), np.float64)
+    expected = np.asarray(proba_fn(batch, None), np.float64)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,9 +28,10 @@ from pipeline.core.vocab import SPLITS
 from pipeline.features import backbone, images, layout, registry
 from pipeline.features.weights import check_file_unchanged, values_sha256, verify_weights
 from pipeline.runs import folder, plots, report, tracking
-from pipeline.train.heads import KerasModelHead, MLPHead, compile_for, seeds_head
+from pipeline.train.heads import KerasModelHead, MLPHead
 from pipeline.train.persist import load_head, save_head
-from pipeline.train.sweep import load_views, training_rows
+from pipeline.train.seeds_recipe import compile_for, seeds_head
+from pipeline.train.splits import load_splits, load_views, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,7 @@ def _from_cache(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
 
     cache = layout.locate(dataclasses.replace(ecfg, layer="block4_pool", augment=0))
     meta = store.read_meta(cache)
-    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits
-    }
+    data = load_splits(cache, meta, SPLITS)
     if "validation" not in data:
         raise ConfigError(f"{cache} has no validation split; fine-tuning stops early on it (seeds 001 and 003)")
     views = load_views(cache, meta, ft.views) if ft.train_on != "clean" else None
@@ -278,13 +277,8 @@ def _save(
     return FinetuneResult(run.path, rows, "\n".join([folder.text_table(rows, COLUMNS), *notes]))
 
 
-def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
-    """The seeds' recipe on images: augmentation -> frozen base -> head, then block5
-    unfrozen at a low learning rate. Meant for a GPU; on 2 CPU cores it takes hours."""
-    import keras
-
-    plan = layout.plan(dataclasses.replace(ecfg, layer="block5_pool"))
-    ecfg, source, weights = plan.cfg, plan.source, plan.weights
+def _decode_splits(ecfg: ExtractConfig, source: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every split's images decoded at ``ecfg.size`` (uint8), with the labels of those that decoded."""
     assert ecfg.size is not None
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with images.Decoder(ecfg.decode_threads, ecfg.decode_processes) as decoder:
@@ -293,12 +287,14 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
                 got = list(decoder.batches(source.items(split), range(len(source.splits[split])), ecfg.size, 256))
                 decoded = np.concatenate([b.rows for b in got])
                 data[split] = (np.concatenate([b.images for b in got]), source.splits[split].labels[decoded])
-    if "validation" not in data:
-        raise ConfigError(f"{ecfg.data} has no validation split; fine-tuning stops early on it")
-    classes = np.unique(data["train"][1])
-    extractor = backbone.build(
-        ecfg.backbone, size=ecfg.size, layer="block5_pool", weights=weights, precision=ecfg.precision
-    )
+    return data
+
+
+def _augmented_model(ft: FinetuneConfig, ecfg: ExtractConfig, extractor: Any, n_classes: int) -> tuple[Any, Any]:
+    """uint8 images -> the cached views' augmentation -> the conv base -> the seeds' head; and the base."""
+    import keras
+
+    assert ecfg.size is not None
     inputs = keras.Input((ecfg.size, ecfg.size, 3), dtype="uint8")
     x = keras.ops.cast(inputs, "float32")
     for layer in images.AUGMENT.keras_layers(ft.seed):  # the policy of the cached views
@@ -306,7 +302,23 @@ def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
     base = extractor.get_layer(f"{ecfg.backbone}_block5_pool")  # the truncated conv base inside the extractor
     features = base(backbone.preprocess_layer(registry.spec(ecfg.backbone).module)(x))
     pooled = keras.layers.Flatten()(features)
-    model = keras.Model(inputs, seeds_head(pooled, len(classes)))
+    return keras.Model(inputs, seeds_head(pooled, n_classes)), base
+
+
+def _end_to_end(ft: FinetuneConfig, ecfg: ExtractConfig) -> FinetuneResult:
+    """The seeds' recipe on images: augmentation -> frozen base -> head, then block5
+    unfrozen at a low learning rate. Meant for a GPU; on 2 CPU cores it takes hours."""
+    plan = layout.plan(dataclasses.replace(ecfg, layer="block5_pool"))
+    ecfg, source, weights = plan.cfg, plan.source, plan.weights
+    assert ecfg.size is not None
+    data = _decode_splits(ecfg, source)
+    if "validation" not in data:
+        raise ConfigError(f"{ecfg.data} has no validation split; fine-tuning stops early on it")
+    classes = np.unique(data["train"][1])
+    extractor = backbone.build(
+        ecfg.backbone, size=ecfg.size, layer="block5_pool", weights=weights, precision=ecfg.precision
+    )
+    model, base = _augmented_model(ft, ecfg, extractor, len(classes))
     base.trainable = False
     t0 = time.perf_counter()
     h1, _ = _train(model, classes, ft, ft.head_learning_rate, *data["train"], data["validation"], ft.head_epochs)

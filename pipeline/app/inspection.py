@@ -294,6 +294,39 @@ def project(z: np.ndarray, method: str, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the whole inspection
 
 
+def _find(
+    emb: Embedding, cfg: InspectConfig, timings: dict[str, float], notes: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The four findings: leakage and duplicates, likely label errors, outliers (timed into ``timings``)."""
+    t = time.perf_counter()
+    pairs, knn = neighbour_search(emb, cfg.duplicate_similarity, cfg.neighbours, cfg.memory_mb)
+    leakage, within = duplicate_rows(emb, pairs)
+    outliers = outlier_rows(emb, knn, cfg.outlier_mad)
+    timings["neighbours"] = time.perf_counter() - t
+    t = time.perf_counter()
+    proba, why = label_probabilities(emb, cfg)
+    notes.append(why)
+    labels = label_issue_rows(emb, proba) if proba is not None else []
+    timings["labels"] = time.perf_counter() - t
+    return {"leakage": leakage, "duplicates": within, "label_issues": labels, "outliers": outliers}
+
+
+def _draw_map(
+    run: RunFolder, emb: Embedding, meta: store.CacheMeta, cfg: InspectConfig, findings: dict[str, list[dict[str, Any]]]
+) -> None:
+    """map.png: the 2-D map of the embedding with each finding's rows marked."""
+    xy = project(emb.z, cfg.map, cfg.seed)
+    marks = {name: np.array([r["row"] for r in rows], dtype=np.int64) for name, rows in findings.items()}
+    plots.plot_embedding_map(
+        xy,
+        emb.labels,
+        emb.class_names,
+        marks,
+        run.path / "map.png",
+        f"{cfg.map.upper()} of {meta.layer} ({cfg.pooling}), {len(emb.z)} rows",
+    )
+
+
 def inspect_cache(cache: str | Path, cfg: InspectConfig) -> InspectResult:
     """Find near-duplicates (leakage across splits), likely label errors and outliers in a
     cache's features; write the run folder and return what was found."""
@@ -309,28 +342,9 @@ def inspect_cache(cache: str | Path, cfg: InspectConfig) -> InspectResult:
         f"embedding: {meta.layer} ({'x'.join(map(str, meta.feature_shape))}) {cfg.pooling}-pooled to "
         f"{emb.z.shape[1]} dimensions, L2-normalised; {len(emb.z)} rows in {', '.join(emb.splits)}"
     ]
+    findings = _find(emb, cfg, timings, notes)
     t = time.perf_counter()
-    pairs, knn = neighbour_search(emb, cfg.duplicate_similarity, cfg.neighbours, cfg.memory_mb)
-    leakage, within = duplicate_rows(emb, pairs)
-    outliers = outlier_rows(emb, knn, cfg.outlier_mad)
-    timings["neighbours"] = time.perf_counter() - t
-    t = time.perf_counter()
-    proba, why = label_probabilities(emb, cfg)
-    notes.append(why)
-    labels = label_issue_rows(emb, proba) if proba is not None else []
-    timings["labels"] = time.perf_counter() - t
-    findings = {"leakage": leakage, "duplicates": within, "label_issues": labels, "outliers": outliers}
-    t = time.perf_counter()
-    xy = project(emb.z, cfg.map, cfg.seed)
-    marks = {name: np.array([r["row"] for r in rows], dtype=np.int64) for name, rows in findings.items()}
-    plots.plot_embedding_map(
-        xy,
-        emb.labels,
-        emb.class_names,
-        marks,
-        run.path / "map.png",
-        f"{cfg.map.upper()} of {meta.layer} ({cfg.pooling}), {len(emb.z)} rows",
-    )
+    _draw_map(run, emb, meta, cfg, findings)
     timings["map"] = time.perf_counter() - t
     csvs = {name: run.write_results(rows, COLUMNS, f"{name}.csv") for name, rows in findings.items()}
     flagged = _flagged_train(findings)

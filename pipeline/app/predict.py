@@ -25,11 +25,11 @@ from pipeline.core import paths
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.layers import load_model_safely
-from pipeline.features import backbone, images, quantize
+from pipeline.features import backbone, images, quantize, tta_views
 from pipeline.features.precision import resolve
 from pipeline.features.weights import Weights, check_file_unchanged, verify_weights, weights_id
 from pipeline.runs import folder
-from pipeline.train.persist import load_head
+from pipeline.train.persist import load_head, load_winner
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,11 @@ def predict(
     files that cannot be decoded get an ``error`` instead (and are listed in the log).
     ``model_dir``: a folder written by ``featcache export``, run alone (no cache, no weights
     file, no run folder).
+
+    A run scored with test-time views (run.json ``tta``) predicts the mean over each image and
+    the same views; augmented views are seeded by the image's path relative to ``target``, so
+    predicting on the data root reproduces the sweep's figures on its images exactly. A run
+    whose ensemble won averages its members (``persist.load_winner``).
     """
     if model_dir is not None:
         if run_dir is not None:
@@ -109,7 +114,9 @@ def predict(
     proba_fn, head = reference(run_dir, info, meta, batch_size, trust_pickle)
     labels = [meta.class_names[c] for c in head.classes_]
     decode = ExtractConfig()
-    rows = _classify(files, proba_fn, labels, meta.size, batch_size, decode.decode_threads, decode.decode_processes)
+    rows = _classify(
+        files, proba_fn, labels, meta.size, batch_size, decode.decode_threads, decode.decode_processes, root=root
+    )
     return _write(rows, root, meta.class_names, out)
 
 
@@ -120,17 +127,19 @@ def reference(
     batch_size: int = 32,
     trust_pickle: bool = False,
     model: Any = None,
-) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
+) -> tuple[Callable[[np.ndarray, Sequence[str] | None], np.ndarray], Any]:
     """predict's own way from a batch of uint8 images to probabilities (columns in the head's
     ``classes_`` order), and the head: the pinned backbone (weights checked) and the saved
-    head. ``featcache export`` checks its model against this very function (passing the
-    backbone ``model`` it built and checked from the same pins, to build it once)."""
+    head (an ensemble's members averaged). With test-time views (run.json ``tta``) the batch's
+    paths relative to the data root seed the views; the mirror needs none. ``featcache export``
+    checks its model against this very function (passing the backbone ``model`` it built and
+    checked from the same pins, to build it once)."""
     if info.get("model_input") == "images":  # an end-to-end fine-tuned model: no separate backbone
         head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
-        return head.predict_proba, head
+        return (lambda batch, _=None: head.predict_proba(batch)), head
     source = meta.weights_source
     check_file_unchanged(source, meta.weights_file_sha256, f"the head in {run_dir}")
-    head = load_head(run_dir, trust_pickle=trust_pickle, versions=info.get("versions"))
+    head = load_winner(run_dir, info, trust_pickle=trust_pickle)
     pinned = Weights(meta.weights, None if source == "random" else source, meta.weights_file_sha256, meta.seed)
     if meta.precision == "int8":  # the quantised model the features came from, kept in the run folder
         model = _int8_model(run_dir, meta)
@@ -139,7 +148,26 @@ def reference(
             meta.backbone, size=meta.size, layer=meta.layer, weights=pinned, precision=meta.precision
         )
         verify_weights(model.base_weights_sha256, meta.weights_sha256, f"the head in {run_dir}")
-    return (lambda batch: head.predict_proba(backbone.forward(model, batch, batch_size))), head
+    tta = info.get("tta") or {}
+
+    def proba(batch: np.ndarray, rel_paths: Sequence[str] | None = None) -> np.ndarray:
+        views = (
+            tta_views.of_images(batch, _seeds(rel_paths, len(batch), tta), int(tta["views"]), int(tta["seed"]))
+            if tta
+            else []
+        )
+        return np.mean([head.predict_proba(backbone.forward(model, b, batch_size)) for b in (batch, *views)], axis=0)
+
+    return proba, head
+
+
+def _seeds(rel_paths: Sequence[str] | None, n: int, tta: dict[str, Any]) -> Sequence[str]:
+    """The relative paths that seed an image's policy views; only the mirror (view 1) needs none."""
+    if rel_paths is not None:
+        return rel_paths
+    if int(tta.get("views", 0)) > 1:
+        raise ValueError("test-time views beyond the mirror are seeded by each image's path: pass the paths")
+    return [""] * n
 
 
 def _predict_export(
@@ -159,7 +187,7 @@ def _predict_export(
     )  # never into the export
     model = load_model_safely(model_dir / record["files"]["keras"])
 
-    def proba(batch: np.ndarray) -> np.ndarray:
+    def proba(batch: np.ndarray, _: Sequence[str] | None = None) -> np.ndarray:
         return np.asarray(model.predict_on_batch(batch), np.float64)
 
     rows = _classify(files, proba, record["labels"], int(record["input_size"]), batch_size)
@@ -207,20 +235,22 @@ def _int8_model(run_dir: Path, meta: CacheMeta) -> quantize.OpenVINOEngine:
 
 def _classify(
     files: list[Path],
-    proba_fn: Callable[[np.ndarray], np.ndarray],
+    proba_fn: Callable[[np.ndarray, Sequence[str] | None], np.ndarray],
     labels: Sequence[str],
     size: int,
     batch_size: int,
     threads: int = 2,
     processes: int = 0,
+    root: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of path, class, probability (+ one per class) or the decoding error; ``labels``
-    names the columns ``proba_fn`` returns."""
+    names the columns ``proba_fn(images, paths relative to root)`` returns."""
     rows: list[dict[str, Any]] = []
     paths = [str(f) for f in files]
     for batch in images.batches(paths, range(len(paths)), size, batch_size, threads, processes):
         if len(batch.rows):
-            for i, p in zip(batch.rows, proba_fn(batch.images), strict=True):
+            rel = [os.path.relpath(paths[i], root) if root is not None else paths[i] for i in batch.rows]
+            for i, p in zip(batch.rows, proba_fn(batch.images, rel), strict=True):
                 k = int(np.argmax(p))
                 rows.append(
                     {

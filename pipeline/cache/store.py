@@ -14,6 +14,8 @@ Layout of a finished cache (one file per dataset x backbone x weights x layer x 
                                      a rerun recomputes only rows whose (path, key) is new (incremental)
     /<split>/skipped/paths, /<split>/skipped/reasons, /<split>/skipped/keys   files that could not be decoded
     /train@aug<k>/...  the k-th augmented view of every train image (AUGMENT=K), same layout
+    /<split>@tta<k>/... the k-th test-time view of every image of <split> (TTA_VIEWS=N; 1 the mirror), same layout;
+                        described by info["tta"] (views, seed, policy, splits); absent from older caches
 
 A cache merged from shards (``extract --shards N``) has the same layout, but each
 ``features`` dataset is an HDF5 virtual dataset over the shard files next to it
@@ -115,6 +117,10 @@ class CacheMeta(CacheKey):
     @property
     def view_splits(self) -> list[str]:
         return list((self.augment or {}).get("splits", []))
+
+    def tta_splits(self, split: str) -> list[str]:
+        """The cached test-time views of ``split`` (``features.tta_views``), view 1 first; [] when none."""
+        return list(((self.info.get("tta") or {}).get("splits") or {}).get(split, []))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly (run.json keeps a copy, so a run folder describes its cache)."""

@@ -61,6 +61,9 @@ class ExtractConfig:
     seed: int = 0  # split shuffling and random weights
     chunk_size: int = 256  # images per resumable chunk
     augment: int = 0  # K augmented views of every train image (seed 003's flip/rotation/zoom), cached once
+    tta_views: int = (
+        0  # N test-time views of every image of every split (1: the mirror; then policy views), cached once
+    )
     decode_threads: int = 2  # threads decoding images ahead of the model (when decode_processes is 0)
     decode_processes: int = _default_decode_processes()  # >0: decode in processes (many-core GPU hosts)
     cache_dir: Path = dataclasses.field(default_factory=paths.cache_dir)  # ./cache or $FEATCACHE_HOME/cache
@@ -79,6 +82,11 @@ class ExtractConfig:
         if not isinstance(self.augment, int) or self.augment < 0:
             raise ConfigError(
                 f"augment must be an integer >= 0 (views per train image); received augment={self.augment!r}"
+            )
+        if not isinstance(self.tta_views, int) or isinstance(self.tta_views, bool) or self.tta_views < 0:
+            raise ConfigError(
+                "tta_views must be an integer >= 0 (test-time views per image; 1 is the mirror); "
+                f"received tta_views={self.tta_views!r}"
             )
         for name in ("batch_size", "chunk_size", "decode_threads"):
             value = getattr(self, name)
@@ -113,6 +121,8 @@ class SweepConfig:
     memory_budget: str = "auto"  # e.g. "4GB"; auto: half of the machine's RAM
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 in the environment also turns it off
     exclude: Path | None = None  # CSV with a ``path`` column (e.g. inspect's): those train rows are not trained on
+    tta: bool = False  # score heads on the mean over cached test-time views (or the sweep file's `tta`)
+    ensemble: int | None = None  # the mean of the top-k configs is one more row; None: the sweep file's `ensemble`
 
     def __post_init__(self) -> None:
         check_choice("stream", self.stream, STREAM_MODES)
@@ -122,6 +132,10 @@ class SweepConfig:
         check_choice("train_on", self.train_on, TRAIN_ON)
         if self.views is not None and (not isinstance(self.views, int) or self.views < 1):
             raise ConfigError(f"views must be a positive integer; received views={self.views!r}")
+        if self.ensemble is not None and (
+            not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or self.ensemble < 0
+        ):
+            raise ConfigError(f"ensemble must be an integer >= 0 (0 or 1: off); received ensemble={self.ensemble!r}")
         if not isinstance(self.n_jobs, int) or self.n_jobs == 0:
             raise ConfigError(f"n_jobs must be a non-zero integer; received n_jobs={self.n_jobs!r}")
 
@@ -148,7 +162,7 @@ class FinetuneConfig:
     track: bool = True  # log to MLflow (pipeline.runs.tracking); TRACK=0 also turns it off
 
     def __post_init__(self) -> None:
-        check_choice("train_on", self.train_on, TRAIN_ON)
+        check_choice("train_on", self.train_on, tuple(t for t in TRAIN_ON if t != "tta"))  # block4 has no tta views
         for name in ("epochs", "head_epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -15,9 +15,10 @@ SPLITS = ("train", "validation", "test")  # in this order everywhere: files, tab
 DTYPES = ("float32", "float16")  # stored feature dtype
 PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")  # compute; int8: OpenVINO (the openvino extra)
 COMPRESSIONS = ("none", "lzf", "gzip")  # HDF5 filter for features
-TRAIN_ON = ("clean", "views", "both")  # stage two: clean rows, cached augmented views, or both
+TRAIN_ON = ("clean", "views", "both", "tta")  # stage two: clean, augmented views, both; tta: clean + test-time views
 STREAM_MODES = ("auto", "on", "off")  # stage two: train from the HDF5 file in chunks
-ENGINES = ("local", "ray", "openvino")  # where extract runs; "openvino" is the spelling of --precision int8
+ENGINES = ("local", "ray")  # where extract runs: this process, or Ray tasks
+RUNTIMES = ("keras", "openvino")  # what runs the forward pass; openvino runs int8 only (--precision int8)
 DECODERS = ("auto", "cpu", "gpu")  # JPEG decoding; gpu: features.gpu_decode (torchvision + CUDA)
 POOLINGS = ("flatten", "avg", "max")  # how a head turns (h, w, c) maps into a vector
 MAPS = ("pca", "umap")  # inspect's 2-D map of the embedding; umap: the `inspect` extra
@@ -25,6 +26,7 @@ EXPORT_FORMATS = ("keras", "tf_saved_model", "onnx", "litert", "openvino")  # `f
 EXPORT_PRECISIONS = ("cache", "float32", "bfloat16")  # export compute; cache: the precision the features had
 
 _VIEW = "@aug"  # train@aug3: the 3rd cached augmented view of every train image
+_TTA = "@tta"  # test@tta1: the 1st cached test-time view (the mirror) of every test image
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any], where: str | None = None) -> Any:
@@ -41,9 +43,15 @@ def view_split(k: int) -> str:
     return f"train{_VIEW}{k}"
 
 
+def tta_split(split: str, k: int) -> str:
+    """Name of the split holding the k-th (1-based) test-time view of every image of ``split``
+    (view 1 the mirror, then the augmentation policy's views: ``features.views``)."""
+    return f"{split}{_TTA}{k}"
+
+
 def is_view(split: str) -> bool:
-    """True for a cached augmented view (``train@aug<k>``), False for train/validation/test."""
-    return _VIEW in split
+    """True for a cached view (``train@aug<k>``, ``<split>@tta<k>``), False for train/validation/test."""
+    return _VIEW in split or _TTA in split
 
 
 __all__ = [
@@ -56,10 +64,12 @@ __all__ = [
     "MAPS",
     "POOLINGS",
     "PRECISIONS",
+    "RUNTIMES",
     "SPLITS",
     "STREAM_MODES",
     "TRAIN_ON",
     "check_choice",
     "is_view",
+    "tta_split",
     "view_split",
 ]

@@ -190,16 +190,28 @@ def augment(image: np.ndarray, seed: Sequence[int], policy: AugmentPolicy = AUGM
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+MIRROR = "mirror"  # a view's transform: the horizontal mirror (features.views' view 1)
+
+
+def view(image: np.ndarray, spec: Any) -> np.ndarray:
+    """The view ``spec`` of a decoded image: ``MIRROR``, or an ``augment`` seed."""
+    if isinstance(spec, str):
+        if spec != MIRROR:
+            raise ValueError(f"unknown view transform {spec!r}; known: {MIRROR!r} or an augmentation seed")
+        return np.ascontiguousarray(image[:, ::-1])
+    return augment(image, spec)
+
+
 def _decode_group(sources: Sequence[str | np.ndarray | tuple], size: int) -> list[np.ndarray | str]:
     """Decode several images in one task: an array each, or the reason it failed.
 
-    A ``(source, seed)`` tuple asks for an augmented view of that source.
+    A ``(source, spec)`` tuple asks for a view of that source (``view``: mirror or augmented).
     """
     out: list[np.ndarray | str] = []
     for src in sources:
         try:
             if isinstance(src, tuple):
-                out.append(augment(load(src[0], size), src[1]))
+                out.append(view(load(src[0], size), src[1]))
             else:
                 out.append(load(src, size))
         except ImageLoadError as e:

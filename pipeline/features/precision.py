@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.vocab import PRECISIONS, check_choice
+from pipeline.features import machine
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Choice:
             "requested": self.requested,
             "reason": self.reason,
             "keras_policy": self.policy,
-            "cpu": cpu_name(),
+            "cpu": machine.cpu_name(),
         }
 
 
@@ -99,68 +99,6 @@ def policy_scope(precision: str) -> Iterator[str]:
         yield keras_policy(precision)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def _cpuinfo(path: str = "/proc/cpuinfo") -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:  # not Linux, or no /proc: nothing known
-        return ""
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (first processor); empty when unreadable."""
-    for line in _cpuinfo(path).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def cpu_name(path: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or platform's guess."""
-    for line in _cpuinfo(path).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return " ".join(value.split())
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA, AMD ROCm
-
-
-def gpu_possible() -> bool:
-    """Cheap and import-free: False when no GPU device file exists, so ``auto`` on a CPU
-    machine (and every cache hit) never imports TensorFlow just to ask."""
-    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
-
-
-def has_gpu() -> bool:
-    """True when the Keras backend sees a GPU (TensorFlow, JAX or torch)."""
-    if not gpu_possible():
-        return False
-    import keras
-
-    backend = keras.backend.backend()
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            return bool(tf.config.list_physical_devices("GPU"))
-        if backend == "jax":
-            import jax
-
-            return any(d.platform == "gpu" for d in jax.devices())
-        if backend == "torch":
-            import torch
-
-            return bool(torch.cuda.is_available())
-    except Exception:  # a broken driver is "no GPU" for this decision
-        return False
-    return False
 
 
 def _versions() -> str:
@@ -280,14 +218,14 @@ def resolve(
     if requested == "auto" and pinned and pinned != "auto":
         check(pinned)
         return Choice(pinned, f"auto pinned by {ENV}={pinned}", False, "auto")
-    flags = cpu_flags() if flags is None else flags
+    flags = machine.cpu_flags() if flags is None else flags
     bf16_cpu = [f for f in BF16_FLAGS if f in flags]
     if requested != "auto":
         if gpu is None and requested != "float32":
-            gpu = has_gpu()
+            gpu = machine.has_gpu()
         return Choice(requested, _explicit_reason(requested, gpu, bf16_cpu), False, requested)
     if gpu is None:
-        gpu = has_gpu()
+        gpu = machine.has_gpu()
     if gpu:
         return Choice("float16", "auto: a GPU is present; mixed float16 runs on its tensor cores", False, "auto")
     if not bf16_cpu:
@@ -298,15 +236,14 @@ def resolve(
             False,
             "auto",
         )
-    name = cpu_name() if name is None else name
+    name = machine.cpu_name() if name is None else name
     key = memo_key(name, flags, _versions() if versions is None else versions)
     memo = default_memo() if memo is None else memo
     entry = _read_memo(memo).get("machines", {}).get(key)
     probed = False
     if not _valid_entry(entry):
-        t0 = time.perf_counter()
         try:
-            fp32, bf16 = (probe or timed_probe)()
+            entry = _probe_entry(probe or timed_probe)
         except Exception as e:  # bfloat16 kernels missing or broken here: float32 is always safe
             return Choice(
                 "float32",
@@ -314,17 +251,27 @@ def resolve(
                 True,
                 "auto",
             )
-        entry = {
-            "float32_img_s": round(float(fp32), 2),
-            "bfloat16_img_s": round(float(bf16), 2),
-            "probe_seconds": round(time.perf_counter() - t0, 2),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
         _write_memo(memo, key, entry)
         probed = True
+    return _choose_from_probe(entry, bf16_cpu, "probed now" if probed else f"probe remembered in {memo}", probed)
+
+
+def _probe_entry(probe: Probe) -> dict[str, Any]:
+    """Run the timed probe once: what the memo keeps for this machine."""
+    t0 = time.perf_counter()
+    fp32, bf16 = probe()
+    return {
+        "float32_img_s": round(float(fp32), 2),
+        "bfloat16_img_s": round(float(bf16), 2),
+        "probe_seconds": round(time.perf_counter() - t0, 2),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _choose_from_probe(entry: dict[str, Any], bf16_cpu: list[str], how: str, probed: bool) -> Choice:
+    """bfloat16 when the probe found it at least MARGIN faster than float32, else float32."""
     fp32, bf16 = entry["float32_img_s"], entry["bfloat16_img_s"]
     speedup = bf16 / fp32 if fp32 > 0 else 0.0
-    how = "probed now" if probed else f"probe remembered in {memo}"
     measured = (
         f"{', '.join(bf16_cpu)} present; bfloat16 {speedup:.2f}x float32 "
         f"({bf16:.1f} vs {fp32:.1f} img/s, small VGG-like stack, {how})"

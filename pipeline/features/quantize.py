@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.cache.models import MODEL_FILES, RECORD, model_sha256
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.features.images import Decoder
-from pipeline.features.precision import cpu_flags, cpu_name
+from pipeline.features.machine import cpu_flags, cpu_name
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ def extract_ray(
 
     ``fail_once`` (tests): a folder; each task raises once, after its first batch, unless it
     finds its own marker file there, so the retry path is exercised. ``hold`` (tests): a
-    folder; each task, after its first batch, writes ``running-<shard>`` there and waits for
-    ``go``, so a test can kill a node while every shard is mid-run."""
+    folder; each task, once its first chunk is saved, writes ``running-<shard>`` (its pid) there
+    and waits for ``go``, so a test can kill a node while every shard is mid-run."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from tqdm.auto import tqdm
@@ -195,8 +195,17 @@ def _shard_task(
             marker.touch()
             raise RuntimeError(f"injected failure in shard {shard} (test)")
         if hold is not None:
-            (Path(hold) / f"running-{shard}").touch()
-            while not (Path(hold) / "go").exists():
-                time.sleep(0.05)
+            _hold(Path(hold), Path(cfg.cache_dir), f".*.shard-{expect[:12]}-{shard}-of-{shards}.partial/*.npz", shard)
 
     return extract(cfg, shards=shards, shard=shard, progress=report, expect_todo=expect)
+
+
+def _hold(hold: Path, cache_dir: Path, chunk_glob: str, shard: int) -> None:
+    """Test hook: once a chunk of this shard is on disk (chunks are saved on a background
+    thread, after the progress call), write ``running-<shard>`` holding this worker's pid, so a
+    test can kill the process with its node, then wait for ``go``."""
+    while not any(cache_dir.rglob(chunk_glob)):
+        time.sleep(0.05)
+    (hold / f"running-{shard}").write_text(str(os.getpid()))
+    while not (hold / "go").exists():
+        time.sleep(0.05)

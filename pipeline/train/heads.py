@@ -5,6 +5,8 @@ per head, checked by scikit-learn's own machinery) and returns ``self``, learned
 attributes end in ``_``. X is the cached map (N,h,w,C) or already flat (N,D); ``pooling``
 turns the map into a vector first: ``flatten`` (h*w*C, 8192 at 150 px), ``avg`` or ``max``
 (C). The Keras MLP is imported lazily, so a scikit-learn-only sweep never loads TensorFlow.
+Estimators only: the Keras recipe the MLP shares with finetune is ``seeds_recipe``, heads by
+name from a sweep file are ``sweep_file``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from pipeline.core import layers
-from pipeline.core.errors import ConfigError
 from pipeline.core.vocab import POOLINGS
+from pipeline.train.seeds_recipe import compile_for, seeds_head
 
 log = logging.getLogger(__name__)
 
@@ -224,22 +226,21 @@ class SVMHead(_PooledHead):
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import LinearSVC
 
-        svm = LinearSVC(
-            C=self.C,
-            class_weight=self._class_weight_by_index(self.classes_),
-            max_iter=self.max_iter,
-            random_state=self.random_state,
-        )
+        class_weight = self._class_weight_by_index(self.classes_)
+        svm = LinearSVC(C=self.C, class_weight=class_weight, max_iter=self.max_iter, random_state=self.random_state)
         fewest = int(np.bincount(y).min())
+        if fewest < 2:  # too few rows to calibrate: one SVM, probabilities from its margins
+            self.model_ = make_pipeline(StandardScaler(), svm).fit(Z, y)
+            self.n_iter_ = int(svm.n_iter_)
+            return
         # issue 29: one stratified held-out third calibrates once every class has 3 rows; 3-fold
         # calibration fitted the one-vs-rest SVM three times (classes x 3 liblinear fits), about
         # 3x the cost for 0.2-0.5 point of validation accuracy (BENCHMARKS.md section 8)
         cv: Any = StratifiedShuffleSplit(1, test_size=1 / 3, random_state=self.random_state) if fewest >= 3 else fewest
-        self.model_ = make_pipeline(StandardScaler(), CalibratedClassifierCV(svm, cv=cv) if fewest >= 2 else svm)
-        self.model_.fit(Z, y)
-        fitted = self.model_[-1]
-        svms = [c.estimator for c in fitted.calibrated_classifiers_] if fewest >= 2 else [fitted]
-        self.n_iter_ = max(int(s.n_iter_) for s in svms)  # the slowest calibration fit
+        scaler, calibrated = StandardScaler(), CalibratedClassifierCV(svm, cv=cv)
+        _fit_weighted_calibration(calibrated, scaler.fit_transform(Z), y, class_weight)
+        self.model_ = make_pipeline(scaler, calibrated)
+        self.n_iter_ = max(int(c.estimator.n_iter_) for c in calibrated.calibrated_classifiers_)  # the slowest fit
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
         if hasattr(self.model_, "predict_proba"):
@@ -248,6 +249,28 @@ class SVMHead(_PooledHead):
         scores = np.column_stack([-scores, scores]) if scores.ndim == 1 else scores
         e = np.exp(scores - scores.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
+
+
+def _fit_weighted_calibration(calibrated: Any, Z: np.ndarray, y: np.ndarray, class_weight: Any) -> None:
+    """Fit ``calibrated`` (a CalibratedClassifierCV over a class-weighted LinearSVC) with the
+    sigmoid fitted on held-out rows weighted by ``class_weight`` too: an unweighted sigmoid
+    moves the decision threshold back to where the class frequencies put it, undoing
+    class_weight. The SVM keeps its own class_weight and is given no sample weights (they
+    would weight it twice): scikit-learn's metadata routing sends them to the calibration only."""
+    if class_weight is None:
+        calibrated.fit(Z, y)
+        return
+    from sklearn import config_context
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    svm = calibrated.estimator
+    with config_context(enable_metadata_routing=True):
+        svm.set_fit_request(sample_weight=False)
+        try:
+            calibrated.fit(Z, y, sample_weight=compute_sample_weight(class_weight, y))
+        finally:  # the request is a fitting detail: a saved head holds plain scikit-learn parts (persist)
+            for est in [svm, *(c.estimator for c in getattr(calibrated, "calibrated_classifiers_", []))]:
+                vars(est).pop("_metadata_request", None)
 
 
 class _KerasHead:
@@ -285,29 +308,6 @@ class _KerasHead:
                     f.write(state["model_"])
                 state["model_"] = layers.load_model_safely(path)  # never Lambda bytecode
         self.__dict__.update(state)
-
-
-def seeds_head(x: Any, n_classes: int, units: int = 256, dropout: float = 0.5) -> Any:
-    """The seeds' classifier on a Keras tensor: Dense(units, relu), Dropout, then
-    Dense(1, sigmoid) for two classes or Dense(K, softmax)."""
-    import keras
-
-    x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    if n_classes == 2:
-        return keras.layers.Dense(1, activation="sigmoid", name="head_out")(x)
-    return keras.layers.Dense(n_classes, activation="softmax", name="head_out")(x)
-
-
-def compile_for(model: Any, n_classes: int, learning_rate: float) -> None:
-    """RMSprop and the seeds' loss for two or more classes."""
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
-        loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
 
 
 class MLPHead(_KerasHead, _PooledHead):
@@ -432,38 +432,3 @@ class KerasModelHead(_KerasHead, ClassifierMixin, BaseEstimator):
 
 
 HEADS: dict[str, type[_PooledHead]] = {"logreg": LogRegHead, "mlp": MLPHead, "svm": SVMHead}
-
-
-def make_head(name: str, **params: Any) -> _PooledHead:
-    """A head by name; unknown names, parameters and out-of-range values are ConfigErrors."""
-    if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; available: {sorted(HEADS)}")
-    head = HEADS[name]()
-    allowed = sorted(head.get_params())
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ConfigError(f"head {name!r} has no parameter(s) {unknown}; allowed: {allowed}")
-    head.set_params(**params)
-    try:
-        head._validate_params()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"head {name!r}: {e}") from e
-    return head
-
-
-def head_tables(spec: dict[str, Any], source: str) -> list[tuple[int, str, dict[str, Any]]]:
-    """The sweep file's ``[[head]]`` tables as (number, head name, the other keys), checked:
-    shared by the grid and by the Optuna search."""
-    heads = spec.get("head")
-    if not heads or not isinstance(heads, list):
-        raise ConfigError(f'{source}: no [[head]] tables; add at least one, e.g. [[head]] name = "logreg"')
-    out = []
-    for number, table in enumerate(heads, 1):
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: head #{number} must be a [[head]] table with a name; received {table!r}")
-        rest = dict(table)
-        name = rest.pop("name", None)
-        if name not in HEADS:
-            raise ConfigError(f"{source}: unknown head {name!r}; available: {sorted(HEADS)}")
-        out.append((number, name, rest))
-    return out

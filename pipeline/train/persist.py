@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.core import layers
 from pipeline.core.errors import CacheError
 from pipeline.core.provenance import versions
+from pipeline.train import ensemble
 from pipeline.train.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead, _KerasHead
 
 log = logging.getLogger(__name__)
@@ -197,3 +198,17 @@ def load_head(
             )
         head.model_ = layers.load_model_safely(keras_path)
     return head
+
+
+def load_winner(folder: str | Path, info: dict[str, Any], trust_pickle: bool = False) -> Any:
+    """The head a run folder's predictions come from: its winner, or, when run.json says the
+    ensemble won, an ``Ensemble`` of the members saved under their config names (in order)."""
+    recorded = info.get("ensemble") or {}
+    if not recorded.get("won"):
+        return load_head(folder, trust_pickle=trust_pickle, versions=info.get("versions"))
+    names = list(recorded.get("members") or [])
+    members = [
+        load_head(folder, stem=ensemble.stem(n), trust_pickle=trust_pickle, versions=info.get("versions"))
+        for n in names
+    ]
+    return ensemble.Ensemble(members, names)

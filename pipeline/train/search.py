@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.vocab import TRAIN_ON, check_choice
-from pipeline.train.heads import head_tables, make_head
+from pipeline.train.sweep_file import head_tables, make_head
 
 log = logging.getLogger(__name__)
 

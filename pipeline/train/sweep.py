@@ -3,6 +3,9 @@ the winner on validation alone, and only then score it once on test.
 
 The sweep file lists heads, each with a value or a list of values per parameter::
 
+    tta = true        # optional: score every head on the mean over each image's cached test-time views
+    ensemble = 3      # optional: the mean of the top-3 configs by validation is one more row
+
     [[head]]
     name = "logreg"
     pooling = ["flatten", "avg"]
@@ -11,6 +14,7 @@ The sweep file lists heads, each with a value or a list of values per parameter:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,17 +27,36 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import models, store
+from pipeline.core import accounting
 from pipeline.core.config import SweepConfig, as_dict, load_toml
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.memory import parse_budget
 from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
-from pipeline.train import exclude, regpath, search, stream
-from pipeline.train.heads import HEADS, _KerasHead, head_tables, make_head
+from pipeline.train import ensemble, exclude, regpath, search, stream
+from pipeline.train.heads import HEADS, _KerasHead
 from pipeline.train.persist import save_head
+from pipeline.train.splits import load_splits, load_views, training_rows, without
+from pipeline.train.sweep_file import head_tables, make_head
 
 log = logging.getLogger(__name__)
+
+OPTION_KEYS = ("tta", "ensemble")  # top-level sweep-file keys beside [[head]] (and search/trials)
+
+
+def sweep_options(spec: dict[str, Any], source: str = "sweep file") -> tuple[dict[str, Any], bool, int]:
+    """(the spec without ``OPTION_KEYS``, tta, ensemble k), both checked: ``tta = true|false``,
+    ``ensemble = k`` (an integer >= 0; 0 or 1 is no ensemble)."""
+    tta, k = spec.get("tta", False), spec.get("ensemble", 0)
+    if not isinstance(tta, bool):
+        raise ConfigError(f"{source}: tta must be true or false; received tta = {tta!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(
+            f"{source}: ensemble must be an integer >= 0 (the top-k configs averaged; 0 or 1 is none); "
+            f"received ensemble = {k!r}"
+        )
+    return {key: v for key, v in spec.items() if key not in OPTION_KEYS}, tta, k
 
 
 def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[str, dict[str, Any]]]:
@@ -43,7 +66,8 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
     unknown = sorted(set(spec) - {"head"})
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level key(s) {unknown}; allowed: ['head'] (the seed comes from --seed / SEED=)"
+            f"{source}: unknown top-level key(s) {unknown}; allowed: ['head', 'tta', 'ensemble'] "
+            "(the seed comes from --seed / SEED=)"
         )
     configs = []
     for number, name, table in head_tables(spec, source):
@@ -85,9 +109,29 @@ class SweepData:
     notes: list[str]
     streams: dict[str, Any] | None = None  # train_on -> stream.StreamSource when train is read in chunks
     excluded: dict[str, Any] | None = None  # --exclude: the file and the train rows it dropped (run.json)
+    tta: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)  # split -> its views, row-aligned
+    train_tta: tuple[np.ndarray, np.ndarray] | None = None  # train's test-time views, stacked (train_on="tta")
+    flops_per_image: float = 0.0  # of the cache's backbone (0: not tabulated), for compute accounting
 
     def training_rows(self, train_on: str) -> tuple[np.ndarray, np.ndarray]:
-        return training_rows(self.train, self.views, train_on)
+        return training_rows(self.train, self.views, train_on, self.train_tta)
+
+    def proba(self, head: Any, split: str) -> np.ndarray:
+        """``head``'s probabilities on validation or test: with test-time views, the mean over
+        each image's clean row and its views (one image, one prediction)."""
+        x = self.validation[0] if split == "validation" else self.test[0]  # type: ignore[index]
+        views = self.tta.get(split, [])
+        if not views:
+            return np.asarray(head.predict_proba(x))
+        return np.mean([head.predict_proba(x), *(head.predict_proba(v) for v in views)], axis=0)
+
+    def passes(self, train_rows: int) -> float | None:
+        """Backbone passes a config used, views included, in seed-recipe 180 px equivalents:
+        its training rows plus every validation and test image it scored (times its views)."""
+        scored = len(self.validation[1]) * (1 + len(self.tta.get("validation", [])))
+        if self.test is not None:
+            scored += len(self.test[1]) * (1 + len(self.tta.get("test", [])))
+        return accounting.recipe_passes(train_rows + scored, self.flops_per_image)
 
 
 COLUMNS = (
@@ -97,6 +141,7 @@ COLUMNS = (
     "params",
     "train_on",
     "train_rows",
+    "passes",
     "val_accuracy",
     "val_log_loss",
     "fit_seconds",
@@ -105,34 +150,6 @@ COLUMNS = (
     "test_log_loss",
     "winner",
 )
-
-
-def training_rows(
-    train: tuple[np.ndarray, np.ndarray], views: tuple[np.ndarray, np.ndarray] | None, train_on: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clean train rows, the cached augmented views, or both stacked."""
-    if train_on == "clean":
-        return train
-    if views is None:
-        raise ConfigError(
-            f"train_on={train_on!r} needs augmented views in the cache; make them with "
-            "`make extract AUGMENT=K` (same options)"
-        )
-    if train_on == "views":
-        return views
-    return np.concatenate([train[0], views[0]]), np.concatenate([train[1], views[1]])
-
-
-def load_views(
-    cache: Path, meta: store.CacheMeta, limit: int | None, listed: frozenset[str] = frozenset()
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first ``limit`` (all when None) cached augmented views of train, stacked (without
-    the views of ``listed`` paths: --exclude)."""
-    names = meta.view_splits[:limit]
-    if not names:
-        return None
-    parts = [_without(store.load_split(cache, name), listed)[0] for name in names]
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def check_classes(cache: Path, meta: store.CacheMeta, labels: dict[str, np.ndarray]) -> None:
@@ -152,17 +169,58 @@ def check_classes(cache: Path, meta: store.CacheMeta, labels: dict[str, np.ndarr
             )
 
 
-def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool) -> SweepData:
-    """Read the splits; carve validation from train when the cache has none; check classes."""
+def load_data(
+    cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool, tta: bool = False, train_tta: bool = False
+) -> SweepData:
+    """Read the splits; carve validation from train when the cache has none; check classes.
+    ``tta``: load validation's and test's test-time views; ``train_tta``: train's (train_on="tta")."""
+    data = _load_data(cfg, cache, meta, wants_views, train_tta)
+    data.flops_per_image = float(meta.info.get("flops_per_image") or 0.0)
+    if tta:
+        data.tta = {s: _tta_views(cache, meta, s) for s in ("validation", "test") if s in meta.splits}
+        data.notes.append(
+            f"tta: validation and test scored on the mean over each image and its {len(data.tta['validation'])} "
+            "cached test-time view(s)"
+        )
+    return data
+
+
+def _tta_views(cache: Path, meta: store.CacheMeta, split: str) -> list[np.ndarray]:
+    """The cached test-time views of ``split``, each row-aligned with the clean split by path."""
+    names = meta.tta_splits(split)
+    if not names:
+        raise ConfigError(
+            f"--tta (or tta = true) needs test-time views of {split} in {cache}, which has none; make them with "
+            "`make extract TTA_VIEWS=N` (same options; 1 is the mirror)"
+        )
+    _, _, paths = store.load_split(cache, split)
+    out = []
+    for name in names:
+        x, _, view_paths = store.load_split(cache, name)
+        row = {p: i for i, p in enumerate(view_paths)}
+        missing = [p for p in paths if p not in row]
+        if missing:
+            raise CacheError(
+                f"{cache}: view split {name!r} lacks {len(missing)} image(s) of {split} ({missing[:3]}); "
+                "rebuild the views with `make extract TTA_VIEWS=N FORCE=1`"
+            )
+        out.append(x[[row[p] for p in paths]])
+    return out
+
+
+def _load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool, train_tta: bool) -> SweepData:
     from sklearn.model_selection import train_test_split
 
     notes = []
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
     views_used = meta.view_splits[: cfg.views] if wants_views else []
+    tta_used = meta.tta_splits("train") if train_tta else []
+    if train_tta and not tta_used:
+        training_rows((np.empty(0), np.empty(0)), None, "tta")  # the ConfigError that says how to make them
     streaming, why = stream.plan_training(
         cache,
-        ["train", *views_used],
+        ["train", *views_used, *tta_used],
         meta.split_sizes,
         meta.feature_shape,
         cfg.stream,
@@ -175,10 +233,10 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
                 f"--exclude needs train in memory, and {cache} would be streamed: pass --stream off "
                 "(or a larger --memory-budget)"
             )
-        return _streaming_data(cfg, cache, meta, views_used, notes)
-    data = {s: store.load_split(cache, s)[:2] for s in SPLITS if s in meta.splits and s != "train"}
+        return _streaming_data(cfg, cache, meta, views_used, notes, tta_used)
+    data = load_splits(cache, meta, [s for s in SPLITS if s != "train"])
     listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
-    data["train"], dropped = _without(store.load_split(cache, "train"), listed)
+    data["train"], dropped = without(store.load_split(cache, "train"), listed)
     excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
     if excluded is not None:
         notes.append(
@@ -203,27 +261,34 @@ def load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views:
         notes.append("no test split in the cache: the winner is not tested")
     check_classes(cache, meta, {s: y for s, (_, y) in data.items()})
     views = load_views(cache, meta, cfg.views, listed) if wants_views else None
-    if views is not None and "validation" not in meta.splits:
+    if (views is not None or tta_used) and "validation" not in meta.splits:
         raise ConfigError(
             f"{cache}: training on views needs a validation split in the cache (a validation set "
             "carved from train would hold images whose views are trained on)"
         )
-    return SweepData(data["train"], data["validation"], data.get("test"), views, cfg.train_on, notes, excluded=excluded)
-
-
-def _without(
-    split: tuple[np.ndarray, np.ndarray, list[str]], listed: frozenset[str]
-) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
-    """(features, labels) of a loaded split less the rows whose path is ``listed``, and those paths."""
-    x, y, paths = split
-    if not listed:
-        return (x, y), []
-    keep = exclude.keep_mask(paths, listed)
-    return (x[keep], y[keep]), [p for p, k in zip(paths, keep, strict=True) if not k]
+    train_views = None
+    if tta_used:
+        parts = [without(store.load_split(cache, name), listed)[0] for name in tta_used]
+        train_views = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+    return SweepData(
+        data["train"],
+        data["validation"],
+        data.get("test"),
+        views,
+        cfg.train_on,
+        notes,
+        excluded=excluded,
+        train_tta=train_views,
+    )
 
 
 def _streaming_data(
-    cfg: SweepConfig, cache: Path, meta: store.CacheMeta, views_used: list[str], notes: list[str]
+    cfg: SweepConfig,
+    cache: Path,
+    meta: store.CacheMeta,
+    views_used: list[str],
+    notes: list[str],
+    tta_used: list[str] | None = None,
 ) -> SweepData:
     """Train stays in the file (labels only in memory); validation and test are loaded."""
 
@@ -236,11 +301,11 @@ def _streaming_data(
     if views_used:
         sources["views"] = stream.source_for(cache, views_used, meta.feature_shape)
         sources["both"] = stream.source_for(cache, ["train", *views_used], meta.feature_shape)
+    if tta_used:
+        sources["tta"] = stream.source_for(cache, ["train", *tta_used], meta.feature_shape)
     train = (np.empty((0, *meta.feature_shape), np.float32), sources["clean"].labels)
     views = (np.empty((0, *meta.feature_shape), np.float32), sources["views"].labels) if views_used else None
-    data: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        s: store.load_split(cache, s)[:2] for s in ("validation", "test") if s in meta.splits
-    }
+    data = load_splits(cache, meta, ("validation", "test"))
     check_classes(cache, meta, {"train": train[1], **{s: y for s, (_, y) in data.items()}})
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
@@ -294,13 +359,14 @@ def _scored(
 
     import joblib
 
-    val_accuracy, val_log_loss = score(head.predict_proba(data.validation[0]), data.validation[1], head.classes_)
+    val_accuracy, val_log_loss = score(data.proba(head, "validation"), data.validation[1], head.classes_)
     row = {
         "index": index,
         "head": name,
         "pooling": head.pooling,
         "train_on": train_on,
         "train_rows": len(y_fit),
+        "passes": data.passes(len(y_fit)),
         "n_features": int(head.n_features_in_),
         "params": json.dumps({k: v for k, v in params.items() if k != "pooling"}, sort_keys=True),
         "val_accuracy": val_accuracy,
@@ -427,18 +493,23 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
 
     cache = Path(cache_path)
     meta = store.read_meta(cache)
-    spec = load_toml(cfg.sweep_file)
+    full_spec = load_toml(cfg.sweep_file)
+    spec, file_tta, file_k = sweep_options(full_spec, str(cfg.sweep_file))
+    tta, k = cfg.tta or file_tta, file_k if cfg.ensemble is None else cfg.ensemble
     # --- search (issue 15): random/TPE trials through Optuna when the file asks; else the grid
     searching = search.is_search(spec)
     if searching:
         search.check(spec, str(cfg.sweep_file))
         configs: list[tuple[str, dict[str, Any]]] = []
-        wants_views = search.wants_views(spec, cfg.train_on)
+        train_ons = {
+            t for table in spec.get("head") or [] for t in search._choices(table.get("train_on", cfg.train_on))
+        }
     else:
         configs = expand_grid(spec, str(cfg.sweep_file))
-        wants_views = any(p.get("train_on", cfg.train_on) != "clean" for _, p in configs)
+        train_ons = {p.get("train_on", cfg.train_on) for _, p in configs}
+    wants_views = bool(train_ons & {"views", "both"})
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
-    data = load_data(cfg, cache, meta, wants_views)
+    data = load_data(cfg, cache, meta, wants_views, tta=tta, train_tta="tta" in train_ons)
     for note in data.notes:
         log.info(note)
     log.info(
@@ -466,36 +537,83 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     rows = [r for r, _, _ in results]
     full_params = [r.pop("full_params") for r in rows]
     _show_varying_params(rows)
+    histories = [h for _, h, _ in results]
+    members: ensemble.Ensemble | None = None
+    if k >= 2 and len(rows) >= 2:  # one more candidate: the mean of the top-k configs
+        members = _ensemble_row(rows, results, k, data)
+        full_params.append({"members": members.names, "combine": ensemble.COMBINE})
+        histories.append(None)
     best = select(rows)
     rows[best]["winner"] = True
-    winner = joblib.load(io.BytesIO(results[best][2]))
-    eval_split, (x_eval, y_eval) = ("test", data.test) if data.test is not None else ("validation", data.validation)
-    proba = winner.predict_proba(x_eval)
+    won = members is not None and best == len(rows) - 1
+    winner: Any = members if won else joblib.load(io.BytesIO(results[best][2]))
+    eval_split, (_, y_eval) = ("test", data.test) if data.test is not None else ("validation", data.validation)
+    proba = data.proba(winner, eval_split)
     if eval_split == "test":
         rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
     seconds = time.perf_counter() - t0
     _write_run(
         run,
         cfg,
-        spec,
+        full_spec,
         cache,
         meta,
         rows,
-        [h for _, h, _ in results],
+        histories,
         winner,
         full_params,
         (eval_split, y_eval, proba),
         data.notes,
         seconds,
         data.excluded,
+        {
+            "tta": {k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if tta else None,
+            "ensemble": {"k": k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
+            if members is not None
+            else None,
+        },
     )
     summary = (
-        f"{len(rows)} configs in {seconds:.1f} s; winner #{best} {rows[best]['head']} "
+        f"{len(rows)} configs{' (with the ensemble)' if members is not None else ''} in {seconds:.1f} s; "
+        f"winner #{best} {rows[best]['head']} "
         f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
         + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split")
     )
     table = text_table(rows, [c for c in COLUMNS if c != "winner"], mark="winner")
     return SweepResult(run.path, rows, rows[best], "\n".join([table, *data.notes, summary]))
+
+
+def _ensemble_row(
+    rows: list[dict[str, Any]], results: list[tuple[dict[str, Any], Any, bytes]], k: int, data: SweepData
+) -> ensemble.Ensemble:
+    """Append the row of the mean of the top-``k`` configs (by validation) to ``rows``; return it."""
+    import io
+
+    import joblib
+
+    chosen = ensemble.top_k(rows, k)
+    built = ensemble.Ensemble(
+        [joblib.load(io.BytesIO(results[i][2])) for i in chosen], [ensemble.config_name(rows[i]) for i in chosen]
+    )
+    val_accuracy, val_log_loss = score(data.proba(built, "validation"), data.validation[1], built.classes_)
+    passes = [rows[i]["passes"] for i in chosen]
+    rows.append(
+        {
+            "index": len(rows),
+            "head": "ensemble",
+            "pooling": built.pooling,
+            "train_on": "+".join(dict.fromkeys(rows[i]["train_on"] for i in chosen)),
+            "train_rows": max(rows[i]["train_rows"] for i in chosen),
+            "passes": None if None in passes else max(passes),  # one cache: the members share its rows
+            "n_features": None,
+            "params": json.dumps({"members": [int(rows[i]["index"]) for i in chosen]}),
+            "val_accuracy": val_accuracy,
+            "val_log_loss": val_log_loss,
+            "fit_seconds": sum(rows[i]["fit_seconds"] for i in chosen),
+            "epochs": None,
+        }
+    )
+    return built
 
 
 def _write_run(
@@ -512,14 +630,19 @@ def _write_run(
     notes: list[str],
     seconds: float,
     excluded: dict[str, Any] | None = None,
+    scoring: dict[str, Any] | None = None,
 ) -> None:
-    """results.csv, run.json, the winner, its confusion matrix, every MLP's curves,
-    report.html, and the MLflow runs (issue 15)."""
+    """results.csv, run.json, the winner (an ensemble's members, each under its config name),
+    its confusion matrix, every MLP's curves, report.html, and the MLflow runs (issue 15)."""
     from sklearn.metrics import confusion_matrix
 
     best = next(i for i, r in enumerate(rows) if r.get("winner"))
     run.write_results(rows, COLUMNS)
-    save_head(winner, run.path)
+    if isinstance(winner, ensemble.Ensemble):
+        for member, name in zip(winner.members, winner.names, strict=True):
+            save_head(member, run.path, stem=ensemble.stem(name))
+    else:
+        save_head(winner, run.path)
     for row, history in zip(rows, histories, strict=True):
         if history:
             (run.path / "curves").mkdir(exist_ok=True)
@@ -563,6 +686,7 @@ def _write_run(
             "winner": {**rows[best], "params": full_params[best]},
             "tracking": tracked,
             "exclude": excluded,
+            **(scoring or {"tta": None, "ensemble": None}),
         }
     )
 

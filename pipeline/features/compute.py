@@ -1,0 +1,325 @@
+"""The forward-pass loop of stage one: decode, run the backbone, save resumable chunks.
+
+``compute`` builds the model once, then feeds it batches from the decoder (overlapped with
+decoding) and hands every chunk to a background writer the moment its last row is done, so
+an interrupted run resumes from its finished chunks. Writing the cache file is ``commit``'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import store
+from pipeline.core.config import ExtractConfig
+from pipeline.core.errors import CacheError
+from pipeline.features import backbone, gpu_decode, images, layout, quantize, tta_views
+from pipeline.features.delta import Delta
+from pipeline.features.result import ExtractResult
+from pipeline.features.weights import verify_weights
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Computed:
+    """What ``compute`` leaves for ``commit``: the chunks on disk as blocks per split."""
+
+    chunks: store.ChunkStore | None  # None when nothing was computed (every row reused)
+    blocks: dict[str, list[store.Block]]
+    feature_shape: tuple[int, ...]
+    weights_sha256: str
+
+    def discard(self) -> None:
+        """Delete the chunk folder once the cache holding its rows is complete."""
+        if self.chunks is not None:
+            self.chunks.discard()
+
+
+def compute(
+    p: layout.Plan,
+    delta: Delta,
+    todo: dict[str, list[int]],
+    target: Path,
+    old: store.CacheMeta | None,
+    progress: Progress | None,
+    result: ExtractResult,
+) -> Computed:
+    """Run the backbone over ``todo`` (item indices per split) into resumable chunks next to
+    ``target``; counts and timings go into ``result``."""
+    if not any(todo.values()):
+        if old is None:
+            raise CacheError(f"internal: nothing to compute for {target} and no cache to reuse")
+        result.int8 = old.info.get("int8")
+        return Computed(None, {}, tuple(old.feature_shape), old.weights_sha256)
+    cfg = p.cfg
+    cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
+    # made before the model: GPU decode processes (gpu_decode.WORKERS) start while it builds
+    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
+    model, weights_sha256 = _build_model(p, old, result)
+    chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
+    t0 = time.perf_counter()
+    _forward_all(cfg, p.source.name, model, decoder, chunks, delta, todo, progress, result)
+    blocks = {
+        split: chunks.blocks(split, math.ceil(len(rows) / cfg.chunk_size)) for split, rows in todo.items() if rows
+    }
+    result.seconds = time.perf_counter() - t0
+    if isinstance(decoder, gpu_decode.GpuDecoder):
+        result.decode = {"decoder": "gpu", **decoder.counts, "fallbacks": decoder.fallbacks[:100]}
+    return Computed(chunks, blocks, tuple(int(d) for d in model.output_shape[1:]), weights_sha256)
+
+
+def _build_model(p: layout.Plan, old: store.CacheMeta | None, result: ExtractResult) -> tuple[Any, str]:
+    """The backbone (or its int8 OpenVINO engine) and the hash of its float weights, checked
+    against the cache's when rows are added to one."""
+    import keras
+
+    cfg = p.cfg
+    assert cfg.size is not None and cfg.layer is not None
+    t_build = time.perf_counter()
+    int8 = cfg.precision == "int8"  # OpenVINO quantises the float32 base (pipeline.features.quantize)
+    model = backbone.build(
+        cfg.backbone, size=cfg.size, layer=cfg.layer, weights=p.weights, precision="float32" if int8 else cfg.precision
+    )
+    log.info(
+        "built %s (%s weights, %s, Keras backend %s) in %.1f s",
+        model.name,
+        p.weights.id,
+        cfg.precision,
+        keras.backend.backend(),
+        time.perf_counter() - t_build,
+    )
+    if old is not None:  # the rows we add must come from the same weights as the rows we keep
+        verify_weights(model.base_weights_sha256, old.weights_sha256, str(p.path))
+    weights_sha256 = model.base_weights_sha256
+    if int8:
+        model = int8_engine(p, model, old)
+        result.int8 = quantize.summary(model.record)
+    return model, weights_sha256
+
+
+def int8_engine(p: layout.Plan, model: Any, old: store.CacheMeta | None) -> quantize.OpenVINOEngine:
+    """The quantised model of the cache: the one an existing cache recorded, else kept or new."""
+    recorded = old.info.get("int8") if old is not None else None
+    if old is not None and not recorded:
+        raise CacheError(f"{p.path} holds int8 features but does not name its quantised model; rebuild with --force")
+    assert p.cfg.size is not None
+    return quantize.engine_for(
+        p.path,
+        model,
+        source=p.source,
+        size=p.cfg.size,
+        seed=p.cfg.seed,
+        decode=(p.cfg.decode_threads, p.cfg.decode_processes),
+        recorded=recorded,
+        batch_size=p.cfg.batch_size,
+        quiet=p.cfg.quiet,
+    )
+
+
+def _chunk_store(
+    p: layout.Plan,
+    delta: Delta,
+    todo: dict[str, list[int]],
+    target: Path,
+    weights_sha256: str,
+    result: ExtractResult,
+) -> store.ChunkStore:
+    """The chunk folder of this work: chunks left by an interrupted run are reused only when
+    everything they depend on (identity, weights, chunking, seeds, the work itself) is the same."""
+    cfg = p.cfg
+    return store.ChunkStore(
+        target,
+        {
+            **dataclasses.asdict(p.key),
+            "weights_sha256": weights_sha256,
+            "int8_model_sha256": (result.int8 or {}).get("model_sha256"),
+            "chunk_size": cfg.chunk_size,
+            "seed": cfg.seed,
+            "view_seed": delta.view_seed,
+            "augment_policy": images.AUGMENT_POLICY,
+            **({"tta_seed": delta.tta_seed, "tta_policy": tta_views.POLICY} if delta.tta else {}),
+            "todo": hashlib.sha256(json.dumps(todo).encode()).hexdigest(),
+            "work": delta.todo_hash,
+            "fingerprint": p.key.fingerprint,
+        },
+    )
+
+
+def _forward_all(
+    cfg: ExtractConfig,
+    desc: str,
+    model: Any,
+    decoder: images.Decoder | gpu_decode.GpuDecoder,
+    chunks: store.ChunkStore,
+    delta: Delta,
+    todo: dict[str, list[int]],
+    progress: Progress | None,
+    result: ExtractResult,
+) -> None:
+    """Every split's pending chunks through the model, with one progress bar for the run."""
+    from tqdm.auto import tqdm
+
+    total = sum(len(v) for v in todo.values())
+    with (
+        decoder,
+        ChunkWriter(chunks) as writer,
+        tqdm(total=total, desc=desc, unit="img", disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar,
+    ):
+        loop = _Loop(cfg, model, decoder, writer, bar, result, progress)
+        for split, rows_todo in todo.items():
+            if not rows_todo:
+                continue
+            n_chunks = math.ceil(len(rows_todo) / cfg.chunk_size)
+            pending = [c for c in range(n_chunks) if not chunks.done(split, c)]
+            result.resumed_chunks += n_chunks - len(pending)
+            rows = [
+                rows_todo[j]
+                for c in pending
+                for j in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(rows_todo)))
+            ]
+            loop.advance(len(rows_todo) - len(rows))
+            result.images += loop.split(delta.items[split], split, rows, rows_todo)
+
+
+@dataclass
+class _Loop:
+    """The forward pass of one run: model, decoder, chunk writer, progress and the result's timings."""
+
+    cfg: ExtractConfig
+    model: Any
+    decoder: images.Decoder | gpu_decode.GpuDecoder
+    writer: ChunkWriter
+    bar: Any
+    result: ExtractResult
+    progress: Progress | None
+
+    def advance(self, done: int) -> None:
+        """Count ``done`` items (computed now, or in chunks an earlier run finished)."""
+        self.bar.update(done)
+        if self.progress is not None and done:
+            self.progress(done)
+
+    def split(self, items: Any, split: str, rows: list[int], rows_todo: list[int]) -> int:
+        """Forward ``rows`` (item indices), saving each chunk the moment its last row is done.
+
+        Chunk c holds positions c*chunk_size.. of ``rows_todo`` (the split's items to compute,
+        in order), so chunks mean the same thing in a resumed run. Returns rows run."""
+        cfg, timings = self.cfg, self.result.timings
+        assert cfg.size is not None
+        open_chunks = _OpenChunks(split, rows_todo, cfg.chunk_size, self.model.output_shape[1:], cfg.dtype)
+        sent = 0
+        stream = self.decoder.batches(items, rows, cfg.size, cfg.batch_size)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(stream, None)
+            t1 = time.perf_counter()
+            timings["waiting for decode"] += t1 - t0
+            if batch is None:
+                return sent
+            feats = None
+            if len(batch.rows):
+                feats = gpu_decode.forward(self.model, batch.images, cfg.batch_size)  # backbone.forward for numpy
+                self._time_forward(time.perf_counter() - t1, len(batch.rows))
+                sent += len(batch.rows)
+            t2 = time.perf_counter()
+            open_chunks.add(batch, feats, self.writer)
+            timings["saving chunks"] += time.perf_counter() - t2
+            done = len(batch.rows) + len(batch.failed)
+            self.bar.update(done)
+            if self.progress is not None:
+                self.progress(done)
+
+    def _time_forward(self, seconds: float, n: int) -> None:
+        """The first batch is the warm-up (graph tracing, kernel set-up); the rest is the forward pass."""
+        if not self.result.warmup_images:
+            self.result.warmup_seconds, self.result.warmup_images = seconds, n
+        else:
+            self.result.timings["forward pass"] += seconds
+
+
+class _OpenChunks:
+    """Rows of the chunks of one split still being filled; a chunk is saved once complete."""
+
+    def __init__(
+        self, split: str, rows_todo: list[int], chunk: int, feature_shape: tuple[int, ...], dtype: str
+    ) -> None:
+        self.split, self.n_todo, self.chunk = split, len(rows_todo), chunk
+        self.position = {item: j for j, item in enumerate(rows_todo)}
+        self.feature_shape, self.dtype = tuple(feature_shape), dtype
+        self.open: dict[int, dict[str, list]] = {}
+
+    def add(self, batch: Any, feats: np.ndarray | None, writer: ChunkWriter) -> None:
+        """File the batch's rows (and failures) under their chunks; save every chunk now complete."""
+        ok_chunk = np.array([self.position[int(i)] // self.chunk for i in batch.rows], np.int64)
+        failed_chunk = [self.position[i] // self.chunk for i, _ in batch.failed]
+        for c in sorted(set(ok_chunk.tolist()) | set(failed_chunk)):
+            acc = self.open.setdefault(int(c), {"features": [], "rows": [], "failed": []})
+            mine = ok_chunk == c
+            if mine.any():
+                assert feats is not None
+                acc["features"].append(feats[mine])
+                acc["rows"].append(np.asarray(batch.rows)[mine])
+            acc["failed"] += [
+                (i, reason) for (i, reason), fc in zip(batch.failed, failed_chunk, strict=True) if fc == c
+            ]
+            expected_rows = min((c + 1) * self.chunk, self.n_todo) - c * self.chunk
+            if sum(len(r) for r in acc["rows"]) + len(acc["failed"]) == expected_rows:
+                self._save(int(c), acc, writer)
+
+    def _save(self, c: int, acc: dict[str, list], writer: ChunkWriter) -> None:
+        features = (
+            np.concatenate(acc["features"]) if acc["features"] else np.zeros((0, *self.feature_shape), np.float32)
+        )
+        writer.save(
+            self.split,
+            c,
+            features.astype(self.dtype),
+            np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
+            np.array([i for i, _ in acc["failed"]], np.int64),
+            [r for _, r in acc["failed"]],
+        )
+        del self.open[c]
+
+
+class ChunkWriter:
+    """Saves finished chunks on a background thread so the model never waits for the disk.
+
+    At most ``depth`` saves are queued (memory stays bounded); the first error raised by a
+    save is raised again in the caller, and leaving the context waits for every save.
+    """
+
+    def __init__(self, chunks: store.ChunkStore, depth: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.chunks, self.depth = chunks, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
+        self.pending: list[Any] = []
+
+    def save(self, *args: Any) -> None:
+        self.pending.append(self.pool.submit(self.chunks.save, *args))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
