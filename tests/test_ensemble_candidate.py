@@ -15,8 +15,8 @@ from pipeline.core.config import SweepConfig
 from pipeline.core.errors import ConfigError
 from pipeline.runs.folder import score
 from pipeline.train import ensemble, sweep
-from pipeline.train.sweep_file import make_head
 from pipeline.train.persist import load_winner
+from pipeline.train.sweep_file import make_head
 
 from conftest import separable, synthetic_meta
 
