@@ -362,6 +362,30 @@ def test_an_int8_winner_exports_its_openvino_model_plus_the_head(tmp_path, capsy
     assert "int8 export" in capsys.readouterr().err
 
 
+def test_an_ensemble_converts_to_the_mean_of_its_members():
+    import keras
+
+    from pipeline.train.ensemble import Ensemble
+
+    x, y = separable(20, k=3, shape=(2, 2, 8), spread=2.0)
+    members = [LogRegHead(pooling="flatten").fit(x, y), SVMHead(pooling="avg").fit(x, y), LogRegHead("max").fit(x, y)]
+    head = Ensemble(members, ["00-logreg-flatten", "01-svm-avg", "02-logreg-max"])
+    features = keras.Input(x.shape[1:])
+    model = keras.Model(features, export_mod.convert_head(head, features))
+    probe, _ = separable(5, k=3, shape=(2, 2, 8), spread=4.0, seed=1)
+    np.testing.assert_allclose(model.predict(probe, verbose=0), head.predict_proba(probe), atol=1e-5, rtol=0)
+
+
+def test_a_run_scored_with_test_time_views_is_refused_by_name(runs, tmp_path, capsys):
+    _tmp, _data, run = runs
+    tta = _copy_run(run["logreg"], tmp_path / "tta")
+    info = json.loads((tta / "run.json").read_text())
+    (tta / "run.json").write_text(json.dumps({**info, "tta": {"views": 2, "seed": 0}}))
+    assert main(["export", str(tta)]) == 2
+    err = capsys.readouterr().err
+    assert "test-time views" in err and "Traceback" not in err and not (tta / "export").exists()
+
+
 def test_export_config_refuses_bad_values_by_name():
     with pytest.raises(ConfigError, match="precision"):
         ExportConfig(run=Path("r"), precision="float64")

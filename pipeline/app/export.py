@@ -24,7 +24,7 @@ probabilities tensor`` with columns in ``head.classes_`` order:
 - a fine-tuned block5 (KerasModelHead): its Keras model as it is, same two-column rule; an
   end-to-end fine-tune is the whole model, its Preprocess layer swapped for built-in ones.
 
-An ensemble head is ``Average`` over its members' conversions (see :func:`convert_head`).
+An ensemble winner is ``Average`` over its members' conversions (:func:`ensemble_layers`).
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ from pipeline.core.version import __version__
 from pipeline.features import backbone, images, quantize, registry, sources
 from pipeline.features.weights import Weights, check_file_unchanged, verify_weights
 from pipeline.runs import folder
+from pipeline.train.ensemble import Ensemble
 from pipeline.train.heads import KerasModelHead, LogRegHead, MLPHead, SVMHead
-from pipeline.train.persist import load_head
+from pipeline.train.persist import load_winner
 
 log = logging.getLogger(__name__)
 
 # max |p_export - p_predict| accepted per compute precision. float32: the issue's promise
 # (measured: < 2e-6, every format). bfloat16 (the base in bf16, predict in float32):
-# measured up to 7e-3 on real images and 2.6e-2 with a weak 64-px head (BENCHMARKS.md
+# measured up to 1.6e-2 on 1,000 real images and 2.6e-2 with a weak 64-px head (BENCHMARKS.md
 # section 13), so 5e-2: still far below what a wrong conversion gives. int8: both sides run
 # the same OpenVINO model, only the head differs (float32 layers vs scikit-learn float64).
 TOLERANCES = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 5e-2, "int8": 1e-4}
@@ -231,8 +232,17 @@ def keras_model_layers(head: KerasModelHead, x: Any, name: str = "head") -> Any:
     return _two_columns(p, name) if p.shape[-1] == 1 else p
 
 
+def ensemble_layers(head: Ensemble, x: Any, name: str = "head") -> Any:
+    """An ensemble winner: the mean of its members' probabilities, each member converted."""
+    import keras
+
+    branches = [convert_head(m, x, f"{name}_m{i}") for i, m in enumerate(head.members)]
+    return keras.layers.Average(name=f"{name}_mean")(branches)
+
+
 # checked in this order (MLPHead before nothing else matches it; KerasModelHead has no pooling)
 CONVERTERS: dict[type, Callable[[Any, Any, str], Any]] = {
+    Ensemble: ensemble_layers,
     KerasModelHead: keras_model_layers,
     MLPHead: mlp_layers,
     SVMHead: svm_layers,
@@ -241,11 +251,8 @@ CONVERTERS: dict[type, Callable[[Any, Any, str], Any]] = {
 
 
 def convert_head(head: Any, x: Any, name: str = "head") -> Any:
-    """Probabilities (columns in ``head.classes_`` order) of the feature map tensor ``x``.
-
-    An ensemble winner (the mean of its members' probabilities) is
-    ``keras.layers.Average()([convert_head(m, x, f"{name}_{i}") for i, m in enumerate(members)])``.
-    """
+    """Probabilities (columns in ``head.classes_`` order) of the feature map tensor ``x``;
+    an ensemble is ``Average`` over its members' conversions."""
     for kind, convert in CONVERTERS.items():
         if isinstance(head, kind):
             return convert(head, x, name)
@@ -461,7 +468,12 @@ def export(cfg: ExportConfig) -> ExportResult:
     # predict runs the cache's precision: the looser of the two bounds the difference
     default = max(TOLERANCES[precision], TOLERANCES.get(meta.precision, TOLERANCES["float32"]))
     tolerance = cfg.tolerance if cfg.tolerance is not None else default
-    head = load_head(cfg.run, trust_pickle=cfg.trust_pickle, versions=info.get("versions"))
+    if info.get("tta"):
+        raise ConfigError(
+            f"{cfg.run} was scored with test-time views (run.json tta: {info['tta']}); an export is one "
+            "forward pass per image and would not answer as predict does. Export a run swept without tta"
+        )
+    head = load_winner(cfg.run, info, trust_pickle=cfg.trust_pickle)
     floating = meta.precision != "int8" and info.get("model_input") != "images"
     full = pinned_backbone(meta, precision) if floating else None
     same = full if precision == meta.precision else None  # predict's backbone too: built once
