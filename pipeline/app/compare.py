@@ -64,53 +64,13 @@ def compare(
     default) and ``base.layer`` apply to every backbone. ``passes`` is the winner's backbone
     compute in seed-recipe 180 px passes (views included); the row marked ``winner`` has the
     best validation accuracy (then validation log-loss), never a test figure."""
-    if not backbones:
-        raise ConfigError("compare needs at least one backbone")
-    if sizes is not None and (not sizes or len(set(sizes)) != len(sizes)):
-        raise ConfigError(f"compare needs one or more distinct sizes; received sizes={sizes!r}")
-    size_list: list[int | None] = list(sizes) if sizes else [base.size]
-    cfgs = [  # all checked before any work
-        resolve_options(dataclasses.replace(base, backbone=name, size=size)) for name in backbones for size in size_list
-    ]
-    if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
-        raise ConfigError(
-            f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
-            "WEIGHTS=imagenet or WEIGHTS=random"
-        )
+    cfgs = _configs(backbones, base, sizes)
     run = RunFolder(sweep_cfg.runs_dir, "compare")
-    rows = []
-    log_losses = []
+    rows, log_losses = [], []
     for cfg in cfgs:
-        result = extract(cfg)
-        log.info(result.summary())
-        meta = store.read_meta(result.path)
-        t0 = time.perf_counter()
-        sweep = run_sweep(
-            dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}-{cfg.size}"), result.path
-        )
-        sweep_seconds = time.perf_counter() - t0
-        w = sweep.winner
-        log_losses.append(w["val_log_loss"])
-        rows.append(
-            {
-                "name": f"{cfg.backbone}-{cfg.size}",
-                "backbone": cfg.backbone,
-                "size": cfg.size,
-                "layer": cfg.layer,
-                "feature_shape": "x".join(map(str, meta.feature_shape)),
-                "features_per_image": int(np.prod(meta.feature_shape)),
-                "best_head": f"{w['head']} {w['pooling']} {w['params']}",
-                "val_accuracy": w["val_accuracy"],
-                "test_accuracy": w.get("test_accuracy"),
-                "passes": w.get("passes"),
-                "recipe_share": accounting.recipe_share(w.get("passes")),
-                "extract_seconds": 0.0 if result.hit else result.seconds,  # this call's: 0 on a cache hit
-                "sweep_seconds": sweep_seconds,
-                "extract_images_per_second": meta.info.get("extract_images_per_second"),
-                "cache_mb": result.path.stat().st_size / 1e6,
-                "run_dir": str(sweep.run_dir),
-            }
-        )
+        row, log_loss = _extract_and_sweep(cfg, sweep_cfg)
+        rows.append(row)
+        log_losses.append(log_loss)
     best = min(range(len(rows)), key=lambda i: (-rows[i]["val_accuracy"], log_losses[i], i))
     for i, row in enumerate(rows):
         row["winner"] = i == best
@@ -118,7 +78,80 @@ def compare(
     _bar_chart(rows, chart)
     # --- issue 15: report.html and MLflow (one child per backbone; each sweep is its own parent run too)
     report.table_report(run.path, "compare", rows, COLUMNS, ["compare.png"])
-    tracked = tracking.log_table_run(
+    tracked = _track(run, backbones, base, sweep_cfg, cfgs, rows)
+    run.write_json(
+        {
+            "kind": "compare",
+            "backbones": backbones,
+            "sizes": sorted({c.size for c in cfgs}),
+            "rows": rows,
+            "extract": as_dict(base),
+            "sweep": as_dict(sweep_cfg),
+            "tracking": tracked,
+        }
+    )
+    return CompareResult(rows, _table(rows, best), csv_path, chart)
+
+
+def _configs(backbones: list[str], base: ExtractConfig, sizes: Sequence[int] | None) -> list[ExtractConfig]:
+    """One extract config per (backbone, size), all checked before any work."""
+    if not backbones:
+        raise ConfigError("compare needs at least one backbone")
+    if sizes is not None and (not sizes or len(set(sizes)) != len(sizes)):
+        raise ConfigError(f"compare needs one or more distinct sizes; received sizes={sizes!r}")
+    size_list: list[int | None] = list(sizes) if sizes else [base.size]
+    cfgs = [
+        resolve_options(dataclasses.replace(base, backbone=name, size=size)) for name in backbones for size in size_list
+    ]
+    if base.weights not in (IMAGENET, RANDOM) and len(backbones) > 1:
+        raise ConfigError(
+            f"weights={base.weights!r} is a file, which fits one backbone; compare several with "
+            "WEIGHTS=imagenet or WEIGHTS=random"
+        )
+    return cfgs
+
+
+def _extract_and_sweep(cfg: ExtractConfig, sweep_cfg: SweepConfig) -> tuple[dict[str, Any], float]:
+    """Extract ``cfg`` (a cache hit when done before), sweep its cache; (its row, the winner's
+    validation log-loss, the tie-break between rows)."""
+    result = extract(cfg)
+    log.info(result.summary())
+    meta = store.read_meta(result.path)
+    t0 = time.perf_counter()
+    sweep = run_sweep(dataclasses.replace(sweep_cfg, name=f"{sweep_cfg.name}-{cfg.backbone}-{cfg.size}"), result.path)
+    sweep_seconds = time.perf_counter() - t0
+    w = sweep.winner
+    row = {
+        "name": f"{cfg.backbone}-{cfg.size}",
+        "backbone": cfg.backbone,
+        "size": cfg.size,
+        "layer": cfg.layer,
+        "feature_shape": "x".join(map(str, meta.feature_shape)),
+        "features_per_image": int(np.prod(meta.feature_shape)),
+        "best_head": f"{w['head']} {w['pooling']} {w['params']}",
+        "val_accuracy": w["val_accuracy"],
+        "test_accuracy": w.get("test_accuracy"),
+        "passes": w.get("passes"),
+        "recipe_share": accounting.recipe_share(w.get("passes")),
+        "extract_seconds": 0.0 if result.hit else result.seconds,  # this call's: 0 on a cache hit
+        "sweep_seconds": sweep_seconds,
+        "extract_images_per_second": meta.info.get("extract_images_per_second"),
+        "cache_mb": result.path.stat().st_size / 1e6,
+        "run_dir": str(sweep.run_dir),
+    }
+    return row, w["val_log_loss"]
+
+
+def _track(
+    run: RunFolder,
+    backbones: list[str],
+    base: ExtractConfig,
+    sweep_cfg: SweepConfig,
+    cfgs: list[ExtractConfig],
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The MLflow parent run of this comparison, one child per row (what run.json records)."""
+    return tracking.log_table_run(
         tracking.Tracker(track=sweep_cfg.track),
         run.path,
         "compare",
@@ -134,22 +167,15 @@ def compare(
         "name",
         artifacts=["compare.csv", "compare.png", "report.html"],
     )
-    run.write_json(
-        {
-            "kind": "compare",
-            "backbones": backbones,
-            "sizes": sorted({c.size for c in cfgs}),
-            "rows": rows,
-            "extract": as_dict(base),
-            "sweep": as_dict(sweep_cfg),
-            "tracking": tracked,
-        }
-    )
+
+
+def _table(rows: list[dict[str, Any]], best: int) -> str:
+    """The rows as text, and a line naming the winner and the unit of ``passes``."""
     table = text_table(rows, [c for c in COLUMNS if c not in ("run_dir", "winner")], mark="winner")
     note = f"winner (validation only): {rows[best]['backbone']} {rows[best]['size']} px; passes in seed-recipe " + (
         f"180 px equivalents, against its {accounting.RECIPE_PASSES:,}"
     )
-    return CompareResult(rows, f"{table}\n{note}", csv_path, chart)
+    return f"{table}\n{note}"
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:

@@ -55,45 +55,14 @@ def extract_ray(
     folder; each task, once its first chunk is saved, writes ``running-<shard>`` (its pid) there
     and waits for ``go``, so a test can kill a node while every shard is mid-run."""
     ray = _ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from tqdm.auto import tqdm
-
     p, delta = plan_work(cfg)  # every option and input checked before Ray starts
     if delta is None or delta.n_todo == 0:  # a hit, or only removals: no backbone needed
         return extract(cfg)
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "logging_level": logging.WARNING,
-            "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _pythonpath()}},
-        }
-        address = os.environ.get("RAY_ADDRESS")
-        if not address:
-            kwargs["num_cpus"] = os.cpu_count() or 1
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            if not address:
-                raise
-            raise ConfigError(
-                f"RAY_ADDRESS={address!r}: could not join a Ray cluster there ({str(e).splitlines()[0]}); "
-                "start one (`ray start --head` on its head node) or unset RAY_ADDRESS for a local Ray; a cluster "
-                "with token authentication (Ray's default for `ray start`) also needs RAY_AUTH_MODE=token and "
-                "its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
-            ) from e
-        started = True
+    started = _init_ray(ray)
     try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        n = shards or max(1, gpus or int(resources.get("CPU", 1)))
-        n = max(1, min(n, delta.n_todo))
+        n, gpus = _task_count(ray, shards, delta.n_todo)
         expect = delta.todo_hash
-        # on the driver's node, strictly (soft affinity placed it on a worker node under load):
-        # the bar and the retry log survive the loss of any worker node
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
+        progress = _progress_actor(ray)
         task = ray.remote(_shard_task).options(
             num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0, max_retries=max_retries, retry_exceptions=True
         )
@@ -101,30 +70,82 @@ def extract_ray(
         tests = (str(fail_once) if fail_once else None, str(hold) if hold else None)
         refs = [task.remote(shard_cfg, n, i, expect, progress, *tests) for i in range(n)]
         log.info("%s: %s; %d Ray task(s)", p.path.name, delta.describe(), n)
-        pending = list(refs)
-        logged: dict[int, int] = {}
-        with tqdm(
-            total=delta.n_todo,
-            desc=f"{p.source.name} (ray x{n})",
-            unit="img",
-            disable=cfg.quiet,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
-            while pending:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-                bar.update(ray.get(progress.total.remote()) - bar.n)
-                _log_retries(ray.get(progress.attempts.remote()), logged, n)
-        _log_retries(ray.get(progress.attempts.remote()), logged, n)
+        _wait(ray, refs, progress, n, delta.n_todo, f"{p.source.name} (ray x{n})", cfg.quiet)
         parts = ray.get(refs)  # raises the task's error once its retries are spent
-        result = extract(cfg, shards=n, merge=True, expect_todo=expect)
-        result.images = sum(r.images for r in parts)
-        result.seconds = max((r.seconds for r in parts), default=0.0)
-        result.resumed_chunks = sum(r.resumed_chunks for r in parts)
-        return result
+        return _merge(cfg, n, expect, parts)
     finally:
         if started:
             ray.shutdown()
+
+
+def _init_ray(ray: Any) -> bool:
+    """Start a local Ray, or join ``RAY_ADDRESS``'s cluster, unless Ray is already up; whether
+    this call started it (and so shuts it down). A cluster that cannot be joined is a
+    ConfigError saying what to do; a local Ray that fails to start raises Ray's own error."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _pythonpath()}},
+    }
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        kwargs["num_cpus"] = os.cpu_count() or 1
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        if not address:
+            raise
+        raise ConfigError(
+            f"RAY_ADDRESS={address!r}: could not join a Ray cluster there ({str(e).splitlines()[0]}); "
+            "start one (`ray start --head` on its head node) or unset RAY_ADDRESS for a local Ray; a cluster "
+            "with token authentication (Ray's default for `ray start`) also needs RAY_AUTH_MODE=token and "
+            "its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        ) from e
+    return True
+
+
+def _task_count(ray: Any, shards: int | None, n_todo: int) -> tuple[int, int]:
+    """(tasks, GPUs Ray sees): ``shards``, else one per GPU, else one per CPU; never more than images to do."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    n = shards or max(1, gpus or int(resources.get("CPU", 1)))
+    return max(1, min(n, n_todo)), gpus
+
+
+def _progress_actor(ray: Any) -> Any:
+    """The ``_Progress`` actor, on the driver's node, strictly (soft affinity placed it on a worker
+    node under load): the bar and the retry log survive the loss of any worker node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
+
+
+def _wait(ray: Any, refs: list[Any], progress: Any, n: int, total: int, desc: str, quiet: bool) -> None:
+    """Until every task is done (or failed for good): the progress bar, and a warning per retry."""
+    from tqdm.auto import tqdm
+
+    pending = list(refs)
+    logged: dict[int, int] = {}
+    with tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            bar.update(ray.get(progress.total.remote()) - bar.n)
+            _log_retries(ray.get(progress.attempts.remote()), logged, n)
+    _log_retries(ray.get(progress.attempts.remote()), logged, n)
+
+
+def _merge(cfg: ExtractConfig, n: int, expect: str, parts: list[ExtractResult]) -> ExtractResult:
+    """The ``n`` shards merged into the cache; images, seconds (the slowest shard's) and resumed
+    chunks are the shards' own."""
+    result = extract(cfg, shards=n, merge=True, expect_todo=expect)
+    result.images = sum(r.images for r in parts)
+    result.seconds = max((r.seconds for r in parts), default=0.0)
+    result.resumed_chunks = sum(r.resumed_chunks for r in parts)
+    return result
 
 
 def _pythonpath() -> str:

@@ -209,9 +209,8 @@ def _tta_views(cache: Path, meta: store.CacheMeta, split: str) -> list[np.ndarra
 
 
 def _load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool, train_tta: bool) -> SweepData:
-    from sklearn.model_selection import train_test_split
-
-    notes = []
+    """Streamed train when it would not fit the memory budget (or ``--stream on``), else in memory."""
+    notes: list[str] = []
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
     views_used = meta.view_splits[: cfg.views] if wants_views else []
@@ -234,29 +233,18 @@ def _load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views
                 "(or a larger --memory-budget)"
             )
         return _streaming_data(cfg, cache, meta, views_used, notes, tta_used)
+    return _in_memory_data(cfg, cache, meta, wants_views, notes, tta_used)
+
+
+def _in_memory_data(
+    cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views: bool, notes: list[str], tta_used: list[str]
+) -> SweepData:
+    """Every split in memory: train less ``--exclude``'s rows, validation carved from it when the
+    cache has none, then the views (clean or test-time) that training asks for."""
     data = load_splits(cache, meta, [s for s in SPLITS if s != "train"])
-    listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
-    data["train"], dropped = without(store.load_split(cache, "train"), listed)
-    excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
-    if excluded is not None:
-        notes.append(
-            f"--exclude {cfg.exclude}: {len(dropped)} of its {len(listed)} listed path(s) were train rows, "
-            f"left out of training ({len(data['train'][1])} train rows remain); validation and test keep every row"
-        )
+    listed, excluded = _train_without_excluded(cfg, cache, data, notes)
     if "validation" not in data:
-        x, y = data["train"]
-        try:
-            xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.carve_fraction, stratify=y, random_state=cfg.seed)
-        except ValueError as e:
-            raise ConfigError(
-                f"{cache}: no validation split, and train is too small to carve a stratified "
-                f"{cfg.carve_fraction:.0%} from it ({e})"
-            ) from e
-        data["train"], data["validation"] = (xt, yt), (xv, yv)
-        notes.append(
-            f"no validation split in the cache: carved a stratified {cfg.carve_fraction:.0%} of train "
-            f"({len(yv)} rows, seed {cfg.seed}) for selection"
-        )
+        _carve_validation(cfg, cache, data, notes)
     if "test" not in data:
         notes.append("no test split in the cache: the winner is not tested")
     check_classes(cache, meta, {s: y for s, (_, y) in data.items()})
@@ -279,6 +267,40 @@ def _load_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, wants_views
         notes,
         excluded=excluded,
         train_tta=train_views,
+    )
+
+
+def _train_without_excluded(
+    cfg: SweepConfig, cache: Path, data: dict[str, Any], notes: list[str]
+) -> tuple[frozenset[str], dict[str, Any] | None]:
+    """Put train into ``data`` less the rows ``--exclude`` lists; (the listed paths, run.json's record)."""
+    listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
+    data["train"], dropped = without(store.load_split(cache, "train"), listed)
+    excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
+    if excluded is not None:
+        notes.append(
+            f"--exclude {cfg.exclude}: {len(dropped)} of its {len(listed)} listed path(s) were train rows, "
+            f"left out of training ({len(data['train'][1])} train rows remain); validation and test keep every row"
+        )
+    return listed, excluded
+
+
+def _carve_validation(cfg: SweepConfig, cache: Path, data: dict[str, Any], notes: list[str]) -> None:
+    """The cache has no validation split: a stratified ``cfg.carve_fraction`` of train becomes it."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = data["train"]
+    try:
+        xt, xv, yt, yv = train_test_split(x, y, test_size=cfg.carve_fraction, stratify=y, random_state=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(
+            f"{cache}: no validation split, and train is too small to carve a stratified "
+            f"{cfg.carve_fraction:.0%} from it ({e})"
+        ) from e
+    data["train"], data["validation"] = (xt, yt), (xv, yv)
+    notes.append(
+        f"no validation split in the cache: carved a stratified {cfg.carve_fraction:.0%} of train "
+        f"({len(yv)} rows, seed {cfg.seed}) for selection"
     )
 
 
@@ -487,16 +509,58 @@ def select(rows: list[dict[str, Any]]) -> int:
 
 def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     """Fit every config of ``cfg.sweep_file`` on ``cache_path``; write and return the run."""
-    import io
-
-    import joblib
-
     cache = Path(cache_path)
     meta = store.read_meta(cache)
+    plan = _plan(cfg)
+    run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
+    data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
+    _log_start(cfg, cache, plan, data)
+    t0 = time.perf_counter()
+    results = _fit(cfg, plan, data)
+    rows, full_params, histories, members = _candidates(results, plan.k, data)
+    best, won, winner, evaluation = _pick_and_test(rows, results, members, data)
+    seconds = time.perf_counter() - t0
+    outcome = SweepOutcome(
+        rows,
+        histories,
+        winner,
+        full_params,
+        evaluation,
+        data.notes,
+        seconds,
+        data.excluded,
+        tta={k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if plan.tta else None,
+        ensemble={"k": plan.k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
+        if members is not None
+        else None,
+    )
+    _write_run(run, cfg, plan.spec, cache, meta, outcome)
+    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, members is not None))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the sweep file and the options ask for, all checked before any data is read."""
+
+    spec: dict[str, Any]  # the sweep file as written (run.json keeps it)
+    heads: dict[str, Any]  # the file less ``OPTION_KEYS``: the grid or the search
+    tta: bool
+    k: int  # ensemble of the top k (0 or 1: none)
+    searching: bool
+    configs: list[tuple[str, dict[str, Any]]]  # the grid (empty for a search: its trials pick them)
+    train_ons: set[str]
+
+    @property
+    def wants_views(self) -> bool:
+        return bool(self.train_ons & {"views", "both"})
+
+
+def _plan(cfg: SweepConfig) -> _Plan:
+    """Read and check the sweep file; ``--tta``/``--ensemble`` override its ``tta``/``ensemble``.
+    A search (issue 15: random/TPE trials through Optuna) when the file asks; else the grid."""
     full_spec = load_toml(cfg.sweep_file)
     spec, file_tta, file_k = sweep_options(full_spec, str(cfg.sweep_file))
     tta, k = cfg.tta or file_tta, file_k if cfg.ensemble is None else cfg.ensemble
-    # --- search (issue 15): random/TPE trials through Optuna when the file asks; else the grid
     searching = search.is_search(spec)
     if searching:
         search.check(spec, str(cfg.sweep_file))
@@ -507,33 +571,48 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     else:
         configs = expand_grid(spec, str(cfg.sweep_file))
         train_ons = {p.get("train_on", cfg.train_on) for _, p in configs}
-    wants_views = bool(train_ons & {"views", "both"})
-    run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
-    data = load_data(cfg, cache, meta, wants_views, tta=tta, train_tta="tta" in train_ons)
+    return _Plan(full_spec, spec, tta, k, searching, configs, train_ons)
+
+
+def _log_start(cfg: SweepConfig, cache: Path, plan: _Plan, data: SweepData) -> None:
+    """The data's notes, then what is about to be fitted on what."""
     for note in data.notes:
         log.info(note)
     log.info(
         "sweeping %s on %s (train %d%s, validation %d) with %s worker(s)",
-        f"{spec['trials']} {spec.get('search', 'random')} trials" if searching else f"{len(configs)} configs",
+        f"{plan.heads['trials']} {plan.heads.get('search', 'random')} trials"
+        if plan.searching
+        else f"{len(plan.configs)} configs",
         cache.name,
         len(data.train[1]),
         f" + {len(data.views[1])} view rows" if data.views else "",
         len(data.validation[1]),
         cfg.n_jobs,
     )
-    t0 = time.perf_counter()
-    if searching:
-        configs, results = search.run_search(
-            spec,
-            str(cfg.sweep_file),
-            lambda batch: fit_all(
-                batch, data, cfg.seed, cfg.n_jobs, keras=uses_keras(n for _, n, _ in head_tables(spec, ""))
-            ),
-            cfg.seed,
-            cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1),
-        )
-    else:
-        results = fit_all(configs, data, cfg.seed, cfg.n_jobs)
+
+
+def _fit(cfg: SweepConfig, plan: _Plan, data: SweepData) -> list[tuple[dict[str, Any], Any, bytes]]:
+    """Every config fitted and scored on validation: the grid, or the search's trials."""
+    if not plan.searching:
+        return fit_all(plan.configs, data, cfg.seed, cfg.n_jobs)
+    spec = plan.heads
+    _, results = search.run_search(
+        spec,
+        str(cfg.sweep_file),
+        lambda batch: fit_all(
+            batch, data, cfg.seed, cfg.n_jobs, keras=uses_keras(n for _, n, _ in head_tables(spec, ""))
+        ),
+        cfg.seed,
+        cfg.n_jobs if cfg.n_jobs > 0 else (os.cpu_count() or 1),
+    )
+    return results
+
+
+def _candidates(
+    results: list[tuple[dict[str, Any], Any, bytes]], k: int, data: SweepData
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any], ensemble.Ensemble | None]:
+    """(rows, full params, histories, the ensemble or None): one row per fitted config, plus the
+    mean of the top-``k`` configs as one more candidate when ``k >= 2``."""
     rows = [r for r, _, _ in results]
     full_params = [r.pop("full_params") for r in rows]
     _show_varying_params(rows)
@@ -543,6 +622,21 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         members = _ensemble_row(rows, results, k, data)
         full_params.append({"members": members.names, "combine": ensemble.COMBINE})
         histories.append(None)
+    return rows, full_params, histories, members
+
+
+def _pick_and_test(
+    rows: list[dict[str, Any]],
+    results: list[tuple[dict[str, Any], Any, bytes]],
+    members: ensemble.Ensemble | None,
+    data: SweepData,
+) -> tuple[int, bool, Any, tuple[str, np.ndarray, np.ndarray]]:
+    """(best row, whether the ensemble won, the winner, its evaluation): the winner is picked on
+    validation alone, marked in its row, and only then scored once on test (when there is one)."""
+    import io
+
+    import joblib
+
     best = select(rows)
     rows[best]["winner"] = True
     won = members is not None and best == len(rows) - 1
@@ -551,36 +645,20 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     proba = data.proba(winner, eval_split)
     if eval_split == "test":
         rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
-    seconds = time.perf_counter() - t0
-    _write_run(
-        run,
-        cfg,
-        full_spec,
-        cache,
-        meta,
-        rows,
-        histories,
-        winner,
-        full_params,
-        (eval_split, y_eval, proba),
-        data.notes,
-        seconds,
-        data.excluded,
-        {
-            "tta": {k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if tta else None,
-            "ensemble": {"k": k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
-            if members is not None
-            else None,
-        },
-    )
+    return best, won, winner, (eval_split, y_eval, proba)
+
+
+def _summary(outcome: SweepOutcome, best: int, with_ensemble: bool) -> str:
+    """The results table, the notes (``_write_run``'s included) and one line on the winner."""
+    rows, tested = outcome.rows, outcome.evaluation[0] == "test"
     summary = (
-        f"{len(rows)} configs{' (with the ensemble)' if members is not None else ''} in {seconds:.1f} s; "
+        f"{len(rows)} configs{' (with the ensemble)' if with_ensemble else ''} in {outcome.seconds:.1f} s; "
         f"winner #{best} {rows[best]['head']} "
         f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
-        + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if eval_split == "test" else ", no test split")
+        + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if tested else ", no test split")
     )
     table = text_table(rows, [c for c in COLUMNS if c != "winner"], mark="winner")
-    return SweepResult(run.path, rows, rows[best], "\n".join([table, *data.notes, summary]))
+    return "\n".join([table, *outcome.notes, summary])
 
 
 def _ensemble_row(
@@ -616,79 +694,118 @@ def _ensemble_row(
     return built
 
 
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a finished sweep produced, as ``_write_run`` writes it."""
+
+    rows: list[dict[str, Any]]  # one per candidate, the winner's marked ``winner``
+    histories: list[Any]  # row-aligned: a Keras head's curves, else None
+    winner: Any  # the fitted head (or ensemble.Ensemble)
+    full_params: list[dict[str, Any]]  # row-aligned: every parameter of each head
+    evaluation: tuple[str, np.ndarray, np.ndarray]  # (split, labels, the winner's probabilities) it was scored on
+    notes: list[str]  # shared with the data: ``_write_run`` may add one, the summary shows them all
+    seconds: float
+    excluded: dict[str, Any] | None = None  # --exclude's record
+    tta: dict[str, Any] | None = None  # the cache's test-time views, when scoring used them
+    ensemble: dict[str, Any] | None = None  # k, members, combine, won: when an ensemble was a candidate
+
+    @property
+    def best(self) -> int:
+        return next(i for i, r in enumerate(self.rows) if r.get("winner"))
+
+
 def _write_run(
-    run: Any,
-    cfg: SweepConfig,
-    spec: dict[str, Any],
-    cache: Path,
-    meta: store.CacheMeta,
-    rows: list[dict[str, Any]],
-    histories: list[Any],
-    winner: Any,
-    full_params: list[dict[str, Any]],
-    evaluation: tuple[str, np.ndarray, np.ndarray],
-    notes: list[str],
-    seconds: float,
-    excluded: dict[str, Any] | None = None,
-    scoring: dict[str, Any] | None = None,
+    run: Any, cfg: SweepConfig, spec: dict[str, Any], cache: Path, meta: store.CacheMeta, outcome: SweepOutcome
 ) -> None:
     """results.csv, run.json, the winner (an ensemble's members, each under its config name),
     its confusion matrix, every MLP's curves, report.html, and the MLflow runs (issue 15)."""
-    from sklearn.metrics import confusion_matrix
-
-    best = next(i for i, r in enumerate(rows) if r.get("winner"))
-    run.write_results(rows, COLUMNS)
-    if isinstance(winner, ensemble.Ensemble):
-        for member, name in zip(winner.members, winner.names, strict=True):
-            save_head(member, run.path, stem=ensemble.stem(name))
-    else:
-        save_head(winner, run.path)
-    for row, history in zip(rows, histories, strict=True):
-        if history:
-            (run.path / "curves").mkdir(exist_ok=True)
-            plots.plot_learning_curves(
-                history,
-                run.path / "curves" / f"{row['index']:02d}-{row['head']}.png",
-                f"#{row['index']} {row['head']} {row['pooling']} {row['params']}",
-            )
-    split, y_eval, proba = evaluation
-    cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
-    plots.plot_confusion_matrix(
-        cm, list(meta.class_names), run.path / "confusion.png", f"winner #{best} ({rows[best]['head']}) on {split}"
-    )
+    run.write_results(outcome.rows, COLUMNS)
+    _save_winner(run.path, outcome.winner)
+    _plot_curves(run.path, outcome.rows, outcome.histories)
+    _plot_confusion(run.path, meta, outcome)
     if meta.precision == "int8":  # predict runs the very model that made the features
-        try:
-            models.keep_with_run(cache, meta.info["int8"], run.path)
-        except (OSError, KeyError, CacheError) as e:
-            notes.append(f"predict cannot run this head: the cache's int8 model could not be kept ({e})")
-            log.warning(notes[-1])
+        _keep_int8_model(cache, meta, run.path, outcome.notes)
     # --- issue 15: report.html, then MLflow (a failure there is a note, never an error)
-    report.sweep_report(run.path, rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), notes)
+    report.sweep_report(run.path, outcome.rows, [c for c in COLUMNS if c != "winner"], meta.to_dict(), outcome.notes)
     tracked = tracking.log_sweep(
         tracking.Tracker(track=cfg.track),
         run.path,
         meta,
-        rows,
-        histories,
-        full_params,
+        outcome.rows,
+        outcome.histories,
+        outcome.full_params,
         {**as_dict(cfg), "search": spec.get("search", "grid")},
     )
-    run.write_json(
-        {
-            "kind": "classify",
-            "config": as_dict(cfg),
-            "sweep": spec,
-            "cache": str(cache.resolve()),
-            "cache_meta": meta.to_dict(),
-            "seed": cfg.seed,
-            "notes": notes,
-            "sweep_seconds": seconds,
-            "winner": {**rows[best], "params": full_params[best]},
-            "tracking": tracked,
-            "exclude": excluded,
-            **(scoring or {"tta": None, "ensemble": None}),
-        }
+    run.write_json(_run_info(cfg, spec, cache, meta, outcome, tracked))
+
+
+def _save_winner(path: Path, winner: Any) -> None:
+    """The winner in the run folder; an ensemble's members each under its config name."""
+    if isinstance(winner, ensemble.Ensemble):
+        for member, name in zip(winner.members, winner.names, strict=True):
+            save_head(member, path, stem=ensemble.stem(name))
+    else:
+        save_head(winner, path)
+
+
+def _plot_curves(path: Path, rows: list[dict[str, Any]], histories: list[Any]) -> None:
+    """curves/<index>-<head>.png for every row with a training history (the MLPs)."""
+    for row, history in zip(rows, histories, strict=True):
+        if history:
+            (path / "curves").mkdir(exist_ok=True)
+            plots.plot_learning_curves(
+                history,
+                path / "curves" / f"{row['index']:02d}-{row['head']}.png",
+                f"#{row['index']} {row['head']} {row['pooling']} {row['params']}",
+            )
+
+
+def _plot_confusion(path: Path, meta: store.CacheMeta, outcome: SweepOutcome) -> None:
+    """confusion.png: the winner on the split it was evaluated on (test, else validation)."""
+    from sklearn.metrics import confusion_matrix
+
+    best, rows, winner = outcome.best, outcome.rows, outcome.winner
+    split, y_eval, proba = outcome.evaluation
+    cm = confusion_matrix(y_eval, winner.classes_[proba.argmax(1)], labels=np.arange(len(meta.class_names)))
+    plots.plot_confusion_matrix(
+        cm, list(meta.class_names), path / "confusion.png", f"winner #{best} ({rows[best]['head']}) on {split}"
     )
+
+
+def _keep_int8_model(cache: Path, meta: store.CacheMeta, path: Path, notes: list[str]) -> None:
+    """Keep the cache's int8 model with the run (predict needs it); a failure is a note and a warning."""
+    try:
+        models.keep_with_run(cache, meta.info["int8"], path)
+    except (OSError, KeyError, CacheError) as e:
+        notes.append(f"predict cannot run this head: the cache's int8 model could not be kept ({e})")
+        log.warning(notes[-1])
+
+
+def _run_info(
+    cfg: SweepConfig,
+    spec: dict[str, Any],
+    cache: Path,
+    meta: store.CacheMeta,
+    outcome: SweepOutcome,
+    tracked: Any,
+) -> dict[str, Any]:
+    """run.json's content (``RunFolder.write_json`` adds versions, command line and time)."""
+    best = outcome.best
+    return {
+        "kind": "classify",
+        "config": as_dict(cfg),
+        "sweep": spec,
+        "cache": str(cache.resolve()),
+        "cache_meta": meta.to_dict(),
+        "seed": cfg.seed,
+        "notes": outcome.notes,
+        "sweep_seconds": outcome.seconds,
+        "winner": {**outcome.rows[best], "params": outcome.full_params[best]},
+        "tracking": tracked,
+        "exclude": outcome.excluded,
+        "tta": outcome.tta,
+        "ensemble": outcome.ensemble,
+    }
 
 
 def _show_varying_params(rows: list[dict[str, Any]]) -> None:
