@@ -63,7 +63,8 @@ def test_expand_grid_lists_every_combination_in_order():
 
 def test_expand_grid_names_each_problem_with_its_source():
     assert _error(ConfigError, sweep.expand_grid, {"head": [{"name": "svm"}], "seed": 1, "a": 2}) == (
-        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head'] (the seed comes from --seed / SEED=)"
+        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head', 'tta', 'ensemble'] "
+        "(the seed comes from --seed / SEED=)"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "pooling": [], "C": []}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
@@ -71,7 +72,7 @@ def test_expand_grid_names_each_problem_with_its_source():
     )
     spec = {"head": [{"name": "svm", "train_on": ["clean", "all"]}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
-        "s.toml: train_on must be one of ('clean', 'views', 'both'); received train_on='all'"
+        "s.toml: train_on must be one of ('clean', 'views', 'both', 'tta'); received train_on='all'"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "gamma": 1}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
