@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core import config
-from pipeline.core.config import ExtractConfig, FinetuneConfig, SweepConfig
+from pipeline.core.config import ExportConfig, ExtractConfig, FinetuneConfig, InspectConfig, SweepConfig
 from pipeline.core.errors import ConfigError
 
 
@@ -157,6 +157,81 @@ def test_finetune_smallest_accepted_values():
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def test_decoder_is_named():
+    assert _message(ExtractConfig, decoder="nvjpeg") == (
+        "decoder must be one of ('auto', 'cpu', 'gpu'); received decoder='nvjpeg'"
+    )
+
+
+# ----------------------------------------------------------------------------- InspectConfig
+# (issue 27: its checks were reached only from test_inspect.py, outside `make mutate`'s selection)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"pooling": "mean"}, "pooling must be one of ('flatten', 'avg', 'max'); received pooling='mean'"),
+        ({"map": "tsne"}, "map must be one of ('pca', 'umap'); received map='tsne'"),
+        ({"duplicate_similarity": 0}, "duplicate_similarity must be a cosine in (0, 1]; received 0"),
+        ({"duplicate_similarity": 1.01}, "duplicate_similarity must be a cosine in (0, 1]; received 1.01"),
+        ({"neighbours": 0}, "neighbours must be an integer >= 1; received neighbours=0"),
+        ({"neighbours": True}, "neighbours must be an integer >= 1; received neighbours=True"),
+        ({"folds": 1}, "folds must be an integer >= 2; received folds=1"),
+        ({"folds": 2.0}, "folds must be an integer >= 2; received folds=2.0"),
+        ({"show": -1}, "show must be an integer >= 0; received show=-1"),
+        ({"memory_mb": 0}, "memory_mb must be an integer >= 1; received memory_mb=0"),
+        ({"memory_mb": 1.5}, "memory_mb must be an integer >= 1; received memory_mb=1.5"),
+        ({"C": 0}, "C must be > 0; received C=0"),
+        ({"C": -0.5}, "C must be > 0; received C=-0.5"),
+        ({"outlier_mad": 0.0}, "outlier_mad must be > 0; received outlier_mad=0.0"),
+        ({"outlier_mad": -1}, "outlier_mad must be > 0; received outlier_mad=-1"),
+    ],
+)
+def test_inspect_values_are_named(kw, message):
+    assert _message(InspectConfig, **kw) == message
+
+
+def test_inspect_smallest_accepted_values_and_runs_dir_as_path():
+    edge = InspectConfig(
+        duplicate_similarity=1.0, neighbours=1, folds=2, show=0, memory_mb=1, C=1e-9, outlier_mad=1e-9, runs_dir="r"
+    )
+    assert (edge.duplicate_similarity, edge.neighbours, edge.folds, edge.show, edge.memory_mb) == (1.0, 1, 2, 0, 1)
+    assert edge.runs_dir == Path("r")
+    assert InspectConfig(pooling="flatten", map="umap", duplicate_similarity=1e-9).map == "umap"
+
+
+# ----------------------------------------------------------------------------- ExportConfig
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (
+            {"formats": ("tflite",)},
+            "format must be one of ('keras', 'tf_saved_model', 'onnx', 'litert', 'openvino'); received format='tflite'",
+        ),
+        (
+            {"precision": "float64"},
+            "precision must be one of ('cache', 'float32', 'bfloat16'); received precision='float64'",
+        ),
+        ({"check_images": 0}, "check_images must be a positive integer; received check_images=0"),
+        ({"batch_size": True}, "batch_size must be a positive integer; received batch_size=True"),
+        ({"batch_size": 2.0}, "batch_size must be a positive integer; received batch_size=2.0"),
+        ({"tolerance": 0.0}, "tolerance must be > 0; received tolerance=0.0"),
+        ({"tolerance": -1e-3}, "tolerance must be > 0; received tolerance=-0.001"),
+    ],
+)
+def test_export_values_are_named(kw, message):
+    assert _message(ExportConfig, run="r", **kw) == message
+
+
+def test_export_formats_keras_first_without_repeats_and_paths_as_paths():
+    cfg = ExportConfig(run="r", formats=("onnx", "keras", "onnx", "litert"), out="o", check_images=1, batch_size=1)
+    assert cfg.formats == ("keras", "onnx", "litert")
+    assert (cfg.run, cfg.out, cfg.check_images, cfg.batch_size) == (Path("r"), Path("o"), 1, 1)
+    assert ExportConfig(run="r").out is None and ExportConfig(run="r", tolerance=1e-9).tolerance == 1e-9
 
 
 def test_load_toml_names_the_file(tmp_path):

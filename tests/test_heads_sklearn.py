@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 from sklearn.exceptions import DataConversionWarning
+from sklearn.utils import get_tags
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline.train import regpath, stream
@@ -236,3 +237,12 @@ def test_streamed_head_keys_class_weight_by_label_and_counts_passes(tmp_path, na
     assert head.model_[-1].class_weight == {0: 4.0, 1: 1.0} and head.n_iter_ == 3
     with pytest.raises(ValueError, match=r"class\(es\) \[7\] that the training labels do not hold \(\[0, 1\]\)"):
         stream.fit_streaming(LogRegHead(class_weight={7: 1.0}), source)
+
+
+@pytest.mark.parametrize("head", [LogRegHead(), SVMHead()])
+def test_tags_declare_dense_finite_input_and_a_required_single_label_target(head):
+    """What meta-estimators read before fitting (issue 27: `target_tags.required = False`
+    survived the estimator checks, which call fit with y whatever the tag says)."""
+    tags = get_tags(head)
+    assert (tags.input_tags.sparse, tags.input_tags.allow_nan) == (False, False)
+    assert (tags.target_tags.required, tags.classifier_tags.multi_label) == (True, False)

@@ -4,6 +4,7 @@ configs are grouped and spread over workers, and what a run writes, each checked
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -62,7 +63,8 @@ def test_expand_grid_lists_every_combination_in_order():
 
 def test_expand_grid_names_each_problem_with_its_source():
     assert _error(ConfigError, sweep.expand_grid, {"head": [{"name": "svm"}], "seed": 1, "a": 2}) == (
-        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head', 'tta', 'ensemble'] (the seed comes from --seed / SEED=)"
+        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head', 'tta', 'ensemble'] "
+        "(the seed comes from --seed / SEED=)"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "pooling": [], "C": []}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
@@ -70,7 +72,7 @@ def test_expand_grid_names_each_problem_with_its_source():
     )
     spec = {"head": [{"name": "svm", "train_on": ["clean", "all"]}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
-        "s.toml: train_on must be one of ('clean', 'views', 'both'); received train_on='all'"
+        "s.toml: train_on must be one of ('clean', 'views', 'both', 'tta'); received train_on='all'"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "gamma": 1}]}
     assert _error(ConfigError, sweep.expand_grid, spec, "s.toml") == (
@@ -535,8 +537,7 @@ def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
     run = RunFolder(tmp_path, "w")
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y)}, ("a", "b", "c"))
     spec = {"head": [{"name": "logreg"}]}
-    outcome = sweep.SweepOutcome(rows, histories, winner, full, ("test", y_eval, proba), ["n"], 1.25)
-    sweep._write_run(run, cfg, spec, cache, meta, outcome)
+    sweep._write_run(run, cfg, spec, cache, meta, rows, histories, winner, full, ("test", y_eval, proba), ["n"], 1.25)
     curves = run.path / "curves"
     assert calls["curves"] == [
         ({"loss": [1.0, 0.5]}, curves / "01-mlp.png", '#1 mlp flatten {"units": 3}'),
@@ -557,8 +558,20 @@ def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
     assert info["sweep"] == spec and info["cache"] == str(cache.resolve()) and info["kind"] == "classify"
     assert (run.path / "winner.skops").is_file() and (run.path / "results.csv").is_file()
     calls["curves"].clear()
-    on_validation = sweep.SweepOutcome(rows, histories, winner, full, ("validation", y_eval, proba), [], 1.0)
-    sweep._write_run(RunFolder(tmp_path, "v"), cfg, {**spec, "search": "tpe"}, cache, meta, on_validation)
+    sweep._write_run(
+        RunFolder(tmp_path, "v"),
+        cfg,
+        {**spec, "search": "tpe"},
+        cache,
+        meta,
+        rows,
+        histories,
+        winner,
+        full,
+        ("validation", y_eval, proba),
+        [],
+        1.0,
+    )
     assert calls["track"][1][5]["search"] == "tpe"
     assert calls["cm"][3] == "winner #0 (logreg) on validation"
 
@@ -706,3 +719,76 @@ def test_a_search_is_seeded_and_logged(tmp_path, caplog):
     ]
     assert run(4) == first
     assert run(5) != first
+
+
+# ----------------------------------------------------------------------------- --exclude
+# (issue 27: reached before only from test_inspect.py, outside `make mutate`'s selection)
+
+
+def _exclude_cache(path):
+    """train (6 rows), validation, test, and one view split whose rows carry train's paths."""
+    x, y = separable(3, 2)
+    paths = [f"train/{i}" for i in range(len(y))]
+    parts = {"train": (x, y, paths), "train@aug1": (x + 1, y, paths)}
+    for k, s in enumerate(("validation", "test"), 1):
+        xs, ys = separable(3, 2, seed=k)
+        parts[s] = (xs, ys, [f"{s}/{i}" for i in range(len(ys))])
+    meta = synthetic_meta(x, ("a", "b"), augment={"views": 1, "seed": 0, "policy": "p", "splits": ["train@aug1"]})
+    return store.write_cache(
+        path, {s: {"features": a, "labels": b, "paths": p} for s, (a, b, p) in parts.items()}, meta
+    )
+
+
+def _exclude_file(tmp_path, *paths):
+    f = tmp_path / "drop.csv"
+    f.write_text("path,why\n" + "".join(f"{p},x\n" for p in paths))
+    return f
+
+
+def test_exclude_drops_exactly_the_listed_train_rows_and_their_views(tmp_path):
+    path = _exclude_cache(tmp_path / "c.h5")
+    drop = _exclude_file(tmp_path, "train/4", "train/1", "validation/0", "elsewhere/9")
+    data = _load(path, wants_views=True, views=1, train_on="both", exclude=drop)
+    x, y = store.load_split(path, "train")[:2]
+    keep = [0, 2, 3, 5]
+    np.testing.assert_array_equal(data.train[0], x[keep])
+    assert data.train[1].tolist() == y[keep].tolist()
+    np.testing.assert_array_equal(data.views[0], x[keep] + 1)  # a dropped image's views go too
+    assert data.views[1].tolist() == y[keep].tolist()
+    assert len(data.validation[1]) == 6 and len(data.test[1]) == 6  # validation and test keep every row
+    assert data.excluded == {
+        "file": str(drop.resolve()),
+        "sha256": hashlib.sha256(drop.read_bytes()).hexdigest(),
+        "listed": 4,
+        "dropped": 2,
+        "dropped_paths": ["train/1", "train/4"],
+    }
+    assert data.notes[1] == (
+        f"--exclude {drop}: 2 of its 4 listed path(s) were train rows, left out of training "
+        "(4 train rows remain); validation and test keep every row"
+    )
+    plain = _load(path, wants_views=True, views=1)
+    assert plain.excluded is None and len(plain.train[1]) == 6 and len(plain.views[1]) == 6
+    assert len(plain.notes) == 1
+
+
+def test_exclude_with_a_streamed_train_is_refused_by_name(tmp_path):
+    path = _exclude_cache(tmp_path / "c.h5")
+    drop = _exclude_file(tmp_path, "train/1")
+    assert _error(ConfigError, _load, path, stream="on", exclude=drop) == (
+        f"--exclude needs train in memory, and {path} would be streamed: pass --stream off "
+        "(or a larger --memory-budget)"
+    )
+
+
+def test_run_json_records_the_exclude_file_and_the_dropped_rows(tmp_path):
+    path = _exclude_cache(tmp_path / "c.h5")
+    drop = _exclude_file(tmp_path, "train/0", "train/3")
+    toml = tmp_path / "s.toml"
+    toml.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
+    cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "runs", n_jobs=1, name="x", track=False, exclude=drop)
+    info = json.loads((sweep.run_sweep(cfg, path).run_dir / "run.json").read_text())
+    assert info["exclude"]["dropped_paths"] == ["train/0", "train/3"] and info["exclude"]["listed"] == 2
+    assert info["exclude"]["file"] == str(drop.resolve())
+    cfg = SweepConfig(sweep_file=toml, runs_dir=tmp_path / "runs", n_jobs=1, name="y", track=False)
+    assert json.loads((sweep.run_sweep(cfg, path).run_dir / "run.json").read_text())["exclude"] is None
