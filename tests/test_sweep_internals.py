@@ -537,7 +537,8 @@ def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
     run = RunFolder(tmp_path, "w")
     cache = cache_from(tmp_path / "c.h5", {"train": (x, y)}, ("a", "b", "c"))
     spec = {"head": [{"name": "logreg"}]}
-    sweep._write_run(run, cfg, spec, cache, meta, rows, histories, winner, full, ("test", y_eval, proba), ["n"], 1.25)
+    outcome = sweep.SweepOutcome(rows, histories, winner, full, ("test", y_eval, proba), ["n"], 1.25)
+    sweep._write_run(run, cfg, spec, cache, meta, outcome)
     curves = run.path / "curves"
     assert calls["curves"] == [
         ({"loss": [1.0, 0.5]}, curves / "01-mlp.png", '#1 mlp flatten {"units": 3}'),
@@ -558,20 +559,8 @@ def test_write_run_hands_each_report_its_inputs(tmp_path, monkeypatch):
     assert info["sweep"] == spec and info["cache"] == str(cache.resolve()) and info["kind"] == "classify"
     assert (run.path / "winner.skops").is_file() and (run.path / "results.csv").is_file()
     calls["curves"].clear()
-    sweep._write_run(
-        RunFolder(tmp_path, "v"),
-        cfg,
-        {**spec, "search": "tpe"},
-        cache,
-        meta,
-        rows,
-        histories,
-        winner,
-        full,
-        ("validation", y_eval, proba),
-        [],
-        1.0,
-    )
+    on_validation = sweep.SweepOutcome(rows, histories, winner, full, ("validation", y_eval, proba), [], 1.0)
+    sweep._write_run(RunFolder(tmp_path, "v"), cfg, {**spec, "search": "tpe"}, cache, meta, on_validation)
     assert calls["track"][1][5]["search"] == "tpe"
     assert calls["cm"][3] == "winner #0 (logreg) on validation"
 
