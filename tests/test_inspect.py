@@ -286,28 +286,3 @@ def test_a_cache_without_train_is_refused(clean_splits, tmp_path, capsys):
     code, err = _cli(["inspect", "--cache", str(cache), "--runs-dir", str(tmp_path)], capsys)
     assert code == 3 and "has no train split" in err
     assert not list(tmp_path.glob("*-inspect*"))  # refused before a run folder is made
-
-
-@pytest.mark.parametrize(
-    ("kw", "message"),
-    [
-        ({"pooling": "mean"}, "pooling must be one of ('flatten', 'avg', 'max'); received pooling='mean'"),
-        ({"map": "tsne"}, "map must be one of ('pca', 'umap'); received map='tsne'"),
-        ({"duplicate_similarity": 0}, "duplicate_similarity must be a cosine in (0, 1]; received 0"),
-        ({"neighbours": 0}, "neighbours must be an integer >= 1; received neighbours=0"),
-        ({"folds": 1}, "folds must be an integer >= 2; received folds=1"),
-        ({"show": -1}, "show must be an integer >= 0; received show=-1"),
-        ({"memory_mb": 1.5}, "memory_mb must be an integer >= 1; received memory_mb=1.5"),
-        ({"C": 0}, "C must be > 0; received C=0"),
-        ({"outlier_mad": -1}, "outlier_mad must be > 0; received outlier_mad=-1"),
-    ],
-)
-def test_inspect_values_are_named(kw, message):
-    from pipeline.core.config import InspectConfig
-    from pipeline.core.errors import ConfigError
-
-    with pytest.raises(ConfigError) as e:
-        InspectConfig(**kw)
-    assert str(e.value) == message
-    edge = InspectConfig(duplicate_similarity=1.0, neighbours=1, folds=2, show=0, memory_mb=1)
-    assert (edge.duplicate_similarity, edge.neighbours, edge.folds, edge.show) == (1.0, 1, 2, 0)

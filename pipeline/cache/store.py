@@ -438,6 +438,22 @@ class SplitPlan:
     blocks: list[Block]  # computed rows
 
 
+def plan_view_rows(plan: SplitPlan, split: str, index: RowIndex | None) -> list[int]:
+    """Fill ``plan``'s reuse from the view split ``split`` of a previous cache: a row (or a
+    skip) is reused where that split holds the same (path, key). Returns the items to compute."""
+    old = index.rows.get(split, {}) if index is not None else {}
+    old_skipped = index.skipped.get(split, {}) if index is not None else {}
+    todo = []
+    for i, (path, key) in enumerate(zip(plan.paths, plan.keys, strict=True)):
+        if key and path in old and old[path][1] == key:
+            plan.reuse[i] = (split, old[path][0])
+        elif key and path in old_skipped and old_skipped[path][1] == key:
+            plan.reuse_skip[i] = old_skipped[path][0]
+        else:
+            todo.append(i)
+    return todo
+
+
 def _runs(plan: SplitPlan) -> tuple[list[tuple[Any, int, int]], list[tuple[str, str, str]]]:
     """Output as runs ``(origin, start, length)``, origin ``("old", split)`` or ``("block", b)``,
     coalesced where consecutive items come from consecutive rows; and the skipped

@@ -238,17 +238,7 @@ def _add_views(delta: Delta, p: layout.Plan, index: store.RowIndex | None, views
     for k in range(1, views + 1):
         split = view_split(k)
         plan = _split_plan(train)
-        old_v = index.rows.get(split, {}) if index is not None else {}
-        old_vs = index.skipped.get(split, {}) if index is not None else {}
-        todo = []
-        for i, (path, key) in enumerate(zip(plan.paths, plan.keys, strict=True)):
-            if key and path in old_v and old_v[path][1] == key:
-                plan.reuse[i] = (split, old_v[path][0])
-            elif key and path in old_vs and old_vs[path][1] == key:
-                plan.reuse_skip[i] = old_vs[path][0]
-            else:
-                todo.append(i)
-        delta.plans[split], delta.todo[split] = plan, todo
+        delta.plans[split], delta.todo[split] = plan, store.plan_view_rows(plan, split, index)
         delta.items[split] = [
             (item, (view_seed, k, sources.path_hash(path))) for item, path in zip(train_items, train.paths, strict=True)
         ]

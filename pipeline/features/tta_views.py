@@ -80,15 +80,5 @@ def plans(
         for k in range(1, n + 1):
             name = tta_split(split, k)
             plan = store.SplitPlan(base.paths, base.labels, base.keys or [""] * len(base), {}, {}, [])
-            old = index.rows.get(name, {}) if index is not None else {}
-            old_skipped = index.skipped.get(name, {}) if index is not None else {}
-            todo = []
-            for i, (path, key) in enumerate(zip(plan.paths, plan.keys, strict=True)):
-                if key and path in old and old[path][1] == key:
-                    plan.reuse[i] = (name, old[path][0])
-                elif key and path in old_skipped and old_skipped[path][1] == key:
-                    plan.reuse_skip[i] = old_skipped[path][0]
-                else:
-                    todo.append(i)
-            out[name] = (plan, items(split_items, base.paths, k, seed), todo)
+            out[name] = (plan, items(split_items, base.paths, k, seed), store.plan_view_rows(plan, name, index))
     return out
