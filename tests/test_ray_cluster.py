@@ -43,11 +43,13 @@ def ray_head():
     """A Ray head node in its own processes, as ``ray start --head`` makes on a cluster."""
     if not RAY.exists():
         pytest.skip(f"no ray command beside {sys.executable}")
-    temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    base = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    temp = os.path.join(base, "ray")  # Ray's default temp dir for RAY_TMPDIR=base: where ray.init() looks
     port = _free_port()
     # token authentication, Ray's default for `ray start`: the head and every client share the token
     token = os.urandom(16).hex()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env["RAY_TMPDIR"] = base  # clients on this machine see this head as "the running cluster"
     start = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
     start += [f"--temp-dir={temp}", "--object-store-memory=200000000", "--disable-usage-stats"]
     done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
@@ -82,6 +84,26 @@ def test_extract_joins_the_cluster_named_by_ray_address(tmp_path, ray_head):
     jobs = _python_in_cluster("from ray.util.state import list_jobs; print(len(list_jobs()))", address, env)
     if jobs.returncode == 0:  # the state API needs the dashboard's agent; without it, the node check above stands
         assert int(jobs.stdout.strip().splitlines()[-1]) >= 1
+
+
+def test_without_ray_address_a_ray_of_its_own_is_started_even_beside_a_running_cluster(tmp_path, ray_head):
+    """Ray's ``ray.init()`` joins any cluster it finds on the machine (and refuses ``num_cpus``
+    then): with RAY_ADDRESS unset, extract must start its own local Ray, as the README says."""
+    root = make_folder(tmp_path / "imgs", {"train": 2}, size=32)
+    args = ["extract", "--data", str(root), "--size", "32", "--weights", "random", "--engine", "ray", "--shards", "1"]
+    _, head_env = ray_head
+    env = {k: v for k, v in head_env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(tmp_path / "c")],
+        cwd=REPO,
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    assert [p for p in (tmp_path / "c").rglob("*.h5") if ".shard-" not in p.name]
 
 
 def test_a_cluster_that_refuses_the_client_is_a_clear_error(tmp_path, ray_head):

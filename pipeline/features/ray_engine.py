@@ -91,8 +91,8 @@ def _init_ray(ray: Any) -> bool:
         "runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _pythonpath()}},
     }
     address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        kwargs["num_cpus"] = os.cpu_count() or 1
+    if not address:  # "local": a Ray of its own, even where another runs (ray.init() alone would join that one)
+        kwargs.update(address="local", num_cpus=os.cpu_count() or 1)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
