@@ -5,9 +5,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d /work/main/.gpu/wheels keras namex optree
 #   tar -C /work/shared/data -cf /work/main/.gpu/cats_and_dogs_small.tar cats_and_dogs_small
-#   cp -r pipeline bench pyproject.toml /work/main/.gpu/wt/; cp tests/conftest.py tests/test_gpu_decode.py \
-#     /work/main/.gpu/wt/tests/; cp bench/gpu_run.sh /work/main/.gpu/run.sh
-# then run(command='BENCH_ARGS="--sizes 150 180 --precisions float16" bash .gpu/run.sh', carry=[".gpu"], timeout_s=420)
+#   rm -rf /work/main/.gpu/wt/pipeline /work/main/.gpu/wt/bench; cp -r pipeline bench pyproject.toml /work/main/.gpu/wt/
+#   cp tests/conftest.py tests/test_gpu_decode.py /work/main/.gpu/wt/tests/; cp bench/gpu_run.sh /work/main/.gpu/run.sh
+# then run(command='BENCH_ARGS="--sizes 150 180 --precisions float16 --sections forward extract --gpu-workers 0 2 3 4"
+#   COPIES=8 bash .gpu/run.sh', carry=[".gpu"], timeout_s=480)
 # issue 28 device run: GPU tests, then bench_gpu under JAX and under torch (sections stop starting after --budget s)
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
-from pipeline.features import backbone, gpu_decode, images, layout, quantize, tta_views
+from pipeline.features import backbone, device_forward, gpu_decode, images, layout, quantize, tta_views
 from pipeline.features.delta import Delta
 from pipeline.features.result import ExtractResult
 from pipeline.features.weights import verify_weights
@@ -223,18 +223,12 @@ class _Loop:
         open_chunks = _OpenChunks(split, rows_todo, cfg.chunk_size, self.model.output_shape[1:], cfg.dtype)
         sent = 0
         stream = self.decoder.batches(items, rows, cfg.size, cfg.batch_size)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(stream, None)
-            t1 = time.perf_counter()
-            timings["waiting for decode"] += t1 - t0
-            if batch is None:
-                return sent
-            feats = None
-            if len(batch.rows):
-                feats = gpu_decode.forward(self.model, batch.images, cfg.batch_size)  # backbone.forward for numpy
-                self._time_forward(time.perf_counter() - t1, len(batch.rows))
-                sent += len(batch.rows)
+        ahead = device_forward.queues_ahead(isinstance(self.decoder, gpu_decode.GpuDecoder))
+        before = dict(timings)
+        for batch, feats in device_forward.features(self.model, stream, cfg.batch_size, timings, ahead):
+            if feats is not None and not self.result.warmup_images:
+                self._warm_up(before, len(batch.rows))
+            sent += len(batch.rows)
             t2 = time.perf_counter()
             open_chunks.add(batch, feats, self.writer)
             timings["saving chunks"] += time.perf_counter() - t2
@@ -242,13 +236,17 @@ class _Loop:
             self.bar.update(done)
             if self.progress is not None:
                 self.progress(done)
+        return sent
 
-    def _time_forward(self, seconds: float, n: int) -> None:
-        """The first batch is the warm-up (graph tracing, kernel set-up); the rest is the forward pass."""
-        if not self.result.warmup_images:
-            self.result.warmup_seconds, self.result.warmup_images = seconds, n
-        else:
-            self.result.timings["forward pass"] += seconds
+    def _warm_up(self, before: dict[str, float], n: int) -> None:
+        """The run's first batch with features is its warm-up, out of the timings: the decoder's
+        start (pools, nvJPEG) and the model's (graph tracing, compiling, kernel set-up)."""
+        timings = self.result.timings
+        seconds = 0.0
+        for name in ("waiting for decode", "forward pass"):
+            seconds += timings[name] - before[name]
+            timings[name] = before[name]
+        self.result.warmup_seconds, self.result.warmup_images = seconds, n
 
 
 class _OpenChunks:

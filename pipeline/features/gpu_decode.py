@@ -285,9 +285,13 @@ def _decode_worker(factory: Any, tasks: Any, results: Any) -> None:
         pass
     try:
         decoder = factory()
+        ready = getattr(decoder, "ready", None)
+        if ready is not None:  # nvJPEG's and cuBLAS's first calls, while the model builds
+            ready()
     except BaseException as e:
         results.put(("error", -1, f"{type(e).__name__}: {e}"))
         return
+    results.put(("ready", os.getpid()))
     while True:
         job = tasks.get()
         if job is None:
@@ -326,7 +330,9 @@ class _WorkerPool:
     def _get(self, w: int) -> Any:
         while True:
             try:
-                return self.results[w].get(timeout=1.0)
+                msg = self.results[w].get(timeout=1.0)
+                if msg[0] != "ready":  # each process says so once, after its warm-up
+                    return msg
             except queue.Empty:
                 if not self.procs[w].is_alive():
                     self.broken = True
@@ -417,9 +423,38 @@ class GpuDecoder:
         # seconds on the decode thread: where a GPU-decoded batch's time goes (bench/bench_gpu.py prints it)
         self.timings = {"waiting for reads": 0.0, "nvJPEG decode": 0.0, "routing + resize launch": 0.0, "sync": 0.0}
         self.fallbacks: list[tuple[str, str]] = []  # (path, why it left the device), for the record
+        self._warming: threading.Thread | None = None
+        if self._pool is None and decode is None and self.device.type == "cuda":
+            self._warming = threading.Thread(target=self._warm_up_quietly, name="gpu-decode-warm-up", daemon=True)
+            self._warming.start()
+
+    def ready(self) -> None:
+        """Return once the warm-up started with the decoder is over."""
+        if self._warming is not None:
+            self._warming.join()
+
+    def _warm_up_quietly(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:  # pragma: no cover - the first batch meets the same problem and reports it
+            pass
 
     def __enter__(self) -> GpuDecoder:
         return self
+
+    def warm_up(self) -> None:
+        """Decode and resize one small JPEG: the first nvJPEG and cuBLAS calls of a process take
+        seconds, paid here, while the model builds, rather than in the first batch."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
+        tensor = self.torch.frombuffer(bytearray(buf.getvalue()), dtype=self.torch.uint8)
+        self.resize(self._decode([tensor]), 32)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
@@ -588,6 +623,7 @@ class GpuDecoder:
 
         def produce() -> None:
             try:
+                self.ready()
                 starts = list(range(0, len(rows), batch_size))
 
                 def paths_of(start: int) -> list[str]:
@@ -619,39 +655,3 @@ class GpuDecoder:
         finally:
             stop.set()
             worker.join()
-
-
-# ----------------------------------------------------------------------------- into the model
-
-
-def to_backend(batch: Any) -> Any:
-    """A device tensor as the Keras backend's input, without a host round trip where the
-    backend allows: the tensor itself under torch, a DLPack view under jax; host numpy otherwise."""
-    import keras
-
-    name = keras.backend.backend()
-    if name == "torch":
-        return batch
-    if name == "jax":
-        import jax.numpy as jnp
-
-        return jnp.from_dlpack(batch)
-    return batch.cpu().numpy()  # TensorFlow: through the host
-
-
-def forward(model: Any, batch: Any, batch_size: int) -> np.ndarray:
-    """``backbone.forward`` for a device batch: features as float32 numpy. A short batch is
-    padded on the device under JAX (a new shape would compile again)."""
-    import keras
-
-    from pipeline.features import backbone
-
-    if isinstance(batch, np.ndarray):
-        return backbone.forward(model, batch, batch_size)
-    n = int(batch.shape[0])
-    if n < batch_size and keras.backend.backend() == "jax":
-        import torch
-
-        pad = torch.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-        batch = torch.cat([batch, pad])
-    return np.asarray(model.predict_on_batch(to_backend(batch)), np.float32)[:n]

@@ -22,7 +22,7 @@ class ExtractResult:
     seconds: float = 0.0
     gflop_per_image: float = 0.0
     resumed_chunks: int = 0
-    warmup_seconds: float = 0.0  # the first forward pass: graph tracing and kernel set-up, paid once
+    warmup_seconds: float = 0.0  # the first batch: decoder start, graph tracing, kernel set-up, paid once
     warmup_images: int = 0
     timings: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"waiting for decode": 0.0, "forward pass": 0.0, "saving chunks": 0.0}
