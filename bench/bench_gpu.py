@@ -194,7 +194,7 @@ def forward_alone(size: int, batch: int, precision: str, images: int = 8192) -> 
     rates = {}
 
     def queued(batch_x: Any) -> None:
-        q = device_forward.Queued(model, batch)
+        q = device_forward.queued_for(model, batch)
         last = None
         for _ in range(steps):
             handle = q.submit(batch_x)
@@ -255,7 +255,8 @@ def extract_once(
         f"  extract end to end, decoder {decoder}{f' ({workers} processes)' if decoder == 'gpu' and workers else ''}"
         f", {precision:8s} batch {batch}: steady {result.steady_rate:7.0f} "
         f"img/s, wall {result.images / t.seconds:6.0f} img/s ({result.images} images, {t.seconds:.1f} s incl. "
-        f"build, compile, HDF5); {use}\n      time: {split}, warm-up {result.warmup_seconds:.1f} s"
+        f"build, compile, HDF5); {use}\n      time: {split}, warm-up {result.warmup_seconds:.1f} s, "
+        f"background chunk writer {result.writer_seconds:.2f} s"
         + (f"; decoded {result.decode}" if result.decode else ""),
         flush=True,
     )

@@ -23,5 +23,6 @@ export PYTHONPATH=$G/wt:$G/wt/bench:/tmp/site FEATCACHE_BENCH_DATA=/tmp/cats_and
 ( time python3 bench/make_photos.py /tmp/cats_and_dogs_small /tmp/photos --copies ${COPIES:-3} --workers 16 ) 2>&1 | tee $OUT/photos.txt
 KERAS_BACKEND=jax timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py -rs -s 2>&1 | tee $OUT/tests.log | tail -15
 KERAS_BACKEND=jax timeout ${BENCH_TIMEOUT:-300} python3 bench/bench_gpu.py --photos /tmp/photos --budget ${BUDGET:-200} $BENCH_ARGS 2>&1 | tee $OUT/bench.log
+[ -n "$BENCH2_ARGS" ] && KERAS_BACKEND=jax timeout ${BENCH2_TIMEOUT:-200} python3 bench/bench_gpu.py --photos /tmp/photos $BENCH2_ARGS 2>&1 | tee $OUT/bench2.log
 [ -n "$TORCH_ARGS" ] && KERAS_BACKEND=torch timeout ${TORCH_TIMEOUT:-120} python3 bench/bench_gpu.py --photos /tmp/photos $TORCH_ARGS 2>&1 | tee $OUT/bench_torch.log
 echo "run.sh done"

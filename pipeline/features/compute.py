@@ -193,6 +193,7 @@ def _forward_all(
             ]
             loop.advance(len(rows_todo) - len(rows))
             result.images += loop.split(delta.items[split], split, rows, rows_todo)
+        result.writer_seconds = writer.seconds
 
 
 @dataclass
@@ -267,7 +268,11 @@ class _OpenChunks:
         for c in sorted(set(ok_chunk.tolist()) | set(failed_chunk)):
             acc = self.open.setdefault(int(c), {"features": [], "rows": [], "failed": []})
             mine = ok_chunk == c
-            if mine.any():
+            if mine.all():  # the usual case: the whole batch in one chunk, no copy
+                assert feats is not None
+                acc["features"].append(feats)
+                acc["rows"].append(np.asarray(batch.rows))
+            elif mine.any():
                 assert feats is not None
                 acc["features"].append(feats[mine])
                 acc["rows"].append(np.asarray(batch.rows)[mine])
@@ -280,12 +285,14 @@ class _OpenChunks:
 
     def _save(self, c: int, acc: dict[str, list], writer: ChunkWriter) -> None:
         features = (
-            np.concatenate(acc["features"]) if acc["features"] else np.zeros((0, *self.feature_shape), np.float32)
+            (acc["features"][0] if len(acc["features"]) == 1 else np.concatenate(acc["features"]))
+            if acc["features"]
+            else np.zeros((0, *self.feature_shape), np.float32)
         )
         writer.save(
             self.split,
             c,
-            features.astype(self.dtype),
+            features.astype(self.dtype, copy=False),
             np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
             np.array([i for i, _ in acc["failed"]], np.int64),
             [r for _, r in acc["failed"]],
@@ -306,11 +313,17 @@ class ChunkWriter:
         self.chunks, self.depth = chunks, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
         self.pending: list[Any] = []
+        self.seconds = 0.0  # time spent saving, on the writer's thread
 
     def save(self, *args: Any) -> None:
-        self.pending.append(self.pool.submit(self.chunks.save, *args))
+        self.pending.append(self.pool.submit(self._save, *args))
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.pop(0).result()
+
+    def _save(self, *args: Any) -> None:
+        t = time.perf_counter()
+        self.chunks.save(*args)
+        self.seconds += time.perf_counter() - t
 
     def __enter__(self) -> ChunkWriter:
         return self

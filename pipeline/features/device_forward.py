@@ -16,6 +16,7 @@ batch, keep ``backbone.forward``.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -82,8 +83,8 @@ class Queued:
             [v.value for v in model.non_trainable_variables],
         )
 
-        def call(trainable: Any, non_trainable: Any, x: Any) -> Any:
-            return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+        def call(trainable: Any, non_trainable: Any, x: Any) -> Any:  # float32 on the device: no host cast
+            return model.stateless_call(trainable, non_trainable, x, training=False)[0].astype("float32")
 
         self._call = jax.jit(call)
 
@@ -101,6 +102,17 @@ class Queued:
         """The features of a submitted batch as float32 numpy (waits for the device)."""
         out, n = handle
         return np.asarray(out, np.float32)[:n]
+
+
+_QUEUED: weakref.WeakKeyDictionary[Any, Queued] = weakref.WeakKeyDictionary()
+
+
+def queued_for(model: Any, batch_size: int) -> Queued:
+    """The model's ``Queued`` (one per model and batch size): a new one traces and compiles again."""
+    queued = _QUEUED.get(model)
+    if queued is None or queued.batch_size != batch_size:
+        queued = _QUEUED[model] = Queued(model, batch_size)
+    return queued
 
 
 def queues_ahead(decoder_is_gpu: bool) -> bool:
@@ -121,7 +133,7 @@ def features(
     features are collected: one batch in flight. The first batch still goes through alone,
     since it compiles, and the caller counts it as the warm-up.
     """
-    queued = Queued(model, batch_size) if ahead else None
+    queued = queued_for(model, batch_size) if ahead else None
     stream = iter(batches)
     in_flight: tuple[Any, tuple[Any, int] | None] | None = None
     first = True
