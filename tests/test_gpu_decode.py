@@ -207,6 +207,14 @@ def test_a_failing_decode_process_is_an_error_not_a_hang():
 # ----------------------------------------------------------------------------- choosing the decoder
 
 
+def test_decode_processes_only_for_runs_large_enough_to_repay_their_start(monkeypatch):
+    monkeypatch.setattr(gpu_decode, "WORKERS", None)
+    assert gpu_decode.processes_for(gpu_decode.PROCESSES_FROM_IMAGES - 1) == 0  # the thread: starts at once
+    assert gpu_decode.processes_for(gpu_decode.PROCESSES_FROM_IMAGES) == gpu_decode.PROCESSES == 4
+    monkeypatch.setattr(gpu_decode, "WORKERS", 2)  # forced (benchmarks, tests)
+    assert gpu_decode.processes_for(10) == 2
+
+
 def test_resolve_auto_cpu_gpu():
     assert gpu_decode.resolve("cpu", has_files=True, reason=None) == "cpu"
     assert gpu_decode.resolve("auto", has_files=True, reason=None) == "gpu"

@@ -67,8 +67,12 @@ def compute(
         return Computed(None, {}, tuple(old.feature_shape), old.weights_sha256)
     cfg = p.cfg
     cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
-    # made before the model: GPU decode processes (gpu_decode.WORKERS) start while it builds
-    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
+    # made before the model: GPU decode processes start (and warm up) while it builds
+    decoder = (
+        gpu_decode.GpuDecoder(cpu=cpu_decoder, workers=gpu_decode.processes_for(sum(map(len, todo.values()))))
+        if cfg.decoder == "gpu"
+        else cpu_decoder
+    )
     model, weights_sha256 = _build_model(p, old, result)
     chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
     t0 = time.perf_counter()

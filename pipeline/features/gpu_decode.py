@@ -269,10 +269,21 @@ def route_and_decode(
     return decoded, host, failed, fallbacks
 
 
-# decode processes per GpuDecoder: 0 decodes on a thread of the extracting process (see BENCHMARKS.md
-# section 11 for what each gave); > 0 runs that many processes, each with its own GIL and nvJPEG
-# handle, handing batches over as CUDA IPC tensors (torch.multiprocessing)
-WORKERS = 0
+# Decode processes per run. 0 decodes on a thread of the extracting process; N > 0 runs N processes,
+# each with its own GIL and nvJPEG handle, handing batches over as CUDA IPC tensors. Measured on an
+# H100 (BENCHMARKS.md section 11): 4 processes decode fast enough for 15.5k img/s steady at 150 px
+# against 5.9k with the thread, but start about 11 s later (spawn, torch import, CUDA and nvJPEG
+# set-up), so they pay off from about 110,000 images.
+PROCESSES = 4
+PROCESSES_FROM_IMAGES = 100_000
+WORKERS: int | None = None  # a number forces it for every run (benchmarks, tests); None: processes_for
+
+
+def processes_for(n_images: int) -> int:
+    """Decode processes for a run of ``n_images`` images: ``PROCESSES`` for large runs, else 0."""
+    if WORKERS is not None:
+        return WORKERS
+    return PROCESSES if n_images >= PROCESSES_FROM_IMAGES else 0
 
 
 def _decode_worker(factory: Any, tasks: Any, results: Any) -> None:
@@ -404,7 +415,7 @@ class GpuDecoder:
         import torch
 
         self.torch = torch
-        self.workers = WORKERS if workers is None else workers
+        self.workers = (WORKERS or 0) if workers is None else workers
         self._pool = (
             _WorkerPool(self.workers, factory or functools.partial(GpuDecoder, device, readers, None, draft, workers=0))
             if self.workers
