@@ -179,37 +179,52 @@ def hybrid(files: list[str], size: int, batch: int, gpu_share: float) -> None:
 
 
 def forward_alone(size: int, batch: int, precision: str, images: int = 8192) -> float:
-    """Images/s of the model alone: uint8 batches from host memory, and already on the device."""
+    """Images/s of the model alone: uint8 batches from host memory, already on the device, and
+    on the device with the next batch queued before the last one's features are collected
+    (``device_forward.Queued``, what extract does with GPU-decoded batches under JAX)."""
     import keras
     import numpy as np
 
-    from pipeline.features import backbone, gpu_decode, registry, weights
+    from pipeline.features import backbone, device_forward, gpu_decode, registry, weights
 
     gflop = registry.flops_per_image(size, "block5_pool") / 1e9
     model = backbone.build(size=size, layer="block5_pool", weights=weights.resolve("random"), precision=precision)
     x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     steps = max(4, math.ceil(images / batch))
     rates = {}
-    inputs: list[tuple[str, Any]] = [("host uint8", x)]
+
+    def queued(batch_x: Any) -> None:
+        q = device_forward.queued_for(model, batch)
+        last = None
+        for _ in range(steps):
+            handle = q.submit(batch_x)
+            if last is not None:
+                q.collect(last)
+            last = handle
+        q.collect(last)  # type: ignore[arg-type]
+
+    inputs: list[tuple[str, Any, Any]] = [("host uint8", x, None)]
     if gpu_decode.unavailable_reason() is None:
         import torch
 
-        inputs.append(("device uint8", torch.from_numpy(x).cuda()))
-    for label, batch_x in inputs:
-        gpu_decode.forward(model, batch_x, batch)  # compile
+        on_device = torch.from_numpy(x).cuda()
+        inputs.append(("device uint8", on_device, None))
+        if keras.backend.backend() == "jax":
+            inputs.append(("device uint8, queued", on_device, queued))
+    for label, batch_x, how in inputs:
+        run = how or (lambda b: [device_forward.forward(model, b, batch) for _ in range(steps)])
+        run(batch_x)  # compile
         got = []
         for _ in range(3):
             with Timer() as t:
-                for _ in range(steps):
-                    gpu_decode.forward(model, batch_x, batch)
+                run(batch_x)
             got.append(steps * batch / t.seconds)
         rates[label] = median(got)
         print(
-            f"  forward alone, {precision:8s} batch {batch}, {label:12s}: {rates[label]:8.0f} img/s "
+            f"  forward alone, {precision:8s} batch {batch}, {label:20s}: {rates[label]:8.0f} img/s "
             f"{rates[label] * gflop / 1e3:6.1f} TFLOP/s",
             flush=True,
         )
-    del model
     keras.backend.clear_session()
     return max(rates.values())
 
@@ -240,7 +255,8 @@ def extract_once(
         f"  extract end to end, decoder {decoder}{f' ({workers} processes)' if decoder == 'gpu' and workers else ''}"
         f", {precision:8s} batch {batch}: steady {result.steady_rate:7.0f} "
         f"img/s, wall {result.images / t.seconds:6.0f} img/s ({result.images} images, {t.seconds:.1f} s incl. "
-        f"build, compile, HDF5); {use}\n      time: {split}, warm-up {result.warmup_seconds:.1f} s"
+        f"build, compile, HDF5); {use}\n      time: {split}, warm-up {result.warmup_seconds:.1f} s, "
+        f"background chunk writer {result.writer_seconds:.2f} s"
         + (f"; decoded {result.decode}" if result.decode else ""),
         flush=True,
     )

@@ -67,3 +67,42 @@ def test_jax_backend_gives_tensorflows_features_in_the_same_format(tmp_path):
         b, yb, pb = store.load_split(jax_cache, split)
         assert pa == pb and np.array_equal(ya, yb)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+_QUEUED = """
+import json, sys
+import numpy as np
+from pipeline.features import backbone, device_forward, images, weights
+
+model = backbone.build(size=32, layer="block5_pool", weights=weights.resolve("random"), precision="float32")
+rng = np.random.default_rng(0)
+batches = [images.Batch(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) + 10 * k, [])
+           for k, n in enumerate((4, 4, 0, 4, 3))]
+timings = {"waiting for decode": 0.0, "forward pass": 0.0}
+got = list(device_forward.features(model, iter(batches), 4, timings, ahead=True))
+out = {"order": [b.rows.tolist() for b, _ in got], "none": [f is None for _, f in got], "diff": [],
+       "timed": timings["forward pass"] > 0 and timings["waiting for decode"] > 0}
+for b, f in got:
+    if f is not None:
+        want = backbone.forward(model, b.images, 4)
+        out["diff"].append(float(np.abs(f - want).max() / np.abs(want).max()))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
+def test_queued_forward_under_jax_equals_the_plain_forward_in_order():
+    """The device path's one-batch-ahead forward (a jitted stateless call) gives each batch its
+    own features, in order, as ``backbone.forward`` does; a batch with no rows gets None."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _QUEUED], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["order"] == [list(range(10 * k, 10 * k + n)) for k, n in enumerate((4, 4, 0, 4, 3))]
+    assert got["none"] == [False, False, True, False, False]
+    assert len(got["diff"]) == 4 and max(got["diff"]) < 1e-5, got["diff"]
+    assert got["timed"]

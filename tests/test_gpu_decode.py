@@ -207,6 +207,14 @@ def test_a_failing_decode_process_is_an_error_not_a_hang():
 # ----------------------------------------------------------------------------- choosing the decoder
 
 
+def test_decode_processes_only_for_runs_large_enough_to_repay_their_start(monkeypatch):
+    monkeypatch.setattr(gpu_decode, "WORKERS", None)
+    assert gpu_decode.processes_for(gpu_decode.PROCESSES_FROM_IMAGES - 1) == 0  # the thread: starts at once
+    assert gpu_decode.processes_for(gpu_decode.PROCESSES_FROM_IMAGES) == gpu_decode.PROCESSES == 4
+    monkeypatch.setattr(gpu_decode, "WORKERS", 2)  # forced (benchmarks, tests)
+    assert gpu_decode.processes_for(10) == 2
+
+
 def test_resolve_auto_cpu_gpu():
     assert gpu_decode.resolve("cpu", has_files=True, reason=None) == "cpu"
     assert gpu_decode.resolve("auto", has_files=True, reason=None) == "gpu"
@@ -375,3 +383,44 @@ def test_extract_with_the_gpu_decoder_records_it_and_stays_close_to_cpu_features
         assert list(pa) == list(pb)
         rel = np.abs(a - b).max() / np.abs(a).max()
         assert rel < 0.2, rel
+
+
+@gpu
+@needs_cuda
+def test_decode_processes_give_the_decode_threads_cache(tmp_path, monkeypatch):
+    """``gpu_decode.WORKERS`` decode processes (CUDA IPC, warmed up while the model builds)
+    hand over the same pixels, in the same order, as the decode thread: the same cache."""
+    from pipeline.cache import store
+    from pipeline.features.extract import extract
+
+    root = tmp_path / "img"
+    _photos(root / "train", 30)
+    base = {"data": str(root), "weights": "random", "quiet": True, "batch_size": 8, "decoder": "gpu"}
+    monkeypatch.setattr(gpu_decode, "WORKERS", 0)
+    thread = extract(ExtractConfig(**base, cache_dir=tmp_path / "thread"))
+    monkeypatch.setattr(gpu_decode, "WORKERS", 2)
+    procs = extract(ExtractConfig(**base, cache_dir=tmp_path / "procs"))
+    assert store.read_meta(procs.path).info["decode"]["gpu"] == 30
+    a, ya, pa = store.load_split(thread.path, "train")
+    b, yb, pb = store.load_split(procs.path, "train")
+    assert list(pa) == list(pb) and list(ya) == list(yb)
+    assert np.array_equal(a, b)
+
+
+@gpu
+@needs_cuda
+def test_the_queued_forward_on_device_batches_equals_predict_on_batch():
+    import keras
+    import torch
+
+    from pipeline.features import backbone, device_forward, weights
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("the queued forward is the JAX backend's")
+    model = backbone.build(size=64, layer="block5_pool", weights=weights.resolve("random"), precision="float32")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)).cuda()
+    queued = device_forward.Queued(model, 8)
+    got = queued.collect(queued.submit(x))
+    want = device_forward.forward(model, x, 8)
+    assert got.shape == want.shape == (5, 2, 2, 512)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

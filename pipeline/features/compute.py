@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
-from pipeline.features import backbone, gpu_decode, images, layout, quantize, tta_views
+from pipeline.features import backbone, device_forward, gpu_decode, images, layout, quantize, tta_views
 from pipeline.features.delta import Delta
 from pipeline.features.result import ExtractResult
 from pipeline.features.weights import verify_weights
@@ -67,8 +67,12 @@ def compute(
         return Computed(None, {}, tuple(old.feature_shape), old.weights_sha256)
     cfg = p.cfg
     cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
-    # made before the model: GPU decode processes (gpu_decode.WORKERS) start while it builds
-    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder) if cfg.decoder == "gpu" else cpu_decoder
+    # made before the model: GPU decode processes start (and warm up) while it builds
+    decoder = (
+        gpu_decode.GpuDecoder(cpu=cpu_decoder, workers=gpu_decode.processes_for(sum(map(len, todo.values()))))
+        if cfg.decoder == "gpu"
+        else cpu_decoder
+    )
     model, weights_sha256 = _build_model(p, old, result)
     chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
     t0 = time.perf_counter()
@@ -193,6 +197,7 @@ def _forward_all(
             ]
             loop.advance(len(rows_todo) - len(rows))
             result.images += loop.split(delta.items[split], split, rows, rows_todo)
+        result.writer_seconds = writer.seconds
 
 
 @dataclass
@@ -223,18 +228,12 @@ class _Loop:
         open_chunks = _OpenChunks(split, rows_todo, cfg.chunk_size, self.model.output_shape[1:], cfg.dtype)
         sent = 0
         stream = self.decoder.batches(items, rows, cfg.size, cfg.batch_size)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(stream, None)
-            t1 = time.perf_counter()
-            timings["waiting for decode"] += t1 - t0
-            if batch is None:
-                return sent
-            feats = None
-            if len(batch.rows):
-                feats = gpu_decode.forward(self.model, batch.images, cfg.batch_size)  # backbone.forward for numpy
-                self._time_forward(time.perf_counter() - t1, len(batch.rows))
-                sent += len(batch.rows)
+        ahead = device_forward.queues_ahead(isinstance(self.decoder, gpu_decode.GpuDecoder))
+        before = dict(timings)
+        for batch, feats in device_forward.features(self.model, stream, cfg.batch_size, timings, ahead):
+            if feats is not None and not self.result.warmup_images:
+                self._warm_up(before, len(batch.rows))
+            sent += len(batch.rows)
             t2 = time.perf_counter()
             open_chunks.add(batch, feats, self.writer)
             timings["saving chunks"] += time.perf_counter() - t2
@@ -242,13 +241,17 @@ class _Loop:
             self.bar.update(done)
             if self.progress is not None:
                 self.progress(done)
+        return sent
 
-    def _time_forward(self, seconds: float, n: int) -> None:
-        """The first batch is the warm-up (graph tracing, kernel set-up); the rest is the forward pass."""
-        if not self.result.warmup_images:
-            self.result.warmup_seconds, self.result.warmup_images = seconds, n
-        else:
-            self.result.timings["forward pass"] += seconds
+    def _warm_up(self, before: dict[str, float], n: int) -> None:
+        """The run's first batch with features is its warm-up, out of the timings: the decoder's
+        start (pools, nvJPEG) and the model's (graph tracing, compiling, kernel set-up)."""
+        timings = self.result.timings
+        seconds = 0.0
+        for name in ("waiting for decode", "forward pass"):
+            seconds += timings[name] - before[name]
+            timings[name] = before[name]
+        self.result.warmup_seconds, self.result.warmup_images = seconds, n
 
 
 class _OpenChunks:
@@ -269,7 +272,11 @@ class _OpenChunks:
         for c in sorted(set(ok_chunk.tolist()) | set(failed_chunk)):
             acc = self.open.setdefault(int(c), {"features": [], "rows": [], "failed": []})
             mine = ok_chunk == c
-            if mine.any():
+            if mine.all():  # the usual case: the whole batch in one chunk, no copy
+                assert feats is not None
+                acc["features"].append(feats)
+                acc["rows"].append(np.asarray(batch.rows))
+            elif mine.any():
                 assert feats is not None
                 acc["features"].append(feats[mine])
                 acc["rows"].append(np.asarray(batch.rows)[mine])
@@ -282,12 +289,14 @@ class _OpenChunks:
 
     def _save(self, c: int, acc: dict[str, list], writer: ChunkWriter) -> None:
         features = (
-            np.concatenate(acc["features"]) if acc["features"] else np.zeros((0, *self.feature_shape), np.float32)
+            (acc["features"][0] if len(acc["features"]) == 1 else np.concatenate(acc["features"]))
+            if acc["features"]
+            else np.zeros((0, *self.feature_shape), np.float32)
         )
         writer.save(
             self.split,
             c,
-            features.astype(self.dtype),
+            features.astype(self.dtype, copy=False),
             np.concatenate(acc["rows"]) if acc["rows"] else np.zeros(0, np.int64),
             np.array([i for i, _ in acc["failed"]], np.int64),
             [r for _, r in acc["failed"]],
@@ -308,11 +317,17 @@ class ChunkWriter:
         self.chunks, self.depth = chunks, depth
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-writer")
         self.pending: list[Any] = []
+        self.seconds = 0.0  # time spent saving, on the writer's thread
 
     def save(self, *args: Any) -> None:
-        self.pending.append(self.pool.submit(self.chunks.save, *args))
+        self.pending.append(self.pool.submit(self._save, *args))
         while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
             self.pending.pop(0).result()
+
+    def _save(self, *args: Any) -> None:
+        t = time.perf_counter()
+        self.chunks.save(*args)
+        self.seconds += time.perf_counter() - t
 
     def __enter__(self) -> ChunkWriter:
         return self

@@ -269,10 +269,21 @@ def route_and_decode(
     return decoded, host, failed, fallbacks
 
 
-# decode processes per GpuDecoder: 0 decodes on a thread of the extracting process (see BENCHMARKS.md
-# section 11 for what each gave); > 0 runs that many processes, each with its own GIL and nvJPEG
-# handle, handing batches over as CUDA IPC tensors (torch.multiprocessing)
-WORKERS = 0
+# Decode processes per run. 0 decodes on a thread of the extracting process; N > 0 runs N processes,
+# each with its own GIL and nvJPEG handle, handing batches over as CUDA IPC tensors. Measured on an
+# H100 (BENCHMARKS.md section 11): 4 processes decode fast enough for 15.5k img/s steady at 150 px
+# against 5.9k with the thread, but start about 11 s later (spawn, torch import, CUDA and nvJPEG
+# set-up), so they pay off from about 110,000 images.
+PROCESSES = 4
+PROCESSES_FROM_IMAGES = 100_000
+WORKERS: int | None = None  # a number forces it for every run (benchmarks, tests); None: processes_for
+
+
+def processes_for(n_images: int) -> int:
+    """Decode processes for a run of ``n_images`` images: ``PROCESSES`` for large runs, else 0."""
+    if WORKERS is not None:
+        return WORKERS
+    return PROCESSES if n_images >= PROCESSES_FROM_IMAGES else 0
 
 
 def _decode_worker(factory: Any, tasks: Any, results: Any) -> None:
@@ -285,9 +296,13 @@ def _decode_worker(factory: Any, tasks: Any, results: Any) -> None:
         pass
     try:
         decoder = factory()
+        ready = getattr(decoder, "ready", None)
+        if ready is not None:  # nvJPEG's and cuBLAS's first calls, while the model builds
+            ready()
     except BaseException as e:
         results.put(("error", -1, f"{type(e).__name__}: {e}"))
         return
+    results.put(("ready", os.getpid()))
     while True:
         job = tasks.get()
         if job is None:
@@ -326,7 +341,9 @@ class _WorkerPool:
     def _get(self, w: int) -> Any:
         while True:
             try:
-                return self.results[w].get(timeout=1.0)
+                msg = self.results[w].get(timeout=1.0)
+                if msg[0] != "ready":  # each process says so once, after its warm-up
+                    return msg
             except queue.Empty:
                 if not self.procs[w].is_alive():
                     self.broken = True
@@ -398,7 +415,7 @@ class GpuDecoder:
         import torch
 
         self.torch = torch
-        self.workers = WORKERS if workers is None else workers
+        self.workers = (WORKERS or 0) if workers is None else workers
         self._pool = (
             _WorkerPool(self.workers, factory or functools.partial(GpuDecoder, device, readers, None, draft, workers=0))
             if self.workers
@@ -417,9 +434,38 @@ class GpuDecoder:
         # seconds on the decode thread: where a GPU-decoded batch's time goes (bench/bench_gpu.py prints it)
         self.timings = {"waiting for reads": 0.0, "nvJPEG decode": 0.0, "routing + resize launch": 0.0, "sync": 0.0}
         self.fallbacks: list[tuple[str, str]] = []  # (path, why it left the device), for the record
+        self._warming: threading.Thread | None = None
+        if self._pool is None and decode is None and self.device.type == "cuda":
+            self._warming = threading.Thread(target=self._warm_up_quietly, name="gpu-decode-warm-up", daemon=True)
+            self._warming.start()
+
+    def ready(self) -> None:
+        """Return once the warm-up started with the decoder is over."""
+        if self._warming is not None:
+            self._warming.join()
+
+    def _warm_up_quietly(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:  # pragma: no cover - the first batch meets the same problem and reports it
+            pass
 
     def __enter__(self) -> GpuDecoder:
         return self
+
+    def warm_up(self) -> None:
+        """Decode and resize one small JPEG: the first nvJPEG and cuBLAS calls of a process take
+        seconds, paid here, while the model builds, rather than in the first batch."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 120, 40)).save(buf, format="JPEG")
+        tensor = self.torch.frombuffer(bytearray(buf.getvalue()), dtype=self.torch.uint8)
+        self.resize(self._decode([tensor]), 32)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
@@ -588,6 +634,7 @@ class GpuDecoder:
 
         def produce() -> None:
             try:
+                self.ready()
                 starts = list(range(0, len(rows), batch_size))
 
                 def paths_of(start: int) -> list[str]:
@@ -619,39 +666,3 @@ class GpuDecoder:
         finally:
             stop.set()
             worker.join()
-
-
-# ----------------------------------------------------------------------------- into the model
-
-
-def to_backend(batch: Any) -> Any:
-    """A device tensor as the Keras backend's input, without a host round trip where the
-    backend allows: the tensor itself under torch, a DLPack view under jax; host numpy otherwise."""
-    import keras
-
-    name = keras.backend.backend()
-    if name == "torch":
-        return batch
-    if name == "jax":
-        import jax.numpy as jnp
-
-        return jnp.from_dlpack(batch)
-    return batch.cpu().numpy()  # TensorFlow: through the host
-
-
-def forward(model: Any, batch: Any, batch_size: int) -> np.ndarray:
-    """``backbone.forward`` for a device batch: features as float32 numpy. A short batch is
-    padded on the device under JAX (a new shape would compile again)."""
-    import keras
-
-    from pipeline.features import backbone
-
-    if isinstance(batch, np.ndarray):
-        return backbone.forward(model, batch, batch_size)
-    n = int(batch.shape[0])
-    if n < batch_size and keras.backend.backend() == "jax":
-        import torch
-
-        pad = torch.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
-        batch = torch.cat([batch, pad])
-    return np.asarray(model.predict_on_batch(to_backend(batch)), np.float32)[:n]
