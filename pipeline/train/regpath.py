@@ -41,7 +41,7 @@ def pooled_start(X: np.ndarray, yi: np.ndarray, scaler: Any, lr: Any) -> tuple[n
 
     if np.ndim(X) != 4:
         return None
-    n, h, w, c = np.shape(X)
+    _, h, w, c = np.shape(X)
     a = pool_features(X, "avg")
     pooled_scaler = StandardScaler().fit(a)
     pooled = LogisticRegression(**{**lr.get_params(), "warm_start": False}).fit(pooled_scaler.transform(a), yi)
