@@ -29,9 +29,10 @@ def path_key(name: str, params: dict[str, Any]) -> str | None:
 def pooled_start(X: np.ndarray, yi: np.ndarray, scaler: Any, lr: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """(coef, intercept) in the standardised flatten space that give exactly the logits of a
     logistic regression fitted on the average-pooled maps (512 values: about a second), or
-    None when ``X`` is not a (N,h,w,C) map. Issue 29: lbfgs from zero needed ~300 passes over
-    the 8,192-wide matrix at C=0.001; the pooled model is a point of that space already
-    close to its optimum (avg pooling is linear in the flattened values), so fewer passes follow.
+    None when ``X`` is not a (N,h,w,C) map. Issue 29: each lbfgs iteration reads the 8,192-wide
+    matrix twice, and from zero C=0.001 took 90 iterations on 12,000 real rows (~300 on random
+    features); the pooled model is a point of that space near its optimum (avg pooling is
+    linear in the flattened values): 68 iterations from there (BENCHMARKS.md section 8).
 
     With z = (x - mean) / scale per flattened value and a = mean over the h*w positions of x,
     the pooled logit sum_c w_c (a_c - m_c) / s_c + b equals sum_{p,c} w_c scale_pc / (h w s_c) z_pc + b:
@@ -58,8 +59,10 @@ def fit_logreg_path(
 ) -> None:
     """Fit LogRegHeads that differ only in C as one regularisation path: pool and
     standardise once (float32), then fit in order of increasing C, each fit starting from
-    the previous solution (lbfgs with ``warm_start``). Each head gets its own fitted model,
-    the same optimum an independent fit reaches (within the solver's tolerance). ``times``
+    the previous solution (lbfgs with ``warm_start``); a flatten path's first fit starts from
+    the avg-pooled model (``pooled_start``; ``pooled_warm_start=False``: from zero). Each head
+    gets its own fitted model, the same optimum an independent fit reaches (within the
+    solver's tolerance). ``times``
     receives each head's seconds by ``id(head)`` (pooling and scaling counted in the first)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
