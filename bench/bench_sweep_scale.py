@@ -184,23 +184,39 @@ def levers(args: argparse.Namespace) -> None:
     xv, yv, _ = store.load_split(args.cache, "validation")
     cs = [0.001, 0.01, 0.1]
     with threadpool_limits(args.threads):
-        t0 = time.perf_counter()
-        accs = []
-        for c in cs:
-            accs.append(score(LogRegHead(pooling="flatten", C=c).fit(x, y).predict_proba(xv), yv, np.unique(y))[0])
-        print(f"independent fits (float32, scaler each fit): {time.perf_counter() - t0:.1f} s; val {accs}")
-        t0 = time.perf_counter()
-        heads = [LogRegHead(pooling="flatten", C=c) for c in cs]
-        fit_logreg_path(heads, x, y)
-        accs = [score(h.predict_proba(xv), yv, h.classes_)[0] for h in heads]
-        print(f"warm-started path (scaler once): {time.perf_counter() - t0:.1f} s; val {accs}")
+        for label, pooled in (("path from zero", False), ("path from the pooled start", True)):
+            heads = [LogRegHead(pooling="flatten", C=c) for c in cs]
+            times: dict[int, float] = {}
+            c0 = time.process_time()
+            fit_logreg_path(heads, x, y, times=times, pooled_warm_start=pooled)
+            cpu = time.process_time() - c0
+            per_c = ", ".join(
+                f"C={h.C}: {times[id(h)]:.1f} s {h.n_iter_} iter val "
+                f"{score(h.predict_proba(xv), yv, h.classes_)[0]:.4f}"
+                for h in heads
+            )
+            print(f"warm-started {label} (scaler once): {cpu:.1f} CPU s; {per_c}", flush=True)
+        if args.independent:
+            t0 = time.perf_counter()
+            accs = []
+            for c in cs:
+                accs.append(score(LogRegHead(pooling="flatten", C=c).fit(x, y).predict_proba(xv), yv, np.unique(y))[0])
+            print(f"independent fits (float32, scaler each fit): {time.perf_counter() - t0:.1f} s; val {accs}")
 
 
 def mlp(args: argparse.Namespace) -> None:
     """The MLP levers side by side: one MLPHead fit per variant ("key=value,..." over the
-    default grid's flatten MLP), its fit seconds, epochs run and validation accuracy."""
+    default grid's flatten MLP), its fit seconds, epochs run and validation accuracy. Two keys
+    are not head parameters: ``spe`` (batches per graph call, ``heads.STEPS_PER_EXECUTION``)
+    and ``bf16=1`` (Keras's mixed_bfloat16 policy: bfloat16 matmuls, AMX where the CPU has it).
+    One TensorFlow thread, as a sweep worker on 2 cores has."""
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    import keras
+
     from pipeline.cache import store
     from pipeline.runs.folder import score
+    from pipeline.train import heads
     from pipeline.train.heads import MLPHead
 
     print(machine())
@@ -208,16 +224,27 @@ def mlp(args: argparse.Namespace) -> None:
     xv, yv, _ = store.load_split(args.cache, "validation")
     base = {"pooling": args.pooling, "learning_rate": 3e-4, "epochs": 30, "batch_size": 64, "patience": 5}
     for variant in args.variants:
-        params = dict(base)
+        params, spe, bf16 = dict(base), 1, False
         for item in filter(None, variant.split(",")):
             key, value = item.split("=")
-            params[key] = type(base.get(key, 0.0))(float(value)) if key != "pooling" else value
-        t0 = time.perf_counter()
+            if key == "spe":
+                spe = int(value)
+            elif key == "bf16":
+                bf16 = value == "1"
+            else:
+                params[key] = type(base.get(key, 0.0))(float(value)) if key != "pooling" else value
+        heads.STEPS_PER_EXECUTION = spe
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
+        t0, c0 = time.perf_counter(), time.process_time()
         head = MLPHead(**params).fit(x, y)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         acc = score(head.predict_proba(xv), yv, head.classes_)[0]
         epochs = len(head.history_["loss"])
-        print(f"mlp {variant or 'default'}: {seconds:.1f} s fit, {epochs} epochs, val {acc:.4f}", flush=True)
+        print(
+            f"mlp {variant or 'default'}: {seconds:.1f} s fit ({cpu:.1f} CPU s), {epochs} epochs, "
+            f"{seconds / epochs:.2f} s/epoch, val {acc:.4f}",
+            flush=True,
+        )
 
 
 def svm(args: argparse.Namespace) -> None:
@@ -292,10 +319,11 @@ def main() -> None:
     v = sub.add_parser("levers")
     v.add_argument("--cache", required=True)
     v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--independent", action="store_true", help="also three independent fits (one per C)")
     ml = sub.add_parser("mlp")
     ml.add_argument("--cache", required=True)
     ml.add_argument("--pooling", default="flatten")
-    ml.add_argument("variants", nargs="*", default=[""], help='e.g. "" "batch_size=256,learning_rate=6e-4"')
+    ml.add_argument("variants", nargs="*", default=[""], help='e.g. "spe=1" "spe=32" "spe=32,bf16=1" "batch_size=256"')
     sv = sub.add_parser("svm")
     sv.add_argument("--cache", required=True)
     r = sub.add_parser("rss")

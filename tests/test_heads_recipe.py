@@ -308,8 +308,11 @@ def test_seeds_head_is_dense_dropout_then_sigmoid_or_softmax(fake):
 def test_compile_uses_rmsprop_and_the_seeds_loss(fake, k, loss):
     model = fake.Model(fake.Input((2,)), fake.Input((2,)))
     seeds_recipe.compile_for(model, k, 0.003)
+    seeds_recipe.compile_for(model, k, 0.003, steps_per_execution=32)  # the MLP head's fused steps (issue 29)
+    expected = {"optimizer": ("RMSprop", {"learning_rate": 0.003}), "loss": loss, "metrics": ["accuracy"]}
     assert fake.named("compile") == [
-        ("compile", {"optimizer": ("RMSprop", {"learning_rate": 0.003}), "loss": loss, "metrics": ["accuracy"]})
+        ("compile", {**expected, "steps_per_execution": 1}),  # Keras's default: finetune compiles as before
+        ("compile", {**expected, "steps_per_execution": 32}),
     ]
 
 

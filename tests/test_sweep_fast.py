@@ -20,7 +20,7 @@ from sklearn.svm import LinearSVC
 from pipeline.core import paths
 from pipeline.core.config import SweepConfig
 from pipeline.runs.folder import score
-from pipeline.train import sweep
+from pipeline.train import heads, regpath, sweep
 from pipeline.train.heads import LogRegHead, SVMHead, pool_features
 from pipeline.train.regpath import fit_logreg_path
 
@@ -117,3 +117,54 @@ def test_the_default_grid_picks_the_plain_fits_winner(tmp_path):
         if name == "logreg":  # same estimator, fast path: equal scores within the solver's tolerance
             assert abs(fast["val_accuracy"] - plain["val_accuracy"]) <= ROW + 1e-12
             assert fast["val_log_loss"] == pytest.approx(plain["val_log_loss"], abs=PROBA_ATOL)
+
+
+def test_the_pooled_start_has_the_pooled_models_logits():
+    """The flatten path's lbfgs starts from the average-pooled model written in flatten
+    coordinates: on standardised flattened rows it gives that model's logits exactly."""
+    (x, y), (xv, _) = _six_classes()
+    x = np.abs(x) * np.arange(1, 1 + SHAPE[-1], dtype=np.float32)  # uneven scales per channel and position
+    xv = np.abs(xv) * np.arange(1, 1 + SHAPE[-1], dtype=np.float32)
+    scaler = StandardScaler().fit(pool_features(x, "flatten"))
+    lr = LogisticRegression(C=0.01, max_iter=1000)
+    coef, intercept = regpath.pooled_start(x, y, scaler, lr)
+    pooled_scaler = StandardScaler().fit(pool_features(x, "avg"))
+    pooled = LogisticRegression(C=0.01, max_iter=1000).fit(pooled_scaler.transform(pool_features(x, "avg")), y)
+    expected = pooled.decision_function(pooled_scaler.transform(pool_features(xv, "avg")))
+    got = scaler.transform(pool_features(xv, "flatten")) @ coef.T + intercept
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert regpath.pooled_start(pool_features(x, "flatten"), y, scaler, lr) is None  # (N,D): no map to pool
+
+
+def test_the_pooled_start_is_where_the_flatten_path_begins(monkeypatch):
+    """fit_logreg_path hands lbfgs the pooled start (not zeros) for a flatten path, and the
+    optimum it reaches is the plain fit's (checked above per C)."""
+    (x, y), _ = _six_classes()
+    starts = []
+    real_fit = LogisticRegression.fit
+
+    def spy(self, X, y, sample_weight=None):
+        starts.append(np.abs(getattr(self, "coef_", np.zeros(1))).sum())
+        return real_fit(self, X, y, sample_weight)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    fit_logreg_path([LogRegHead(pooling="flatten", C=0.001)], x, y)
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0  # the pooled fit, then the flatten one from it
+    starts.clear()
+    fit_logreg_path([LogRegHead(pooling="flatten", C=0.001)], x, y, pooled_warm_start=False)
+    assert starts == [0]
+
+
+def test_the_mlp_fast_steps_train_as_one_batch_per_call(monkeypatch):
+    """STEPS_PER_EXECUTION batches per graph call are the plain Keras fit (one batch per call):
+    the same epochs, losses and probabilities, on a 6-class map with early stopping."""
+    (x, y), (xv, _) = _six_classes()
+    params = {"pooling": "flatten", "epochs": 4, "batch_size": 16, "learning_rate": 1e-3, "patience": 2}
+    assert heads.STEPS_PER_EXECUTION > 1
+    fast = heads.MLPHead(**params).fit(x, y)
+    monkeypatch.setattr(heads, "STEPS_PER_EXECUTION", 1)
+    plain = heads.MLPHead(**params).fit(x, y)
+    assert fast.history_.keys() == plain.history_.keys()
+    for key, values in fast.history_.items():
+        assert values == pytest.approx(plain.history_[key], rel=1e-6), key
+    np.testing.assert_allclose(fast.predict_proba(xv), plain.predict_proba(xv), rtol=1e-5, atol=1e-6)

@@ -310,6 +310,12 @@ class _KerasHead:
         self.__dict__.update(state)
 
 
+STEPS_PER_EXECUTION = 32
+"""Batches per call into the MLP's compiled train step (issue 29): the same updates in the
+same order as one batch per call, without a Python round trip per batch (BENCHMARKS.md
+section 8, "Six classes, 12,000 rows")."""
+
+
 class MLPHead(_KerasHead, _PooledHead):
     """The seeds' Keras head: Dense(units, relu) -> Dropout -> Dense(1, sigmoid) or
     Dense(K, softmax), RMSprop. Early stopping on a stratified ``validation_fraction`` of
@@ -360,7 +366,7 @@ class MLPHead(_KerasHead, _PooledHead):
 
         inputs = keras.Input((width,))
         model = keras.Model(inputs, seeds_head(inputs, n_classes, self.units, self.dropout))
-        compile_for(model, n_classes, self.learning_rate)
+        compile_for(model, n_classes, self.learning_rate, steps_per_execution=STEPS_PER_EXECUTION)
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
         return model, [stop] if early_stopping else []
 

@@ -23,12 +23,15 @@ def seeds_head(x: Any, n_classes: int, units: int = 256, dropout: float = 0.5) -
     return keras.layers.Dense(n_classes, activation="softmax", name="head_out")(x)
 
 
-def compile_for(model: Any, n_classes: int, learning_rate: float) -> None:
-    """RMSprop and the seeds' loss for two or more classes."""
+def compile_for(model: Any, n_classes: int, learning_rate: float, steps_per_execution: int = 1) -> None:
+    """RMSprop and the seeds' loss for two or more classes. ``steps_per_execution`` > 1 runs
+    that many batches per call into the compiled graph: the same updates in the same order,
+    fewer round trips through Python (issue 29)."""
     import keras
 
     model.compile(
         optimizer=keras.optimizers.RMSprop(learning_rate=learning_rate),
         loss="binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
