@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -122,6 +125,20 @@ def image_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_venv(tmp_path: Path) -> Path:
+    """A VENV whose bin/featcache runs this checkout (with PYTHONPATH set to it), newer than
+    pyproject.toml so make builds nothing: make targets tested without creating .venv."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    script = venv / "bin" / "featcache"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pipeline "$@"\n')
+    script.chmod(0o755)
+    return venv
 
 
 @pytest.fixture(autouse=True)
