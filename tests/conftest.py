@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -124,6 +127,20 @@ def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def fake_venv(tmp_path: Path) -> Path:
+    """A VENV whose bin/featcache runs this checkout (with PYTHONPATH set to it), newer than
+    pyproject.toml so make builds nothing: make targets tested without creating .venv."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    script = venv / "bin" / "featcache"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pipeline "$@"\n')
+    script.chmod(0o755)
+    return venv
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking(monkeypatch):
     """No test writes to the project's MLflow store; tests of tracking set their own URI and TRACK=1."""
@@ -172,3 +189,33 @@ def assert_same_cache(a: Path, b: Path) -> None:
         xb, yb, pb = store.load_split(b, split)
         assert pa == pb and np.array_equal(ya, yb)
         np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- background subprocess tests
+
+# test name -> (its module's function that starts its process, the one that stops it)
+BACKGROUND_TESTS = {
+    "test_the_readme_python_example_runs_from_an_empty_folder": ("start_readme_example", "stop_readme_example")
+}
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start only what will run
+def pytest_collection_modifyitems(config, items):
+    """Tests whose whole work is one fresh Python sharing nothing with the suite (the README's
+    example, about a minute) start that process now, in the background, and run last: their
+    assertions are unchanged, and its minute overlaps the rest of the suite on the other core."""
+    if config.option.collectonly or hasattr(config, "workerinput"):  # xdist workers: start lazily
+        return
+    late = [item for item in items if getattr(item, "originalname", None) in BACKGROUND_TESTS]
+    if not late:
+        return
+    items[:] = [item for item in items if item not in late] + late
+    for item in late:
+        getattr(item.module, BACKGROUND_TESTS[item.originalname][0])()
+
+
+def pytest_sessionfinish(session):
+    """A background process that no test waited for (a session stopped early) is killed."""
+    for item in session.items:
+        if getattr(item, "originalname", None) in BACKGROUND_TESTS:
+            getattr(item.module, BACKGROUND_TESTS[item.originalname][1])()

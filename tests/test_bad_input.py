@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -297,19 +296,6 @@ def test_predict_csv_keeps_non_utf8_names_as_on_disk(tmp_path):
 
 
 # --------------------------------------------------------------------------- the Makefile
-
-
-@pytest.fixture
-def fake_venv(tmp_path: Path) -> Path:
-    """A VENV whose bin/featcache runs this checkout, newer than pyproject.toml so make builds nothing."""
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    script = venv / "bin" / "featcache"
-    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pipeline "$@"\n')
-    script.chmod(0o755)
-    return venv
 
 
 def test_make_extract_takes_a_data_path_with_spaces(tmp_path, fake_venv):

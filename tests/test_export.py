@@ -67,6 +67,24 @@ def runs(tmp_path_factory):
     return tmp, {"two": two, "three": three}, out
 
 
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    """``exported(name, formats)``: that run's export, made once for the module on first use
+    (read-only to tests: a test that moves or changes one copies it first)."""
+    _tmp, _data, run = runs
+    base = tmp_path_factory.mktemp("exports")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, formats: str = "keras") -> Path:
+        if (name, formats) not in made:
+            out = base / f"export-{name}-{formats.replace(',', '-')}"
+            assert main(["export", str(run[name]), "--format", formats, "--out", str(out)]) == 0
+            made[(name, formats)] = out
+        return made[(name, formats)]
+
+    return get
+
+
 def _predict_csv(images_dir: Path, out: Path, *extra: str) -> dict[str, dict[str, str]]:
     assert main(["predict", str(images_dir), "--out", str(out), *extra]) == 0
     return {r["path"]: r for r in csv.DictReader(open(out))}
@@ -138,16 +156,15 @@ def _onnx_available() -> str | None:
 
 
 @pytest.mark.slow  # a fresh Python with TensorFlow: ~70 s with the module's fixture on 2 busy cores
-def test_each_winner_kind_exports_and_answers_as_predict_in_a_process_without_featcache(runs, tmp_path):
+def test_each_winner_kind_exports_and_answers_as_predict_in_a_process_without_featcache(runs, exported, tmp_path):
     _tmp, data, run = runs
     onnx_skip = _onnx_available()
     formats = "keras,tf_saved_model" + ("" if onnx_skip else ",onnx")
     exports, expected, column_names = {}, {}, {}
     for name, run_dir in run.items():
         folder = data["three"] if name.endswith("3") else data["two"]
-        out = tmp_path / f"export-{name}"
         fmt = formats if name == "logreg" else "keras"
-        assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
+        out = exported(name, fmt)  # exit 0 checked there
         record = json.loads((out / "export.json").read_text())
         assert record["precision"] == "float32" and record["check"]["images"] == (8 if name.endswith("3") else 6)
         assert record["check"]["tolerance"] == 1e-4 and max(record["check"]["max_abs_diff"].values()) <= 1e-4
@@ -183,12 +200,13 @@ def test_each_winner_kind_exports_and_answers_as_predict_in_a_process_without_fe
         pytest.skip(f"ONNX round trip not run: {onnx_skip}")
 
 
-def test_predict_runs_from_the_export_alone(runs, tmp_path):
+def test_predict_runs_from_the_export_alone(runs, exported, tmp_path):
     """No cache, no weights file, no run folder: the export folder moved elsewhere still answers
     as predict --run does."""
+    import shutil
+
     tmp, data, run = runs
-    out = tmp_path / "shipped"
-    assert main(["export", str(run["svm3"]), "--out", str(out)]) == 0
+    out = shutil.copytree(exported("svm3"), tmp_path / "shipped")  # `featcache export RUN --out DIR`'s DIR
     moved = tmp_path / "elsewhere" / "model"
     moved.parent.mkdir()
     out.rename(moved)

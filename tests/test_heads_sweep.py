@@ -20,7 +20,8 @@ from pipeline.train.sweep_file import make_head
 
 from conftest import cache_from, flipped_test_splits, make_folder, separable
 
-FAST = {"logreg": {}, "svm": {}, "mlp": {"epochs": 40, "learning_rate": 1e-2, "batch_size": 16, "patience": 40}}
+# 12 epochs reach 1.0 test accuracy here for k=2 and 3 (the assertion asks > 0.9); 40 took 3x as long
+FAST = {"logreg": {}, "svm": {}, "mlp": {"epochs": 12, "learning_rate": 1e-2, "batch_size": 16, "patience": 40}}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

@@ -3,6 +3,7 @@ whose bytes changed, another backbone, other weights; through the CLI and throug
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -75,13 +76,15 @@ def test_predict_accepts_matching_options_and_is_right(trained, capsys):
     assert sum(r.split("/")[0] == r.split(",")[1] for r in rows) >= 5  # colour-separable classes
 
 
-def test_predict_through_make_refuses_another_backbone(trained):
+def test_predict_through_make_refuses_another_backbone(trained, fake_venv):
     _tmp, root, _, run = trained
+    make = ["make", "--no-print-directory", "predict", f"VENV={fake_venv}"]
     out = subprocess.run(
-        ["make", "--no-print-directory", "predict", f"IMAGES={root / 'test'}", f"RUN={run}", "BACKBONE=vgg19"],
+        [*make, f"IMAGES={root / 'test'}", f"RUN={run}", "BACKBONE=vgg19"],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=300,
     )
     assert out.returncode != 0
