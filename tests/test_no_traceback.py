@@ -112,15 +112,22 @@ CASES = [
 
 
 @pytest.mark.parametrize(("case", "code", "text"), CASES, ids=[" ".join(c[0][:1] + c[0][-2:]) for c in CASES])
-def test_bad_input_gives_a_message_and_an_exit_code_never_a_traceback(world, capsys, case, code, text):
+def test_bad_input_gives_a_message_and_an_exit_code_never_a_traceback(
+    world, capsys, case, code, text, tmp_path, monkeypatch
+):
     (world["t"] / "text.npz").write_text("not an npz")
+    monkeypatch.setenv("FEATCACHE_RUNS_DIR", str(tmp_path / "runs"))  # where a run without --runs-dir goes
     before = _digest(world["t"] / "cache")
+    runs_before = sorted((world["t"] / "runs").iterdir())
     got = cli.main(_argv(world, case))
     out, err = capsys.readouterr()
     assert "Traceback" not in err + out
     assert got == code, err
     assert text.format(**{k: str(v) for k, v in world.items()}) in err, err
     assert _digest(world["t"] / "cache") == before
+    # a refused run leaves no (empty) run folder behind
+    assert sorted((world["t"] / "runs").iterdir()) == runs_before
+    assert not list((tmp_path / "runs").glob("*"))
 
 
 def test_argparse_errors_are_exit_2_without_traceback(capsys):

@@ -70,6 +70,17 @@ class RunFolder:
                 raise ConfigError(f"runs folder {runs_dir}: cannot create {path} ({e.strerror})") from e
         self.path = path
 
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        """A run that fails before writing anything leaves no empty folder behind."""
+        if exc_type is not None:
+            try:
+                self.path.rmdir()  # only an empty folder: a run that wrote something keeps it
+            except OSError:
+                pass
+
     def write_results(self, rows: Sequence[dict[str, Any]], columns: Sequence[str], name: str = "results.csv") -> Path:
         out = self.path / name
         with open(out, "w", newline="") as f:

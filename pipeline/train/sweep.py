@@ -513,28 +513,29 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     meta = store.read_meta(cache)
     plan = _plan(cfg)
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
-    data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
-    _log_start(cfg, cache, plan, data)
-    t0 = time.perf_counter()
-    results = _fit(cfg, plan, data)
-    rows, full_params, histories, members = _candidates(results, plan.k, data)
-    best, won, winner, evaluation = _pick_and_test(rows, results, members, data)
-    seconds = time.perf_counter() - t0
-    outcome = SweepOutcome(
-        rows,
-        histories,
-        winner,
-        full_params,
-        evaluation,
-        data.notes,
-        seconds,
-        data.excluded,
-        tta={k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if plan.tta else None,
-        ensemble={"k": plan.k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
-        if members is not None
-        else None,
-    )
-    _write_run(run, cfg, plan.spec, cache, meta, outcome)
+    with run:
+        data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
+        _log_start(cfg, cache, plan, data)
+        t0 = time.perf_counter()
+        results = _fit(cfg, plan, data)
+        rows, full_params, histories, members = _candidates(results, plan.k, data)
+        best, won, winner, evaluation = _pick_and_test(rows, results, members, data)
+        seconds = time.perf_counter() - t0
+        outcome = SweepOutcome(
+            rows,
+            histories,
+            winner,
+            full_params,
+            evaluation,
+            data.notes,
+            seconds,
+            data.excluded,
+            tta={k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if plan.tta else None,
+            ensemble={"k": plan.k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
+            if members is not None
+            else None,
+        )
+        _write_run(run, cfg, plan.spec, cache, meta, outcome)
     return SweepResult(run.path, rows, rows[best], _summary(outcome, best, members is not None))
 
 
