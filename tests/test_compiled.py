@@ -113,20 +113,33 @@ def _decoded(tmp_path: Path, n: int) -> list[str]:
     return sorted(str(p) for p in root.rglob("*.png"))
 
 
-def test_pipeline_keeps_order_across_splits_and_raises_forward_errors_in_the_caller(tmp_path):
+@pytest.mark.parametrize("threaded", [True, False], ids=["threads", "serial"])
+def test_pipeline_keeps_order_across_splits_and_raises_forward_errors_in_the_caller(tmp_path, threaded):
+    """Threaded (CPU decoder): the forward pass on a thread of its own. Serial (the GPU
+    decoder): on the caller's thread, as before issue 31. Each row keeps its own features."""
     items = _decoded(tmp_path, 5)  # 10 files
-    with images.Decoder(2) as decoder, overlap.Pipeline(decoder, 24, 3) as pipe:
+    callers: set[int] = set()
+
+    def first_pixel(x: np.ndarray) -> np.ndarray:
+        callers.add(threading.get_ident())
+        return x.reshape(len(x), -1)[:, :3].astype(np.float32)
+
+    with images.Decoder(2) as decoder, overlap.Pipeline(decoder, 24, 3, threaded=threaded) as pipe:
         pipe.feed([overlap.Work("a", items, [9, 0, 4, 2]), overlap.Work("b", items, [1, 3])])
-        pipe.start(lambda x: x.reshape(len(x), -1)[:, :1].astype(np.float32))
-        a = [(b.rows.tolist(), f.shape) for b, f in pipe.results("a")]
-        b = [b.rows.tolist() for b, _ in pipe.results("b")]
-    assert a == [([9, 0, 4], (3, 1)), ([2], (1, 1))] and b == [[1, 3]]
-    assert pipe.warmup_images == 3
+        pipe.start(first_pixel)
+        a = [(b.rows.tolist(), f) for b, f in pipe.results("a")]
+        b = [(b.rows.tolist(), f) for b, f in pipe.results("b")]
+    assert [r for r, _ in a] == [[9, 0, 4], [2]] and [r for r, _ in b] == [[1, 3]]
+    for rows, feats in a + b:
+        want = np.stack([images.load(items[r], 24)[0, 0] for r in rows]).astype(np.float32)
+        np.testing.assert_array_equal(feats, want)
+    assert pipe.warmup_images == 3 and pipe.timings["forward pass"] > 0
+    assert (callers == {threading.get_ident()}) is not threaded and bool(pipe._threads) is threaded
 
     def broken(x: np.ndarray) -> np.ndarray:
         raise RuntimeError("kernel failed")
 
-    with images.Decoder(2) as decoder, overlap.Pipeline(decoder, 24, 3) as pipe:
+    with images.Decoder(2) as decoder, overlap.Pipeline(decoder, 24, 3, threaded=threaded) as pipe:
         pipe.feed([overlap.Work("a", items, list(range(10)))])
         pipe.start(broken)
         with pytest.raises(RuntimeError, match="kernel failed"):
