@@ -7,6 +7,8 @@ Per precision (float32, bfloat16, int8 when OpenVINO is installed), each repeat 
   pob        the same model through Keras's ``predict_on_batch``, in memory (issue 31's baseline)
   steady     ``featcache extract`` after its warm-up, as the command records it in the cache
   whole      ``featcache extract --force`` as a subprocess: images / wall seconds of the command
+             (steady and whole are also given as a share of the mean of the compiled runs measured
+             just before and just after that extract: the machine's neighbours move both alike)
   start-up   a subprocess: Keras import, model build (int8: + loading the kept model), first call
 
 ``--baseline DIR`` runs the steady, whole and start-up rows again with the ``pipeline`` package
@@ -164,6 +166,7 @@ def main() -> None:
             compiled_call(x), pob(x)  # trace and set up kernels outside the timings
         rows: dict[tuple[str, str], list[float]] = {}
         starts: dict[tuple[str, str], list[dict[str, float]]] = {}
+        flank: dict[tuple[str, str], list[float]] = {}  # extract / mean of the compiled runs just before and after
         loads = []
         for r in range(args.repeats):
             before = os.getloadavg()[0]
@@ -172,12 +175,19 @@ def main() -> None:
             print(f"repeat {r + 1}: load average {before:.2f} before waiting, {load:.2f} at start", flush=True)
             for prec in args.precisions:
                 compiled_call, pob = models[prec]
-                rows.setdefault((prec, "compiled"), []).append(in_memory(compiled_call, x, args.seconds))
+                ref = in_memory(compiled_call, x, args.seconds)
+                rows.setdefault((prec, "compiled"), []).append(ref)
                 rows.setdefault((prec, "pob"), []).append(in_memory(pob, x, args.seconds))
                 for name, tree in trees.items():
                     steady, whole = run_extract(tree, folder, work / f"{name}-{prec}", prec, args)
+                    after = in_memory(compiled_call, x, args.seconds)  # the reference again, right after
                     rows.setdefault((prec, f"steady {name}"), []).append(steady)
                     rows.setdefault((prec, f"whole {name}"), []).append(whole)
+                    for what, v in (("steady", steady), ("whole", whole)):
+                        flank.setdefault((prec, f"{what} {name}"), []).append(2 * v / (ref + after))
+                    rows.setdefault((prec, "compiled, after each extract"), []).append(after)
+                    ref = after
+                for name, tree in trees.items():
                     starts.setdefault((prec, name), []).append(run_startup(tree, prec, int8_folder, args))
                 print(
                     f"  {prec}: "
@@ -195,7 +205,13 @@ def main() -> None:
                 (f"{what} {name}", f"extract {what} ({name})") for name in trees for what in ("steady", "whole")
             ]:
                 v = median(rows[(prec, key)])
-                print(f"  {label:<30} {v:7.1f}   {100 * v / c:5.1f}%   runs {fmt(rows[(prec, key)])}")
+                line = f"  {label:<30} {v:7.1f}   {100 * v / c:5.1f}%   runs {fmt(rows[(prec, key)])}"
+                if (prec, key) in flank:
+                    ratios = [100 * r for r in flank[(prec, key)]]
+                    line += f"; of the compiled runs flanking it: {median(ratios):.1f}% (runs {fmt(ratios)})"
+                print(line)
+            after = rows[(prec, "compiled, after each extract")]
+            print(f"  compiled forward, after each extract: runs {fmt(after)}")
             if "old" in trees:
                 print(f"  features new vs old: {feature_difference(work / f'new-{prec}', work / f'old-{prec}')}")
             for name in trees:
