@@ -3,8 +3,8 @@
 ``import keras`` (TensorFlow backend) also imports, when they are installed: scikit-learn
 (Keras's scikit-learn wrappers), pandas (DataFrame inputs to ``fit``), matplotlib (Keras's
 plotting utilities) and, through ``tensorflow.lite``, JAX. featcache installs all four for
-stage two and the JAX backend, and on 2 cores they cost about 40% of the import: 4.0 s
-instead of 6.1-7.7 s in one measurement under load (BENCHMARKS.md, section 1b, issue 31).
+stage two and the JAX backend, and on 2 cores they are a large share of the import
+(start-up rows of BENCHMARKS.md section 1b, issue 31).
 Every one of those imports is guarded by ``try: ... except ImportError`` in Keras and
 TensorFlow, so ``import_keras`` makes them fail for the duration of the import (a ``None``
 entry in ``sys.modules``) and removes the block afterwards: a later ``import sklearn`` in
@@ -12,12 +12,11 @@ the same process works as usual. What is lost in this process is only what featc
 uses: Keras's scikit-learn wrappers, pandas inputs to Keras, Keras's plotting helpers and
 TFLite's JAX converter. JAX is left alone when it is the Keras backend.
 
-The import also creates about 460,000 long-lived objects (TensorFlow's and Keras's
-modules). The cyclic garbage collector finds nothing to free among them, yet walks them all
-each time it runs: during the import (about 20% of it, measured on 2 cores), and once more
-while the interpreter exits (2.3 s of a 2.3 s exit after ``import keras``, 0.4 s when they
-are frozen). So the collector is paused for the import, and what the import made is then
-moved out of its reach (``gc.freeze``).
+The import also creates hundreds of thousands of long-lived objects (TensorFlow's and
+Keras's modules). The cyclic garbage collector finds nothing to free among them, yet walks
+them all each time it runs: during the import, and once more while the interpreter exits.
+So the collector is paused for the import, and what the import made is then moved out of
+its reach (``gc.freeze``; the CLI freezes again at the end of a command).
 """
 
 from __future__ import annotations
