@@ -82,16 +82,23 @@ def test_jax_backend_gives_tensorflows_features_in_the_same_format(tmp_path):
 _QUEUED = """
 import json, sys
 import numpy as np
-from pipeline.features import backbone, device_forward, images, weights
+from pipeline.features import backbone, device_forward, images, overlap, weights
 
 model = backbone.build(size=32, layer="block5_pool", weights=weights.resolve("random"), precision="float32")
 rng = np.random.default_rng(0)
 batches = [images.Batch(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) + 10 * k, [])
            for k, n in enumerate((4, 4, 0, 4, 3))]
-timings = {"waiting for decode": 0.0, "forward pass": 0.0}
-got = list(device_forward.features(model, iter(batches), 4, timings, ahead=True))
+
+class Decoder:  # hands out the batches above, as gpu_decode.GpuDecoder hands out device batches
+    def batches(self, items, rows, size, batch_size):
+        yield from batches
+
+with overlap.Pipeline(Decoder(), 32, 4, threaded=False) as pipe:
+    pipe.feed([overlap.Work("train", [], [])])
+    pipe.start(lambda x: backbone.forward(model, x, 4), queued=device_forward.queued_for(model, 4))
+    got = list(pipe.results("train"))
 out = {"order": [b.rows.tolist() for b, _ in got], "none": [f is None for _, f in got], "diff": [],
-       "timed": timings["forward pass"] > 0 and timings["waiting for decode"] > 0}
+       "timed": pipe.timings["forward pass"] > 0 and pipe.warmup_images == 4}
 for b, f in got:
     if f is not None:
         want = backbone.forward(model, b.images, 4)

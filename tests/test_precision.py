@@ -77,12 +77,27 @@ def test_memo_prevents_a_second_probe_and_is_per_machine(tmp_path):
         gpu=False,
         probe=probe,
         memo=tmp_path / "precision.json",
-        flags=BF16_CPU | {"amx_bf16"},
+        flags=BF16_CPU | {"avx512_fp16"},
         name="Test CPU",
         versions="keras3-tf2",
     )
     assert other.probed and probe.calls == 2  # new flags: a new machine as far as the memo knows
     assert len(json.loads((tmp_path / "precision.json").read_text())["machines"]) == 2
+
+
+def test_auto_on_amx_under_tensorflow_onednn_is_bfloat16_without_a_probe(tmp_path, monkeypatch):
+    """issue 31: on AMX the probe's seconds are never paid; elsewhere (XLA, oneDNN off) it still runs."""
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    probe = CountingProbe(30.0, 28.0)  # would say float32 if it were asked
+    choice = auto(tmp_path, probe, flags=BF16_CPU | {"amx_bf16", "amx_tile"})
+    assert (choice.precision, choice.probed, probe.calls) == ("bfloat16", False, 0)
+    assert "amx_bf16" in choice.reason and not (tmp_path / "precision.json").exists()
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert auto(tmp_path, probe, flags=BF16_CPU | {"amx_bf16"}).precision == "float32" and probe.calls == 1
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert auto(tmp_path / "jax", CountingProbe(30.0, 55.0), flags=BF16_CPU | {"amx_bf16"}).probed
 
 
 def test_damaged_memo_is_probed_again_and_rewritten(tmp_path):

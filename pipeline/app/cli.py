@@ -12,6 +12,7 @@ import-linter contract (``make lint``) reads those imports too; they point only 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -716,7 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:
             for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "PIL"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if argv is None:  # a command, not a call from Python: what it made needs no collecting at exit
+            gc.freeze()
+        return code
     except ConfigError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -581,7 +581,7 @@ class ChunkStore:
 
     def __init__(self, final_path: Path, identity: Mapping[str, Any]):
         self.final_path = Path(final_path)
-        self.dir = self.final_path.with_name(f".{self.final_path.stem}.partial")
+        self.dir = self.folder(self.final_path)
         self.identity = json.loads(json.dumps(identity))
         meta_file = self.dir / "meta.json"
         if self.dir.exists():
@@ -595,6 +595,11 @@ class ChunkStore:
         if not self.dir.exists():
             self.dir.mkdir(parents=True)
             _atomic_write_bytes(meta_file, json.dumps(self.identity, indent=1).encode())
+
+    @staticmethod
+    def folder(final_path: Path) -> Path:
+        """Where the chunks of an extraction into ``final_path`` live (absent: nothing to resume)."""
+        return Path(final_path).with_name(f".{Path(final_path).stem}.partial")
 
     def chunk_file(self, split: str, index: int) -> Path:
         return self.dir / f"{split}-{index:06d}.npz"

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.layers import preprocess_layer_class
+from pipeline.features.compiled import CompiledForward
 from pipeline.features.precision import policy_scope
 from pipeline.features.registry import spec, unknown_layer
 from pipeline.features.weights import IMAGENET, Weights, keras_models_dir, values_sha256
@@ -79,10 +80,13 @@ def preprocess_layer(module: str) -> Any:
 def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
     """Features of one batch of uint8 images as float32 numpy.
 
-    Under JAX a new batch shape means a new XLA compilation (seconds), so a short last
-    batch is padded to ``batch_size``; TensorFlow retraces a new shape in a fraction of a
-    second, less than padding would cost on a CPU.
+    A ``CompiledForward`` (stage one) pads to its fixed batch shape itself. A Keras model
+    goes through ``predict_on_batch``: under JAX a new batch shape means a new XLA
+    compilation (seconds), so a short last batch is padded to ``batch_size``; TensorFlow
+    retraces a new shape in a fraction of a second, less than padding would cost on a CPU.
     """
+    if isinstance(model, CompiledForward):
+        return model(batch)
     import keras
 
     n = len(batch)

@@ -1,7 +1,8 @@
 """The forward-pass loop of stage one: decode, run the backbone, save resumable chunks.
 
-``compute`` builds the model once, then feeds it batches from the decoder (overlapped with
-decoding) and hands every chunk to a background writer the moment its last row is done, so
+``compute`` starts decoding, builds the model once and runs it as a compiled call on the
+decoded batches (``overlap``: decoding, the forward pass and the bookkeeping at the same
+time), and hands every chunk to a background writer the moment its last row is done, so
 an interrupted run resumes from its finished chunks. Writing the cache file is ``commit``'s job.
 """
 
@@ -24,7 +25,18 @@ import numpy as np
 from pipeline.cache import store
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
-from pipeline.features import backbone, device_forward, gpu_decode, images, layout, quantize, tta_views
+from pipeline.features import (
+    backbone,
+    compiled,
+    device_forward,
+    gpu_decode,
+    images,
+    layout,
+    lean,
+    overlap,
+    quantize,
+    tta_views,
+)
 from pipeline.features.delta import Delta
 from pipeline.features.result import ExtractResult
 from pipeline.features.weights import verify_weights
@@ -59,38 +71,80 @@ def compute(
     result: ExtractResult,
 ) -> Computed:
     """Run the backbone over ``todo`` (item indices per split) into resumable chunks next to
-    ``target``; counts and timings go into ``result``."""
+    ``target``; counts and timings go into ``result``.
+
+    With the CPU decoder the base runs as one compiled call (``compiled``) fed by the
+    overlapped pipeline (``overlap``): when there is nothing to resume, every row starts
+    decoding before Keras is even imported. The GPU decoder runs on this thread (its batches
+    live on the device); under JAX, one batch is queued ahead on the device (``device_forward``)."""
     if not any(todo.values()):
         if old is None:
             raise CacheError(f"internal: nothing to compute for {target} and no cache to reuse")
         result.int8 = old.info.get("int8")
         return Computed(None, {}, tuple(old.feature_shape), old.weights_sha256)
     cfg = p.cfg
+    assert cfg.size is not None
+    gpu = cfg.decoder == "gpu"
     cpu_decoder = images.Decoder(cfg.decode_threads, cfg.decode_processes)
     # made before the model: GPU decode processes start (and warm up) while it builds
-    decoder = (
-        gpu_decode.GpuDecoder(cpu=cpu_decoder, workers=gpu_decode.processes_for(sum(map(len, todo.values()))))
-        if cfg.decoder == "gpu"
-        else cpu_decoder
-    )
-    model, weights_sha256 = _build_model(p, old, result)
-    chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
-    t0 = time.perf_counter()
-    _forward_all(cfg, p.source.name, model, decoder, chunks, delta, todo, progress, result)
+    workers = gpu_decode.processes_for(sum(map(len, todo.values())))
+    decoder = gpu_decode.GpuDecoder(cpu=cpu_decoder, workers=workers) if gpu else cpu_decoder
+    with decoder, overlap.Pipeline(decoder, cfg.size, cfg.batch_size, threaded=not gpu) as pipe:
+        if not gpu and not store.ChunkStore.folder(target).exists():  # nothing to resume: all rows are work
+            pipe.feed(_work(delta, todo, cfg.chunk_size, None, result))
+        model, weights_sha256 = _build_model(p, old, result)
+        chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
+        work = _work(delta, todo, cfg.chunk_size, chunks, result)
+        if pipe.fed is None:
+            pipe.feed(work)
+        elif pipe.fed != work:
+            raise CacheError(f"internal: the rows decoded ahead for {target} are not the rows to compute")
+        t0 = time.perf_counter()
+        if gpu:  # device batches; under JAX the next one is queued before the last one's features return
+            queued = device_forward.queued_for(model, cfg.batch_size) if device_forward.queues_ahead() else None
+            pipe.start(lambda x: device_forward.forward(model, x, cfg.batch_size), queued=queued)
+        else:
+            model = compiled.CompiledForward(model, cfg.batch_size)
+            pipe.start(lambda x: backbone.forward(model, x, cfg.batch_size))
+        feature_shape = tuple(int(d) for d in model.output_shape[1:])
+        _collect(cfg, p.source.name, pipe, feature_shape, chunks, todo, work, progress, result)
+        result.warmup_seconds, result.warmup_images = pipe.warmup_seconds, pipe.warmup_images
+        result.timings.update(pipe.timings)
     blocks = {
         split: chunks.blocks(split, math.ceil(len(rows) / cfg.chunk_size)) for split, rows in todo.items() if rows
     }
     result.seconds = time.perf_counter() - t0
     if isinstance(decoder, gpu_decode.GpuDecoder):
         result.decode = {"decoder": "gpu", **decoder.counts, "fallbacks": decoder.fallbacks[:100]}
-    return Computed(chunks, blocks, tuple(int(d) for d in model.output_shape[1:]), weights_sha256)
+    return Computed(chunks, blocks, feature_shape, weights_sha256)
+
+
+def _work(
+    delta: Delta,
+    todo: dict[str, list[int]],
+    chunk: int,
+    chunks: store.ChunkStore | None,
+    result: ExtractResult,
+) -> list[overlap.Work]:
+    """The rows of every split's chunks not finished yet (all of them when ``chunks`` is None,
+    before the chunk folder exists), in order; finished chunks are counted in ``result``."""
+    work = []
+    for split, rows_todo in todo.items():
+        if not rows_todo:
+            continue
+        n_chunks = math.ceil(len(rows_todo) / chunk)
+        pending = [c for c in range(n_chunks) if chunks is None or not chunks.done(split, c)]
+        if chunks is not None:
+            result.resumed_chunks += n_chunks - len(pending)
+        rows = [rows_todo[j] for c in pending for j in range(c * chunk, min((c + 1) * chunk, len(rows_todo)))]
+        work.append(overlap.Work(split, delta.items[split], rows))
+    return work
 
 
 def _build_model(p: layout.Plan, old: store.CacheMeta | None, result: ExtractResult) -> tuple[Any, str]:
     """The backbone (or its int8 OpenVINO engine) and the hash of its float weights, checked
     against the cache's when rows are added to one."""
-    import keras
-
+    keras = lean.import_keras()
     cfg = p.cfg
     assert cfg.size is not None and cfg.layer is not None
     t_build = time.perf_counter()
@@ -163,95 +217,51 @@ def _chunk_store(
     )
 
 
-def _forward_all(
+def _collect(
     cfg: ExtractConfig,
     desc: str,
-    model: Any,
-    decoder: images.Decoder | gpu_decode.GpuDecoder,
+    pipe: overlap.Pipeline,
+    feature_shape: tuple[int, ...],
     chunks: store.ChunkStore,
-    delta: Delta,
     todo: dict[str, list[int]],
+    work: list[overlap.Work],
     progress: Progress | None,
     result: ExtractResult,
 ) -> None:
-    """Every split's pending chunks through the model, with one progress bar for the run."""
+    """Every split's features from the pipeline into chunks, each saved the moment its last
+    row is done (while the model runs the next batch), with one progress bar for the run.
+
+    Chunk c holds positions c*chunk_size.. of the split's rows to compute (``todo``, in
+    order), so chunks mean the same thing in a resumed run."""
     from tqdm.auto import tqdm
 
     total = sum(len(v) for v in todo.values())
     with (
-        decoder,
         ChunkWriter(chunks) as writer,
         tqdm(total=total, desc=desc, unit="img", disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True) as bar,
     ):
-        loop = _Loop(cfg, model, decoder, writer, bar, result, progress)
-        for split, rows_todo in todo.items():
-            if not rows_todo:
-                continue
-            n_chunks = math.ceil(len(rows_todo) / cfg.chunk_size)
-            pending = [c for c in range(n_chunks) if not chunks.done(split, c)]
-            result.resumed_chunks += n_chunks - len(pending)
-            rows = [
-                rows_todo[j]
-                for c in pending
-                for j in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(rows_todo)))
-            ]
-            loop.advance(len(rows_todo) - len(rows))
-            result.images += loop.split(delta.items[split], split, rows, rows_todo)
+
+        def advance(done: int) -> None:
+            bar.update(done)
+            if progress is not None and done:
+                progress(done)
+
+        steady_from: float | None = None  # the end of the warm-up batch: the steady rate's clock starts
+        for w in work:
+            rows_todo = todo[w.split]
+            advance(len(rows_todo) - len(w.rows))  # rows of chunks an earlier run finished
+            open_chunks = _OpenChunks(w.split, rows_todo, cfg.chunk_size, feature_shape, cfg.dtype)
+            for batch, feats in pipe.results(w.split):
+                t0 = time.perf_counter()
+                if steady_from is None and feats is not None:
+                    steady_from = t0
+                open_chunks.add(batch, feats, writer)
+                result.timings["saving chunks"] += time.perf_counter() - t0
+                result.images += len(batch.rows)
+                advance(len(batch.rows) + len(batch.failed))
+        if steady_from is not None:
+            result.steady_seconds = time.perf_counter() - steady_from
         result.writer_seconds = writer.seconds
-
-
-@dataclass
-class _Loop:
-    """The forward pass of one run: model, decoder, chunk writer, progress and the result's timings."""
-
-    cfg: ExtractConfig
-    model: Any
-    decoder: images.Decoder | gpu_decode.GpuDecoder
-    writer: ChunkWriter
-    bar: Any
-    result: ExtractResult
-    progress: Progress | None
-
-    def advance(self, done: int) -> None:
-        """Count ``done`` items (computed now, or in chunks an earlier run finished)."""
-        self.bar.update(done)
-        if self.progress is not None and done:
-            self.progress(done)
-
-    def split(self, items: Any, split: str, rows: list[int], rows_todo: list[int]) -> int:
-        """Forward ``rows`` (item indices), saving each chunk the moment its last row is done.
-
-        Chunk c holds positions c*chunk_size.. of ``rows_todo`` (the split's items to compute,
-        in order), so chunks mean the same thing in a resumed run. Returns rows run."""
-        cfg, timings = self.cfg, self.result.timings
-        assert cfg.size is not None
-        open_chunks = _OpenChunks(split, rows_todo, cfg.chunk_size, self.model.output_shape[1:], cfg.dtype)
-        sent = 0
-        stream = self.decoder.batches(items, rows, cfg.size, cfg.batch_size)
-        ahead = device_forward.queues_ahead(isinstance(self.decoder, gpu_decode.GpuDecoder))
-        before = dict(timings)
-        for batch, feats in device_forward.features(self.model, stream, cfg.batch_size, timings, ahead):
-            if feats is not None and not self.result.warmup_images:
-                self._warm_up(before, len(batch.rows))
-            sent += len(batch.rows)
-            t2 = time.perf_counter()
-            open_chunks.add(batch, feats, self.writer)
-            timings["saving chunks"] += time.perf_counter() - t2
-            done = len(batch.rows) + len(batch.failed)
-            self.bar.update(done)
-            if self.progress is not None:
-                self.progress(done)
-        return sent
-
-    def _warm_up(self, before: dict[str, float], n: int) -> None:
-        """The run's first batch with features is its warm-up, out of the timings: the decoder's
-        start (pools, nvJPEG) and the model's (graph tracing, compiling, kernel set-up)."""
-        timings = self.result.timings
-        seconds = 0.0
-        for name in ("waiting for decode", "forward pass"):
-            seconds += timings[name] - before[name]
-            timings[name] = before[name]
-        self.result.warmup_seconds, self.result.warmup_images = seconds, n
 
 
 class _OpenChunks:

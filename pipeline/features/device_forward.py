@@ -15,14 +15,12 @@ batch, keep ``backbone.forward``.
 
 from __future__ import annotations
 
-import time
 import weakref
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from pipeline.features import backbone
+from pipeline.features import backbone, compiled
 
 
 def to_backend(batch: Any) -> Any:
@@ -68,25 +66,12 @@ def forward(model: Any, batch: Any, batch_size: int) -> np.ndarray:
 
 
 class Queued:
-    """The model as one jitted JAX function of its weights and a batch: ``submit`` queues a
-    batch on the device and returns at once, ``collect`` waits for its features.
-
-    The weights are read once, here: the frozen backbone does not change during a run.
-    """
+    """The model as one jitted JAX call (``compiled.jax_call``): ``submit`` queues a batch on
+    the device and returns at once, ``collect`` waits for its features."""
 
     def __init__(self, model: Any, batch_size: int):
-        import jax
-
         self.batch_size = batch_size
-        self._weights = (
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables],
-        )
-
-        def call(trainable: Any, non_trainable: Any, x: Any) -> Any:  # float32 on the device: no host cast
-            return model.stateless_call(trainable, non_trainable, x, training=False)[0].astype("float32")
-
-        self._call = jax.jit(call)
+        self._call = compiled.jax_call(model)
 
     def submit(self, batch: Any) -> tuple[Any, int]:
         """Queue one uint8 batch (CUDA tensor or numpy); the handle ``collect`` takes."""
@@ -95,7 +80,7 @@ class Queued:
         n = int(batch.shape[0])
         x = _pad(batch, self.batch_size)
         x = jnp.asarray(x) if isinstance(x, np.ndarray) else to_backend(x)
-        return self._call(*self._weights, x), n
+        return self._call(x), n
 
     @staticmethod
     def collect(handle: tuple[Any, int]) -> np.ndarray:
@@ -115,56 +100,8 @@ def queued_for(model: Any, batch_size: int) -> Queued:
     return queued
 
 
-def queues_ahead(decoder_is_gpu: bool) -> bool:
-    """Whether ``features`` keeps a batch queued on the device: GPU-decoded batches under JAX."""
+def queues_ahead() -> bool:
+    """Whether device batches can go through ``Queued``: under the JAX backend."""
     import keras
 
-    return decoder_is_gpu and keras.backend.backend() == "jax"
-
-
-def features(
-    model: Any, batches: Iterable[Any], batch_size: int, timings: dict[str, float], ahead: bool = False
-) -> Iterator[tuple[Any, np.ndarray | None]]:
-    """(batch, its features) for each decoded batch, in order; None for a batch with no rows
-    (every file in it failed). ``timings`` gains "waiting for decode" (the decoder's turn)
-    and "forward pass" (the model's turn, including copying the features to the host).
-
-    With ``ahead`` (``queues_ahead``), batch k+1 is queued on the device before batch k's
-    features are collected: one batch in flight. The first batch still goes through alone,
-    since it compiles, and the caller counts it as the warm-up.
-    """
-    queued = queued_for(model, batch_size) if ahead else None
-    stream = iter(batches)
-    in_flight: tuple[Any, tuple[Any, int] | None] | None = None
-    first = True
-    while True:
-        t0 = time.perf_counter()
-        batch = next(stream, None)
-        t1 = time.perf_counter()
-        timings["waiting for decode"] += t1 - t0
-        has_rows = batch is not None and len(batch.rows) > 0
-        if queued is None:  # one batch at a time
-            if batch is None:
-                return
-            feats = forward(model, batch.images, batch_size) if has_rows else None
-            timings["forward pass"] += time.perf_counter() - t1
-            yield batch, feats
-            continue
-        handle = queued.submit(batch.images) if batch is not None and has_rows else None
-        if in_flight is not None:
-            done, done_handle = in_flight
-            feats = queued.collect(done_handle) if done_handle is not None else None
-            timings["forward pass"] += time.perf_counter() - t1
-            yield done, feats
-        else:
-            timings["forward pass"] += time.perf_counter() - t1
-        if batch is None:
-            return
-        in_flight = (batch, handle)
-        if first and handle is not None:  # the first batch alone: it compiles
-            first = False
-            t2 = time.perf_counter()
-            feats = queued.collect(handle)
-            timings["forward pass"] += time.perf_counter() - t2
-            in_flight = None
-            yield batch, feats
+    return keras.backend.backend() == "jax"

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.vocab import PRECISIONS, check_choice
-from pipeline.features import machine
+from pipeline.features import lean, machine
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,11 @@ def resolve(
     """The precision to run, and why.
 
     Explicit values pass through (with a warning in ``reason`` where they are slow here).
-    ``auto``: GPU -> float16 (mixed); CPU with amx_bf16 or avx512_bf16 -> bfloat16 if a short
-    timed probe (remembered in ``memo``) finds it at least MARGIN faster than float32;
-    otherwise float32. ``flags``, ``name``, ``versions`` and ``probe`` are injectable for tests.
+    ``auto``: GPU -> float16 (mixed); CPU with amx_bf16 under TensorFlow's oneDNN -> bfloat16
+    without a probe (AMX: several times float32, issue 31); other CPUs with amx_bf16 or
+    avx512_bf16 -> bfloat16 if a short timed probe (remembered in ``memo``) finds it at least
+    MARGIN faster than float32; otherwise float32. ``flags``, ``name``, ``versions`` and
+    ``probe`` are injectable for tests.
     """
     check(requested)
     pinned = os.environ.get(ENV, "")
@@ -236,6 +238,14 @@ def resolve(
             False,
             "auto",
         )
+    if "amx_bf16" in flags and _onednn_tensorflow():
+        return Choice(
+            "bfloat16",
+            "auto: amx_bf16 present and TensorFlow runs oneDNN, whose AMX kernels run bfloat16 convolutions "
+            "several times faster than float32 (no probe needed)",
+            False,
+            "auto",
+        )
     name = machine.cpu_name() if name is None else name
     key = memo_key(name, flags, _versions() if versions is None else versions)
     memo = default_memo() if memo is None else memo
@@ -254,6 +264,12 @@ def resolve(
         _write_memo(memo, key, entry)
         probed = True
     return _choose_from_probe(entry, bf16_cpu, "probed now" if probed else f"probe remembered in {memo}", probed)
+
+
+def _onednn_tensorflow() -> bool:
+    """True when the Keras backend is TensorFlow with oneDNN on (its default on x86): the
+    stack whose AMX speed is known. JAX's XLA, or TF_ENABLE_ONEDNN_OPTS=0, are probed instead."""
+    return lean.keras_backend() == "tensorflow" and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
 
 
 def _probe_entry(probe: Probe) -> dict[str, Any]:

@@ -22,7 +22,7 @@ class ExtractResult:
     seconds: float = 0.0
     gflop_per_image: float = 0.0
     resumed_chunks: int = 0
-    warmup_seconds: float = 0.0  # the first batch: decoder start, graph tracing, kernel set-up, paid once
+    warmup_seconds: float = 0.0  # the first forward pass: graph tracing and kernel set-up, paid once
     warmup_images: int = 0
     timings: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"waiting for decode": 0.0, "forward pass": 0.0, "saving chunks": 0.0}
@@ -37,12 +37,14 @@ class ExtractResult:
 
     writer_seconds: float = 0.0  # the background writer's time saving chunks (overlapped with the loop)
 
+    steady_seconds: float = 0.0  # from the warm-up batch's features to the last batch filed
+
     @property
     def steady_rate(self) -> float:
-        """Images/s after the one-time warm-up: what a long run approaches. The time is the
-        loop's (decode waits, forward passes, filing chunks), without the start and the end:
-        building the model, starting decode pools, waiting for the last saves, assembling."""
-        seconds = sum(self.timings.values())
+        """Images/s after the one-time warm-up: what a long run approaches. The clock runs from
+        the first batch's features to the last batch filed, so it leaves out the start and the
+        end: building the model, starting decode pools, waiting for the last saves, assembling."""
+        seconds = self.steady_seconds
         return (self.images - self.warmup_images) / seconds if seconds > 0 else 0.0
 
     def summary(self) -> str:

@@ -1,0 +1,65 @@
+"""Import Keras without the optional libraries it loads at import time and stage one never uses.
+
+``import keras`` (TensorFlow backend) also imports, when they are installed: scikit-learn
+(Keras's scikit-learn wrappers), pandas (DataFrame inputs to ``fit``), matplotlib (Keras's
+plotting utilities) and, through ``tensorflow.lite``, JAX. featcache installs all four for
+stage two and the JAX backend, and on 2 cores they are a large share of the import
+(start-up rows of BENCHMARKS.md section 1b, issue 31).
+Every one of those imports is guarded by ``try: ... except ImportError`` in Keras and
+TensorFlow, so ``import_keras`` makes them fail for the duration of the import (a ``None``
+entry in ``sys.modules``) and removes the block afterwards: a later ``import sklearn`` in
+the same process works as usual. What is lost in this process is only what featcache never
+uses: Keras's scikit-learn wrappers, pandas inputs to Keras, Keras's plotting helpers and
+TFLite's JAX converter. JAX is left alone when it is the Keras backend.
+
+The import also creates hundreds of thousands of long-lived objects (TensorFlow's and
+Keras's modules). The cyclic garbage collector finds nothing to free among them, yet walks
+them all each time it runs: during the import, and once more while the interpreter exits.
+So the collector is paused for the import, and what the import made is then moved out of
+its reach (``gc.freeze``; the CLI freezes again at the end of a command).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+SKIPPED = ("sklearn", "pandas", "matplotlib", "jax")
+
+
+def keras_backend() -> str:
+    """The backend ``import keras`` will choose: $KERAS_BACKEND, else keras.json, else tensorflow."""
+    env = os.environ.get("KERAS_BACKEND")
+    if env:
+        return env
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        return str(json.loads((home / "keras.json").read_text()).get("backend", "tensorflow"))
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def import_keras() -> Any:
+    """``keras``, imported without SKIPPED libraries the first time (a no-op after)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    backend = keras_backend()
+    blocked = [m for m in SKIPPED if m not in sys.modules and m != backend]
+    collecting = gc.isenabled()
+    gc.disable()
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+    try:
+        import keras
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+        gc.freeze()
+        if collecting:
+            gc.enable()
+    return keras
