@@ -2,7 +2,8 @@
 
   (i)  seed 003: frozen conv base end to end with augmentation (RandomFlip, RandomRotation
        0.1, RandomZoom 0.2), Flatten-Dense(256)-Dropout(0.5)-sigmoid, RMSprop, the best-val_loss
-       checkpoint reloaded for the test, as the seed does. ``--epochs 50`` runs the recipe in
+       checkpoint reloaded for the test, as the seed does (Dense(K)-softmax on a set with K > 2
+       classes). ``--epochs 50`` runs the recipe in
        full; fewer epochs are timed and extrapolated to 50 (and say so).
   (ii) featcache: extract once (train, validation, test) + the default sweep, test accuracy
        of the winner chosen on validation.
@@ -30,14 +31,21 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
     the head under Keras' mixed_bfloat16 policy (augmentation, preprocessing and the output
     stay float32), the fastest this CPU has without AMX.
 
+    With more than two class folders under train/ (``FEATCACHE_BENCH_DATA`` set to a
+    multi-class set) the labels are one-hot and the output Dense(K, softmax) with categorical
+    cross-entropy; the rest of the recipe is unchanged.
+
     Returns seconds per epoch (list), test accuracy of the best checkpoint and of the last
     epoch, the best epoch, and forward passes per epoch (train + validation images)."""
     import keras
     from keras import layers
 
     keras.utils.set_random_seed(0)
+    # two classes: the seed as written (binary labels, sigmoid); more: one-hot labels, softmax
+    n_classes = sum(1 for d in (DATA / "train").iterdir() if d.is_dir())
+    label_mode = "binary" if n_classes == 2 else "categorical"
     load = lambda split, shuffle: keras.utils.image_dataset_from_directory(  # noqa: E731
-        DATA / split, image_size=(size, size), batch_size=32, label_mode="binary", shuffle=shuffle, seed=0
+        DATA / split, image_size=(size, size), batch_size=32, label_mode=label_mode, shuffle=shuffle, seed=0
     )
     train, val, test = load("train", True), load("validation", False), load("test", False)
     train, val, test = (d.prefetch(2) for d in (train, val, test))
@@ -53,11 +61,15 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
         conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
         conv_base.trainable = False
         x = layers.Dropout(0.5)(layers.Dense(256)(layers.Flatten()(conv_base(x))))
-        outputs = layers.Dense(1, activation="sigmoid", dtype="float32")(x)
+        if n_classes == 2:
+            outputs = layers.Dense(1, activation="sigmoid", dtype="float32")(x)
+        else:
+            outputs = layers.Dense(n_classes, activation="softmax", dtype="float32")(x)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     model = keras.Model(inputs, outputs)
-    model.compile(loss="binary_crossentropy", optimizer="rmsprop", metrics=["accuracy"])
+    loss = "binary_crossentropy" if n_classes == 2 else "categorical_crossentropy"
+    model.compile(loss=loss, optimizer="rmsprop", metrics=["accuracy"])
 
     class EpochTimes(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
