@@ -41,9 +41,15 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], mark: str
 
 
 def score(proba: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-    """(accuracy, log-loss) of probabilities whose columns follow ``classes``."""
+    """(accuracy, log-loss) of probabilities whose columns follow ``classes``.
+
+    Rows are renormalised in float64 first: probabilities computed in float32 (a Keras head,
+    an average of views) sum to 1 only within float32 rounding, which scikit-learn's
+    ``log_loss`` reports as "y_prob values do not sum to one" on every call."""
     from sklearn.metrics import accuracy_score, log_loss
 
+    proba = np.asarray(proba, np.float64)
+    proba = proba / proba.sum(axis=1, keepdims=True)
     return (
         float(accuracy_score(y, np.asarray(classes)[np.argmax(proba, axis=1)])),
         float(log_loss(y, proba, labels=classes)),
