@@ -335,6 +335,11 @@ def inspect_cache(cache: str | Path, cfg: InspectConfig) -> InspectResult:
     if "train" not in meta.splits:
         raise CacheError(f"{cache} has no train split (it has {list(meta.splits)}); inspect needs one")
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
+    with run:  # a run that fails before writing anything leaves no empty folder
+        return _inspect(run, cache, meta, cfg)
+
+
+def _inspect(run: RunFolder, cache: Path, meta: store.CacheMeta, cfg: InspectConfig) -> InspectResult:
     t0 = time.perf_counter()
     emb = load_embedding(cache, meta, cfg.pooling)
     timings = {"load": time.perf_counter() - t0}

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.layers import preprocess_layer_class
-from pipeline.features.compiled import CompiledForward
+from pipeline.features.compiled import CompiledForward, pad
 from pipeline.features.precision import policy_scope
 from pipeline.features.registry import spec, unknown_layer
 from pipeline.features.weights import IMAGENET, Weights, keras_models_dir, values_sha256
@@ -91,5 +91,5 @@ def forward(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
 
     n = len(batch)
     if n < batch_size and keras.backend.backend() == "jax":
-        batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        batch = pad(batch, batch_size)
     return np.asarray(model.predict_on_batch(batch), np.float32)[:n]

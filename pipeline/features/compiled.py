@@ -45,8 +45,16 @@ class CompiledForward:
         if n > self.batch_size:
             raise ValueError(f"a batch of {n} images is more than the compiled batch size {self.batch_size}")
         if n < self.batch_size and self.backend != "predict_on_batch":  # the last batch: zero images after it
-            images = np.concatenate([images, np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)])
+            images = pad(images, self.batch_size)
         return np.asarray(self._call(images), np.float32)[:n]
+
+
+def pad(batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """A short batch with zero images after it, to ``batch_size`` rows (one compiled shape)."""
+    n = len(batch)
+    if n >= batch_size:
+        return batch
+    return np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
 
 
 def _compile(model: Any, batch_size: int, jit_compile: bool) -> tuple[str, Callable[[np.ndarray], Any]]:

@@ -45,7 +45,7 @@ def _pad(batch: Any, batch_size: int) -> Any:
     if n >= batch_size:
         return batch
     if isinstance(batch, np.ndarray):
-        return np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
+        return compiled.pad(batch, batch_size)
     import torch
 
     pad = torch.zeros((batch_size - n, *batch.shape[1:]), dtype=batch.dtype, device=batch.device)
