@@ -83,7 +83,7 @@ def pool_all(d: dict[str, Any], pooling: str, l2: bool) -> dict[str, Any]:
     """Every split pooled once: train, train's mirror, and validation/test with up to two views."""
     return {
         "train": (pooled(d["train"][0], pooling, l2), d["train"][1]),
-        "train@mirror": pooled(d["train@views"][0], pooling, l2),
+        "train@mirror": pooled(d["train@views"][0], pooling, l2) if d["train@views"] else None,
         **{s: [pooled(v, pooling, l2) for v in [d[s][0], *d[s + "@views"][:2]]] for s in ("validation", "test")},
     }
 
@@ -115,11 +115,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--sizes", default="224,180,150")
-    parser.add_argument("--budget", type=float, default=15_000, help="passes (recipe units) a lever may spend")
+    parser.add_argument(
+        "--budget",
+        default="15000",
+        help="passes (recipe units) a lever may spend; several, comma-separated, give one table each",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--every", type=int, default=None, help="every n-th row only (a smoke test, not a figure)")
     parser.add_argument("--json", type=Path, default=None, help="write every lever's rows here")
     args = parser.parse_args()
+    budgets = [float(b) for b in args.budget.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from joblib import Parallel, delayed
 
@@ -149,14 +154,16 @@ def main() -> int:
             n_scored[split] = len(d[split][1])
         n_train = len(d["train"][1])
         jobs = []
-        for (name, params), pooling, train_on in itertools.product(BASE_GRID, POOLED, ("clean", "tta")):
+        # a cache without test-time views (extract --tta-views 0) gives clean training and scoring only
+        train_ons = ("clean", "tta") if d["train@views"] else ("clean",)
+        for (name, params), pooling, train_on in itertools.product(BASE_GRID, POOLED, train_ons):
             jobs.append((name, params, pooling, False, train_on, ""))
-        for (name, params), pooling, train_on in itertools.product(WIDE_C, POOLED, ("clean", "tta")):
+        for (name, params), pooling, train_on in itertools.product(WIDE_C, POOLED, train_ons):
             jobs.append((name, params, pooling, False, train_on, "wideC"))
         for (name, params), pooling, train_on in itertools.product(
             [("logreg", {"C": c}) for c in (0.01, 0.1, 1.0)] + [("svm", {"C": c}) for c in (0.01, 0.1)],
             POOLED,
-            ("clean", "tta"),
+            train_ons,
         ):
             jobs.append((name, params, pooling, True, train_on, "l2"))
         zs = {(pl, l2): pool_all(d, pl, l2) for pl in POOLED for l2 in (False, True)}
@@ -205,87 +212,100 @@ def main() -> int:
         tp = np.mean([m.test_proba for m in members], axis=0)
         return (*score(vp, labels["validation"]), *score(tp, labels["test"]))
 
-    rows: list[dict[str, Any]] = []
+    def tables(budget: float) -> list[dict[str, Any]]:
+        """Every lever's row within ``budget`` passes, printed, and the pick on validation."""
+        rows: list[dict[str, Any]] = []
 
-    def emit(lever: str, members: list[Candidate]) -> None:
-        va, vl, ta, _ = ensemble(members)
-        p = passes(members)
-        names = "; ".join(f"{m.size} {m.name} train={m.train_on} views={m.scoring}" for m in members)
-        rows.append({"lever": lever, "k": len(members), "val": va, "val_log_loss": vl, "test": ta, "passes": p})
-        share = accounting.recipe_share(p) or 0.0
-        print(f"| {lever} | {len(members)} | {va:.3f} | {vl:.4f} | {ta:.3f} | {p:,.0f} | {share:.1%} | {names} |")
+        def emit(lever: str, members: list[Candidate]) -> None:
+            va, vl, ta, _ = ensemble(members)
+            p = passes(members)
+            names = "; ".join(f"{m.size} {m.name} train={m.train_on} views={m.scoring}" for m in members)
+            rows.append({"lever": lever, "k": len(members), "val": va, "val_log_loss": vl, "test": ta, "passes": p})
+            share = accounting.recipe_share(p) or 0.0
+            print(f"| {lever} | {len(members)} | {va:.3f} | {vl:.4f} | {ta:.3f} | {p:,.0f} | {share:.1%} | {names} |")
 
-    def report(lever: str, pool: list[tuple[Candidate, float, float]], ks: tuple[int, ...] = (1,)) -> None:
-        """For each k: the best k of ``pool`` by validation whose mean stays within the budget
-        (walked in validation order, skipping a config that would take the members over it)."""
-        for k in ks:
-            members: list[Candidate] = []
-            for t in rank(pool):
-                if len(members) < k and passes([*members, t[0]]) <= args.budget:
-                    members.append(t[0])
-            if len(members) == k:
-                emit(lever, members)
+        def report(lever: str, pool: list[tuple[Candidate, float, float]], ks: tuple[int, ...] = (1,)) -> None:
+            """For each k: the best k of ``pool`` by validation whose mean stays within the budget
+            (walked in validation order, skipping a config that would take the members over it)."""
+            for k in ks:
+                members: list[Candidate] = []
+                for t in rank(pool):
+                    if len(members) < k and passes([*members, t[0]]) <= budget:
+                        members.append(t[0])
+                if len(members) == k:
+                    emit(lever, members)
 
-    print(f"\nbudget {args.budget:,.0f} passes; validation {n_val} images, test {n_test}")
-    print("| lever | k | validation | val log-loss | test | passes | share of 150,000 | members |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in unit:
-        base = [t for t in scored if t[0].size == size and t[0].extra == ""]
-        report(
-            f"{size}: plain (train clean, no views)", [t for t in base if t[0].train_on == "clean" and not t[0].scoring]
+        print(f"\nbudget {budget:,.0f} passes; validation {n_val} images, test {n_test}")
+        print("| lever | k | validation | val log-loss | test | passes | share of 150,000 | members |")
+        print("|---|---|---|---|---|---|---|---|")
+        for size in unit:
+            base = [t for t in scored if t[0].size == size and t[0].extra == ""]
+            report(
+                f"{size}: plain (train clean, no views)",
+                [t for t in base if t[0].train_on == "clean" and not t[0].scoring],
+            )
+            report(
+                f"{size}: mirror scored (train clean)",
+                [t for t in base if t[0].train_on == "clean" and t[0].scoring == 1],
+            )
+            report(
+                f"{size}: mirror+aug scored (train clean)",
+                [t for t in base if t[0].train_on == "clean" and t[0].scoring == 2],
+            )
+            report(
+                f"{size}: full (train clean|tta, mirror scored)", [t for t in base if t[0].scoring == 1], (1, 3, 5, 7)
+            )
+            report(
+                f"{size}: full + wide C",
+                [t for t in scored if t[0].size == size and t[0].extra != "l2" and t[0].scoring == 1],
+                (1, 3, 5),
+            )
+            report(
+                f"{size}: full + L2 logreg/svm",
+                [t for t in scored if t[0].size == size and t[0].scoring == 1],
+                (1, 3, 5),
+            )
+            report(
+                f"{size}: L2 logreg/svm only",
+                [t for t in scored if t[0].size == size and t[0].extra == "l2" and t[0].scoring == 1],
+                (1, 3),
+            )
+            report(f"{size}: any views scored, within budget", [t for t in scored if t[0].size == size], (1, 3, 5))
+        # across sizes: the best k of each size's candidates, then their mean, within the budget
+        for a, b in itertools.combinations(list(unit), 2):
+            for ka, kb in ((1, 1), (3, 3)):
+                best = None
+                for views_a, views_b, tr_a, tr_b in itertools.product(
+                    (0, 1), (0, 1), ("clean", "tta"), ("clean", "tta")
+                ):
+                    pa = rank(
+                        [t for t in scored if t[0].size == a and t[0].scoring == views_a and t[0].train_on == tr_a]
+                    )[:ka]
+                    pb = rank(
+                        [t for t in scored if t[0].size == b and t[0].scoring == views_b and t[0].train_on == tr_b]
+                    )[:kb]
+                    members = [t[0] for t in pa + pb]
+                    if len(members) < ka + kb or passes(members) > budget:
+                        continue
+                    va, vl, _, _ = ensemble(members)
+                    key = (-va, vl, passes(members))
+                    if best is None or key < best[0]:
+                        best = (key, members)
+                if best is not None:
+                    emit(f"sizes {a}+{b} (top {ka} of each)", best[1])
+        best_row = min(rows, key=lambda r: (-r["val"], r["val_log_loss"], r["passes"]))
+        print(
+            f"\npicked on validation alone over every row within {budget:,.0f} passes: "
+            f"{best_row['lever']} k={best_row['k']}: "
+            f"validation {best_row['val']:.3f}, test {best_row['test']:.3f}, {best_row['passes']:,.0f} passes "
+            f"({accounting.recipe_share(best_row['passes']):.1%})"
         )
-        report(
-            f"{size}: mirror scored (train clean)", [t for t in base if t[0].train_on == "clean" and t[0].scoring == 1]
-        )
-        report(
-            f"{size}: mirror+aug scored (train clean)",
-            [t for t in base if t[0].train_on == "clean" and t[0].scoring == 2],
-        )
-        report(f"{size}: full (train clean|tta, mirror scored)", [t for t in base if t[0].scoring == 1], (1, 3, 5, 7))
-        report(
-            f"{size}: full + wide C",
-            [t for t in scored if t[0].size == size and t[0].extra != "l2" and t[0].scoring == 1],
-            (1, 3, 5),
-        )
-        report(
-            f"{size}: full + L2 logreg/svm", [t for t in scored if t[0].size == size and t[0].scoring == 1], (1, 3, 5)
-        )
-        report(
-            f"{size}: L2 logreg/svm only",
-            [t for t in scored if t[0].size == size and t[0].extra == "l2" and t[0].scoring == 1],
-            (1, 3),
-        )
-        report(f"{size}: any views scored, within budget", [t for t in scored if t[0].size == size], (1, 3, 5))
-    # across sizes: the best k of each size's candidates, then their mean, within the budget
-    for a, b in itertools.combinations(list(unit), 2):
-        for ka, kb in ((1, 1), (3, 3)):
-            best = None
-            for views_a, views_b, tr_a, tr_b in itertools.product((0, 1), (0, 1), ("clean", "tta"), ("clean", "tta")):
-                pa = rank([t for t in scored if t[0].size == a and t[0].scoring == views_a and t[0].train_on == tr_a])[
-                    :ka
-                ]
-                pb = rank([t for t in scored if t[0].size == b and t[0].scoring == views_b and t[0].train_on == tr_b])[
-                    :kb
-                ]
-                members = [t[0] for t in pa + pb]
-                if len(members) < ka + kb or passes(members) > args.budget:
-                    continue
-                va, vl, _, _ = ensemble(members)
-                key = (-va, vl, passes(members))
-                if best is None or key < best[0]:
-                    best = (key, members)
-            if best is not None:
-                emit(f"sizes {a}+{b} (top {ka} of each)", best[1])
-    best_row = min(rows, key=lambda r: (-r["val"], r["val_log_loss"], r["passes"]))
-    print(
-        f"\npicked on validation alone over every row within {args.budget:,.0f} passes: "
-        f"{best_row['lever']} k={best_row['k']}: "
-        f"validation {best_row['val']:.3f}, test {best_row['test']:.3f}, {best_row['passes']:,.0f} passes "
-        f"({accounting.recipe_share(best_row['passes']):.1%})"
-    )
+        return rows
+
+    all_rows = {f"{budget:.0f}": tables(budget) for budget in budgets}
     print(f"load after: {os.getloadavg()}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(all_rows if len(budgets) > 1 else all_rows[f"{budgets[0]:.0f}"], indent=1))
     return 0
 
 
