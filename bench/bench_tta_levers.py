@@ -15,10 +15,12 @@ scored, times its views; an ensemble across sizes pays for each size's images.
 
 Usage:
     python bench/bench_tta_levers.py --cache-dir /work/data/cache-tta/cats_and_dogs_small-a18b8343 \
-        [--sizes 224,180,150] [--budget 15000] [--jobs 2]
+        [--sizes 224,180,150] [--budget 15000[,30000]] [--jobs 2]
 
 ``--budget`` is 1/10 of the recipe's passes: 15,000 for cats vs dogs; for another set, 5 x its train +
-validation images (the flowers of BENCHMARKS 9b: 14,670). The printed share is of 150,000.
+validation images (the flowers of BENCHMARKS 9b: 14,670). The printed share is of 150,000. Several
+budgets, comma-separated (``--budget 15000,30000``), print one table and one pick each from one fit.
+A cache without test-time views (``--tta-views 0``) gives clean training and scoring rows only.
 """
 
 from __future__ import annotations
