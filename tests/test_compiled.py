@@ -172,7 +172,8 @@ skipped = [m for m in ("sklearn", "pandas", "matplotlib", "jax", "scipy") if m i
 assert keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape == (1, 2)
 assert gc.isenabled() and gc.get_freeze_count() > 100_000, gc.get_freeze_count()  # Keras's objects frozen
 import sklearn, pandas, scipy.sparse
-print("skipped-loaded:", skipped, "later:", sklearn.__name__, pandas.__name__, scipy.sparse.__name__, "keras" in sys.modules)
+later = sklearn.__name__, pandas.__name__, scipy.sparse.__name__
+print("skipped-loaded:", skipped, "later:", *later, "keras" in sys.modules)
 """
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
@@ -206,8 +207,8 @@ def test_cli_extract_ends_without_teardown_and_leaves_a_complete_cache(tmp_path)
     left = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*") if p.is_file())
     [path] = [tmp_path / "cache" / p for p in left if p.suffix == ".h5"]
     assert not [p for p in left if p.name.startswith(".") or "chunks" in str(p)], left  # no temp file or chunk
-    x, y, paths = store.load_split(path, "train")
-    assert x.shape[0] == 6 and len(paths) == 6 and np.isfinite(x).all()
+    x, labels, paths = store.load_split(path, "train")
+    assert x.shape[0] == len(labels) == len(paths) == 6 and np.isfinite(x).all()
     assert store.read_meta(path).split_sizes == {"train": 6}
 
     hit = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)

@@ -10,8 +10,9 @@ Every one of those imports is guarded by ``try: ... except ImportError`` in Kera
 TensorFlow, so ``import_keras`` makes them fail for the duration of the import (a ``None``
 entry in ``sys.modules``) and removes the block afterwards: a later ``import sklearn`` in
 the same process works as usual. What is lost in this process is only what featcache never
-uses: Keras's scikit-learn wrappers, pandas inputs to Keras, Keras's plotting helpers and
-TFLite's JAX converter, sparse inputs to TensorFlow's legacy Keras v1 training. JAX is left alone when it is the Keras backend.
+uses: Keras's scikit-learn wrappers, pandas inputs to Keras, Keras's plotting helpers,
+TFLite's JAX converter and sparse inputs to TensorFlow's legacy Keras v1 training. JAX is
+left alone when it is the Keras backend.
 
 The import also creates hundreds of thousands of long-lived objects (TensorFlow's and
 Keras's modules). The cyclic garbage collector finds nothing to free among them, yet walks
