@@ -160,30 +160,6 @@ def test_pipeline_stops_its_threads_when_the_caller_leaves_early(tmp_path):
     assert threading.active_count() <= before
 
 
-def test_decoder_at_most_limits_the_threads_decoding_at_once(monkeypatch):
-    """While Keras imports, stage one decodes ahead on the cores the import leaves free."""
-    running, peak, lock = [0], [], threading.Lock()
-
-    def slow(sources, size):
-        with lock:
-            running[0] += 1
-            peak.append(running[0])
-        time.sleep(0.02)
-        with lock:
-            running[0] -= 1
-        return [np.zeros((size, size, 3), np.uint8) for _ in sources]
-
-    monkeypatch.setattr(images, "_decode_group", slow)
-    items = [f"img{i}.png" for i in range(12)]
-    with images.Decoder(3) as decoder:
-        with decoder.at_most(1):
-            assert sum(len(b.rows) for b in decoder.batches(items, range(12), 8, 4)) == 12
-        assert max(peak) == 1
-        peak.clear()
-        assert sum(len(b.rows) for b in decoder.batches(items, range(12), 8, 4)) == 12
-        assert max(peak) == 3  # the block's end gives every thread back
-
-
 # --------------------------------------------------------------------------- lean import
 
 

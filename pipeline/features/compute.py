@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -93,8 +92,7 @@ def compute(
     with decoder, overlap.Pipeline(decoder, cfg.size, cfg.batch_size, threaded=not gpu) as pipe:
         if not gpu and not store.ChunkStore.folder(target).exists():  # nothing to resume: all rows are work
             pipe.feed(_work(delta, todo, cfg.chunk_size, None, result))
-        with cpu_decoder.at_most(_cores() - 1):  # one core for the Keras import, the rest decode ahead
-            model, weights_sha256 = _build_model(p, old, result)
+        model, weights_sha256 = _build_model(p, old, result)
         chunks = _chunk_store(p, delta, todo, target, weights_sha256, result)
         work = _work(delta, todo, cfg.chunk_size, chunks, result)
         if pipe.fed is None:
@@ -119,14 +117,6 @@ def compute(
     if isinstance(decoder, gpu_decode.GpuDecoder):
         result.decode = {"decoder": "gpu", **decoder.counts, "fallbacks": decoder.fallbacks[:100]}
     return Computed(chunks, blocks, feature_shape, weights_sha256)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _work(

@@ -12,12 +12,10 @@ GIL while it decodes, so threads overlap with the forward pass.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import multiprocessing
 import os
 import stat
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -234,36 +232,6 @@ class Decoder:
         self.threads, self.processes = threads, processes
         self._threads: ThreadPoolExecutor | None = None
         self._processes: ProcessPoolExecutor | None = None
-        self._gate = threading.Condition()  # how many threads decode at once: ``at_most``
-        self._running, self._limit = 0, threads
-
-    @contextlib.contextmanager
-    def at_most(self, n: int) -> Iterator[None]:
-        """Inside the block, at most ``n`` (>= 1) of the pool's threads decode at once.
-
-        Stage one decodes ahead while Keras imports; the import runs on one core, and on a
-        machine with few cores more decoding threads than the cores left would slow it down
-        (issue 31). Decoded images wait in the same queue either way."""
-        with self._gate:
-            self._limit = max(1, n)
-        try:
-            yield
-        finally:
-            with self._gate:
-                self._limit = self.threads
-                self._gate.notify_all()
-
-    def _gated(self, sources: Sequence[str | np.ndarray | tuple], size: int) -> list[np.ndarray | str]:
-        with self._gate:
-            while self._running >= self._limit:
-                self._gate.wait()
-            self._running += 1
-        try:
-            return _decode_group(sources, size)
-        finally:
-            with self._gate:
-                self._running -= 1
-                self._gate.notify()
 
     def __enter__(self) -> Decoder:
         return self
@@ -306,8 +274,7 @@ class Decoder:
             while len(ready) < batch_size and (groups or pending):
                 while groups and len(pending) < ahead:
                     idx = groups.popleft()
-                    task = self._gated if pool is self._threads else _decode_group  # processes: not gated
-                    pending.append((idx, pool.submit(task, [items[i] for i in idx], size)))
+                    pending.append((idx, pool.submit(_decode_group, [items[i] for i in idx], size)))
                 idx, fut = pending.popleft()
                 ready.extend(zip(idx, fut.result(), strict=True))
             take = [ready.popleft() for _ in range(min(batch_size, len(ready)))]
