@@ -129,6 +129,9 @@ def test_pipeline_keeps_order_across_splits_and_raises_forward_errors_in_the_cal
         pipe.start(first_pixel)
         a = [(b.rows.tolist(), f) for b, f in pipe.results("a")]
         b = [(b.rows.tolist(), f) for b, f in pipe.results("b")]
+        for thread in pipe._threads:  # past the last split both threads end by themselves: no wait at close
+            thread.join(timeout=5)
+        assert not pipe._stop.is_set() and not any(t.is_alive() for t in pipe._threads)
     assert [r for r, _ in a] == [[9, 0, 4], [2]] and [r for r, _ in b] == [[1, 3]]
     for rows, feats in a + b:
         want = np.stack([images.load(items[r], 24)[0, 0] for r in rows]).astype(np.float32)
@@ -165,12 +168,48 @@ def test_lean_keras_import_skips_optional_libraries_and_leaves_them_importable()
 import gc, sys
 from pipeline.features import lean
 keras = lean.import_keras()
-skipped = [m for m in ("sklearn", "pandas", "matplotlib", "jax") if m in sys.modules]
+skipped = [m for m in ("sklearn", "pandas", "matplotlib", "jax", "scipy") if m in sys.modules]
 assert keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape == (1, 2)
 assert gc.isenabled() and gc.get_freeze_count() > 100_000, gc.get_freeze_count()  # Keras's objects frozen
-import sklearn, pandas
-print("skipped-loaded:", skipped, "later:", sklearn.__name__, pandas.__name__, "keras" in sys.modules)
+import sklearn, pandas, scipy.sparse
+later = sklearn.__name__, pandas.__name__, scipy.sparse.__name__
+print("skipped-loaded:", skipped, "later:", *later, "keras" in sys.modules)
 """
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert out.stdout.strip() == "skipped-loaded: [] later: sklearn pandas True", out.stderr[-2000:]
+    assert out.stdout.strip() == "skipped-loaded: [] later: sklearn pandas scipy.sparse True", out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the end of the command
+
+_CLI = """
+import atexit, sys
+atexit.register(lambda: print("TEARDOWN RAN", flush=True))
+from pipeline.app.cli import main
+sys.argv = ["featcache", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_cli_extract_ends_without_teardown_and_leaves_a_complete_cache(tmp_path):
+    """A local ``featcache extract`` that ran the model ends with ``os._exit`` (no interpreter
+    teardown): exit code 0, its summary still arrives through a pipe (block-buffered, so only
+    if flushed first), and the cache it leaves is complete and reads back. A cache hit never
+    imported Keras and ends the usual way."""
+    data = make_folder(tmp_path / "d", {"train": 3}, size=SIZE)
+    argv = [sys.executable, "-c", _CLI, "extract", "--data", str(data), "--size", str(SIZE), "--weights", "random"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TEARDOWN RAN" not in out.stdout  # it ended before the interpreter's exit
+    assert "6 new" in out.stdout and "images/s" in out.stdout, out.stdout  # the summary, flushed
+    left = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    [path] = [tmp_path / "cache" / p for p in left if p.suffix == ".h5"]
+    assert not [p for p in left if p.name.startswith(".") or "chunks" in str(p)], left  # no temp file or chunk
+    x, labels, paths = store.load_split(path, "train")
+    assert x.shape[0] == len(labels) == len(paths) == 6 and np.isfinite(x).all()
+    assert store.read_meta(path).split_sizes == {"train": 6}
+
+    hit = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert hit.returncode == 0 and "TEARDOWN RAN" in hit.stdout, hit.stderr[-2000:]

@@ -12,6 +12,7 @@ import-linter contract (``make lint``) reads those imports too; they point only 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -19,6 +20,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.core import paths, quiet
 from pipeline.core.config import ExportConfig, ExtractConfig, FinetuneConfig, InspectConfig, SweepConfig
@@ -705,6 +707,30 @@ def quiet_frameworks(verbose: bool) -> None:
     quiet.install()
 
 
+def ends_without_teardown(args: argparse.Namespace) -> bool:
+    """True for a local ``extract`` that ran the model: its process may end with ``exit_now``."""
+    return args.command == "extract" and args.engine == "local" and "keras" in sys.modules
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once, skipping the interpreter's teardown.
+
+    Only called when a local ``featcache extract`` has returned successfully: by then the cache
+    is written to a temporary file, closed and renamed into place (``store.assemble``), the
+    chunk folder is gone, the writer lock released and every thread and process pool joined,
+    so nothing is left to finish. What the interpreter would still do is tear down TensorFlow
+    and Keras (their atexit hooks, hundreds of thousands of objects, C++ destructors): a few
+    tenths of a second on 2 cores, a share of the whole command (BENCHMARKS.md section 1b,
+    issue 31). ``os._exit`` skips it; the log handlers and both streams are flushed first,
+    since their buffers are not flushed by ``os._exit``.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: the exit code still says it ran
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "featcache"
     try:
@@ -720,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command](args)
         if argv is None:  # a command, not a call from Python: what it made needs no collecting at exit
             gc.freeze()
+            if code == 0 and ends_without_teardown(args):
+                exit_now(code)
         return code
     except ConfigError as e:
         print(f"{command}: error: {e}", file=sys.stderr)

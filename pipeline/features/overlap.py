@@ -229,8 +229,11 @@ class Pipeline:
             self._put_failure(self._decoded, e)
 
     def _run_forward(self, forward: Forward) -> None:
+        """Until the last split's end: the thread then ends by itself, so ``close`` at the end
+        of a run joins at once instead of waiting out the stop flag's poll (``_POLL``)."""
+        splits_left = len(self.fed or ())
         try:
-            while True:
+            while splits_left:
                 t0 = time.perf_counter()
                 item = self._get(self._decoded)
                 waited = time.perf_counter() - t0
@@ -240,6 +243,7 @@ class Pipeline:
                 split, batch = item
                 features = None if batch is None else self._timed_forward(forward, batch, waited)
                 self._put(self._done, (split, batch, features))
+                splits_left -= batch is None
         except _Stopped:
             return
         except BaseException as e:
