@@ -12,7 +12,8 @@ Per precision (float32, bfloat16, int8 when OpenVINO is installed), each repeat 
   start-up   a subprocess: Keras import, model build (int8: + loading the kept model), first call
 
 ``--baseline DIR`` runs the steady, whole and start-up rows again with the ``pipeline`` package
-of another checkout (e.g. ``git archive <commit> pipeline | tar -x -C DIR``), interleaved with this one's.
+of another checkout (e.g. ``git archive <commit> pipeline | tar -x -C DIR``), interleaved with this
+one's, the trees' order alternating between repeats.
 Before every repeat the 1-minute load average is checked; above ``--max-load`` the run waits
 (up to 10 minutes) and the load it ran under is printed. Medians of the repeats. Usage:
     python bench/bench_extract.py [--size 150] [--per-class 1000] [--repeats 3] [--batch 32]
@@ -178,7 +179,8 @@ def main() -> None:
                 ref = in_memory(compiled_call, x, args.seconds)
                 rows.setdefault((prec, "compiled"), []).append(ref)
                 rows.setdefault((prec, "pob"), []).append(in_memory(pob, x, args.seconds))
-                for name, tree in trees.items():
+                order = list(trees.items())
+                for name, tree in order if r % 2 == 0 else order[::-1]:  # new first, then old first: no order bias
                     steady, whole = run_extract(tree, folder, work / f"{name}-{prec}", prec, args)
                     after = in_memory(compiled_call, x, args.seconds)  # the reference again, right after
                     rows.setdefault((prec, f"steady {name}"), []).append(steady)
