@@ -168,3 +168,27 @@ def test_the_mlp_fast_steps_train_as_one_batch_per_call(monkeypatch):
     for key, values in fast.history_.items():
         assert values == pytest.approx(plain.history_[key], rel=1e-6), key
     np.testing.assert_allclose(fast.predict_proba(xv), plain.predict_proba(xv), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_rmsprop_update_trains_as_plain_keras(monkeypatch):
+    """The XLA-fused RMSprop update (FUSED_UPDATE) is Keras's own RMSprop: the same epochs,
+    losses and probabilities to float rounding; the fitted head survives a pickle round trip
+    (a saved model names a plain RMSprop)."""
+    import io
+
+    import joblib
+
+    (x, y), (xv, _) = _six_classes()
+    params = {"pooling": "flatten", "epochs": 4, "batch_size": 16, "learning_rate": 1e-3, "patience": 2}
+    assert heads.FUSED_UPDATE
+    fused = heads.MLPHead(**params).fit(x, y)
+    monkeypatch.setattr(heads, "FUSED_UPDATE", False)
+    plain = heads.MLPHead(**params).fit(x, y)
+    assert fused.history_.keys() == plain.history_.keys()
+    for key, values in fused.history_.items():
+        assert values == pytest.approx(plain.history_[key], rel=1e-5, abs=1e-6), key
+    np.testing.assert_allclose(fused.predict_proba(xv), plain.predict_proba(xv), rtol=1e-4, atol=1e-6)
+    buffer = io.BytesIO()
+    joblib.dump(fused, buffer)
+    np.testing.assert_allclose(joblib.load(io.BytesIO(buffer.getvalue())).predict_proba(xv), fused.predict_proba(xv))
+    assert type(fused.model_.optimizer).__name__ == "RMSprop"

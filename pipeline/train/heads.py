@@ -315,6 +315,10 @@ STEPS_PER_EXECUTION = 32
 same order as one batch per call, without a Python round trip per batch (BENCHMARKS.md
 section 8, "Six classes, 12,000 rows")."""
 
+FUSED_UPDATE = True
+"""Each MLP weight's RMSprop update as one XLA-fused pass (``seeds_recipe.fuse_rmsprop``,
+issue 29): the same updates, one read and write of each weight per step instead of about seven."""
+
 
 class MLPHead(_KerasHead, _PooledHead):
     """The seeds' Keras head: Dense(units, relu) -> Dropout -> Dense(1, sigmoid) or
@@ -366,7 +370,9 @@ class MLPHead(_KerasHead, _PooledHead):
 
         inputs = keras.Input((width,))
         model = keras.Model(inputs, seeds_head(inputs, n_classes, self.units, self.dropout))
-        compile_for(model, n_classes, self.learning_rate, steps_per_execution=STEPS_PER_EXECUTION)
+        compile_for(
+            model, n_classes, self.learning_rate, steps_per_execution=STEPS_PER_EXECUTION, fused_update=FUSED_UPDATE
+        )
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.patience, restore_best_weights=True)
         return model, [stop] if early_stopping else []
 
