@@ -4,15 +4,16 @@
 (Keras's scikit-learn wrappers), pandas (DataFrame inputs to ``fit``), matplotlib (Keras's
 plotting utilities), through ``tensorflow.lite``, JAX, and through TensorFlow's legacy
 ``tf.keras`` v1 training code, SciPy (``scipy.sparse.issparse``, numpy.f2py behind it).
-featcache installs all of them for stage two and the JAX backend, and on 2 cores they are a large share of the import
-(start-up rows of BENCHMARKS.md section 1b, issue 31).
+featcache installs all of them for stage two and the JAX backend, and on 2 cores they are a
+large share of the import (start-up rows of BENCHMARKS.md section 1b, issue 31).
 Every one of those imports is guarded by ``try: ... except ImportError`` in Keras and
 TensorFlow, so ``import_keras`` makes them fail for the duration of the import (a ``None``
 entry in ``sys.modules``) and removes the block afterwards: a later ``import sklearn`` in
 the same process works as usual. What is lost in this process is only what featcache never
 uses: Keras's scikit-learn wrappers, pandas inputs to Keras, Keras's plotting helpers,
-TFLite's JAX converter and sparse inputs to TensorFlow's legacy Keras v1 training. JAX is
-left alone when it is the Keras backend.
+TFLite's JAX converter and sparse inputs to TensorFlow's legacy Keras v1 training. What a
+backend imports itself is left alone under it (``NEEDED_BY_BACKEND``: JAX, and the SciPy that
+JAX imports, when JAX is the Keras backend).
 
 The import also creates hundreds of thousands of long-lived objects (TensorFlow's and
 Keras's modules). The cyclic garbage collector finds nothing to free among them, yet walks
