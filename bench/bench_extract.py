@@ -40,7 +40,7 @@ STARTUP = """
 import json, os, sys, time
 t0 = time.perf_counter()
 try:
-    from pipeline.features import lean
+    from pipeline.core import lean
     keras = lean.import_keras()
 except ImportError:  # a checkout before issue 31
     import keras
@@ -129,7 +129,8 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.features import backbone, lean, quantize, registry, weights
+    from pipeline.core import lean
+    from pipeline.features import backbone, quantize, registry, weights
     from pipeline.features.compiled import CompiledForward
 
     lean.import_keras()

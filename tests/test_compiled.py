@@ -166,7 +166,7 @@ def test_pipeline_stops_its_threads_when_the_caller_leaves_early(tmp_path):
 def test_lean_keras_import_skips_optional_libraries_and_leaves_them_importable():
     code = """
 import gc, sys
-from pipeline.features import lean
+from pipeline.core import lean
 keras = lean.import_keras()
 skipped = [m for m in ("sklearn", "pandas", "matplotlib", "jax", "scipy") if m in sys.modules]
 assert keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape == (1, 2)

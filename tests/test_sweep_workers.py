@@ -62,3 +62,70 @@ def test_a_keras_sweep_replaces_no_worker():
     assert [r[0]["head"] for r in results] == ["logreg", "logreg", "mlp", "mlp", "mlp", "mlp"]
     stopped = [str(w.message) for w in caught if "worker stopped" in str(w.message)]
     assert stopped == []
+
+
+_FIRST_IMPORT = """
+import gc, sys
+import sklearn.linear_model  # a stage-two process always holds scikit-learn first
+{first}
+print(sorted(m for m in ("matplotlib", "jax") if m in sys.modules), gc.get_freeze_count() > 100_000)
+"""
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "from pipeline.train import sweep; sweep._keras_first(True)",  # every sweep worker's first task
+        "from pipeline.core import layers; layers.load_model_safely(sys.argv[1])",  # a Keras winner, loaded
+    ],
+)
+def test_stage_two_imports_keras_the_lean_way(first, tmp_path):
+    """A sweep worker pays the Keras import before its first task, and a process that loads a
+    Keras head pays it there: both through ``lean`` (issue 29: about half the plain import's
+    CPU, twice per sweep), so Keras's optional matplotlib and JAX stay out (scikit-learn has
+    brought pandas in already) and Keras's objects are frozen out of the collector's reach."""
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    path = tmp_path / "head.keras"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    code = _FIRST_IMPORT.format(first=first)
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.stdout.strip() == "[] True", out.stderr[-2000:]
+
+
+_PRELOAD = """
+import sys
+from pathlib import Path
+from pipeline.core.config import SweepConfig
+from pipeline.train import sweep
+seen = []
+write_run = sweep._write_run
+sweep._write_run = lambda *a: seen.append(sorted(m for m in ("matplotlib.pyplot", "mlflow.tracking") if m in sys.modules)) or write_run(*a)
+sweep.run_sweep(SweepConfig(sweep_file=Path(sys.argv[1]), runs_dir=Path(sys.argv[2]), n_jobs=1), sys.argv[3])
+print(seen)
+"""
+
+
+def test_the_run_writers_libraries_are_imported_while_the_heads_fit(tmp_path):
+    """matplotlib and MLflow (about 4.5 s of imports on 12,000 rows' sweep) are loaded by a
+    thread during the fit, so ``_write_run`` finds them in place instead of importing them
+    after the last fit with one core idle (issue 29)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import cache_from
+
+    cache = cache_from(tmp_path / "c.h5", {s: separable(10, 3, seed=i) for i, s in enumerate(sweep.SPLITS)})
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
+    env = {**os.environ, "TRACK": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    argv = [sys.executable, "-c", _PRELOAD, str(grid), str(tmp_path / "runs"), str(cache)]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert out.stdout.strip().splitlines()[-1:] == ["[['matplotlib.pyplot', 'mlflow.tracking']]"], out.stderr[-2000:]
+    assert (tmp_path / "mlflow.db").exists()  # and the run was still tracked

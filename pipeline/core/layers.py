@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import lean
 from pipeline.core.errors import CacheError
 
 MIN_SAFE_KERAS = (3, 14)  # earlier releases can run code from a crafted .keras file even in safe mode
@@ -46,8 +47,10 @@ def preprocess_layer_class() -> Any:
 
 def load_model_safely(path: str | Path) -> Any:
     """A saved Keras model, loaded in safe mode (no Lambda bytecode) by a Keras release whose
-    safe mode has no known bypass, with this layer registered first. CacheError otherwise."""
-    import keras
+    safe mode has no known bypass, with this layer registered first. CacheError otherwise.
+    Keras comes through ``lean`` (a no-op when already imported): loading a Keras winner is
+    often a process's first Keras import."""
+    keras = lean.import_keras()
 
     if _version_tuple(keras.__version__) < MIN_SAFE_KERAS:
         raise CacheError(

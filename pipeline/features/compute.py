@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import store
+from pipeline.core import lean
 from pipeline.core.config import ExtractConfig
 from pipeline.core.errors import CacheError
 from pipeline.features import (
@@ -32,7 +33,6 @@ from pipeline.features import (
     gpu_decode,
     images,
     layout,
-    lean,
     overlap,
     quantize,
     tta_views,

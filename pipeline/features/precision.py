@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core import lean
 from pipeline.core.vocab import PRECISIONS, check_choice
-from pipeline.features import lean, machine
+from pipeline.features import machine
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
-from pipeline.core import layers
+from pipeline.core import layers, lean
 from pipeline.core.vocab import POOLINGS
 from pipeline.train.seeds_recipe import compile_for, seeds_head
 
@@ -377,7 +377,7 @@ class MLPHead(_KerasHead, _PooledHead):
         return model, [stop] if early_stopping else []
 
     def _fit(self, Z: np.ndarray, y: np.ndarray) -> None:
-        import keras
+        keras = lean.import_keras()  # often this process's first Keras import: the lean one
 
         keras.utils.set_random_seed(self.random_state)
         k = len(self.classes_)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import models, store
-from pipeline.core import accounting
+from pipeline.core import accounting, lean
 from pipeline.core.config import SweepConfig, as_dict, load_toml
 from pipeline.core.errors import CacheError, ConfigError
 from pipeline.core.memory import parse_budget
@@ -409,9 +410,10 @@ def _keras_first(keras: bool) -> None:
     stopped while some jobs were given to the executor ... memory leak". Importing TensorFlow
     (about 800 MB) in a worker whose first task was a scikit-learn head tripped it: not a leak
     (a Keras fit adds about 10 MB), but the worker was killed and the next MLP paid the
-    import again in a fresh one. A no-op once imported."""
+    import again in a fresh one. A no-op once imported. Through ``lean``: both workers pay
+    this import in a sweep with MLPs, and the lean one costs about half (BENCHMARKS.md section 8)."""
     if keras:
-        import keras as _  # noqa: F401
+        lean.import_keras()
 
 
 def fit_path(
@@ -517,7 +519,9 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
         data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
         _log_start(cfg, cache, plan, data)
         t0 = time.perf_counter()
+        preloading = _preload_writers(cfg.track)
         results = _fit(cfg, plan, data)
+        preloading.join()
         rows, full_params, histories, members = _candidates(results, plan.k, data)
         best, won, winner, evaluation = _pick_and_test(rows, results, members, data)
         seconds = time.perf_counter() - t0
@@ -590,6 +594,25 @@ def _log_start(cfg: SweepConfig, cache: Path, plan: _Plan, data: SweepData) -> N
         len(data.validation[1]),
         cfg.n_jobs,
     )
+
+
+def _preload_writers(track: bool) -> threading.Thread:
+    """Import what writing the run needs (matplotlib, and MLflow when tracking) in a thread of
+    the parent while the workers fit. Issue 29: after the last fit these imports took about
+    4.5 s of a 12,000-row sweep's wall time with one core idle; during the fit the parent
+    only waits. Imports only: nothing is written before the fit ends, and a failure is left
+    to the real import (``_write_run``), which reports it as before."""
+
+    def load() -> None:
+        try:
+            plots.pyplot()
+        except Exception:  # the real import, later, says what is wrong
+            pass
+        tracking.preload(track)
+
+    thread = threading.Thread(target=load, name="featcache-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def _fit(cfg: SweepConfig, plan: _Plan, data: SweepData) -> list[tuple[dict[str, Any], Any, bytes]]:

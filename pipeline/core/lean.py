@@ -1,11 +1,14 @@
-"""Import Keras without the optional libraries it loads at import time and stage one never uses.
+"""Import Keras without the optional libraries it loads at import time and featcache never uses.
 
 ``import keras`` (TensorFlow backend) also imports, when they are installed: scikit-learn
 (Keras's scikit-learn wrappers), pandas (DataFrame inputs to ``fit``), matplotlib (Keras's
 plotting utilities), through ``tensorflow.lite``, JAX, and through TensorFlow's legacy
 ``tf.keras`` v1 training code, SciPy (``scipy.sparse.issparse``, numpy.f2py behind it).
 featcache installs all of them for stage two and the JAX backend, and on 2 cores they are a
-large share of the import (start-up rows of BENCHMARKS.md section 1b, issue 31).
+large share of the import (start-up rows of BENCHMARKS.md section 1b, issue 31). Stage one
+imports Keras this way, and so does stage two wherever it first needs Keras: each sweep
+worker that fits an MLP, and a process loading a saved Keras head (issue 29: the import
+paid twice per sweep, by both workers).
 Every one of those imports is guarded by ``try: ... except ImportError`` in Keras and
 TensorFlow, so ``import_keras`` makes them fail for the duration of the import (a ``None``
 entry in ``sys.modules``) and removes the block afterwards: a later ``import sklearn`` in
