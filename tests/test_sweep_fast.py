@@ -192,17 +192,3 @@ def test_the_fused_rmsprop_update_trains_as_plain_keras(monkeypatch):
     joblib.dump(fused, buffer)
     np.testing.assert_allclose(joblib.load(io.BytesIO(buffer.getvalue())).predict_proba(xv), fused.predict_proba(xv))
     assert type(fused.model_.optimizer).__name__ == "RMSprop"
-
-
-def test_the_fused_update_is_compiled_once_per_weight_shape_for_every_fit():
-    """One XLA compilation per weight shape serves every later fit in the process (issue 29: a
-    sweep worker fits several MLPs; each paid its own compilations before)."""
-    from pipeline.train import seeds_recipe
-
-    (x, y), _ = _six_classes()
-    params = {"pooling": "avg", "epochs": 1, "batch_size": 16, "patience": 0}
-    heads.MLPHead(**params).fit(x, y)
-    traced = seeds_recipe._rmsprop_step().experimental_get_tracing_count()
-    heads.MLPHead(**params, learning_rate=1e-3).fit(x, y)
-    heads.MLPHead(**params, random_state=3).fit(x, y)
-    assert traced >= 4 and seeds_recipe._rmsprop_step().experimental_get_tracing_count() == traced

@@ -43,58 +43,30 @@ def compile_for(
 
 def fuse_rmsprop(optimizer: Any) -> Any:
     """``optimizer`` (a Keras RMSprop) with each weight's update compiled by XLA into one fused
-    pass, on the TensorFlow backend with the seeds' plain RMSprop (no momentum, not centered;
-    anything else is left unchanged). Issue 29: Keras runs RMSprop as about seven element-wise
-    ops, each reading and writing the whole weight; the 8,192 x 256 flatten kernel (8 MB) made
-    that about a third of an epoch at batch 64, one thread (BENCHMARKS.md section 8). Keras's
-    formula in Keras's order (``_rmsprop_step``): the losses agree to float rounding (a test
-    checks it). The compiled step takes the weight and its velocity as arguments, so one
-    compilation per weight shape serves every fit in the process (a sweep worker fits several
-    MLPs: each had paid its own XLA compilations, about 0.6 s a fit). The instance's
-    ``update_step`` is replaced, not its class, so a saved model names a plain RMSprop."""
+    pass, on the TensorFlow backend (elsewhere unchanged). Issue 29: Keras runs RMSprop as about
+    seven element-wise ops, each reading and writing the whole weight; the 8,192 x 256 flatten
+    kernel (8 MB) made that about a third of an epoch at batch 64, one thread (BENCHMARKS.md
+    section 8). Same formula, same order of updates: the losses agree to float rounding (a test
+    checks it). The instance's ``update_step`` is replaced, not its class, so a saved model
+    names a plain RMSprop and loads anywhere."""
     import keras
 
-    if keras.backend.backend() != "tensorflow" or optimizer.momentum > 0 or optimizer.centered:
+    if keras.backend.backend() != "tensorflow":
         return optimizer
     import tensorflow as tf
 
-    step, plain = _rmsprop_step(), optimizer.update_step
-    rho, one_minus_rho, epsilon = optimizer.rho, 1 - optimizer.rho, optimizer.epsilon  # Python floats, as Keras
+    plain = optimizer.update_step
+    compiled: dict[int, Any] = {}
 
     def update_step(gradient: Any, variable: Any, learning_rate: Any) -> Any:
-        velocity = optimizer._velocities[optimizer._get_variable_index(variable)]
-        weight, state = (v if isinstance(v, tf.Variable) else v.value for v in (variable, velocity))  # tf.Variables
-        if not (isinstance(weight, tf.Variable) and isinstance(state, tf.Variable)):
-            return plain(gradient, variable, learning_rate)  # e.g. an autocast scope: Keras's own update
-        dtype = weight.dtype
-        return step(
-            tf.cast(gradient, dtype),
-            tf.cast(learning_rate, dtype),
-            weight,
-            state,
-            tf.constant(rho, dtype),
-            tf.constant(one_minus_rho, dtype),
-            tf.constant(epsilon, dtype),
-        )
+        key = optimizer._get_variable_index(variable)
+        if key not in compiled:  # one XLA cluster per weight (its shape), traced once
+
+            def step(g: Any, lr: Any, v: Any = variable) -> Any:
+                return plain(g, v, lr)
+
+            compiled[key] = tf.function(step, jit_compile=True)
+        return compiled[key](gradient, tf.convert_to_tensor(learning_rate))
 
     optimizer.update_step = update_step
     return optimizer
-
-
-_STEP: Any = None
-
-
-def _rmsprop_step() -> Any:
-    """Keras's RMSprop update (``keras.optimizers.RMSprop.update_step``, no momentum, not
-    centered) as one XLA-compiled function of the weight and its velocity, made once per
-    process: traced once per weight shape and reused by every optimizer after."""
-    global _STEP
-    if _STEP is None:
-        import tensorflow as tf
-
-        def step(g: Any, lr: Any, variable: Any, velocity: Any, rho: Any, one_minus_rho: Any, epsilon: Any) -> None:
-            velocity.assign(rho * velocity + one_minus_rho * tf.square(g))
-            variable.assign_sub((lr * g) / tf.sqrt(velocity + epsilon))
-
-        _STEP = tf.function(step, jit_compile=True)
-    return _STEP
