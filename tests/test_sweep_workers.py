@@ -105,7 +105,8 @@ from pipeline.core.config import SweepConfig
 from pipeline.train import sweep
 seen = []
 write_run = sweep._write_run
-sweep._write_run = lambda *a: seen.append(sorted(m for m in ("matplotlib.pyplot", "mlflow.tracking") if m in sys.modules)) or write_run(*a)
+loaded = lambda: sorted(m for m in ("matplotlib.pyplot", "mlflow.tracking") if m in sys.modules)
+sweep._write_run = lambda *a: seen.append(loaded()) or write_run(*a)
 sweep.run_sweep(SweepConfig(sweep_file=Path(sys.argv[1]), runs_dir=Path(sys.argv[2]), n_jobs=1), sys.argv[3])
 print(seen)
 """
