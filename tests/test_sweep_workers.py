@@ -8,13 +8,16 @@ has a Keras head, so the import is inside the first task's measurement."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from pipeline.train import sweep
 
-from conftest import separable
+from conftest import cache_from, separable
 
 
 def _data() -> sweep.SweepData:
@@ -84,10 +87,6 @@ def test_stage_two_imports_keras_the_lean_way(first, tmp_path):
     Keras head pays it there: both through ``lean`` (issue 29: about half the plain import's
     CPU, twice per sweep), so Keras's optional matplotlib and JAX stay out (scikit-learn has
     brought pandas in already) and Keras's objects are frozen out of the collector's reach."""
-    import os
-    import subprocess
-    import sys
-
     import keras
 
     path = tmp_path / "head.keras"
@@ -116,12 +115,6 @@ def test_the_run_writers_libraries_are_imported_while_the_heads_fit(tmp_path):
     """matplotlib and MLflow (about 4.5 s of imports on 12,000 rows' sweep) are loaded by a
     thread during the fit, so ``_write_run`` finds them in place instead of importing them
     after the last fit with one core idle (issue 29)."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import cache_from
-
     cache = cache_from(tmp_path / "c.h5", {s: separable(10, 3, seed=i) for i, s in enumerate(sweep.SPLITS)})
     grid = tmp_path / "grid.toml"
     grid.write_text('[[head]]\nname = "logreg"\npooling = "avg"\n')
