@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,31 @@ def pool_all(d: dict[str, Any], pooling: str, l2: bool) -> dict[str, Any]:
     }
 
 
+Config = tuple[str, dict[str, Any], str, bool, str, str]  # head, params, pooling, l2, train_on, extra
+
+
+def config_grid(train_ons: tuple[str, ...]) -> list[Config]:
+    """The pooled grid: the base heads, wide C and L2-normalised logreg/svm, each on max and avg
+    pooling and each training set in ``train_ons``."""
+    jobs: list[Config] = []
+    for (name, params), pooling, train_on in itertools.product(BASE_GRID, POOLED, train_ons):
+        jobs.append((name, params, pooling, False, train_on, ""))
+    for (name, params), pooling, train_on in itertools.product(WIDE_C, POOLED, train_ons):
+        jobs.append((name, params, pooling, False, train_on, "wideC"))
+    for (name, params), pooling, train_on in itertools.product(
+        [("logreg", {"C": c}) for c in (0.01, 0.1, 1.0)] + [("svm", {"C": c}) for c in (0.01, 0.1)],
+        POOLED,
+        train_ons,
+    ):
+        jobs.append((name, params, pooling, True, train_on, "l2"))
+    return jobs
+
+
+def config_label(name: str, params: dict[str, Any], pooling: str, extra: str) -> str:
+    first = next(iter(params.items()))
+    return f"{name} {pooling} {first[0]} {first[1]:g}{' l2' if extra == 'l2' else ''}"
+
+
 def fit_config(name: str, params: dict[str, Any], train_on: str, z: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     """One head fitted on pooled rows; its probabilities scored on 0, 1 and 2 views."""
     from pipeline.train.sweep_file import make_head
@@ -111,6 +137,134 @@ def score(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     from sklearn.metrics import log_loss
 
     return float(np.mean(np.argmax(proba, axis=1) == y)), float(log_loss(y, proba, labels=range(proba.shape[1])))
+
+
+Scored = tuple[Candidate, float, float]  # a candidate, its selection accuracy and log-loss
+
+
+def lever_tables(
+    scored: list[Scored],
+    sizes: list[int],
+    budget: float,
+    passes: Callable[[list[Candidate]], float],
+    y_select: np.ndarray,
+    tests: dict[str, tuple[np.ndarray, Callable[[Candidate], np.ndarray]]],
+    header: str,
+    select_name: str = "validation",
+) -> list[dict[str, Any]]:
+    """Every lever's row within ``budget`` passes, printed, and the pick on the selection split
+    (``val_proba`` against ``y_select``); ``tests`` name each test figure read for a row (its
+    labels and how a candidate's test probabilities are got), read only for the rows formed."""
+    from pipeline.core import accounting
+
+    rows: list[dict[str, Any]] = []
+
+    def rank(items: list[Scored]) -> list[Scored]:
+        return sorted(items, key=lambda t: (-t[1], t[2], passes([t[0]])))
+
+    def selection(members: list[Candidate]) -> tuple[float, float]:
+        return score(np.mean([m.val_proba for m in members], axis=0), y_select)
+
+    def emit(lever: str, members: list[Candidate]) -> None:
+        va, vl = selection(members)
+        test_acc = {name: score(np.mean([get(m) for m in members], axis=0), y)[0] for name, (y, get) in tests.items()}
+        p = passes(members)
+        names = "; ".join(f"{m.size} {m.name} train={m.train_on} views={m.scoring}" for m in members)
+        first = next(iter(test_acc))
+        rows.append(
+            {
+                "lever": lever,
+                "k": len(members),
+                "val": va,
+                "val_log_loss": vl,
+                "test": test_acc[first],
+                **{name: acc for name, acc in test_acc.items() if name != first},
+                "passes": p,
+                "members": names,
+            }
+        )
+        share = accounting.recipe_share(p) or 0.0
+        figures = " | ".join(f"{acc:.3f}" for acc in test_acc.values())
+        print(f"| {lever} | {len(members)} | {va:.3f} | {vl:.4f} | {figures} | {p:,.0f} | {share:.1%} | {names} |")
+
+    def report(lever: str, pool: list[Scored], ks: tuple[int, ...] = (1,)) -> None:
+        """For each k: the best k of ``pool`` by the selection split whose mean stays within the
+        budget (walked in selection order, skipping a config that would take the members over it)."""
+        for k in ks:
+            members: list[Candidate] = []
+            for t in rank(pool):
+                if len(members) < k and passes([*members, t[0]]) <= budget:
+                    members.append(t[0])
+            if len(members) == k:
+                emit(lever, members)
+
+    print(f"\nbudget {budget:,.0f} passes; {header}")
+    columns = f"{select_name} | {'val' if select_name == 'validation' else select_name} log-loss | {' | '.join(tests)}"
+    print(f"| lever | k | {columns} | passes | share of 150,000 | members |")
+    print("|---|---|---|---|" + "---|" * len(tests) + "---|---|---|")
+    for size in sizes:
+        base = [t for t in scored if t[0].size == size and t[0].extra == ""]
+        report(
+            f"{size}: plain (train clean, no views)",
+            [t for t in base if t[0].train_on == "clean" and not t[0].scoring],
+        )
+        report(
+            f"{size}: mirror scored (train clean)",
+            [t for t in base if t[0].train_on == "clean" and t[0].scoring == 1],
+        )
+        report(
+            f"{size}: mirror+aug scored (train clean)",
+            [t for t in base if t[0].train_on == "clean" and t[0].scoring == 2],
+        )
+        report(f"{size}: full (train clean|tta, mirror scored)", [t for t in base if t[0].scoring == 1], (1, 3, 5, 7))
+        report(
+            f"{size}: full + wide C",
+            [t for t in scored if t[0].size == size and t[0].extra != "l2" and t[0].scoring == 1],
+            (1, 3, 5),
+        )
+        report(
+            f"{size}: full + L2 logreg/svm",
+            [t for t in scored if t[0].size == size and t[0].scoring == 1],
+            (1, 3, 5),
+        )
+        report(
+            f"{size}: L2 logreg/svm only",
+            [t for t in scored if t[0].size == size and t[0].extra == "l2" and t[0].scoring == 1],
+            (1, 3),
+        )
+        report(f"{size}: any views scored, within budget", [t for t in scored if t[0].size == size], (1, 3, 5))
+    # across sizes: the best k of each size's candidates, then their mean, within the budget
+    for a, b in itertools.combinations(sizes, 2):
+        for ka, kb in ((1, 1), (3, 3)):
+            best = None
+            for views_a, views_b, tr_a, tr_b in itertools.product((0, 1), (0, 1), ("clean", "tta"), ("clean", "tta")):
+                pa = rank([t for t in scored if t[0].size == a and t[0].scoring == views_a and t[0].train_on == tr_a])[
+                    :ka
+                ]
+                pb = rank([t for t in scored if t[0].size == b and t[0].scoring == views_b and t[0].train_on == tr_b])[
+                    :kb
+                ]
+                members = [t[0] for t in pa + pb]
+                if len(members) < ka + kb or passes(members) > budget:
+                    continue
+                va, vl = selection(members)
+                key = (-va, vl, passes(members))
+                if best is None or key < best[0]:
+                    best = (key, members)
+            if best is not None:
+                emit(f"sizes {a}+{b} (top {ka} of each)", best[1])
+    if not rows:
+        print(f"\nno row within {budget:,.0f} passes")
+        return rows
+    best_row = min(rows, key=lambda r: (-r["val"], r["val_log_loss"], r["passes"]))
+    tail = ", ".join(f"{name} {best_row['test' if i == 0 else name]:.3f}" for i, name in enumerate(tests))
+    print(
+        f"\npicked on {select_name} alone over every row within {budget:,.0f} passes: "
+        f"{best_row['lever']} k={best_row['k']}: "
+        f"{select_name} {best_row['val']:.3f}, {tail}, {best_row['passes']:,.0f} passes "
+        f"({accounting.recipe_share(best_row['passes']):.1%})"
+    )
+    return rows
 
 
 def main() -> int:
@@ -155,25 +309,13 @@ def main() -> int:
             labels[split] = d[split][1]
             n_scored[split] = len(d[split][1])
         n_train = len(d["train"][1])
-        jobs = []
         # a cache without test-time views (extract --tta-views 0) gives clean training and scoring only
-        train_ons = ("clean", "tta") if d["train@views"] else ("clean",)
-        for (name, params), pooling, train_on in itertools.product(BASE_GRID, POOLED, train_ons):
-            jobs.append((name, params, pooling, False, train_on, ""))
-        for (name, params), pooling, train_on in itertools.product(WIDE_C, POOLED, train_ons):
-            jobs.append((name, params, pooling, False, train_on, "wideC"))
-        for (name, params), pooling, train_on in itertools.product(
-            [("logreg", {"C": c}) for c in (0.01, 0.1, 1.0)] + [("svm", {"C": c}) for c in (0.01, 0.1)],
-            POOLED,
-            train_ons,
-        ):
-            jobs.append((name, params, pooling, True, train_on, "l2"))
+        jobs = config_grid(("clean", "tta") if d["train@views"] else ("clean",))
         zs = {(pl, l2): pool_all(d, pl, l2) for pl in POOLED for l2 in (False, True)}
         del d
         results = Parallel(n_jobs=args.jobs)(delayed(fit_config)(n, p, t, zs[(pl, l2)]) for n, p, pl, l2, t, _ in jobs)
         for (name, params, pooling, _, train_on, extra), probas in zip(jobs, results, strict=True):
-            first = next(iter(params.items()))
-            label = f"{name} {pooling} {first[0]} {first[1]:g}{' l2' if extra == 'l2' else ''}"
+            label = config_label(name, params, pooling, extra)
             for k in range(len(probas["validation"])):
                 cands.append(
                     Candidate(
@@ -205,106 +347,12 @@ def main() -> int:
     for c in cands:
         v, vl = score(c.val_proba, labels["validation"])
         scored.append((c, v, vl))
-
-    def rank(items: list[tuple[Candidate, float, float]]) -> list[tuple[Candidate, float, float]]:
-        return sorted(items, key=lambda t: (-t[1], t[2], passes([t[0]])))
-
-    def ensemble(members: list[Candidate]) -> tuple[float, float, float, float]:
-        vp = np.mean([m.val_proba for m in members], axis=0)
-        tp = np.mean([m.test_proba for m in members], axis=0)
-        return (*score(vp, labels["validation"]), *score(tp, labels["test"]))
-
-    def tables(budget: float) -> list[dict[str, Any]]:
-        """Every lever's row within ``budget`` passes, printed, and the pick on validation."""
-        rows: list[dict[str, Any]] = []
-
-        def emit(lever: str, members: list[Candidate]) -> None:
-            va, vl, ta, _ = ensemble(members)
-            p = passes(members)
-            names = "; ".join(f"{m.size} {m.name} train={m.train_on} views={m.scoring}" for m in members)
-            rows.append({"lever": lever, "k": len(members), "val": va, "val_log_loss": vl, "test": ta, "passes": p})
-            share = accounting.recipe_share(p) or 0.0
-            print(f"| {lever} | {len(members)} | {va:.3f} | {vl:.4f} | {ta:.3f} | {p:,.0f} | {share:.1%} | {names} |")
-
-        def report(lever: str, pool: list[tuple[Candidate, float, float]], ks: tuple[int, ...] = (1,)) -> None:
-            """For each k: the best k of ``pool`` by validation whose mean stays within the budget
-            (walked in validation order, skipping a config that would take the members over it)."""
-            for k in ks:
-                members: list[Candidate] = []
-                for t in rank(pool):
-                    if len(members) < k and passes([*members, t[0]]) <= budget:
-                        members.append(t[0])
-                if len(members) == k:
-                    emit(lever, members)
-
-        print(f"\nbudget {budget:,.0f} passes; validation {n_val} images, test {n_test}")
-        print("| lever | k | validation | val log-loss | test | passes | share of 150,000 | members |")
-        print("|---|---|---|---|---|---|---|---|")
-        for size in unit:
-            base = [t for t in scored if t[0].size == size and t[0].extra == ""]
-            report(
-                f"{size}: plain (train clean, no views)",
-                [t for t in base if t[0].train_on == "clean" and not t[0].scoring],
-            )
-            report(
-                f"{size}: mirror scored (train clean)",
-                [t for t in base if t[0].train_on == "clean" and t[0].scoring == 1],
-            )
-            report(
-                f"{size}: mirror+aug scored (train clean)",
-                [t for t in base if t[0].train_on == "clean" and t[0].scoring == 2],
-            )
-            report(
-                f"{size}: full (train clean|tta, mirror scored)", [t for t in base if t[0].scoring == 1], (1, 3, 5, 7)
-            )
-            report(
-                f"{size}: full + wide C",
-                [t for t in scored if t[0].size == size and t[0].extra != "l2" and t[0].scoring == 1],
-                (1, 3, 5),
-            )
-            report(
-                f"{size}: full + L2 logreg/svm",
-                [t for t in scored if t[0].size == size and t[0].scoring == 1],
-                (1, 3, 5),
-            )
-            report(
-                f"{size}: L2 logreg/svm only",
-                [t for t in scored if t[0].size == size and t[0].extra == "l2" and t[0].scoring == 1],
-                (1, 3),
-            )
-            report(f"{size}: any views scored, within budget", [t for t in scored if t[0].size == size], (1, 3, 5))
-        # across sizes: the best k of each size's candidates, then their mean, within the budget
-        for a, b in itertools.combinations(list(unit), 2):
-            for ka, kb in ((1, 1), (3, 3)):
-                best = None
-                for views_a, views_b, tr_a, tr_b in itertools.product(
-                    (0, 1), (0, 1), ("clean", "tta"), ("clean", "tta")
-                ):
-                    pa = rank(
-                        [t for t in scored if t[0].size == a and t[0].scoring == views_a and t[0].train_on == tr_a]
-                    )[:ka]
-                    pb = rank(
-                        [t for t in scored if t[0].size == b and t[0].scoring == views_b and t[0].train_on == tr_b]
-                    )[:kb]
-                    members = [t[0] for t in pa + pb]
-                    if len(members) < ka + kb or passes(members) > budget:
-                        continue
-                    va, vl, _, _ = ensemble(members)
-                    key = (-va, vl, passes(members))
-                    if best is None or key < best[0]:
-                        best = (key, members)
-                if best is not None:
-                    emit(f"sizes {a}+{b} (top {ka} of each)", best[1])
-        best_row = min(rows, key=lambda r: (-r["val"], r["val_log_loss"], r["passes"]))
-        print(
-            f"\npicked on validation alone over every row within {budget:,.0f} passes: "
-            f"{best_row['lever']} k={best_row['k']}: "
-            f"validation {best_row['val']:.3f}, test {best_row['test']:.3f}, {best_row['passes']:,.0f} passes "
-            f"({accounting.recipe_share(best_row['passes']):.1%})"
-        )
-        return rows
-
-    all_rows = {f"{budget:.0f}": tables(budget) for budget in budgets}
+    tests = {"test": (labels["test"], lambda m: m.test_proba)}
+    header = f"validation {n_val} images, test {n_test}"
+    all_rows = {
+        f"{budget:.0f}": lever_tables(scored, list(unit), budget, passes, labels["validation"], tests, header)
+        for budget in budgets
+    }
     print(f"load after: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps(all_rows if len(budgets) > 1 else all_rows[f"{budgets[0]:.0f}"], indent=1))
