@@ -12,6 +12,7 @@ to it). ``--no-track`` or ``TRACK=0`` turns tracking off. ``make ui`` browses th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -83,13 +84,12 @@ def preload(track: bool = True) -> None:
     which turns it into the usual note."""
     if not enabled(track):
         return
-    try:
+    with contextlib.suppress(Exception):  # reported, if it matters, when the run is logged
         import mlflow.tracking
+        from mlflow.store.db.db_types import DATABASE_ENGINES  # the schemes MLflow sends to its SQL store
 
-        if urlparse(default_uri()).scheme.split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        if urlparse(default_uri()).scheme.split("+")[0] in DATABASE_ENGINES:
             import mlflow.store.tracking.sqlalchemy_store
-    except Exception:  # reported, if it matters, when the run is logged
-        return
 
 
 class Tracker:

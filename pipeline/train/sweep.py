@@ -14,6 +14,7 @@ The sweep file lists heads, each with a value or a list of values per parameter:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -604,10 +605,8 @@ def _preload_writers(track: bool) -> threading.Thread:
     to the real import (``_write_run``), which reports it as before."""
 
     def load() -> None:
-        try:
+        with contextlib.suppress(Exception):  # the real import, later, says what is wrong
             plots.pyplot()
-        except Exception:  # the real import, later, says what is wrong
-            pass
         tracking.preload(track)
 
     thread = threading.Thread(target=load, name="featcache-preload", daemon=True)
