@@ -8,23 +8,30 @@
   (ii) featcache: extract once (train, validation, test) + the default sweep, test accuracy
        of the winner chosen on validation.
 
-Both report backbone forward passes and seconds. Usage:
+Both report backbone forward passes and seconds. ``--extra-test DIR`` (a folder holding
+``test/<class>/``, the same classes) scores the seed's best checkpoint on more test images too,
+and ``--predictions FILE`` saves its probability per image there (with the paths), so
+``bench_cv_holdout.py --against FILE`` can compare it with a cached pick image by image. Usage:
     python bench/bench_recipe.py [--epochs 2] [--size 180] [--weights FILE]
-        [--precision float32|bfloat16] [--seeds-only]
+        [--precision float32|bfloat16] [--seeds-only] [--extra-test DIR [--predictions FILE]]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from _common import DATA, HED_WEIGHTS, REPO, Timer, machine, require_data
 
 
-def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32") -> dict:
+def seeds_recipe(
+    size: int, epochs: int, weights: str, precision: str = "float32", extra_test: Path | None = None
+) -> dict:
     """Seed 003 as written: frozen conv base, augmentation, Flatten-Dense(256)-Dropout-sigmoid,
     RMSprop, ``epochs`` epochs with the best-``val_loss`` checkpoint (the seed's
     ModelCheckpoint) reloaded for the test. ``precision`` "bfloat16" runs the conv base and
@@ -36,7 +43,8 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
     cross-entropy; the rest of the recipe is unchanged.
 
     Returns seconds per epoch (list), test accuracy of the best checkpoint and of the last
-    epoch, the best epoch, and forward passes per epoch (train + validation images)."""
+    epoch, the best epoch, and forward passes per epoch (train + validation images); with
+    ``extra_test``, the best checkpoint's accuracy there, its probabilities, labels and paths."""
     import keras
     from keras import layers
 
@@ -44,10 +52,11 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
     # two classes: the seed as written (binary labels, sigmoid); more: one-hot labels, softmax
     n_classes = sum(1 for d in (DATA / "train").iterdir() if d.is_dir())
     label_mode = "binary" if n_classes == 2 else "categorical"
-    load = lambda split, shuffle: keras.utils.image_dataset_from_directory(  # noqa: E731
-        DATA / split, image_size=(size, size), batch_size=32, label_mode=label_mode, shuffle=shuffle, seed=0
+    load = lambda split, shuffle, root=DATA: keras.utils.image_dataset_from_directory(  # noqa: E731
+        root / split, image_size=(size, size), batch_size=32, label_mode=label_mode, shuffle=shuffle, seed=0
     )
     train, val, test = load("train", True), load("validation", False), load("test", False)
+    test_class_names = test.class_names
     train, val, test = (d.prefetch(2) for d in (train, val, test))
     augmentation = keras.Sequential(
         [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.2)]
@@ -87,7 +96,23 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
         checkpoint = keras.callbacks.ModelCheckpoint(filepath=str(best), save_best_only=True, monitor="val_loss")
         history = model.fit(train, epochs=epochs, validation_data=val, callbacks=[checkpoint, times], verbose=2)
         _, last_accuracy = model.evaluate(test, verbose=0)
-        _, best_accuracy = keras.models.load_model(best).evaluate(test, verbose=0)
+        best_model = keras.models.load_model(best)
+        _, best_accuracy = best_model.evaluate(test, verbose=0)
+        extra = {}
+        if extra_test is not None:
+            extra_ds = load("test", False, extra_test)
+            if extra_ds.class_names != test_class_names:
+                raise SystemExit(f"error: {extra_test}/test has classes {extra_ds.class_names}, not {test_class_names}")
+            proba = best_model.predict(extra_ds.prefetch(2), verbose=0)
+            labels = np.concatenate([np.asarray(b[1]) for b in extra_ds])
+            predicted = (proba[:, 0] > 0.5).astype(int) if n_classes == 2 else np.argmax(proba, axis=1)
+            truth = labels.astype(int).ravel() if n_classes == 2 else np.argmax(labels, axis=1)
+            extra = {
+                "extra_accuracy": float(np.mean(predicted == truth)),
+                "extra_proba": proba,
+                "extra_labels": truth,
+                "extra_paths": list(extra_ds.file_paths),
+            }
     val_loss = history.history["val_loss"]
     n_train = sum(len(b[1]) for b in train)
     n_val = sum(len(b[1]) for b in val)
@@ -97,6 +122,7 @@ def seeds_recipe(size: int, epochs: int, weights: str, precision: str = "float32
         "last_test_accuracy": last_accuracy,
         "best_epoch": 1 + val_loss.index(min(val_loss)),
         "passes_per_epoch": n_train + n_val,
+        **extra,
     }
 
 
@@ -113,6 +139,11 @@ def report_seeds(r: dict, epochs: int, precision: str) -> tuple[float, int]:
         f"{r['last_test_accuracy']:.4f} after the last epoch",
         flush=True,
     )
+    if "extra_accuracy" in r:
+        n = len(r["extra_labels"])
+        print(
+            f"     extra test ({n} images): accuracy {r['extra_accuracy']:.4f} (best val_loss checkpoint)", flush=True
+        )
     return seconds, 50 * r["passes_per_epoch"]
 
 
@@ -124,13 +155,40 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="VGG16 weights file (default: the HED file when made)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seeds-only", action="store_true", help="run only the seeds' recipe")
+    p.add_argument(
+        "--extra-test", type=Path, default=None, help="a folder with test/<class>/: score the seed there too"
+    )
+    p.add_argument("--predictions", type=Path, default=None, help="save the seed's extra-test probabilities (.npz)")
     args = p.parse_args()
     require_data()
+    if args.predictions is not None and args.extra_test is None:
+        p.error("--predictions saves the --extra-test probabilities: give --extra-test too")
     weights = args.weights or (str(HED_WEIGHTS) if HED_WEIGHTS.exists() else "random")
     print(machine())
     print(f"weights {weights}; size {args.size}; precision {args.precision}; data {DATA}", flush=True)
     if args.seeds_only:
-        report_seeds(seeds_recipe(args.size, args.epochs, weights, args.precision), args.epochs, args.precision)
+        r = seeds_recipe(args.size, args.epochs, weights, args.precision, args.extra_test)
+        report_seeds(r, args.epochs, args.precision)
+        if args.predictions is not None and "extra_proba" in r:
+            np.savez_compressed(
+                args.predictions,
+                proba=r["extra_proba"],
+                labels=r["extra_labels"],
+                paths=np.array(r["extra_paths"]),
+                meta=np.array(
+                    json.dumps(
+                        {k: v for k, v in r.items() if not k.startswith("extra_")}
+                        | {
+                            "extra_accuracy": r["extra_accuracy"],
+                            "epochs": args.epochs,
+                            "size": args.size,
+                            "weights": weights,
+                            "precision": args.precision,
+                        }
+                    )
+                ),
+            )
+            print(f"     saved the extra-test probabilities to {args.predictions}")
         return
 
     from pipeline.core.config import ExtractConfig, SweepConfig
