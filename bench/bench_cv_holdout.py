@@ -95,7 +95,38 @@ def member_proba(member: str, grid: dict[tuple[str, str], tuple], cache_dir: Pat
         "extra": probas["validation"][n_views],
         "y_original": store.load_split(path, "test")[1],
         "y_extra": store.load_split(extra, "test")[1],
+        "paths_extra": store.load_split(extra, "test")[2],
     }
+
+
+def paired(ours: np.ndarray, part: dict, against: Path) -> None:
+    """The row against another model (bench_recipe.py --predictions) on the same extra images,
+    matched by class folder and file name: both accuracies, the discordant pairs and an exact
+    McNemar test (two-sided binomial on the images exactly one of them gets right)."""
+    from scipy.stats import binomtest
+
+    other = np.load(against)
+    key = lambda p: "/".join(Path(p).parts[-2:])  # noqa: E731
+    where = {key(p): i for i, p in enumerate(other["paths"])}
+    missing = [p for p in part["paths_extra"] if key(p) not in where]
+    if missing or len(where) != len(part["paths_extra"]):
+        raise SystemExit(f"error: {against} scored other images ({len(missing)} of ours missing, e.g. {missing[:1]})")
+    idx = np.array([where[key(p)] for p in part["paths_extra"]])
+    proba, labels = other["proba"][idx], other["labels"][idx]
+    if not np.array_equal(labels, part["y_extra"]):
+        raise SystemExit(f"error: {against} labels the same images differently")
+    theirs = (proba[:, 0] > 0.5).astype(int) if proba.shape[1] == 1 else np.argmax(proba, axis=1)
+    right_ours, right_theirs = ours == labels, theirs == labels
+    only_ours, only_theirs = int(np.sum(right_ours & ~right_theirs)), int(np.sum(~right_ours & right_theirs))
+    p = binomtest(only_ours, only_ours + only_theirs).pvalue if only_ours + only_theirs else 1.0
+    meta = json.loads(str(other["meta"]))
+    print(
+        f"against {against.name} ({meta.get('epochs')} epochs, {meta.get('size')} px, {meta.get('precision')}): "
+        f"on the same {len(labels)} images, ours {right_ours.mean():.4f}, theirs {right_theirs.mean():.4f}; "
+        f"both right {int(np.sum(right_ours & right_theirs))}, both wrong {int(np.sum(~right_ours & ~right_theirs))}, "
+        f"only ours right {only_ours}, only theirs right {only_theirs}; exact McNemar p = {p:.3f}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -106,6 +137,7 @@ def main() -> int:
     parser.add_argument("--budget", default="15000", help="which budget's table to read")
     parser.add_argument("--lever", action="append", default=[], help="a row by its lever name (default: the pick)")
     parser.add_argument("--k", action="append", type=int, default=[], help="the k of each --lever")
+    parser.add_argument("--against", type=Path, default=None, help="bench_recipe.py --predictions file to compare with")
     args = parser.parse_args()
     print(machine())
     rows: list[dict[str, Any]] = json.loads(args.select_json.read_text())[args.budget]
@@ -133,7 +165,7 @@ def main() -> int:
     for row in chosen:
         parts = [member_proba(m, grid, args.cache_dir, args.extra_cache_dir) for m in row["members"].split("; ")]
         first = parts[0]
-        if any(not np.array_equal(p["y_extra"], first["y_extra"]) for p in parts):
+        if any(p["paths_extra"] != first["paths_extra"] for p in parts):
             print("error: the members' extra test caches list their images in different orders")
             return 2
         now = score(np.mean([p["original"] for p in parts], axis=0), first["y_original"])[0]
@@ -146,6 +178,8 @@ def main() -> int:
             f"{n} | {se:.4f} | {lo:.4f}-{hi:.4f} | {row['members']} |",
             flush=True,
         )
+        if args.against is not None:
+            paired(np.argmax(np.mean([p["extra"] for p in parts], axis=0), axis=1), first, args.against)
     return 0
 
 
