@@ -147,6 +147,25 @@ def report_seeds(r: dict, epochs: int, precision: str) -> tuple[float, int]:
     return seconds, 50 * r["passes_per_epoch"]
 
 
+def run_seed(args: argparse.Namespace, weights: str) -> tuple[float, int]:
+    """The seed's recipe run and reported; with ``--predictions``, its extra-test probabilities
+    saved with their paths and labels. Returns what ``report_seeds`` returns."""
+    r = seeds_recipe(args.size, args.epochs, weights, args.precision, args.extra_test)
+    result = report_seeds(r, args.epochs, args.precision)
+    if args.predictions is not None:
+        figures = {k: v for k, v in r.items() if not k.startswith("extra_")}
+        settings = {"epochs": args.epochs, "size": args.size, "weights": weights, "precision": args.precision}
+        np.savez_compressed(
+            args.predictions,
+            proba=r["extra_proba"],
+            labels=r["extra_labels"],
+            paths=np.array(r["extra_paths"]),
+            meta=np.array(json.dumps(figures | settings | {"extra_accuracy": r["extra_accuracy"]})),
+        )
+        print(f"     saved the extra-test probabilities to {args.predictions}")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=180)
@@ -167,28 +186,7 @@ def main() -> None:
     print(machine())
     print(f"weights {weights}; size {args.size}; precision {args.precision}; data {DATA}", flush=True)
     if args.seeds_only:
-        r = seeds_recipe(args.size, args.epochs, weights, args.precision, args.extra_test)
-        report_seeds(r, args.epochs, args.precision)
-        if args.predictions is not None and "extra_proba" in r:
-            np.savez_compressed(
-                args.predictions,
-                proba=r["extra_proba"],
-                labels=r["extra_labels"],
-                paths=np.array(r["extra_paths"]),
-                meta=np.array(
-                    json.dumps(
-                        {k: v for k, v in r.items() if not k.startswith("extra_")}
-                        | {
-                            "extra_accuracy": r["extra_accuracy"],
-                            "epochs": args.epochs,
-                            "size": args.size,
-                            "weights": weights,
-                            "precision": args.precision,
-                        }
-                    )
-                ),
-            )
-            print(f"     saved the extra-test probabilities to {args.predictions}")
+        run_seed(args, weights)
         return
 
     from pipeline.core.config import ExtractConfig, SweepConfig
@@ -220,9 +218,7 @@ def main() -> None:
             f"test accuracy {ours_acc:.4f}",
             flush=True,
         )
-        seconds, passes = report_seeds(
-            seeds_recipe(args.size, args.epochs, weights, args.precision), args.epochs, args.precision
-        )
+        seconds, passes = run_seed(args, weights)
         print(
             f"ratio: {seconds / ours_seconds:.0f}x less time, {passes / ours_passes:.0f}x "
             "fewer backbone forward passes for the cached pipeline"
