@@ -90,12 +90,13 @@ def member_proba(member: str, grid: dict[tuple[str, str], tuple], cache_dir: Pat
         "test": [pooled(v, pooling, l2) for v in views(path, "test", n_views)],
     }
     probas = fit_config(name, params, train_on, z)
+    _, y_extra, paths_extra = store.load_split(extra, "test")
     return {
         "original": probas["test"][n_views],
         "extra": probas["validation"][n_views],
         "y_original": store.load_split(path, "test")[1],
-        "y_extra": store.load_split(extra, "test")[1],
-        "paths_extra": store.load_split(extra, "test")[2],
+        "y_extra": y_extra,
+        "paths_extra": paths_extra,
     }
 
 
