@@ -125,7 +125,7 @@ def paired(ours: np.ndarray, part: dict, against: Path) -> None:
         f"against {against.name} ({meta.get('epochs')} epochs, {meta.get('size')} px, {meta.get('precision')}): "
         f"on the same {len(labels)} images, ours {right_ours.mean():.4f}, theirs {right_theirs.mean():.4f}; "
         f"both right {int(np.sum(right_ours & right_theirs))}, both wrong {int(np.sum(~right_ours & ~right_theirs))}, "
-        f"only ours right {only_ours}, only theirs right {only_theirs}; exact McNemar p = {p:.3f}",
+        f"only ours right {only_ours}, only theirs right {only_theirs}; exact McNemar p = {p:.2g}",
         flush=True,
     )
 
