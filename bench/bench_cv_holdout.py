@@ -74,6 +74,8 @@ def member_proba(member: str, grid: dict[tuple[str, str], tuple], cache_dir: Pat
     size_s, rest = member.split(" ", 1)
     label, train_on, scoring = rest.rsplit(" ", 2)
     train_on, n_views = train_on.removeprefix("train="), int(scoring.removeprefix("views="))
+    if (label, train_on) not in grid:
+        raise SystemExit(f"error: member {member!r} is not a config of bench_tta_levers.config_grid")
     name, params, pooling, l2, _, _ = grid[(label, train_on)]
     size = int(size_s)
     path, extra = cache_of(cache_dir, size), cache_of(extra_dir, size)
@@ -157,10 +159,9 @@ def main() -> int:
         chosen = [w for w in wanted if w is not None]
     else:  # the script's pick: best out-of-fold accuracy, then lower log-loss, then fewer passes
         chosen = [min(rows, key=lambda r: (-r["val"], r["val_log_loss"], r["passes"]))]
-    grid = {
-        (config_label(n, p, pl, extra), t): (n, p, pl, l2, t, extra)
-        for n, p, pl, l2, t, extra in config_grid(("clean", "tta"))
-    }
+    configs = config_grid(("clean", "tta"))
+    grid = {(config_label(n, p, pl, extra), t): (n, p, pl, l2, t, extra) for n, p, pl, l2, t, extra in configs}
+    assert len(grid) == len(configs), "two configs of the grid share a label: a member would be ambiguous"
     print("| row | k | OOF | test (recorded) | test (refit now) | extra test | n extra | SE | Wilson 95% | members |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in chosen:

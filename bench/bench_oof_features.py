@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import machine
+from bench_cv_holdout import cache_of
 
 C_GRID = (0.001, 0.01, 0.1, 1.0)
 
@@ -63,7 +64,7 @@ def trval(cache_dir: Path, size: int, mirrors: bool) -> tuple[np.ndarray, np.nda
     """Train + validation maps (and their mirrors), in bench_cv_select.py's order; never test."""
     from pipeline.cache import store
 
-    (path,) = sorted(cache_dir.glob(f"*-block5_pool-{size}-*.h5"))
+    path = cache_of(cache_dir, size)
     meta = store.read_meta(path)
     xs, ms, ys = [], [], []
     for split in ("train", "validation"):
