@@ -7,7 +7,7 @@ member on train + validation exactly as the fit stage did (``fit_config``, the p
 the declared answer), and scores the refit on the original test split, which must reproduce the
 recorded figure, and on an extra test set of images never used before: a cache made by
 ``featcache extract`` of a folder holding only ``test/<class>/`` at the same size, weights and
-precision. It reports accuracy, the standard error and a Wilson 95% interval for both.
+precision. It reports both accuracies, and the standard error and Wilson 95% interval on the extra set.
 
 Usage:
     featcache extract --data /work/data/cats_ext --size 256 --weights $W --precision bfloat16 \\
@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 from _common import machine
 from bench_tta_levers import config_grid, config_label, fit_config, pooled, score
+from scipy.stats import binomtest
 
 
 def cache_of(folder: Path, size: int) -> Path:
@@ -49,28 +51,29 @@ def same_features(a: Path, b: Path) -> None:
             raise SystemExit(f"error: {b} has {field}={getattr(mb, field)!r}, {a} has {getattr(ma, field)!r}")
 
 
-def views(path: Path, split: str, n: int) -> list[np.ndarray]:
-    """The clean rows of ``split`` and its first ``n`` test-time views."""
+@functools.cache
+def views(path: Path, split: str, n: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The clean rows of ``split`` and its first ``n`` test-time views (float32), with the
+    split's labels and paths; each split is read once however many members use it."""
     from pipeline.cache import store
 
     meta = store.read_meta(path)
     names = [split, *meta.tta_splits(split)][: n + 1]
     if len(names) < n + 1:
         raise SystemExit(f"error: {path} has {len(names) - 1} views of {split}; the row scores {n}")
-    return [np.asarray(store.load_split(path, s)[0], np.float32) for s in names]
+    x, labels, paths = store.load_split(path, split)
+    rest = [np.asarray(store.load_split(path, s)[0], np.float32) for s in names[1:]]
+    return [np.asarray(x, np.float32), *rest], labels, paths
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+def trval_views(path: Path, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Train + validation, train's rows first, as [clean, view 1, ..., view n], and their labels."""
+    (xt, yt, _), (xv, yv, _) = views(path, "train", n), views(path, "validation", n)
+    return [np.concatenate(pair) for pair in zip(xt, xv, strict=True)], np.concatenate([yt, yv])
 
 
 def member_proba(member: str, grid: dict[tuple[str, str], tuple], cache_dir: Path, extra_dir: Path) -> dict:
     """One member refitted on train + validation, with its test probabilities on both test sets."""
-    from pipeline.cache import store
-
     size_s, rest = member.split(" ", 1)
     label, train_on, scoring = rest.rsplit(" ", 2)
     train_on, n_views = train_on.removeprefix("train="), int(scoring.removeprefix("views="))
@@ -80,23 +83,21 @@ def member_proba(member: str, grid: dict[tuple[str, str], tuple], cache_dir: Pat
     size = int(size_s)
     path, extra = cache_of(cache_dir, size), cache_of(extra_dir, size)
     same_features(path, extra)
-    y = np.concatenate([store.load_split(path, s)[1] for s in ("train", "validation")])
     need = 1 if train_on == "tta" else 0
-    trval = [
-        np.concatenate(pair) for pair in zip(views(path, "train", need), views(path, "validation", need), strict=True)
-    ]
+    trval, y = trval_views(path, need)
+    extra_x, y_extra, paths_extra = views(extra, "test", n_views)
+    test_x, y_test, _ = views(path, "test", n_views)
     z = {
         "train": (pooled(trval[0], pooling, l2), y),
         "train@mirror": pooled(trval[1], pooling, l2) if need else None,
-        "validation": [pooled(v, pooling, l2) for v in views(extra, "test", n_views)],  # one fit scores both
-        "test": [pooled(v, pooling, l2) for v in views(path, "test", n_views)],
+        "validation": [pooled(v, pooling, l2) for v in extra_x],  # one fit scores both test sets
+        "test": [pooled(v, pooling, l2) for v in test_x],
     }
     probas = fit_config(name, params, train_on, z)
-    _, y_extra, paths_extra = store.load_split(extra, "test")
     return {
         "original": probas["test"][n_views],
         "extra": probas["validation"][n_views],
-        "y_original": store.load_split(path, "test")[1],
+        "y_original": y_test,
         "y_extra": y_extra,
         "paths_extra": paths_extra,
     }
@@ -106,8 +107,6 @@ def paired(ours: np.ndarray, part: dict, against: Path) -> None:
     """The row against another model (bench_recipe.py --predictions) on the same extra images,
     matched by class folder and file name: both accuracies, the discordant pairs and an exact
     McNemar test (two-sided binomial on the images exactly one of them gets right)."""
-    from scipy.stats import binomtest
-
     other = np.load(against)
     key = lambda p: "/".join(Path(p).parts[-2:])  # noqa: E731
     where = {key(p): i for i, p in enumerate(other["paths"])}
@@ -173,11 +172,11 @@ def main() -> int:
         now = score(np.mean([p["original"] for p in parts], axis=0), first["y_original"])[0]
         acc = score(np.mean([p["extra"] for p in parts], axis=0), first["y_extra"])[0]
         n = len(first["y_extra"])
-        lo, hi = wilson(round(acc * n), n)
+        interval = binomtest(round(acc * n), n).proportion_ci(method="wilson")
         se = math.sqrt(acc * (1 - acc) / n)
         print(
             f"| {row['lever']} | {row['k']} | {row['val']:.3f} | {row['test']:.3f} | {now:.3f} | **{acc:.4f}** | "
-            f"{n} | {se:.4f} | {lo:.4f}-{hi:.4f} | {row['members']} |",
+            f"{n} | {se:.4f} | {interval.low:.4f}-{interval.high:.4f} | {row['members']} |",
             flush=True,
         )
         if args.against is not None:

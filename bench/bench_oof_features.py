@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 from _common import machine
-from bench_cv_holdout import cache_of
+from bench_cv_holdout import cache_of, trval_views
+from bench_cv_select import FOLD_SEED, FOLDS
+from bench_tta_levers import fit_config
+from bench_tta_levers import l2_normalised as l2
 
 C_GRID = (0.001, 0.01, 0.1, 1.0)
-
-
-def l2(z: np.ndarray) -> np.ndarray:
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
 
 def ssqrt(z: np.ndarray) -> np.ndarray:
@@ -62,34 +61,25 @@ def transforms(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def trval(cache_dir: Path, size: int, mirrors: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Train + validation maps (and their mirrors), in bench_cv_select.py's order; never test."""
-    from pipeline.cache import store
-
-    path = cache_of(cache_dir, size)
-    meta = store.read_meta(path)
-    xs, ms, ys = [], [], []
-    for split in ("train", "validation"):
-        x, y, _ = store.load_split(path, split)
-        xs.append(np.asarray(x, np.float32))
-        ys.append(y)
-        if mirrors:
-            ms.append(np.asarray(store.load_split(path, meta.tta_splits(split)[0])[0], np.float32))
-    return np.concatenate(xs), np.concatenate(ms) if mirrors else None, np.concatenate(ys)
+    maps, y = trval_views(cache_of(cache_dir, size), 1 if mirrors else 0)
+    return maps[0], maps[1] if mirrors else None, y
 
 
 def oof_accuracy(z: np.ndarray, y: np.ndarray, c: float, mirror: np.ndarray | None = None) -> float:
+    """Out-of-fold accuracy of the product's logreg (``fit_config``) over bench_cv_select.py's folds."""
     from sklearn.model_selection import StratifiedKFold
 
-    from pipeline.train.sweep_file import make_head
-
+    rows = z[:, None, None, :]  # (N,1,1,C): the head's pooling is then the identity
     pred = np.zeros(len(y), dtype=np.int64)
-    for train, held in StratifiedKFold(5, shuffle=True, random_state=0).split(z, y):
-        xs, ys = [z[train]], [y[train]]
-        if mirror is not None:
-            xs.append(mirror[train])
-            ys.append(y[train])
-        head = make_head("logreg", C=c, random_state=0, pooling="avg")
-        head.fit(np.concatenate(xs)[:, None, None, :], np.concatenate(ys))
-        pred[held] = head.predict(z[held][:, None, None, :])
+    for train, held in StratifiedKFold(FOLDS, shuffle=True, random_state=FOLD_SEED).split(z, y):
+        fold = {
+            "train": (rows[train], y[train]),
+            "train@mirror": None if mirror is None else mirror[train][:, None, None, :],
+            "validation": [rows[held]],
+            "test": [],
+        }
+        proba = fit_config("logreg", {"C": c}, "clean" if mirror is None else "tta", fold)["validation"][0]
+        pred[held] = np.argmax(proba, axis=1)
     return float(np.mean(pred == y))
 
 

@@ -61,10 +61,15 @@ class Candidate:
     members: list[str] = field(default_factory=list)
 
 
+def l2_normalised(z: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit Euclidean length (an all-zero row stays zero)."""
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
 def pooled(x: np.ndarray, how: str, l2: bool) -> np.ndarray:
     z = x.mean(axis=(1, 2)) if how == "avg" else x.max(axis=(1, 2))
     if l2:
-        z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        z = l2_normalised(z)
     return z[:, None, None, :].astype(np.float32)  # (N,1,1,C): the heads' pooling is then the identity
 
 
