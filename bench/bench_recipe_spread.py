@@ -1,0 +1,155 @@
+"""The seeds' recipe run several times, one Keras seed each, to see how far its test figure moves.
+
+Issue 26's goal is "the recipe's own figure", read from one run; two runs of it here gave 0.979
+and 0.973. This runs ``bench_recipe.seeds_recipe`` (the seed as written: frozen conv base,
+augmentation, Flatten-Dense(256)-Dropout-sigmoid, RMSprop, best-``val_loss`` checkpoint) for
+seeds ``--first-seed`` .. ``--first-seed + --runs - 1`` and prints each run's test accuracy and
+their mean, spread and range. A run takes 68 minutes on this 2-core CPU; on a lent H200 under
+``KERAS_BACKEND=jax`` Keras' loop ran 10-12 s an epoch (BENCHMARKS 9b), so about 10 minutes a
+run, which a 15-minute device lease barely holds. ``--loader arrays`` reads the images without
+TensorFlow (the GPU machine has none); ``--fast-augment`` swaps in
+``bench_recipe.fast_jax_affine_transform`` (``--check-augment`` checks and times it).
+``--budget-s`` stops starting runs that would not end in time. ``--out``
+is rewritten after every run (JSON: settings, machine, each run's figures, history and test
+probabilities with their paths), so a run cut short keeps what finished. Usage:
+    KERAS_BACKEND=jax python bench/bench_recipe_spread.py --weights FILE --runs 8 \\
+        [--epochs 50] [--size 180] [--precision bfloat16] [--loader arrays] [--fast-augment] [--budget-s 480] \\
+        [--out FILE]
+    KERAS_BACKEND=jax python bench/bench_recipe_spread.py --check-augment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import DATA, machine, require_data
+from bench_recipe import fast_jax_affine_transform, seeds_recipe
+
+
+def accelerator() -> str:
+    """The backend's devices, in words (a GPU's name where the backend reports one)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return ", ".join(str(d.device_kind) for d in jax.devices())
+    return "cpu"
+
+
+def summary(accuracies: list[float]) -> str:
+    if not accuracies:
+        return "no run finished"
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan")
+    return (
+        f"{len(accuracies)} runs: test accuracy mean {statistics.mean(accuracies):.4f}, sd {spread:.4f}, "
+        f"median {statistics.median(accuracies):.4f}, range {min(accuracies):.4f}-{max(accuracies):.4f}"
+    )
+
+
+def check_augment(size: int = 180, batch: int = 32) -> None:
+    """``fast_jax_affine_transform`` against Keras' own: the recipe's augmentation on the same
+    seeds through both (largest difference), each fill mode on one transform, and each
+    transform's time, jitted (median of 5)."""
+    import jax
+    import keras
+    import numpy as np
+    from keras import layers
+    from keras.src.backend.jax import image
+
+    x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+
+    def augmented(seed: int) -> np.ndarray:
+        keras.utils.set_random_seed(seed)
+        flips = [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.2)]
+        return keras.ops.convert_to_numpy(keras.Sequential(flips)(x, training=True))
+
+    before = [augmented(seed) for seed in (0, 1)]
+    fast_jax_affine_transform()
+    after = [augmented(seed) for seed in (0, 1)]
+    print(
+        "recipe augmentation, Keras' against fast, largest difference:",
+        max(np.abs(a - b).max() for a, b in zip(before, after, strict=True)),
+    )
+    t = np.array([[0.9, -0.2, 10, 0.25, 1.1, -7, 0, 0]] * batch, np.float32)
+    for mode in ("constant", "nearest", "reflect", "wrap"):
+        ours, theirs = (
+            f(x, t, fill_mode=mode, fill_value=3.0) for f in (image.affine_transform, image.affine_transform.original)
+        )
+        print(f"fill_mode {mode}: largest difference {float(np.abs(np.asarray(ours) - np.asarray(theirs)).max()):.2e}")
+    for name, f in (("Keras", image.affine_transform.original), ("fast", image.affine_transform)):
+        g = jax.jit(lambda im, tr, f=f: f(im, tr, fill_mode="reflect"))
+        g(x, t).block_until_ready()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            g(x, t).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        print(f"{name}: {1000 * statistics.median(times):.1f} ms a batch of {batch} at {size} px ({accelerator()})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", help="VGG16 conv-base weights file (required to run the recipe)")
+    p.add_argument("--check-augment", action="store_true", help="check and time fast_jax_affine_transform, then stop")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--size", type=int, default=180)
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--loader", choices=["arrays", "dataset"], default="arrays")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run that would end after this")
+    p.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after each run")
+    p.add_argument(
+        "--fast-augment", action="store_true", help="JAX: bench_recipe.fast_jax_affine_transform (same output, 16x)"
+    )
+    args = p.parse_args()
+    if args.check_augment:
+        print(machine())
+        check_augment()
+        return
+    if not args.weights:
+        p.error("--weights is required to run the recipe")
+    require_data()
+    if args.fast_augment:
+        fast_jax_affine_transform()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"data": str(DATA)}
+    record = {"settings": settings, "machine": machine(), "accelerator": accelerator(), "runs": []}
+    print(record["machine"], "|", record["accelerator"], flush=True)
+    start, longest = time.perf_counter(), 0.0
+    for seed in range(args.first_seed, args.first_seed + args.runs):
+        elapsed = time.perf_counter() - start
+        if record["runs"] and elapsed + 1.1 * longest > args.budget_s:
+            print(f"stopping before seed {seed}: {elapsed:.0f} s spent, a run takes up to {longest:.0f} s", flush=True)
+            break
+        t0 = time.perf_counter()
+        r = seeds_recipe(args.size, args.epochs, args.weights, args.precision, loader=args.loader, seed=seed)
+        wall = time.perf_counter() - t0
+        longest = max(longest, wall)
+        proba = r["test_proba"]
+        print(
+            f"seed {seed}: test {r['test_accuracy']:.4f} (best val_loss epoch {r['best_epoch']}), "
+            f"{r['last_test_accuracy']:.4f} after the last epoch; {wall:.0f} s",
+            flush=True,
+        )
+        record["runs"].append(
+            {
+                "seed": seed,
+                "wall_s": wall,
+                **{k: v for k, v in r.items() if not k.startswith("test_") or k == "test_accuracy"},
+                "test_proba": (proba[:, 0] if proba.shape[1] == 1 else proba).tolist(),
+                "test_labels": r["test_labels"].tolist(),
+                "test_paths": [str(Path(q).relative_to(DATA)) for q in r["test_paths"]],
+            }
+        )
+        if args.out is not None:
+            args.out.write_text(json.dumps(record))
+    print(summary([run["test_accuracy"] for run in record["runs"]]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
