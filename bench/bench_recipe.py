@@ -110,6 +110,37 @@ def load_arrays(folder: Path, size: int, label_mode: str) -> tuple[np.ndarray, n
     return images, y, [str(f) for f in paths], class_names
 
 
+def recipe_model(size: int, weights: str, precision: str, n_classes: int, augment: bool = True):
+    """Seed 003's model, compiled: augmentation (RandomFlip, RandomRotation 0.1, RandomZoom 0.2;
+    left out with ``augment=False``, for profiling only), VGG16's preprocessing, the frozen conv
+    base, Flatten-Dense(256)-Dropout(0.5) and a sigmoid (softmax over ``n_classes`` > 2)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = inputs
+    if augment:
+        x = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.2)])(x)
+    x = keras.applications.vgg16.preprocess_input(x)
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[precision]
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
+        conv_base.trainable = False
+        x = layers.Dropout(0.5)(layers.Dense(256)(layers.Flatten()(conv_base(x))))
+        if n_classes == 2:
+            outputs = layers.Dense(1, activation="sigmoid", dtype="float32")(x)
+        else:
+            outputs = layers.Dense(n_classes, activation="softmax", dtype="float32")(x)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model = keras.Model(inputs, outputs)
+    loss = "binary_crossentropy" if n_classes == 2 else "categorical_crossentropy"
+    model.compile(loss=loss, optimizer="rmsprop", metrics=["accuracy"])
+    return model
+
+
 def seeds_recipe(
     size: int,
     epochs: int,
@@ -139,7 +170,6 @@ def seeds_recipe(
     checkpoint's test probabilities with their labels and paths, and the history; with
     ``extra_test``, the best checkpoint's accuracy there, its probabilities, labels and paths."""
     import keras
-    from keras import layers
 
     keras.utils.set_random_seed(seed)
     # two classes: the seed as written (binary labels, sigmoid); more: one-hot labels, softmax
@@ -147,27 +177,7 @@ def seeds_recipe(
     label_mode = "binary" if n_classes == 2 else "categorical"
     splits = {s: Split.read(s, size, label_mode, loader, seed) for s in ("train", "validation", "test")}
     train, val, test = splits["train"], splits["validation"], splits["test"]
-    augmentation = keras.Sequential(
-        [layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.2)]
-    )
-    inputs = keras.Input((size, size, 3))
-    x = keras.applications.vgg16.preprocess_input(augmentation(inputs))
-    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}[precision]
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        conv_base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(size, size, 3))
-        conv_base.trainable = False
-        x = layers.Dropout(0.5)(layers.Dense(256)(layers.Flatten()(conv_base(x))))
-        if n_classes == 2:
-            outputs = layers.Dense(1, activation="sigmoid", dtype="float32")(x)
-        else:
-            outputs = layers.Dense(n_classes, activation="softmax", dtype="float32")(x)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    model = keras.Model(inputs, outputs)
-    loss = "binary_crossentropy" if n_classes == 2 else "categorical_crossentropy"
-    model.compile(loss=loss, optimizer="rmsprop", metrics=["accuracy"])
+    model = recipe_model(size, weights, precision, n_classes)
 
     class EpochTimes(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
