@@ -101,10 +101,9 @@ def load_arrays(folder: Path, size: int, label_mode: str) -> tuple[np.ndarray, n
     paths = [f for c in class_names for f in sorted((folder / c).iterdir()) if f.is_file()]
     labels = np.array([class_names.index(f.parent.name) for f in paths])
     images = np.empty((len(paths), size, size, 3), np.float32)
-    for start in range(0, len(paths), 256):
-        batch = [np.asarray(Image.open(f).convert("RGB"), np.float32) for f in paths[start : start + 256]]
-        for i, img in enumerate(batch):  # one by one: the files need not share a size
-            images[start + i] = keras.ops.convert_to_numpy(keras.ops.image.resize(img, (size, size)))
+    for i, f in enumerate(paths):  # one by one: the files need not share a size
+        img = np.asarray(Image.open(f).convert("RGB"), np.float32)
+        images[i] = keras.ops.convert_to_numpy(keras.ops.image.resize(img, (size, size)))
     one_hot = np.eye(len(class_names), dtype=np.float32)[labels]
     y = labels[:, None].astype(np.float32) if label_mode == "binary" else one_hot
     return images, y, [str(f) for f in paths], class_names

@@ -52,6 +52,17 @@ def summary(accuracies: list[float]) -> str:
     )
 
 
+def median_ms(step, repeats: int) -> float:
+    """Milliseconds ``step()`` takes, median of ``repeats`` calls after one warm-up (the compile)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
 def check_augment(size: int = 180, batch: int = 32) -> None:
     """``fast_jax_affine_transform`` against Keras' own: the recipe's augmentation on the same
     seeds through both (largest difference), each fill mode on one transform, and each
@@ -84,13 +95,8 @@ def check_augment(size: int = 180, batch: int = 32) -> None:
         print(f"fill_mode {mode}: largest difference {float(np.abs(np.asarray(ours) - np.asarray(theirs)).max()):.2e}")
     for name, f in (("Keras", image.affine_transform.original), ("fast", image.affine_transform)):
         g = jax.jit(lambda im, tr, f=f: f(im, tr, fill_mode="reflect"))
-        g(x, t).block_until_ready()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            g(x, t).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        print(f"{name}: {1000 * statistics.median(times):.1f} ms a batch of {batch} at {size} px ({accelerator()})")
+        ms = median_ms(lambda g=g: g(x, t).block_until_ready(), 5)
+        print(f"{name}: {ms:.1f} ms a batch of {batch} at {size} px ({accelerator()})")
 
 
 def profile_steps(size: int, weights: str | None, precision: str, steps: int) -> None:
@@ -105,26 +111,17 @@ def profile_steps(size: int, weights: str | None, precision: str, steps: int) ->
     x = np.random.default_rng(0).uniform(0, 255, (32 * steps, size, size, 3)).astype(np.float32)
     y = (np.arange(32 * steps) % 2).astype(np.float32)[:, None]
 
-    def timed(step) -> float:
-        step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times)
-
     model = recipe_model(size, weights, precision, 2)
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     t0 = time.perf_counter()
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     figures = {"fit, host arrays": 1000 * (time.perf_counter() - t0) / steps}
     batch, labels = x[:32], y[:32]
-    figures["train_on_batch, host batch"] = timed(lambda: model.train_on_batch(batch, labels))
+    figures["train_on_batch, host batch"] = median_ms(lambda: model.train_on_batch(batch, labels), steps)
     on_device = keras.ops.convert_to_tensor(batch), keras.ops.convert_to_tensor(labels)
-    figures["train_on_batch, device batch"] = timed(lambda: model.train_on_batch(*on_device))
+    figures["train_on_batch, device batch"] = median_ms(lambda: model.train_on_batch(*on_device), steps)
     bare = recipe_model(size, weights, precision, 2, augment=False)
-    figures["the same, no augmentation"] = timed(lambda: bare.train_on_batch(*on_device))
+    figures["the same, no augmentation"] = median_ms(lambda: bare.train_on_batch(*on_device), steps)
     for name, ms in figures.items():
         print(f"{name}: {ms:.1f} ms a step of 32 at {size} px ({precision}, {accelerator()})", flush=True)
 
