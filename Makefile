@@ -32,6 +32,7 @@ AUGMENT ?=
 TTA_VIEWS ?=
 TTA     ?=
 ENSEMBLE ?=
+CV      ?=
 SIZES   ?=
 TRAIN_ON ?= clean
 PYTEST_ARGS ?=
@@ -50,7 +51,7 @@ EXTRACT_OPTS := --batch-size "$(BATCH)" $(if $(FORCE),--force) $(if $(STRICT),--
 TRACK_OPTS := $(if $(filter 0 false no off,$(TRACK)),--no-track)
 SWEEP_OPTS := $(if $(SWEEP),--sweep "$(SWEEP)") --jobs "$(JOBS)" --train-on "$(TRAIN_ON)" $(if $(CACHE),--cache "$(CACHE)") $(TRACK_OPTS) \
               $(if $(EXCLUDE),--exclude "$(EXCLUDE)") $(if $(filter 1 true yes on,$(TTA)),--tta) \
-              $(if $(ENSEMBLE),--ensemble "$(ENSEMBLE)")
+              $(if $(ENSEMBLE),--ensemble "$(ENSEMBLE)") $(if $(CV),--cv "$(CV)")
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo extract classify inspect compare finetune predict export hed-weights pretrained-weights test test-jax mutate lint format bench ui clean
@@ -64,7 +65,7 @@ help: ## list the targets and their options
 	@echo "  SIZE=<backbone default: 150 for VGG> LAYER=<backbone default: block5_pool for VGG> BACKBONES=$(BACKBONES)"
 	@echo "  BATCH=$(BATCH) SWEEP=<grid file; default: the packaged one> JOBS=$(JOBS) SEED=$(SEED) CACHE=<file> RUN=<run dir> IMAGES=<dir> FORCE=1 STRICT=1"
 	@echo "  AUGMENT=<K views of train> TRAIN_ON=$(TRAIN_ON) (clean|views|both|tta) EPOCHS=<finetune> HEAD_RUN=<run> END_TO_END=1"
-	@echo "  TTA_VIEWS=<N test-time views of every image: 1 the mirror> TTA=1 (score on them) ENSEMBLE=<top k> SIZES=150,180,224 (compare)"
+	@echo "  TTA_VIEWS=<N test-time views of every image: 1 the mirror> TTA=1 (score on them) ENSEMBLE=<top k> CV=<K folds: select out of fold> SIZES=150,180,224 (compare)"
 	@echo "  ENGINE=<local|ray: where extract runs> RUNTIME=<keras|openvino: openvino is PRECISION=int8>"
 	@echo "  TRACK=$(TRACK) (0: no MLflow runs) UI_PORT=$(UI_PORT) DECODER=$(DECODER) (auto|cpu|gpu: JPEG decoding) EXCLUDE=<CSV of train paths classify leaves out, e.g. inspect's flagged_train.csv>"
 

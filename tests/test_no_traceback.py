@@ -91,6 +91,8 @@ CASES = [
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--runs-dir", "{t}/a_file"], 2, "a_file"),
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--train-on", "views"], 2, "AUGMENT"),
     (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--jobs", "0"], 2, "n_jobs"),
+    (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--cv", "1"], 2, "cv=1"),
+    (["classify", "--cache", "{cache}", "--sweep", "{sweep}", "--cv", "999"], 2, "cv = 999"),
     (
         ["classify", *IMG[:2], "--size", "64", "--weights", "random", "--cache-dir", "{t}/cache", "--sweep", "{sweep}"],
         3,

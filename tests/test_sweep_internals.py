@@ -63,7 +63,7 @@ def test_expand_grid_lists_every_combination_in_order():
 
 def test_expand_grid_names_each_problem_with_its_source():
     assert _error(ConfigError, sweep.expand_grid, {"head": [{"name": "svm"}], "seed": 1, "a": 2}) == (
-        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head', 'tta', 'ensemble'] "
+        "sweep file: unknown top-level key(s) ['a', 'seed']; allowed: ['head', 'tta', 'ensemble', 'cv'] "
         "(the seed comes from --seed / SEED=)"
     )
     spec = {"head": [{"name": "svm"}, {"name": "logreg", "pooling": [], "C": []}]}

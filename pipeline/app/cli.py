@@ -175,6 +175,13 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
         "file's `ensemble`, else none)",
     )
     p.add_argument(
+        "--cv",
+        type=int,
+        default=None,
+        help="select on K-fold out-of-fold predictions over train + validation, then refit the winner on all "
+        "of them (small data: more evidence than validation alone; default: the sweep file's `cv`, else 0: off)",
+    )
+    p.add_argument(
         "--stream",
         default=d.stream,
         choices=STREAM_MODES,
@@ -473,6 +480,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         exclude=args.exclude,
         tta=args.tta,
         ensemble=args.ensemble,
+        cv=args.cv,
     )
 
 

@@ -123,6 +123,7 @@ class SweepConfig:
     exclude: Path | None = None  # CSV with a ``path`` column (e.g. inspect's): those train rows are not trained on
     tta: bool = False  # score heads on the mean over cached test-time views (or the sweep file's `tta`)
     ensemble: int | None = None  # the mean of the top-k configs is one more row; None: the sweep file's `ensemble`
+    cv: int | None = None  # select on K-fold out-of-fold predictions over train + validation (0: off); None: the file's
 
     def __post_init__(self) -> None:
         check_choice("stream", self.stream, STREAM_MODES)
@@ -136,6 +137,10 @@ class SweepConfig:
             not isinstance(self.ensemble, int) or isinstance(self.ensemble, bool) or self.ensemble < 0
         ):
             raise ConfigError(f"ensemble must be an integer >= 0 (0 or 1: off); received ensemble={self.ensemble!r}")
+        if self.cv is not None and (
+            not isinstance(self.cv, int) or isinstance(self.cv, bool) or self.cv == 1 or self.cv < 0
+        ):
+            raise ConfigError(f"cv must be 0 (off) or a number of folds >= 2; received cv={self.cv!r}")
         if not isinstance(self.n_jobs, int) or self.n_jobs == 0:
             raise ConfigError(f"n_jobs must be a non-zero integer; received n_jobs={self.n_jobs!r}")
 

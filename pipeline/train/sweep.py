@@ -5,6 +5,7 @@ The sweep file lists heads, each with a value or a list of values per parameter:
 
     tta = true        # optional: score every head on the mean over each image's cached test-time views
     ensemble = 3      # optional: the mean of the top-3 configs by validation is one more row
+    cv = 5            # optional: select on 5-fold out-of-fold predictions over train + validation (crossval.py)
 
     [[head]]
     name = "logreg"
@@ -36,7 +37,7 @@ from pipeline.core.memory import parse_budget
 from pipeline.core.vocab import SPLITS, TRAIN_ON, check_choice
 from pipeline.runs import plots, report, tracking
 from pipeline.runs.folder import RunFolder, score, text_table
-from pipeline.train import ensemble, exclude, regpath, search, stream
+from pipeline.train import crossval, ensemble, exclude, regpath, search, stream
 from pipeline.train.heads import HEADS, _KerasHead
 from pipeline.train.persist import save_head
 from pipeline.train.splits import load_splits, load_views, training_rows, without
@@ -44,7 +45,7 @@ from pipeline.train.sweep_file import head_tables, make_head
 
 log = logging.getLogger(__name__)
 
-OPTION_KEYS = ("tta", "ensemble")  # top-level sweep-file keys beside [[head]] (and search/trials)
+OPTION_KEYS = ("tta", "ensemble", "cv")  # top-level sweep-file keys beside [[head]] (and search/trials)
 
 
 def sweep_options(spec: dict[str, Any], source: str = "sweep file") -> tuple[dict[str, Any], bool, int]:
@@ -68,7 +69,7 @@ def expand_grid(spec: dict[str, Any], source: str = "sweep file") -> list[tuple[
     unknown = sorted(set(spec) - {"head"})
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level key(s) {unknown}; allowed: ['head', 'tta', 'ensemble'] "
+            f"{source}: unknown top-level key(s) {unknown}; allowed: ['head', 'tta', 'ensemble', 'cv'] "
             "(the seed comes from --seed / SEED=)"
         )
     configs = []
@@ -187,15 +188,16 @@ def load_data(
     return data
 
 
-def _tta_views(cache: Path, meta: store.CacheMeta, split: str) -> list[np.ndarray]:
-    """The cached test-time views of ``split``, each row-aligned with the clean split by path."""
+def _tta_views(cache: Path, meta: store.CacheMeta, split: str, paths: list[str] | None = None) -> list[np.ndarray]:
+    """The cached test-time views of ``split``, each row-aligned by path with the clean split (or ``paths``)."""
     names = meta.tta_splits(split)
     if not names:
         raise ConfigError(
-            f"--tta (or tta = true) needs test-time views of {split} in {cache}, which has none; make them with "
-            "`make extract TTA_VIEWS=N` (same options; 1 is the mirror)"
+            f"--tta (or tta = true, or train_on = 'tta' with cv) needs test-time views of {split} in {cache}, "
+            "which has none; make them with `make extract TTA_VIEWS=N` (same options; 1 is the mirror)"
         )
-    _, _, paths = store.load_split(cache, split)
+    if paths is None:
+        _, _, paths = store.load_split(cache, split)
     out = []
     for name in names:
         x, _, view_paths = store.load_split(cache, name)
@@ -383,7 +385,8 @@ def _scored(
 
     import joblib
 
-    val_accuracy, val_log_loss = score(data.proba(head, "validation"), data.validation[1], head.classes_)
+    val_proba = data.proba(head, "validation")
+    val_accuracy, val_log_loss = score(val_proba, data.validation[1], head.classes_)
     row = {
         "index": index,
         "head": name,
@@ -398,6 +401,7 @@ def _scored(
         "fit_seconds": seconds,
         "epochs": len(head.history_["loss"]) if hasattr(head, "history_") else None,
         "full_params": head.get_params(),
+        "val_proba": val_proba,  # popped by the parent: cross-validation's out-of-fold rows
     }
     buffer = io.BytesIO()
     joblib.dump(head, buffer)
@@ -517,14 +521,26 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
     plan = _plan(cfg)
     run = RunFolder(cfg.runs_dir, cfg.name)  # before any compute: an unwritable runs folder fails now
     with run:
-        data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
+        if plan.cv:
+            data, views = _cv_data(cfg, cache, meta, plan)
+        else:
+            data = load_data(cfg, cache, meta, plan.wants_views, tta=plan.tta, train_tta="tta" in plan.train_ons)
         _log_start(cfg, cache, plan, data)
         t0 = time.perf_counter()
         preloading = _preload_writers(cfg.track)
-        results = _fit(cfg, plan, data)
+        held_out = None
+        if plan.cv:
+            rows, full_params, histories, chosen, oof = _cross_validated(cfg, plan, data, views)
+            best, won, winner = _pick(rows, None, chosen)
+            winner = _refit(cfg, plan, data, rows, histories, chosen if won and chosen else [best])
+            held_out = ("validation (out of fold)", data.train[1], oof[best])
+        else:
+            results = _fit(cfg, plan, data)
+            rows, full_params, histories, members = _candidates(results, plan.k, data)
+            best, won, winner = _pick(rows, results, members)
+            chosen = None if members is None else ensemble.top_k(rows[:-1], plan.k)
         preloading.join()
-        rows, full_params, histories, members = _candidates(results, plan.k, data)
-        best, won, winner, evaluation = _pick_and_test(rows, results, members, data)
+        evaluation = _test(rows, best, winner, data, held_out)
         seconds = time.perf_counter() - t0
         outcome = SweepOutcome(
             rows,
@@ -536,12 +552,18 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
             seconds,
             data.excluded,
             tta={k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if plan.tta else None,
-            ensemble={"k": plan.k, "members": members.names, "combine": ensemble.COMBINE, "won": won}
-            if members is not None
+            ensemble={
+                "k": plan.k,
+                "members": [ensemble.config_name(rows[i]) for i in chosen],
+                "combine": ensemble.COMBINE,
+                "won": won,
+            }
+            if chosen is not None
             else None,
+            cv=_cv_record(cfg, plan, data) if plan.cv else None,
         )
         _write_run(run, cfg, plan.spec, cache, meta, outcome)
-    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, members is not None))
+    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, chosen is not None))
 
 
 @dataclass(frozen=True)
@@ -552,6 +574,7 @@ class _Plan:
     heads: dict[str, Any]  # the file less ``OPTION_KEYS``: the grid or the search
     tta: bool
     k: int  # ensemble of the top k (0 or 1: none)
+    cv: int  # folds of train + validation to select on (0: select on validation)
     searching: bool
     configs: list[tuple[str, dict[str, Any]]]  # the grid (empty for a search: its trials pick them)
     train_ons: set[str]
@@ -562,11 +585,12 @@ class _Plan:
 
 
 def _plan(cfg: SweepConfig) -> _Plan:
-    """Read and check the sweep file; ``--tta``/``--ensemble`` override its ``tta``/``ensemble``.
+    """Read and check the sweep file; ``--tta``/``--ensemble``/``--cv`` override its ``tta``/``ensemble``/``cv``.
     A search (issue 15: random/TPE trials through Optuna) when the file asks; else the grid."""
     full_spec = load_toml(cfg.sweep_file)
     spec, file_tta, file_k = sweep_options(full_spec, str(cfg.sweep_file))
     tta, k = cfg.tta or file_tta, file_k if cfg.ensemble is None else cfg.ensemble
+    cv = crossval.check_folds(full_spec.get("cv", 0), str(cfg.sweep_file)) if cfg.cv is None else cfg.cv
     searching = search.is_search(spec)
     if searching:
         search.check(spec, str(cfg.sweep_file))
@@ -577,13 +601,34 @@ def _plan(cfg: SweepConfig) -> _Plan:
     else:
         configs = expand_grid(spec, str(cfg.sweep_file))
         train_ons = {p.get("train_on", cfg.train_on) for _, p in configs}
-    return _Plan(full_spec, spec, tta, k, searching, configs, train_ons)
+    if cv and searching:
+        raise ConfigError(
+            f"{cfg.sweep_file}: cv = {cv} works with a grid of heads, not a search (a search picks its next trials "
+            "from validation scores); remove `search`/`trials` or set cv = 0"
+        )
+    if cv and train_ons & {"views", "both"}:
+        raise ConfigError(
+            f"cv = {cv} selects on folds of train + validation, and cached augmented views exist for train "
+            f"images only; train on 'clean' or 'tta' (test-time views exist for every split), or set cv = 0 "
+            f"(received train_on {sorted(train_ons & {'views', 'both'})})"
+        )
+    return _Plan(full_spec, spec, tta, k, cv, searching, configs, train_ons)
 
 
 def _log_start(cfg: SweepConfig, cache: Path, plan: _Plan, data: SweepData) -> None:
     """The data's notes, then what is about to be fitted on what."""
     for note in data.notes:
         log.info(note)
+    if plan.cv:
+        log.info(
+            "cross-validating %d configs on %s: %d folds of %d train + validation images, with %s worker(s)",
+            len(plan.configs),
+            cache.name,
+            plan.cv,
+            len(data.train[1]),
+            cfg.n_jobs,
+        )
+        return
     log.info(
         "sweeping %s on %s (train %d%s, validation %d) with %s worker(s)",
         f"{plan.heads['trials']} {plan.heads.get('search', 'random')} trials"
@@ -638,6 +683,8 @@ def _candidates(
     mean of the top-``k`` configs as one more candidate when ``k >= 2``."""
     rows = [r for r, _, _ in results]
     full_params = [r.pop("full_params") for r in rows]
+    for r in rows:
+        del r["val_proba"]
     _show_varying_params(rows)
     histories = [h for _, h, _ in results]
     members: ensemble.Ensemble | None = None
@@ -648,14 +695,171 @@ def _candidates(
     return rows, full_params, histories, members
 
 
-def _pick_and_test(
-    rows: list[dict[str, Any]],
-    results: list[tuple[dict[str, Any], Any, bytes]],
-    members: ensemble.Ensemble | None,
-    data: SweepData,
-) -> tuple[int, bool, Any, tuple[str, np.ndarray, np.ndarray]]:
-    """(best row, whether the ensemble won, the winner, its evaluation): the winner is picked on
-    validation alone, marked in its row, and only then scored once on test (when there is one)."""
+def _cv_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, plan: _Plan) -> tuple[SweepData, list[np.ndarray]]:
+    """Cross-validation's data: train (less ``--exclude``) and validation as one labelled set (as
+    ``train``, and as ``validation`` for the refit's own scoring), test, and each labelled image's
+    test-time views, row-aligned by path (when a config trains on them or ``tta`` scores them)."""
+    if "train" not in meta.splits:
+        raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
+    streaming, why = stream.plan_training(
+        cache, [s for s in ("train", "validation") if s in meta.splits], meta.split_sizes, meta.feature_shape,
+        cfg.stream, parse_budget(cfg.memory_budget),
+    )  # fmt: skip
+    if streaming:
+        raise ConfigError(
+            f"cv = {plan.cv} needs train + validation of {cache} in memory ({why}); pass --stream off, "
+            "a larger --memory-budget, or cv = 0"
+        )
+    listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
+    x, y, paths = store.load_split(cache, "train")
+    keep = exclude.keep_mask(paths, listed) if listed else np.ones(len(y), bool)
+    parts = {"train": (x[keep], y[keep], [p for p, k in zip(paths, keep, strict=True) if k])}
+    if "validation" in meta.splits:
+        parts["validation"] = store.load_split(cache, "validation")
+    notes = [why]
+    excluded = None
+    if cfg.exclude is not None:
+        excluded = exclude.record(cfg.exclude, listed, [p for p, k in zip(paths, keep, strict=True) if not k])
+        notes.append(f"--exclude {cfg.exclude}: {int((~keep).sum())} train row(s) left out of cross-validation")
+    test = load_splits(cache, meta, ["test"]).get("test")
+    if test is None:
+        notes.append("no test split in the cache: the winner is not tested")
+    trval = np.concatenate([p[0] for p in parts.values()]), np.concatenate([p[1] for p in parts.values()])
+    check_classes(cache, meta, {"train": trval[1], **({"test": test[1]} if test is not None else {})})
+    views: list[np.ndarray] = []
+    if plan.tta or "tta" in plan.train_ons:
+        per_split = [_tta_views(cache, meta, s, p[2]) for s, p in parts.items()]
+        if len({len(v) for v in per_split}) > 1:
+            raise CacheError(
+                f"{cache}: train and validation hold different numbers of test-time views "
+                f"({[len(v) for v in per_split]}); rebuild them with `make extract TTA_VIEWS=N FORCE=1`"
+            )
+        views = [np.concatenate(v) for v in zip(*per_split, strict=True)]
+    data = SweepData(
+        trval,
+        trval,
+        test,
+        None,
+        cfg.train_on,
+        notes,
+        excluded=excluded,
+        tta={"validation": views, **({"test": _tta_views(cache, meta, "test")} if test is not None else {})}
+        if plan.tta
+        else {},
+        train_tta=(np.concatenate(views), np.tile(trval[1], len(views))) if views else None,
+        flops_per_image=float(meta.info.get("flops_per_image") or 0.0),
+    )
+    data.notes.append(
+        f"cv = {plan.cv}: selected on out-of-fold predictions over the {len(trval[1])} train + validation images "
+        f"(stratified folds, seed {cfg.seed}); the winner is refitted on all of them, then tested once"
+    )
+    return data, views
+
+
+def _fold(data: SweepData, views: list[np.ndarray], fit: np.ndarray, held: np.ndarray) -> SweepData:
+    """One fold: fit on ``fit`` rows (with their test-time views), score ``held`` (with theirs when tta)."""
+    x, y = data.train
+    return SweepData(
+        (x[fit], y[fit]),
+        (x[held], y[held]),
+        None,
+        None,
+        data.default_train_on,
+        [],
+        tta={"validation": [v[held] for v in views]} if data.tta else {},
+        train_tta=(np.concatenate([v[fit] for v in views]), np.tile(y[fit], len(views))) if views else None,
+        flops_per_image=data.flops_per_image,
+    )
+
+
+def _cross_validated(
+    cfg: SweepConfig, plan: _Plan, data: SweepData, views: list[np.ndarray]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any], list[int] | None, list[np.ndarray]]:
+    """(rows, full params, histories, the ensemble's members or None, out-of-fold probabilities per row):
+    every config fitted on each fold and scored on its held-out images; a row's validation figures
+    are its out-of-fold ones over train + validation, an ensemble's the mean of its members'."""
+    y = data.train[1]
+    splits = crossval.folds(y, plan.cv, cfg.seed)
+    rows: list[dict[str, Any]] = []
+    per_fold: list[list[np.ndarray]] = [[] for _ in plan.configs]
+    for f, (fit, held) in enumerate(splits):
+        log.info(
+            "cv fold %d/%d: %d configs on %d images, %d held out",
+            f + 1,
+            plan.cv,
+            len(plan.configs),
+            len(fit),
+            len(held),
+        )
+        for i, (row, _, _) in enumerate(fit_all(plan.configs, _fold(data, views, fit, held), cfg.seed, cfg.n_jobs)):
+            per_fold[i].append(row.pop("val_proba"))
+            if f == 0:
+                rows.append(row)
+            else:
+                rows[i]["fit_seconds"] += row["fit_seconds"]
+    oof = [crossval.out_of_fold(p, splits, len(y)) for p in per_fold]
+    classes = np.unique(y)
+    scored_views = len(data.tta.get("test", [])) if data.test is not None else 0
+    for row, proba in zip(rows, oof, strict=True):
+        trained_views = len(views) if row["train_on"] == "tta" else 0
+        row["val_accuracy"], row["val_log_loss"] = score(proba, y, classes)
+        row["train_rows"] = len(y) * (1 + trained_views)
+        embedded = len(y) * (1 + max(trained_views, len(data.tta.get("validation", []))))
+        embedded += len(data.test[1]) * (1 + scored_views) if data.test is not None else 0
+        row["passes"] = accounting.recipe_passes(embedded, data.flops_per_image)
+        row["epochs"] = None  # one count per fold: the refit's is in its curves
+    full_params = [r.pop("full_params") for r in rows]
+    _show_varying_params(rows)
+    histories: list[Any] = [None] * len(rows)
+    chosen = None
+    if plan.k >= 2 and len(rows) >= 2:
+        chosen = ensemble.top_k(rows, plan.k)
+        oof.append(np.mean([oof[i] for i in chosen], axis=0))
+        pooling = "+".join(dict.fromkeys(rows[i]["pooling"] for i in chosen))
+        _append_ensemble(rows, chosen, pooling, score(oof[-1], y, classes))
+        full_params.append({"members": [ensemble.config_name(rows[i]) for i in chosen], "combine": ensemble.COMBINE})
+        histories.append(None)
+    return rows, full_params, histories, chosen, oof
+
+
+def _refit(
+    cfg: SweepConfig, plan: _Plan, data: SweepData, rows: list[dict[str, Any]], histories: list[Any], chosen: list[int]
+) -> Any:
+    """The winning config(s) refitted on every train + validation image: the head, or the ensemble of
+    the members ``chosen``. Each refit's seconds join its row's, its curves go to ``histories``."""
+    import io
+
+    import joblib
+
+    refits = fit_all([plan.configs[i] for i in chosen], data, cfg.seed, cfg.n_jobs)
+    heads = []
+    for i, (row, history, blob) in zip(chosen, refits, strict=True):
+        rows[i]["fit_seconds"] += row["fit_seconds"]
+        histories[i] = history
+        heads.append(joblib.load(io.BytesIO(blob)))
+    if len(heads) == 1:
+        return heads[0]
+    return ensemble.Ensemble(heads, [ensemble.config_name(rows[i]) for i in chosen])
+
+
+def _cv_record(cfg: SweepConfig, plan: _Plan, data: SweepData) -> dict[str, Any]:
+    """run.json's ``cv``: how the winner was selected and what it was refitted on."""
+    return {
+        "folds": plan.cv,
+        "seed": cfg.seed,
+        "images": len(data.train[1]),
+        "splits": "train + validation",
+        "columns": crossval.COLUMN_MEANING,
+        "refit": "the winner (each ensemble member) on every train + validation image",
+    }
+
+
+def _pick(
+    rows: list[dict[str, Any]], results: list[tuple[dict[str, Any], Any, bytes]] | None, members: Any
+) -> tuple[int, bool, Any]:
+    """(best row, whether the ensemble (``members``, the last row) won, the winner): picked on validation
+    (or out of fold) alone and marked in its row. Without ``results`` (cross-validation) no head is
+    loaded: the winner is refitted afterwards (``_refit``)."""
     import io
 
     import joblib
@@ -663,12 +867,25 @@ def _pick_and_test(
     best = select(rows)
     rows[best]["winner"] = True
     won = members is not None and best == len(rows) - 1
-    winner: Any = members if won else joblib.load(io.BytesIO(results[best][2]))
-    eval_split, (_, y_eval) = ("test", data.test) if data.test is not None else ("validation", data.validation)
-    proba = data.proba(winner, eval_split)
-    if eval_split == "test":
-        rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, y_eval, winner.classes_)
-    return best, won, winner, (eval_split, y_eval, proba)
+    if results is None:
+        return best, won, None
+    return best, won, members if won else joblib.load(io.BytesIO(results[best][2]))
+
+
+def _test(
+    rows: list[dict[str, Any]],
+    best: int,
+    winner: Any,
+    data: SweepData,
+    held_out: tuple[str, np.ndarray, np.ndarray] | None = None,
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """The winner's evaluation, scored once on test when there is one: (split, labels, probabilities);
+    else ``held_out`` (cross-validation's out-of-fold figures), else validation."""
+    if data.test is None:
+        return held_out or ("validation", data.validation[1], data.proba(winner, "validation"))
+    proba = data.proba(winner, "test")
+    rows[best]["test_accuracy"], rows[best]["test_log_loss"] = score(proba, data.test[1], winner.classes_)
+    return "test", data.test[1], proba
 
 
 def _summary(outcome: SweepOutcome, best: int, with_ensemble: bool) -> str:
@@ -677,7 +894,8 @@ def _summary(outcome: SweepOutcome, best: int, with_ensemble: bool) -> str:
     summary = (
         f"{len(rows)} configs{' (with the ensemble)' if with_ensemble else ''} in {outcome.seconds:.1f} s; "
         f"winner #{best} {rows[best]['head']} "
-        f"({rows[best]['pooling']} {rows[best]['params']}): validation accuracy {rows[best]['val_accuracy']:.4f}"
+        f"({rows[best]['pooling']} {rows[best]['params']}): "
+        f"{'out-of-fold' if outcome.cv else 'validation'} accuracy {rows[best]['val_accuracy']:.4f}"
         + (f", test accuracy {rows[best]['test_accuracy']:.4f}" if tested else ", no test split")
     )
     table = text_table(rows, [c for c in COLUMNS if c != "winner"], mark="winner")
@@ -696,13 +914,21 @@ def _ensemble_row(
     built = ensemble.Ensemble(
         [joblib.load(io.BytesIO(results[i][2])) for i in chosen], [ensemble.config_name(rows[i]) for i in chosen]
     )
-    val_accuracy, val_log_loss = score(data.proba(built, "validation"), data.validation[1], built.classes_)
+    _append_ensemble(
+        rows, chosen, built.pooling, score(data.proba(built, "validation"), data.validation[1], built.classes_)
+    )
+    return built
+
+
+def _append_ensemble(rows: list[dict[str, Any]], chosen: list[int], pooling: str, scores: tuple[float, float]) -> None:
+    """Append the ensemble's row (its members ``chosen``, its validation ``scores``) to ``rows``."""
+    val_accuracy, val_log_loss = scores
     passes = [rows[i]["passes"] for i in chosen]
     rows.append(
         {
             "index": len(rows),
             "head": "ensemble",
-            "pooling": built.pooling,
+            "pooling": pooling,
             "train_on": "+".join(dict.fromkeys(rows[i]["train_on"] for i in chosen)),
             "train_rows": max(rows[i]["train_rows"] for i in chosen),
             "passes": None if None in passes else max(passes),  # one cache: the members share its rows
@@ -714,7 +940,6 @@ def _ensemble_row(
             "epochs": None,
         }
     )
-    return built
 
 
 @dataclass(frozen=True)
@@ -731,6 +956,7 @@ class SweepOutcome:
     excluded: dict[str, Any] | None = None  # --exclude's record
     tta: dict[str, Any] | None = None  # the cache's test-time views, when scoring used them
     ensemble: dict[str, Any] | None = None  # k, members, combine, won: when an ensemble was a candidate
+    cv: dict[str, Any] | None = None  # cross-validated selection (crossval.py): folds, seed, what was refitted
 
     @property
     def best(self) -> int:
@@ -828,6 +1054,7 @@ def _run_info(
         "exclude": outcome.excluded,
         "tta": outcome.tta,
         "ensemble": outcome.ensemble,
+        "cv": outcome.cv,
     }
 
 
