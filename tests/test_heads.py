@@ -41,3 +41,13 @@ def test_mlp_says_when_it_cannot_hold_out_a_validation_set(caplog):
         head = MLPHead(epochs=2, units=4, validation_fraction=0.1).fit(x, y)
     assert "val_loss" not in head.history_
     assert "without early stopping" in caplog.text
+
+
+def test_many_keras_heads_in_one_process_print_no_retracing_warning(capfd, caplog):
+    """A sweep worker builds a model per MLP config and fold; TensorFlow would call each one's first
+    predict a retrace and print a paragraph from the fifth on (heads._NewModelNotRetracing)."""
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    for i in range(7):
+        make_head("mlp", random_state=i, pooling="avg", epochs=1, patience=0).fit(x, y).predict_proba(x[: 10 + i])
+    assert "retracing" not in capfd.readouterr().err + caplog.text

@@ -42,8 +42,9 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> ExtractResul
 def classify(
     cache: str | Path | ExtractConfig | None = None, config: SweepConfig | None = None, **options: Any
 ) -> SweepResult:
-    """Stage two: fit every head of the sweep grid on a cache, pick the winner on validation,
-    score it once on test, and write a run folder (results.csv, report.html, the winner).
+    """Stage two: fit every head of the sweep grid on a cache, pick the winner on validation
+    (or out of fold over train + validation with ``cv=K``, then refit it), score it once on
+    test, and write a run folder (results.csv, report.html, the winner).
 
     ``cache`` is a cache file, or the ExtractConfig that names one (as ``make classify``
     finds it); ``options`` are SweepConfig fields (``sweep_file``, ``n_jobs``, ``track``, ...)."""

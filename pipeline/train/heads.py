@@ -273,6 +273,19 @@ def _fit_weighted_calibration(calibrated: Any, Z: np.ndarray, y: np.ndarray, cla
                 vars(est).pop("_metadata_request", None)
 
 
+class _NewModelNotRetracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning. Every Keras head builds its
+    own model, so each one's first ``predict`` traces a new function; TensorFlow counts those as
+    retraces of one function and, from the fifth model in a process on (a sweep worker fitting
+    MLPs over folds and views), prints a paragraph each time that points at nothing wrong here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+_NOT_RETRACING = _NewModelNotRetracing()
+
+
 class _KerasHead:
     """Keras-backed heads: probabilities from ``model_``, pickled as ``.keras`` bytes so
     joblib save/load round-trips (and a head can cross process boundaries)."""
@@ -280,6 +293,7 @@ class _KerasHead:
     model_: Any  # set by fit (or KerasModelHead.wrap)
 
     def _predict_proba(self, Z: np.ndarray) -> np.ndarray:
+        logging.getLogger("tensorflow").addFilter(_NOT_RETRACING)  # once: a filter is added only once
         p = np.asarray(self.model_.predict(Z, batch_size=256, verbose=0), np.float64)
         if p.shape[1] == 1:
             return np.column_stack([1 - p[:, 0], p[:, 0]])
