@@ -9,12 +9,17 @@ recorded figure, and on an extra test set of images never used before: a cache m
 ``featcache extract`` of a folder holding only ``test/<class>/`` at the same size, weights and
 precision. It reports both accuracies, and the standard error and Wilson 95% interval on the extra set.
 
+With ``--run RUN`` it scores a product run folder instead (``featcache classify --cv 5``): the
+winner the run saved (refitted on train + validation by the product), on the run's own test split,
+which must reproduce run.json's figure, and on the extra test set, with the run's test-time views.
+
 Usage:
     featcache extract --data /work/data/cats_ext --size 256 --weights $W --precision bfloat16 \\
         --cache-dir /work/data/cache-ext --quiet
     python bench/bench_cv_holdout.py --cache-dir /work/data/cache-tta/cats_and_dogs_small-a18b8343 \\
         --extra-cache-dir /work/data/cache-ext/cats_ext-XXXX --select-json /work/data/tta-logs/cv.json \\
         [--budget 15000] [--lever "256: any views scored, within budget" --k 3 ...]
+    python bench/bench_cv_holdout.py --run runs/<time>-cv256 --extra-cache-dir /work/data/cache-ext/cats_ext-XXXX
 """
 
 from __future__ import annotations
@@ -131,17 +136,63 @@ def paired(ours: np.ndarray, part: dict, against: Path) -> None:
     )
 
 
+def run_row(run: Path, extra_dir: Path, against: Path | None) -> int:
+    """A product run's saved winner on its own test split and on the extra one (``--run``)."""
+    from pipeline.train.persist import load_winner
+
+    info = json.loads((run / "run.json").read_text())
+    winner, head = info["winner"], load_winner(run, info)
+    cache = Path(info["cache"])
+    extra = cache_of(extra_dir, int(info["cache_meta"]["size"]))
+    same_features(cache, extra)
+    n_views = int((info.get("tta") or {}).get("views", 0))
+
+    def proba(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        xs, y, paths = views(path, "test", n_views)
+        return np.mean([head.predict_proba(x) for x in xs], axis=0), y, paths
+
+    (p_test, y_test, _), (p_extra, y_extra, paths_extra) = proba(cache), proba(extra)
+    now, acc = score(p_test, y_test)[0], score(p_extra, y_extra)[0]
+    if round(now, 6) != round(winner["test_accuracy"], 6):
+        print(f"error: the saved winner scores {now} on test now, run.json says {winner['test_accuracy']}")
+        return 2
+    n = len(y_extra)
+    interval = binomtest(round(acc * n), n).proportion_ci(method="wilson")
+    selected = "out of fold" if info.get("cv") else "validation"
+    print("| run | picked on | its figure | passes | test (run.json) | test now | extra test | n | SE | Wilson 95% |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {run.name} | {selected} | {winner['val_accuracy']:.4f} | {winner['passes']:,.0f} | "
+        f"{winner['test_accuracy']:.4f} | {now:.4f} | **{acc:.4f}** | {n} | {math.sqrt(acc * (1 - acc) / n):.4f} | "
+        f"{interval.low:.4f}-{interval.high:.4f} |",
+        flush=True,
+    )
+    if against is not None:
+        paired(
+            np.asarray(head.classes_)[np.argmax(p_extra, axis=1)],
+            {"y_extra": y_extra, "paths_extra": paths_extra},
+            against,
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", type=Path, required=True, help="the caches bench_cv_select.py fitted on")
     parser.add_argument("--extra-cache-dir", type=Path, required=True, help="caches of the extra test folder")
-    parser.add_argument("--select-json", type=Path, required=True, help="bench_cv_select.py --json output")
+    parser.add_argument("--select-json", type=Path, default=None, help="bench_cv_select.py --json output")
+    parser.add_argument("--run", type=Path, default=None, help="a product run folder to score instead")
     parser.add_argument("--budget", default="15000", help="which budget's table to read")
     parser.add_argument("--lever", action="append", default=[], help="a row by its lever name (default: the pick)")
     parser.add_argument("--k", action="append", type=int, default=[], help="the k of each --lever")
     parser.add_argument("--against", type=Path, default=None, help="bench_recipe.py --predictions file to compare with")
     args = parser.parse_args()
     print(machine())
+    if (args.run is None) == (args.select_json is None):
+        print("error: give --select-json (bench_cv_select's rows) or --run (a product run folder), one of them")
+        return 2
+    if args.run is not None:
+        return run_row(args.run, args.extra_cache_dir, args.against)
     rows: list[dict[str, Any]] = json.loads(args.select_json.read_text())[args.budget]
     if args.lever:
         if len(args.k) != len(args.lever):

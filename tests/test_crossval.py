@@ -94,7 +94,7 @@ def test_rows_are_out_of_fold_over_train_and_validation(tmp_path, monkeypatch):
     assert (rows[-1]["val_accuracy"], rows[-1]["val_log_loss"]) == pytest.approx(score(mean, y, np.arange(2)), rel=1e-4)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["cv"]["folds"] == FOLDS and info["cv"]["images"] == 100
-    assert "out-of-fold accuracy" in result.table
+    assert "out-of-fold accuracy" in result.table and result.selected_on == "out of fold"
 
 
 def test_the_winner_is_refitted_on_train_and_validation_and_tested_once(tmp_path):
@@ -132,7 +132,9 @@ def test_a_winning_ensemble_is_refitted_member_by_member(tmp_path, monkeypatch):
 
 def test_without_cv_selection_stays_on_validation(tmp_path):
     tta_cache(tmp_path / "c.h5", views=1)
-    rows = run(tmp_path, "cv = 0\n" + GRID).rows
+    result = run(tmp_path, "cv = 0\n" + GRID)
+    rows = result.rows
+    assert result.selected_on == "validation" and "validation accuracy" in result.table
     xv, yv, _ = labelled(tmp_path / "c.h5", "validation")
     xa, ya, va = labelled(tmp_path / "c.h5", "train")
     head = fit(json.loads(rows[0]["params"])["C"], rows[0]["train_on"], xa, ya, va)

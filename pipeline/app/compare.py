@@ -37,6 +37,7 @@ COLUMNS = (
     "features_per_image",
     "best_head",
     "val_accuracy",
+    "selected_on",
     "test_accuracy",
     "passes",
     "recipe_share",
@@ -63,7 +64,7 @@ def compare(
     """One row per (backbone, size). ``sizes`` (else ``base.size``, else each backbone's
     default) and ``base.layer`` apply to every backbone. ``passes`` is the winner's backbone
     compute in seed-recipe 180 px passes (views included); the row marked ``winner`` has the
-    best validation accuracy (then validation log-loss), never a test figure."""
+    best validation accuracy (then validation log-loss; out-of-fold figures with cv), never a test figure."""
     cfgs = _configs(backbones, base, sizes)
     run = RunFolder(sweep_cfg.runs_dir, "compare")
     rows, log_losses = [], []
@@ -130,6 +131,7 @@ def _extract_and_sweep(cfg: ExtractConfig, sweep_cfg: SweepConfig) -> tuple[dict
         "features_per_image": int(np.prod(meta.feature_shape)),
         "best_head": f"{w['head']} {w['pooling']} {w['params']}",
         "val_accuracy": w["val_accuracy"],
+        "selected_on": sweep.selected_on,  # validation, or out of fold over train + validation (cv)
         "test_accuracy": w.get("test_accuracy"),
         "passes": w.get("passes"),
         "recipe_share": accounting.recipe_share(w.get("passes")),
@@ -172,7 +174,9 @@ def _track(
 def _table(rows: list[dict[str, Any]], best: int) -> str:
     """The rows as text, and a line naming the winner and the unit of ``passes``."""
     table = text_table(rows, [c for c in COLUMNS if c not in ("run_dir", "winner")], mark="winner")
-    note = f"winner (validation only): {rows[best]['backbone']} {rows[best]['size']} px; passes in seed-recipe " + (
+    w = rows[best]
+    note = (
+        f"winner ({w['selected_on']} only): {w['backbone']} {w['size']} px; passes in seed-recipe "
         f"180 px equivalents, against its {accounting.RECIPE_PASSES:,}"
     )
     return f"{table}\n{note}"
@@ -185,7 +189,7 @@ def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4))
     val = [r["val_accuracy"] for r in rows]
     test = [r["test_accuracy"] if r["test_accuracy"] is not None else np.nan for r in rows]
-    ax.bar(x - 0.2, val, 0.4, label="validation accuracy (selection)")
+    ax.bar(x - 0.2, val, 0.4, label=f"{rows[0]['selected_on']} accuracy (selection)")
     ax.bar(x + 0.2, test, 0.4, label="test accuracy (winner)")
     for i, r in enumerate(rows):
         rate = r["extract_images_per_second"]

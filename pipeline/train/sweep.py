@@ -98,6 +98,7 @@ class SweepResult:
     rows: list[dict[str, Any]]
     winner: dict[str, Any]
     table: str
+    selected_on: str = "validation"  # or "out of fold" (cv): what the winner's val_accuracy is
 
 
 @dataclass
@@ -563,7 +564,8 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
             cv=_cv_record(cfg, plan, data) if plan.cv else None,
         )
         _write_run(run, cfg, plan.spec, cache, meta, outcome)
-    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, chosen is not None))
+    selected_on = "out of fold" if plan.cv else "validation"
+    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, chosen is not None), selected_on)
 
 
 @dataclass(frozen=True)
