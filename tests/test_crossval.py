@@ -23,6 +23,8 @@ from pipeline.train.persist import load_winner
 from pipeline.train.sweep import run_sweep
 from pipeline.train.sweep_file import make_head
 
+from conftest import separable, synthetic_meta
+
 CS = [0.01, 1.0]
 GRID = '[[head]]\nname = "logreg"\npooling = "flatten"\nC = [0.01, 1.0]\ntrain_on = ["clean", "tta"]\n'
 FOLDS = 3
@@ -170,3 +172,19 @@ def test_folds_are_stratified_seeded_and_cover_every_image_once():
     assert all(np.bincount(y[h]).tolist() == [4, 3, 2] for _, h in a)
     with pytest.raises(ConfigError, match="cv = 7"):
         crossval.folds(y, 7, seed=0)
+
+
+def test_excluded_rows_leave_the_folds_and_without_validation_train_alone_is_folded(tmp_path):
+    tta_cache(tmp_path / "c.h5", views=1)
+    (tmp_path / "x.csv").write_text("path\ntrain/0.png\ntrain/1.png\nvalidation/0.png\n")
+    result = run(tmp_path, f"cv = {FOLDS}\n" + GRID, exclude=tmp_path / "x.csv")
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["cv"]["images"] == 98  # two train rows left out; validation keeps every row, as without cv
+    assert info["exclude"] is not None and result.rows[0]["train_rows"] == 98
+    x, y = separable(30, seed=0, spread=2.5)
+    splits = {s: {"features": x, "labels": y, "paths": [f"{s}/{i}" for i in range(len(y))]} for s in ("train", "test")}
+    store.write_cache(tmp_path / "c.h5", splits, synthetic_meta(x, ("a", "b")))  # no validation split
+    result = run(tmp_path, f"cv = {FOLDS}\n" + GRID.replace('["clean", "tta"]', '"clean"'))
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert (info["cv"]["images"], info["cv"]["splits"]) == (60, "train")
+    assert result.winner["test_accuracy"] is not None

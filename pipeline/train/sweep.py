@@ -561,7 +561,7 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
             }
             if chosen is not None
             else None,
-            cv=_cv_record(cfg, plan, data) if plan.cv else None,
+            cv=_cv_record(cfg, plan, data, meta) if plan.cv else None,
         )
         _write_run(run, cfg, plan.spec, cache, meta, outcome)
     selected_on = "out of fold" if plan.cv else "validation"
@@ -623,7 +623,7 @@ def _log_start(cfg: SweepConfig, cache: Path, plan: _Plan, data: SweepData) -> N
         log.info(note)
     if plan.cv:
         log.info(
-            "cross-validating %d configs on %s: %d folds of %d train + validation images, with %s worker(s)",
+            "cross-validating %d configs on %s: %d folds of %d labelled images, with %s worker(s)",
             len(plan.configs),
             cache.name,
             plan.cv,
@@ -703,10 +703,9 @@ def _cv_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, plan: _Plan) 
     test-time views, row-aligned by path (when a config trains on them or ``tta`` scores them)."""
     if "train" not in meta.splits:
         raise store.CacheError(f"{cache} has no train split (it has {list(meta.splits)}); nothing to train on")
-    streaming, why = stream.plan_training(
-        cache, [s for s in ("train", "validation") if s in meta.splits], meta.split_sizes, meta.feature_shape,
-        cfg.stream, parse_budget(cfg.memory_budget),
-    )  # fmt: skip
+    labelled = [s for s in ("train", "validation") if s in meta.splits]
+    budget = parse_budget(cfg.memory_budget)
+    streaming, why = stream.plan_training(cache, labelled, meta.split_sizes, meta.feature_shape, cfg.stream, budget)
     if streaming:
         raise ConfigError(
             f"cv = {plan.cv} needs train + validation of {cache} in memory ({why}); pass --stream off, "
@@ -752,7 +751,7 @@ def _cv_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, plan: _Plan) 
         flops_per_image=float(meta.info.get("flops_per_image") or 0.0),
     )
     data.notes.append(
-        f"cv = {plan.cv}: selected on out-of-fold predictions over the {len(trval[1])} train + validation images "
+        f"cv = {plan.cv}: selected on out-of-fold predictions over the {len(trval[1])} {' + '.join(parts)} images "
         f"(stratified folds, seed {cfg.seed}); the winner is refitted on all of them, then tested once"
     )
     return data, views
@@ -844,13 +843,13 @@ def _refit(
     return ensemble.Ensemble(heads, [ensemble.config_name(rows[i]) for i in chosen])
 
 
-def _cv_record(cfg: SweepConfig, plan: _Plan, data: SweepData) -> dict[str, Any]:
+def _cv_record(cfg: SweepConfig, plan: _Plan, data: SweepData, meta: store.CacheMeta) -> dict[str, Any]:
     """run.json's ``cv``: how the winner was selected and what it was refitted on."""
     return {
         "folds": plan.cv,
         "seed": cfg.seed,
         "images": len(data.train[1]),
-        "splits": "train + validation",
+        "splits": " + ".join(s for s in ("train", "validation") if s in meta.splits),
         "columns": crossval.COLUMN_MEANING,
         "refit": "the winner (each ensemble member) on every train + validation image",
     }
