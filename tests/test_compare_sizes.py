@@ -5,6 +5,7 @@ winner is picked on validation alone."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 
@@ -35,8 +36,10 @@ def test_compare_two_sizes_makes_two_caches_and_one_table(tmp_path):
     winners = [r for r in result.rows if r["winner"]]
     assert len(winners) == 1 and winners[0]["val_accuracy"] == max(r["val_accuracy"] for r in result.rows)
     assert result.table.count("\n* ") + result.table.startswith("* ") == 1 and "64" in result.table
-    again = compare(["vgg16"], base, cfg, sizes=[32, 64])
+    assert {r["selected_on"] for r in result.rows} == {"validation"} and "winner (validation only)" in result.table
+    again = compare(["vgg16"], base, dataclasses.replace(cfg, cv=2), sizes=[32, 64])  # sizes picked out of fold
     assert [r["extract_seconds"] for r in again.rows] == [0.0, 0.0]  # cache hits
+    assert {r["selected_on"] for r in again.rows} == {"out of fold"} and "winner (out of fold only)" in again.table
     assert len(list((tmp_path / "cache").rglob("*.h5"))) == 2
     with pytest.raises(ConfigError, match="distinct sizes"):
         compare(["vgg16"], base, cfg, sizes=[32, 32])
