@@ -148,7 +148,7 @@ def test_without_cv_selection_stays_on_validation(tmp_path):
     [
         ("cv = 1\n" + GRID, {}, "received cv = 1"),
         ('cv = "5"\n' + GRID, {}, "received cv = '5'"),
-        (GRID, {"cv": 60}, "cv = 60: a class has only 50"),
+        (GRID, {"cv": 60}, "cv = 60: a class has only 50 labelled image"),
         ('cv = 3\n[[head]]\nname = "logreg"\ntrain_on = "views"\n', {}, "received train_on ['views']"),
         (
             'cv = 3\nsearch = "random"\ntrials = 2\n[[head]]\nname = "logreg"\nC = {low = 0.01, high = 1.0}\n',

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError
 
-COLUMN_MEANING = "val_accuracy and val_log_loss are out of fold over train + validation"
+COLUMN_MEANING = "val_accuracy and val_log_loss are out of fold over the folded splits"
 
 
 def check_folds(k: Any, source: str) -> int:
@@ -40,9 +40,9 @@ def folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray
     counts = np.bincount(y)
     smallest = int(counts[counts > 0].min()) if len(y) else 0
     if smallest < k:
+        fewer = f"cv <= {smallest} or cv = 0" if smallest >= 2 else "cv = 0"
         raise ConfigError(
-            f"cv = {k}: a class has only {smallest} image(s) in train + validation, fewer than the folds; "
-            f"use cv <= {max(smallest, 2)} or cv = 0"
+            f"cv = {k}: a class has only {smallest} labelled image(s) to fold, fewer than the folds; use {fewer}"
         )
     return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
