@@ -25,7 +25,6 @@ from pipeline.train.sweep_file import make_head
 
 from conftest import separable, synthetic_meta
 
-CS = [0.01, 1.0]
 GRID = '[[head]]\nname = "logreg"\npooling = "flatten"\nC = [0.01, 1.0]\ntrain_on = ["clean", "tta"]\n'
 FOLDS = 3
 
