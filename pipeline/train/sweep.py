@@ -247,7 +247,7 @@ def _in_memory_data(
     """Every split in memory: train less ``--exclude``'s rows, validation carved from it when the
     cache has none, then the views (clean or test-time) that training asks for."""
     data = load_splits(cache, meta, [s for s in SPLITS if s != "train"])
-    listed, excluded = _train_without_excluded(cfg, cache, data, notes)
+    listed, excluded, _ = _train_without_excluded(cfg, cache, data, notes)
     if "validation" not in data:
         _carve_validation(cfg, cache, data, notes)
     if "test" not in data:
@@ -277,17 +277,21 @@ def _in_memory_data(
 
 def _train_without_excluded(
     cfg: SweepConfig, cache: Path, data: dict[str, Any], notes: list[str]
-) -> tuple[frozenset[str], dict[str, Any] | None]:
-    """Put train into ``data`` less the rows ``--exclude`` lists; (the listed paths, run.json's record)."""
+) -> tuple[frozenset[str], dict[str, Any] | None, list[str]]:
+    """Put train into ``data`` less the rows ``--exclude`` lists; (the listed paths, run.json's record,
+    the paths of the train rows kept)."""
     listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
-    data["train"], dropped = without(store.load_split(cache, "train"), listed)
+    split = store.load_split(cache, "train")
+    data["train"], dropped = without(split, listed)
+    gone = set(dropped)
+    kept = [p for p in split[2] if p not in gone]
     excluded = exclude.record(cfg.exclude, listed, dropped) if cfg.exclude is not None else None
     if excluded is not None:
         notes.append(
             f"--exclude {cfg.exclude}: {len(dropped)} of its {len(listed)} listed path(s) were train rows, "
             f"left out of training ({len(data['train'][1])} train rows remain); validation and test keep every row"
         )
-    return listed, excluded
+    return listed, excluded, kept
 
 
 def _carve_validation(cfg: SweepConfig, cache: Path, data: dict[str, Any], notes: list[str]) -> None:
@@ -535,11 +539,12 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
             best, won, winner = _pick(rows, None, chosen)
             winner = _refit(cfg, plan, data, rows, histories, chosen if won and chosen else [best])
             held_out = ("validation (out of fold)", data.train[1], oof[best])
+            names = None if chosen is None else [ensemble.config_name(rows[i]) for i in chosen]
         else:
             results = _fit(cfg, plan, data)
             rows, full_params, histories, members = _candidates(results, plan.k, data)
             best, won, winner = _pick(rows, results, members)
-            chosen = None if members is None else ensemble.top_k(rows[:-1], plan.k)
+            names = None if members is None else members.names
         preloading.join()
         evaluation = _test(rows, best, winner, data, held_out)
         seconds = time.perf_counter() - t0
@@ -555,17 +560,17 @@ def run_sweep(cfg: SweepConfig, cache_path: str | Path) -> SweepResult:
             tta={k_: v for k_, v in (meta.info.get("tta") or {}).items() if k_ != "splits"} if plan.tta else None,
             ensemble={
                 "k": plan.k,
-                "members": [ensemble.config_name(rows[i]) for i in chosen],
+                "members": names,
                 "combine": ensemble.COMBINE,
                 "won": won,
             }
-            if chosen is not None
+            if names is not None
             else None,
             cv=_cv_record(cfg, plan, data, meta) if plan.cv else None,
         )
         _write_run(run, cfg, plan.spec, cache, meta, outcome)
     selected_on = "out of fold" if plan.cv else "validation"
-    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, chosen is not None), selected_on)
+    return SweepResult(run.path, rows, rows[best], _summary(outcome, best, names is not None), selected_on)
 
 
 @dataclass(frozen=True)
@@ -711,18 +716,14 @@ def _cv_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, plan: _Plan) 
             f"cv = {plan.cv} needs train + validation of {cache} in memory ({why}); pass --stream off, "
             "a larger --memory-budget, or cv = 0"
         )
-    listed = exclude.read_exclude(cfg.exclude) if cfg.exclude is not None else frozenset()
-    x, y, paths = store.load_split(cache, "train")
-    keep = exclude.keep_mask(paths, listed) if listed else np.ones(len(y), bool)
-    parts = {"train": (x[keep], y[keep], [p for p, k in zip(paths, keep, strict=True) if k])}
+    notes = [why]
+    loaded: dict[str, Any] = {}
+    _, excluded, train_paths = _train_without_excluded(cfg, cache, loaded, notes)
+    parts = {"train": (*loaded["train"], train_paths)}
     if "validation" in meta.splits:
         parts["validation"] = store.load_split(cache, "validation")
-    notes = [why]
-    excluded = None
-    if cfg.exclude is not None:
-        excluded = exclude.record(cfg.exclude, listed, [p for p, k in zip(paths, keep, strict=True) if not k])
-        notes.append(f"--exclude {cfg.exclude}: {int((~keep).sum())} train row(s) left out of cross-validation")
-    test = load_splits(cache, meta, ["test"]).get("test")
+    test_split = store.load_split(cache, "test") if "test" in meta.splits else None
+    test = test_split[:2] if test_split is not None else None
     if test is None:
         notes.append("no test split in the cache: the winner is not tested")
     trval = np.concatenate([p[0] for p in parts.values()]), np.concatenate([p[1] for p in parts.values()])
@@ -744,10 +745,10 @@ def _cv_data(cfg: SweepConfig, cache: Path, meta: store.CacheMeta, plan: _Plan) 
         cfg.train_on,
         notes,
         excluded=excluded,
-        tta={"validation": views, **({"test": _tta_views(cache, meta, "test")} if test is not None else {})}
+        tta={"validation": views, **({"test": _tta_views(cache, meta, "test", test_split[2])} if test_split else {})}
         if plan.tta
         else {},
-        train_tta=(np.concatenate(views), np.tile(trval[1], len(views))) if views else None,
+        train_tta=_stacked(views, trval[1]),
         flops_per_image=float(meta.info.get("flops_per_image") or 0.0),
     )
     data.notes.append(
@@ -768,9 +769,14 @@ def _fold(data: SweepData, views: list[np.ndarray], fit: np.ndarray, held: np.nd
         data.default_train_on,
         [],
         tta={"validation": [v[held] for v in views]} if data.tta else {},
-        train_tta=(np.concatenate([v[fit] for v in views]), np.tile(y[fit], len(views))) if views else None,
+        train_tta=_stacked([v[fit] for v in views], y[fit]),
         flops_per_image=data.flops_per_image,
     )
+
+
+def _stacked(views: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every view's rows one after another with their labels: training rows for train_on="tta"."""
+    return (np.concatenate(views), np.tile(y, len(views))) if views else None
 
 
 def _cross_validated(
@@ -800,7 +806,7 @@ def _cross_validated(
                 rows[i]["fit_seconds"] += row["fit_seconds"]
     oof = [crossval.out_of_fold(p, splits, len(y)) for p in per_fold]
     classes = np.unique(y)
-    scored_views = len(data.tta.get("test", [])) if data.test is not None else 0
+    scored_views = len(data.tta.get("test", []))
     for row, proba in zip(rows, oof, strict=True):
         trained_views = len(views) if row["train_on"] == "tta" else 0
         row["val_accuracy"], row["val_log_loss"] = score(proba, y, classes)
